@@ -1,0 +1,45 @@
+"""Where exported files go in a Triton model repository (the default: `model_repository/`).
+
+    <repo>/text_encoder/1/model.onnx       (+ model.onnx.data when the graph is over 2 GB)
+    <repo>/unet/1/model.onnx               (+ model.onnx.data)
+    <repo>/vae_decoder/1/model.onnx
+    <repo>/<network>/1/export.json         what the graph was exported from, and how
+    <repo>/tokenizer/1/tokenizer/          CLIP ViT-L tokenizer files
+    <repo>/tokenizer/1/tokenizer_2/        OpenCLIP bigG tokenizer files
+    <repo>/scheduler/1/scheduler_config.json   LCMScheduler config, from the pipeline's scheduler
+
+Version directory `1` holds both the ONNX graph (served by the CPU variant through ONNX Runtime) and
+the TensorRT plan built from it (`model.plan`, served by the production configs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+VERSION = "1"
+
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"
+EXPORT_INFO_FILE = "export.json"
+TOKENIZER_MODEL = "tokenizer"
+TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
+SCHEDULER_MODEL = "scheduler"
+SCHEDULER_CONFIG_FILE = "scheduler_config.json"
+
+
+def version_dir(repository: Path, model: str) -> Path:
+    return Path(repository) / model / VERSION
+
+
+def onnx_path(repository: Path, network: str) -> Path:
+    return version_dir(repository, network) / ONNX_FILE
+
+
+def tokenizer_dir(repository: Path, which: str) -> Path:
+    return version_dir(repository, TOKENIZER_MODEL) / which
+
+
+def scheduler_config_path(repository: Path) -> Path:
+    return version_dir(repository, SCHEDULER_MODEL) / SCHEDULER_CONFIG_FILE

@@ -1,0 +1,95 @@
+"""The PyTorch modules that become the three ONNX graphs, with the signatures of `networks.py`.
+
+Each wraps diffusers/transformers modules without changing their math; what diffusers' SDXL
+pipeline does around a call (hidden-state choice, latent scaling, pixel conversion) moves inside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import networks
+
+
+class TextEncoders(nn.Module):
+    """Both CLIP encoders, as `StableDiffusionXLPipeline.encode_prompt` uses them (clip_skip=None)."""
+
+    def __init__(self, text_encoder, text_encoder_2):
+        super().__init__()
+        # Eager attention: the same math as SDPA, but the exporter's SDPA-with-mask lowering mixes
+        # fp32 into fp16 graphs (ONNX Runtime then rejects them).
+        for encoder in (text_encoder, text_encoder_2):
+            encoder.set_attn_implementation("eager")
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor):
+        # Token ids arrive as INT32 (what TensorRT and Triton clients handle everywhere); CLIP wants int64.
+        hidden = self.text_encoder(input_ids.long(), output_hidden_states=True).hidden_states[-2]
+        out_2 = self.text_encoder_2(input_ids_2.long(), output_hidden_states=True)
+        prompt_embeds = torch.cat([hidden, out_2.hidden_states[-2]], dim=-1)
+        return prompt_embeds, out_2.text_embeds
+
+
+class UNet(nn.Module):
+    """The UNet with SDXL's added conditioning as plain inputs and one timestep per sample."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class VaeDecoder(nn.Module):
+    """Latents to displayable uint8 RGB (NHWC), exactly as the SDXL pipeline's decode + postprocess.
+
+    Inside the graph: unscaling (`/ scaling_factor`, or SDXL-style latents_mean/std when the VAE
+    config has them), decode, `VaeImageProcessor.denormalize` in the VAE's dtype, then fp32
+    `* 255`, round half to even (numpy's and ONNX's Round) and uint8. Sound because every step is
+    elementwise and exact in fp32; it sends 1 byte per pixel channel instead of 2-4 between
+    models, and the endpoint's `images` come straight out of the graph.
+
+    A VAE whose config says `force_upcast` (the original SDXL VAE overflows in fp16) decodes in
+    fp32 whatever the input dtype, as diffusers does: keep it in fp32 with `vae.to(torch.float32)`.
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        config = vae.config
+        self.scaling_factor = float(config.scaling_factor)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        self.has_latents_stats = mean is not None and std is not None
+        if self.has_latents_stats:
+            channels = config.latent_channels
+            self.register_buffer("latents_mean", torch.tensor(mean).view(1, channels, 1, 1), persistent=False)
+            self.register_buffer("latents_std", torch.tensor(std).view(1, channels, 1, 1), persistent=False)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.dtype)
+        if self.has_latents_stats:
+            mean, std = self.latents_mean.to(latents.dtype), self.latents_std.to(latents.dtype)
+            latents = latents * std / self.scaling_factor + mean
+        else:
+            latents = latents / self.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        image = (image * 0.5 + 0.5).clamp(0, 1)
+        pixels = (image.float() * 255).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1)
+
+
+def build_module(name: str, pipe) -> nn.Module:
+    """The module for network `name` of a loaded pipeline, in eval mode."""
+    if name == networks.TEXT_ENCODER.name:
+        module = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
+    elif name == networks.UNET.name:
+        module = UNet(pipe.unet)
+    elif name == networks.VAE_DECODER.name:
+        module = VaeDecoder(pipe.vae)
+    else:
+        raise KeyError(f"unknown network {name!r}; known: {', '.join(networks.NETWORKS)}")
+    return module.eval()

@@ -1,0 +1,151 @@
+"""One description per network: the single source of truth for tensor names, dtypes and shapes.
+
+Export, the Triton configs and the serving code all derive from (or are checked against) the
+`NETWORKS` below. A dimension is either a fixed int, or a symbol:
+- dynamic symbols (`batch`, `latent_height`, ...) become dynamic axes in ONNX and ranges in the
+  TensorRT profiles;
+- model symbols (`text_dim`, `pooled_dim`, ...) are constants of one model, resolved by `ModelDims`
+  (SDXL's values by default, smaller ones for the tiny test pipeline).
+A dtype is a Triton type name, or `COMPUTE`: the export dtype (FP16 or FP32) of the floating tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+COMPUTE = "COMPUTE"
+
+# Dynamic axes, named after what they count. Image sizes are multiples of 64, so latent sizes are
+# multiples of 8 (the UNet downsamples latents twice more, by 4, so they must be multiples of 4).
+DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "image_height", "image_width")
+
+# SDXL keeps its time conditioning in six numbers per sample:
+# (original_height, original_width, crop_top, crop_left, target_height, target_width).
+TIME_IDS_DIM = 6
+
+NUMPY_DTYPES = {
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The model constants that appear in tensor shapes (defaults: SDXL base 1.0)."""
+
+    seq_len: int = 77  # CLIP tokenizers' model_max_length
+    text_dim: int = 2048  # 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG) penultimate hidden states
+    pooled_dim: int = 1280  # text_encoder_2's projection_dim
+    latent_channels: int = 4
+    vae_scale_factor: int = 8  # 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "ModelDims":
+        return cls(
+            seq_len=pipe.tokenizer.model_max_length,
+            text_dim=pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size,
+            pooled_dim=pipe.text_encoder_2.config.projection_dim,
+            latent_channels=pipe.unet.config.in_channels,
+            vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+SDXL_DIMS = ModelDims()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # a key of NUMPY_DTYPES, or COMPUTE
+    dims: tuple[int | str, ...]
+
+    def resolved_dtype(self, compute_dtype: str) -> str:
+        return compute_dtype if self.dtype == COMPUTE else self.dtype
+
+    def numpy_dtype(self, compute_dtype: str):
+        return NUMPY_DTYPES[self.resolved_dtype(compute_dtype)]
+
+    def shape(self, model: ModelDims, **dynamic: int) -> tuple[int, ...]:
+        """Concrete shape: model symbols from `model`, dynamic ones from keyword arguments."""
+        values = {**model.as_dict(), **dynamic}
+        return tuple(d if isinstance(d, int) else values[d] for d in self.dims)
+
+    def static_dims(self, model: ModelDims) -> tuple[int, ...]:
+        """Dims with model symbols resolved and dynamic ones as -1 (Triton's and ONNX's wildcard)."""
+        return tuple(
+            -1 if d in DYNAMIC_DIMS else (d if isinstance(d, int) else getattr(model, d))
+            for d in self.dims
+        )
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if d in DYNAMIC_DIMS}
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    name: str  # also the model's name in the Triton model repository
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor {name!r}")
+
+
+TEXT_ENCODER = NetworkSpec(
+    name="text_encoder",
+    inputs=(
+        TensorSpec("input_ids", "INT32", ("batch", "seq_len")),  # CLIP ViT-L tokens
+        TensorSpec("input_ids_2", "INT32", ("batch", "seq_len")),  # OpenCLIP bigG tokens
+    ),
+    outputs=(
+        TensorSpec("prompt_embeds", COMPUTE, ("batch", "seq_len", "text_dim")),
+        TensorSpec("pooled_prompt_embeds", COMPUTE, ("batch", "pooled_dim")),
+    ),
+)
+
+UNET = NetworkSpec(
+    name="unet",
+    inputs=(
+        TensorSpec("sample", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),
+        # One timestep per sample, so requests at different steps can share a batch. FP32 in
+        # every export: the UNet computes its sinusoidal time embedding in fp32 anyway.
+        TensorSpec("timestep", "FP32", ("batch",)),
+        TensorSpec("encoder_hidden_states", COMPUTE, ("batch", "seq_len", "text_dim")),
+        TensorSpec("text_embeds", COMPUTE, ("batch", "pooled_dim")),
+        TensorSpec("time_ids", COMPUTE, ("batch", TIME_IDS_DIM)),
+    ),
+    outputs=(
+        TensorSpec("noise_pred", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),
+    ),
+)
+
+VAE_DECODER = NetworkSpec(
+    name="vae_decoder",
+    inputs=(TensorSpec("latents", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),),
+    # Displayable RGB pixels, NHWC, the endpoint's `images` as they are.
+    outputs=(TensorSpec("images", "UINT8", ("batch", "image_height", "image_width", 3)),),
+)
+
+NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER)}

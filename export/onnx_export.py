@@ -1,0 +1,211 @@
+"""Export the three networks to ONNX and check each graph's interface against `networks.py`.
+
+TorchScript exporter (`dynamo=False`), opset 17: its fp16 graphs load in ONNX Runtime and parse in
+TensorRT; the dynamo exporter's fp16 graph did not load here (type clash). Graphs are written to a
+temporary directory and moved into place only once checked, so a failed export leaves no half graph.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from . import layout, networks
+from .modules import build_module
+from .networks import ModelDims, NetworkSpec
+from .progress import log, step
+from .sources import ExportError, LoadedPipeline
+
+OPSET = 17
+# Protobuf cannot serialize a message of 2 GiB or more; stay a margin below it.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+
+COMPUTE_DTYPES = {"fp16": "FP16", "fp32": "FP32"}
+_ONNX_TYPES = {
+    "FP16": onnx.TensorProto.FLOAT16,
+    "FP32": onnx.TensorProto.FLOAT,
+    "INT32": onnx.TensorProto.INT32,
+    "INT64": onnx.TensorProto.INT64,
+    "UINT8": onnx.TensorProto.UINT8,
+}
+# Shapes the exporter traces with. Any multiple of 8 in latent space works: the graphs keep
+# batch/height/width dynamic; these only need to avoid size-specific branches (none at these sizes).
+TRACE_SIZES = {"batch": 2, "latent_height": 16, "latent_width": 24}
+
+
+def example_inputs(
+    spec: NetworkSpec, dims: ModelDims, compute_dtype: str, *, batch: int, latent_height: int = 16,
+    latent_width: int = 16, seed: int = 0, device: str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Random inputs of the right names, dtypes and shapes (token ids from CLIP's 256 byte tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for tensor in spec.inputs:
+        shape = tensor.shape(dims, batch=batch, latent_height=latent_height, latent_width=latent_width)
+        dtype = tensor.resolved_dtype(compute_dtype)
+        if dtype == "INT32":
+            value = torch.randint(0, 256, shape, generator=generator, dtype=torch.int32)
+        elif tensor.name == "timestep":
+            value = torch.randint(0, 1000, shape, generator=generator).float()
+        elif tensor.name == "time_ids":
+            size = torch.tensor([latent_height, latent_width] * 3, dtype=torch.float32) * dims.vae_scale_factor
+            value = size.expand(shape).clone()
+        else:
+            value = torch.randn(shape, generator=generator)
+        inputs[tensor.name] = value.to(device=device, dtype=getattr(torch, np.dtype(networks.NUMPY_DTYPES[dtype]).name))
+    return inputs
+
+
+def check_graph_io(model: onnx.ModelProto, spec: NetworkSpec, dims: ModelDims, compute_dtype: str) -> None:
+    """The graph's inputs and outputs are the spec's: names, order, element types, ranks, fixed dims."""
+    problems = []
+    for kind, actual, expected in (("input", model.graph.input, spec.inputs), ("output", model.graph.output, spec.outputs)):
+        names = [v.name for v in actual]
+        if names != [t.name for t in expected]:
+            problems.append(f"{kind}s are {names}, expected {[t.name for t in expected]}")
+            continue
+        for value, tensor in zip(actual, expected):
+            ttype = value.type.tensor_type
+            want_type = _ONNX_TYPES[tensor.resolved_dtype(compute_dtype)]
+            if ttype.elem_type != want_type:
+                problems.append(
+                    f"{tensor.name}: element type {onnx.TensorProto.DataType.Name(ttype.elem_type)}, "
+                    f"expected {onnx.TensorProto.DataType.Name(want_type)}"
+                )
+            got = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim)
+            want = tensor.static_dims(dims)
+            if got != want:
+                problems.append(f"{tensor.name}: dims {list(got)}, expected {list(want)} (-1: dynamic)")
+    if problems:
+        raise ExportError(f"{spec.name}: exported graph does not match its spec: " + "; ".join(problems))
+
+
+def declare_output_dims(model: onnx.ModelProto, spec: NetworkSpec, dims: ModelDims) -> None:
+    """Name the outputs' dims as the spec does; the tracer leaves some as anonymous symbols."""
+    for value, tensor in zip(model.graph.output, spec.outputs):
+        shape = value.type.tensor_type.shape
+        if len(shape.dim) != len(tensor.dims):
+            continue  # check_graph_io reports it
+        for dim, want in zip(shape.dim, tensor.dims):
+            if want in networks.DYNAMIC_DIMS:
+                dim.dim_param = want
+            else:
+                dim.dim_value = want if isinstance(want, int) else getattr(dims, want)
+
+
+def _directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, size_bytes: int, external_data_threshold: int) -> None:
+    """One file, or graph + one `model.onnx.data` file when the weights are over the threshold."""
+    if size_bytes > external_data_threshold:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=layout.ONNX_DATA_FILE, size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
+def export_network(
+    module: torch.nn.Module, spec: NetworkSpec, dims: ModelDims, dtype: str, out_dir: Path, *,
+    device: str = "cpu", external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> Path:
+    """Export `module` to `out_dir/model.onnx` (+ external data), checked, replacing what was there."""
+    compute_dtype = COMPUTE_DTYPES[dtype]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = tuple(example_inputs(spec, dims, compute_dtype, device=device, **TRACE_SIZES).values())
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        traced_dir, final_dir = Path(tmp, "traced"), Path(tmp, "final")
+        traced_dir.mkdir()
+        final_dir.mkdir()
+        with step(f"{spec.name}: tracing to ONNX ({dtype}, opset {OPSET})"), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python branches on fixed-size checks
+            torch.onnx.export(
+                module, args, str(traced_dir / layout.ONNX_FILE), dynamo=False, opset_version=OPSET,
+                input_names=spec.input_names, output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+            )
+        size = _directory_size(traced_dir)
+        model = onnx.load(str(traced_dir / layout.ONNX_FILE))
+        declare_output_dims(model, spec, dims)
+        check_graph_io(model, spec, dims, compute_dtype)
+        save_onnx(model, final_dir / layout.ONNX_FILE, size, external_data_threshold)
+        del model
+        onnx.checker.check_model(str(final_dir / layout.ONNX_FILE))
+        _publish(final_dir, out_dir)
+    external = " + external data" if (out_dir / layout.ONNX_DATA_FILE).exists() else ""
+    log(f"{spec.name}: {out_dir / layout.ONNX_FILE}{external}, {size / 1e6:.1f} MB")
+    return out_dir / layout.ONNX_FILE
+
+
+def _publish(staged: Path, out_dir: Path) -> None:
+    """Move the checked files into place; drop a stale external-data file the new graph does not use."""
+    stale = out_dir / layout.ONNX_DATA_FILE
+    if stale.exists() and not (staged / layout.ONNX_DATA_FILE).exists():
+        stale.unlink()
+    for f in staged.iterdir():
+        f.replace(out_dir / f.name)
+
+
+def write_serving_files(pipe, repository: Path) -> None:
+    """Tokenizers and the LCM scheduler config, where the tokenizer and scheduler models read them."""
+    from diffusers import LCMScheduler
+
+    for which in layout.TOKENIZER_DIRS:
+        getattr(pipe, which).save_pretrained(layout.tokenizer_dir(repository, which))
+    scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    scheduler.save_config(layout.scheduler_config_path(repository).parent)
+    log(f"tokenizers and {layout.SCHEDULER_CONFIG_FILE} (LCMScheduler) written under {repository}")
+
+
+def export_info(loaded: LoadedPipeline, spec: NetworkSpec, dims: ModelDims, dtype: str) -> dict:
+    import diffusers
+    import transformers
+
+    return {
+        "network": spec.name,
+        "dtype": dtype,
+        "opset": OPSET,
+        **loaded.sources.describe(),
+        "dims": dims.as_dict(),
+        "inputs": {t.name: [t.resolved_dtype(COMPUTE_DTYPES[dtype]), list(t.static_dims(dims))] for t in spec.inputs},
+        "outputs": {t.name: [t.resolved_dtype(COMPUTE_DTYPES[dtype]), list(t.static_dims(dims))] for t in spec.outputs},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__},
+    }
+
+
+def check_writable(repository: Path) -> None:
+    """Fail before hours of loading, not after, when the output cannot be written."""
+    try:
+        Path(repository).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=repository, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ExportError(f"--out {str(repository)!r}: cannot write there ({error.strerror or error}); choose a writable directory") from error
+
+
+def export_pipeline(
+    loaded: LoadedPipeline, repository: Path, dtype: str, *, device: str = "cpu",
+    names: tuple[str, ...] = tuple(networks.NETWORKS), external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> dict[str, Path]:
+    """Export the named networks and the serving files into a model repository."""
+    check_writable(repository)
+    dims = ModelDims.from_pipeline(loaded.pipe)
+    paths = {}
+    for name in names:
+        spec = networks.NETWORKS[name]
+        out_dir = layout.version_dir(repository, name)
+        module = build_module(name, loaded.pipe)
+        paths[name] = export_network(module, spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold)
+        info = export_info(loaded, spec, dims, dtype)
+        (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_serving_files(loaded.pipe, repository)
+    return paths

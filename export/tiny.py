@@ -1,0 +1,240 @@
+"""A tiny random-weight SDXL pipeline, built offline in seconds, for tests and the CPU demo.
+
+Same classes and wiring as SDXL base 1.0 (two CLIP text encoders, the second with projection;
+`text_time` added conditioning; cross-attention transformer blocks; an 8x VAE), small widths.
+The widths differ from one another on purpose (text_encoder 32, text_encoder_2 48, projection 40), so
+a concatenation in the wrong order or a wrong hidden state shows up as a shape error.
+
+Written in diffusers layout with `save_pretrained`, so the real loading code (`from_pretrained`,
+`load_lora_weights`, `fuse_lora`) runs on it. Next to it: a random LoRA for its UNet (`lora/`) and a
+second VAE (`alt_vae/`) that stands in for the fp16-fix VAE.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import torch
+
+from .progress import log
+
+# Words the tiny tokenizers learn their merges from: enough for prompts to split into a mix of
+# whole words and pieces, as with the real 49,408-token CLIP vocabulary.
+_CORPUS = """
+a photo of an astronaut riding a horse on the moon, highly detailed, digital art, trending
+a cinematic portrait of a cat wearing a hat, studio lighting, sharp focus, 8k, photorealistic
+a watercolor painting of a lighthouse by the sea at sunset, soft colors, masterpiece
+an oil painting of a mountain landscape with a river and a forest, golden hour, dramatic sky
+blurry, low quality, bad anatomy, deformed, ugly, watermark, text, jpeg artifacts, cropped
+a futuristic city at night with neon lights and flying cars, cyberpunk, rain, reflections
+a close up of a red rose with water drops, macro photography, bokeh, vibrant
+"""
+_NUM_MERGES = 300
+_MAX_LENGTH = 77
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from bytes to printable characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def train_clip_bpe(corpus: str = _CORPUS, num_merges: int = _NUM_MERGES) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-format byte-level BPE vocabulary: bytes, bytes + `</w>`, learned merges, specials."""
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    words = collections.Counter(corpus.lower().replace(",", " , ").split())
+    splits = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words}
+    merges = []
+    for _ in range(num_merges):
+        pairs = collections.Counter()
+        for word, count in words.items():
+            symbols = splits[word]
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))  # ties broken by the pair itself: deterministic
+        merges.append(best)
+        vocab.append("".join(best))
+        for word, symbols in splits.items():
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            splits[word] = tuple(merged)
+    vocab += [BOS, EOS]
+    return {token: i for i, token in enumerate(vocab)}, merges
+
+
+def _tokenizers(vocab: dict[str, int], merges: list[tuple[str, str]]):
+    from transformers import CLIPTokenizer
+
+    def make(pad_token: str):
+        return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=_MAX_LENGTH)
+
+    # As in SDXL base: tokenizer pads with <|endoftext|>, tokenizer_2 with "!".
+    return make(EOS), make("!")
+
+
+def _text_encoders(vocab: dict[str, int]):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    common = dict(
+        vocab_size=len(vocab),
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
+        max_position_embeddings=_MAX_LENGTH,
+        num_hidden_layers=3,  # SDXL reads the penultimate layer: at least two are needed
+        layer_norm_eps=1e-5,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, hidden_act="quick_gelu", **common)
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            hidden_size=48, intermediate_size=96, num_attention_heads=4, hidden_act="gelu", projection_dim=40, **common
+        )
+    )
+    return text_encoder, text_encoder_2
+
+
+def _unet(text_dim: int, pooled_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    addition_time_embed_dim = 8
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        # SDXL's three levels: no attention at full latent resolution, attention below.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=text_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + pooled_dim,
+        norm_num_groups=32,
+    )
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # four levels: the same 8x as SDXL's VAE
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=128,
+        scaling_factor=0.13025,  # SDXL VAE's
+        force_upcast=False,  # as the fp16-fix VAE
+    )
+
+
+def _sdxl_scheduler():
+    """SDXL base 1.0's scheduler/scheduler_config.json, less the keys this class ignores."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        use_karras_sigmas=False,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """The tiny SDXL pipeline in memory, fp32, weights drawn from `seed`."""
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    vocab, merges = train_clip_bpe()
+    tokenizer, tokenizer_2 = _tokenizers(vocab, merges)
+    text_encoder, text_encoder_2 = _text_encoders(vocab)
+    text_dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    unet = _unet(text_dim, text_encoder_2.config.projection_dim)
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+# What LCM-LoRA SDXL adapts in the UNet: attention, feed-forward, projections, convs, time embeddings.
+LORA_TARGET_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+]  # fmt: skip
+
+
+def write_random_lora(unet, out_dir: Path, seed: int, rank: int = 4, alpha: float = 8.0, scale: float = 0.05) -> Path:
+    """A random UNet LoRA in the file format `load_lora_weights` reads; `unet` is left unchanged."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGET_MODULES, init_lora_weights=True)
+    adapter = f"random_{seed}"
+    unet.add_adapter(config, adapter_name=adapter)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if f"lora_A.{adapter}" in name or f"lora_B.{adapter}" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    state = get_peft_model_state_dict(unet, adapter_name=adapter)
+    StableDiffusionXLPipeline.save_lora_weights(
+        out_dir,
+        unet_lora_layers=state,
+        unet_lora_adapter_metadata=config.to_dict(),
+        safe_serialization=True,
+    )
+    unet.delete_adapters(adapter)
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def write_tiny(out_dir: Path, seed: int = 0) -> None:
+    """Write the tiny pipeline, its LoRA (`lora/`) and a second VAE (`alt_vae/`) under `out_dir`."""
+    out_dir = Path(out_dir)
+    pipe = build_tiny_pipeline(seed)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    log(f"tiny SDXL pipeline (seed {seed}) written to {out_dir}")
+    lora = write_random_lora(pipe.unet, out_dir / "lora", seed=seed + 1)
+    log(f"random UNet LoRA written to {lora}")
+    torch.manual_seed(seed + 2)
+    tiny_vae().save_pretrained(out_dir / "alt_vae", safe_serialization=True)
+    log(f"alternative VAE written to {out_dir / 'alt_vae'}")

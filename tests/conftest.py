@@ -1,0 +1,52 @@
+"""Shared fixtures: one tiny SDXL pipeline per session, loaded and exported once per dtype."""
+
+from __future__ import annotations
+
+import pytest
+
+from export.onnx_export import export_pipeline
+from export.sources import LoadedPipeline, LoraSpec, Sources, load_pipeline
+from export.tiny import write_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_tiny(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tiny_dir) -> Sources:
+    """The tiny stand-in for the production set: base + LCM-LoRA stand-in + fp16-fix VAE stand-in."""
+    return Sources(str(tiny_dir), (LoraSpec(str(tiny_dir / "lora")),), str(tiny_dir / "alt_vae"))
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_sources):
+    """`loaded(dtype)`: the tiny pipeline with its LoRA fused, cached per dtype."""
+    cache: dict[str, LoadedPipeline] = {}
+
+    def get(dtype: str) -> LoadedPipeline:
+        if dtype not in cache:
+            cache[dtype] = load_pipeline(tiny_sources, dtype)
+        return cache[dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(loaded, tmp_path_factory):
+    """`exported(dtype)`: a model repository holding the tiny pipeline's graphs, cached per dtype."""
+    cache = {}
+
+    def get(dtype: str):
+        if dtype not in cache:
+            repository = tmp_path_factory.mktemp(f"repo_{dtype}")
+            export_pipeline(loaded(dtype), repository, dtype)
+            cache[dtype] = repository
+        return cache[dtype]
+
+    return get
+
+

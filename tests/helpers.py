@@ -1,0 +1,56 @@
+"""Helpers shared by the tests: running graphs and modules, and the parity tolerances.
+
+Tolerances are relative to the reference's largest magnitude, per export dtype:
+- fp32: 1e-5. Both sides compute in fp32 (epsilon 1.2e-7); they differ only in kernel summation
+  order, which measured 2e-6 at most on the tiny graphs.
+- fp16: 1e-2, about ten fp16 ulps (epsilon 9.8e-4) of the output scale. PyTorch runs fp16 kernels
+  while ONNX Runtime's CPU provider casts the ops it lacks fp16 kernels for to fp32, so each layer
+  rounds differently; measured 2.5e-3 at most. The mean error must stay 10x tighter.
+- uint8 pixels: at most 1 level apart (a value on a .5 rounding boundary), on few pixels: measured
+  0.04% of pixels in fp32, 6.6% in fp16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export import layout
+
+RELATIVE_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
+PIXEL_MEAN_TOLERANCE = {"fp32": 0.005, "fp16": 0.15}
+
+
+def ort_session(repository, network: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(layout.onnx_path(repository, network)), providers=["CPUExecutionProvider"])
+
+
+def run_torch(module, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(*inputs.values())
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def run_onnx(session, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    return session.run(None, {name: t.numpy() for name, t in inputs.items()})
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, dtype: str, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    actual, expected = actual.astype(np.float64), expected.astype(np.float64)
+    assert np.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(np.abs(expected).max(), 1e-6)
+    max_error = np.abs(actual - expected).max() / scale
+    mean_error = np.abs(actual - expected).mean() / scale
+    tolerance = RELATIVE_TOLERANCE[dtype]
+    assert max_error <= tolerance, f"{what}: max error {max_error:.2e} of scale {scale:.3g} > {tolerance:.0e}"
+    assert mean_error <= tolerance / 10, f"{what}: mean error {mean_error:.2e} > {tolerance / 10:.0e}"
+
+
+def assert_pixels_close(actual: np.ndarray, expected: np.ndarray, dtype: str, what: str) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype == np.uint8, what
+    difference = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= 1, f"{what}: pixels differ by up to {difference.max()} levels"
+    assert difference.mean() <= PIXEL_MEAN_TOLERANCE[dtype], f"{what}: mean pixel difference {difference.mean():.3f}"
