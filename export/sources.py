@@ -139,9 +139,14 @@ def _adapter_names(pipe) -> dict[str, list[str]]:
     return {component: list(names) for component, names in pipe.get_list_adapters().items()}
 
 
+_NO_MATCH = "none of its weights match a layer of this model's UNet or text encoders (a LoRA for another architecture, e.g. SD 1.5?)"
+
+
 def _fit_error(lora: LoraSpec, error: Exception) -> ExportError:
     """Summarize PyTorch's list of shape mismatches: how many, and the first one."""
     text = " ".join(str(error).split())
+    if "not found in the base model" in text:  # PEFT: none of the target modules exist here
+        return ExportError(f"--lora {lora.source!r}: {_NO_MATCH}: {text[:300]}")
     shape = r"torch\.Size\((\[[^\]]*\])\)"
     mismatches = re.findall(rf"size mismatch for (\S+): copying a param with shape {shape} from checkpoint, "
                             rf"the shape in current model is {shape}", text)
@@ -168,10 +173,7 @@ def _load_lora(pipe, lora: LoraSpec, name: str) -> None:
     except Exception as error:
         raise _fit_error(lora, error) from error
     if not any(name in adapters for adapters in _adapter_names(pipe).values()):
-        raise ExportError(
-            f"--lora {lora.source!r}: none of its weights match a layer of this model's UNet or text "
-            "encoders (a LoRA for another architecture, e.g. SD 1.5?)"
-        )
+        raise ExportError(f"--lora {lora.source!r}: {_NO_MATCH}")
 
 
 def apply_loras(pipe, loras: tuple[LoraSpec, ...]) -> dict[str, list[str]]:
