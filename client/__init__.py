@@ -1,0 +1,111 @@
+"""A small client for `ensemble_sdxl` over HTTP or gRPC (tritonclient).
+
+    from client import generate
+    result = generate("a photo of a cat", url="localhost:8000", seed=42)
+    result.images   # uint8 [N, H, W, 3]
+    result.seeds    # [42, ...]
+
+Only the inputs you set are sent; the server applies the endpoint's defaults to the others.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+MODEL = "ensemble_sdxl"
+DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
+# name -> (Triton dtype, numpy dtype) of the optional inputs
+_OPTIONAL = {
+    "negative_prompt": ("BYTES", np.object_),
+    "seed": ("INT64", np.int64),
+    "num_inference_steps": ("INT32", np.int32),
+    "guidance_scale": ("FP32", np.float32),
+    "height": ("INT32", np.int32),
+    "width": ("INT32", np.int32),
+    "num_images_per_prompt": ("INT32", np.int32),
+}
+
+
+class ClientError(RuntimeError):
+    """The server refused or failed the request (its message), or could not be reached."""
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # uint8 [N, H, W, 3], RGB
+    seeds: list[int]
+    seconds: float  # request round trip, as the client saw it
+
+
+def _module(protocol: str):
+    if protocol == "http":
+        import tritonclient.http as module
+    elif protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        raise ValueError(f"protocol {protocol!r}: expected http or grpc")
+    return module
+
+
+def _text(value) -> np.ndarray:
+    return np.array([value.encode("utf-8") if isinstance(value, str) else value], dtype=np.object_)
+
+
+def build_inputs(protocol: str, prompt: str | bytes | None, **options) -> list:
+    """InferInputs for the prompt (None: not sent) and every option that is not None."""
+    module = _module(protocol)
+    inputs = []
+
+    def add(name, triton_dtype, array):
+        tensor = module.InferInput(name, list(array.shape), triton_dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+
+    if prompt is not None:
+        add("prompt", "BYTES", _text(prompt))
+    for name, value in options.items():
+        if name not in _OPTIONAL:
+            raise TypeError(f"unknown option {name!r}; known: {', '.join(_OPTIONAL)}")
+        if value is None:
+            continue
+        triton_dtype, numpy_dtype = _OPTIONAL[name]
+        add(name, triton_dtype, _text(value) if triton_dtype == "BYTES" else np.array([value], dtype=numpy_dtype))
+    return inputs
+
+
+def generate(
+    prompt: str | bytes | None, *, url: str | None = None, protocol: str = "http", seed: int | None = None,
+    num_inference_steps: int | None = None, guidance_scale: float | None = None, negative_prompt: str | None = None,
+    height: int | None = None, width: int | None = None, num_images_per_prompt: int | None = None,
+    timeout_s: float = 600.0,
+) -> GenerationResult:
+    """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure."""
+    from tritonclient.utils import InferenceServerException
+
+    module = _module(protocol)
+    url = url or DEFAULT_URLS[protocol]
+    inputs = build_inputs(
+        protocol, prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+    )
+    outputs = [module.InferRequestedOutput("images"), module.InferRequestedOutput("seeds")]
+    if protocol == "http":
+        client = module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        call = dict()
+    else:
+        client = module.InferenceServerClient(url)
+        call = dict(client_timeout=timeout_s)
+    start = time.perf_counter()
+    try:
+        result = client.infer(MODEL, inputs, outputs=outputs, **call)
+    except InferenceServerException as error:
+        raise ClientError(f"{url} ({protocol}): {error.message() or error}") from None
+    except Exception as error:  # connection refused, DNS... from either transport
+        raise ClientError(f"{url} ({protocol}): cannot reach the server: {error}") from None
+    finally:
+        client.close()
+    seconds = time.perf_counter() - start
+    return GenerationResult(result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")], seconds)

@@ -1,0 +1,1 @@
+from serving.triton.scheduler_model import TritonPythonModel  # noqa: F401

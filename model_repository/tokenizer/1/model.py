@@ -1,0 +1,1 @@
+from serving.triton.tokenizer_model import TritonPythonModel  # noqa: F401

@@ -1,0 +1,119 @@
+"""The LCM denoising loop of diffusers' `StableDiffusionXLPipeline`, stage by stage, UNet outside.
+
+Stages, as in `StableDiffusionXLPipeline.__call__` with an `LCMScheduler`:
+1. `prepare_conditioning`: the text embeddings repeated per image; with CFG the negative ones
+   first (zeros when the negative prompt is empty: force_zeros_for_empty_prompt).
+2. `make_time_ids`: SDXL's micro-conditioning (original size, crop (0, 0), target size).
+3. `prepare_latents`: one CPU `torch.Generator` per image, seeded `seed + i`, draws that image's
+   initial noise; the same generator later draws that image's LCM step noise. So image i depends
+   on seed + i alone, not on what else is in the batch, and CPU and GPU draw the same numbers.
+4. `LcmDenoiser`: one request's loop as a state machine (`unet_inputs()`, then `step(noise_pred)`),
+   so a caller can run several requests' steps in one UNet batch. `denoise` runs it to the end.
+The VAE decode is the `vae_decoder` graph's job (scaling and pixel conversion included).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from export.networks import TIME_IDS_DIM
+from .endpoint import GenerationOptions
+
+UNetFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs named as networks.UNET -> noise_pred
+
+
+def make_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def prepare_conditioning(
+    prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, num_images: int, do_classifier_free_guidance: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row 0 of the text encoder's output is the prompt; row 1, when present, the negative prompt."""
+    embeds, pooled = prompt_embeds[:1].repeat(num_images, 1, 1), pooled_prompt_embeds[:1].repeat(num_images, 1)
+    if not do_classifier_free_guidance:
+        return embeds, pooled
+    if prompt_embeds.shape[0] > 1:
+        negative, negative_pooled = prompt_embeds[1:2].repeat(num_images, 1, 1), pooled_prompt_embeds[1:2].repeat(num_images, 1)
+    else:
+        negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    return torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+
+
+def make_time_ids(height: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(original_height, original_width, crop_top, crop_left, target_height, target_width), [1, 6]."""
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+    assert time_ids.shape[1] == TIME_IDS_DIM
+    return time_ids
+
+
+def prepare_latents(
+    generators: list[torch.Generator], channels: int, height: int, width: int, vae_scale_factor: int,
+    dtype: torch.dtype, device, init_noise_sigma: float,
+) -> torch.Tensor:
+    shape = (1, channels, height // vae_scale_factor, width // vae_scale_factor)
+    noise = torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
+    return noise.to(device) * init_noise_sigma
+
+
+class LcmDenoiser:
+    """One request's denoising loop. `scheduler` is a fresh LCMScheduler (it keeps per-request state)."""
+
+    def __init__(
+        self, request: GenerationOptions, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+        scheduler, *, latent_channels: int = 4, vae_scale_factor: int = 8,
+    ):
+        device, dtype = prompt_embeds.device, prompt_embeds.dtype
+        self.cfg = request.do_classifier_free_guidance
+        self.guidance_scale = request.guidance_scale
+        self.scheduler = scheduler
+        scheduler.set_timesteps(request.num_inference_steps, device=device)
+        self.timesteps = scheduler.timesteps
+        self.generators = make_generators(request.seeds)
+        self.encoder_hidden_states, self.text_embeds = prepare_conditioning(
+            prompt_embeds, pooled_prompt_embeds, request.num_images_per_prompt, self.cfg
+        )
+        rows = self.encoder_hidden_states.shape[0]
+        self.time_ids = make_time_ids(request.height, request.width, dtype, device).repeat(rows, 1)
+        self.latents = prepare_latents(
+            self.generators, latent_channels, request.height, request.width, vae_scale_factor, dtype, device,
+            scheduler.init_noise_sigma,
+        )
+        self.step_index = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= len(self.timesteps)
+
+    @property
+    def unet_batch(self) -> int:
+        return self.encoder_hidden_states.shape[0]
+
+    def unet_inputs(self) -> dict[str, torch.Tensor]:
+        t = self.timesteps[self.step_index]
+        sample = torch.cat([self.latents] * 2) if self.cfg else self.latents
+        sample = self.scheduler.scale_model_input(sample, t)
+        return {
+            "sample": sample,
+            "timestep": t.to(torch.float32).expand(self.unet_batch).contiguous(),
+            "encoder_hidden_states": self.encoder_hidden_states,
+            "text_embeds": self.text_embeds,
+            "time_ids": self.time_ids,
+        }
+
+    def step(self, noise_pred: torch.Tensor) -> None:
+        if self.cfg:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + self.guidance_scale * (text - uncond)
+        t = self.timesteps[self.step_index]
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, generator=self.generators, return_dict=False)[0]
+        self.step_index += 1
+
+
+def denoise(unet: UNetFn, denoiser: LcmDenoiser) -> torch.Tensor:
+    """Run the loop to the end; the final latents, for the vae_decoder."""
+    while not denoiser.done:
+        denoiser.step(unet(denoiser.unet_inputs()))
+    return denoiser.latents

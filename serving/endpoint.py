@@ -1,0 +1,176 @@
+"""The public endpoint `ensemble_sdxl`: inputs, defaults, accepted ranges and `check_inputs`.
+
+The contract is fixed (README, "The endpoint"): one prompt per request, all inputs but `prompt`
+optional. Every bad value becomes an `InvalidInput` naming the input, the value and what is
+accepted; the Triton models turn it into an INVALID_ARG response for that request alone.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+MODEL_NAME = "ensemble_sdxl"
+SEED_MAX = 2**63 - 1  # INT64; image i uses seed + i, which must stay in range too
+RANDOM_SEED_BOUND = 2**32  # an omitted seed is drawn in [0, 2**32): short enough to read and retype
+MAX_GUIDANCE = 20.0  # LCM-LoRA works at 1-2; far above that the images are noise
+
+
+@dataclass(frozen=True)
+class EndpointInput:
+    name: str
+    dtype: str  # Triton type name as in config.pbtxt, without TYPE_
+    default: object  # None: required (prompt) or drawn per request (seed)
+    meaning: str
+
+
+INPUTS = (
+    EndpointInput("prompt", "STRING", None, "UTF-8 text (required)"),
+    EndpointInput("negative_prompt", "STRING", "", "used only when CFG is on; empty: zero embeddings"),
+    EndpointInput("seed", "INT64", None, "image i uses seed + i; omitted: random"),
+    EndpointInput("num_inference_steps", "INT32", 4, "LCM steps"),
+    EndpointInput("guidance_scale", "FP32", 1.0, "<= 1: no CFG; > 1: CFG"),
+    EndpointInput("height", "INT32", 1024, "pixels, a multiple of 64"),
+    EndpointInput("width", "INT32", 1024, "pixels, a multiple of 64"),
+    EndpointInput("num_images_per_prompt", "INT32", 1, "images in the response"),
+)
+INPUT_NAMES = tuple(i.name for i in INPUTS)
+DEFAULTS = {i.name: i.default for i in INPUTS}
+OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,))}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a deployment accepts; the production values follow the TensorRT engines' profiles."""
+
+    min_size: int = 512
+    max_size: int = 1536
+    size_multiple: int = 64
+    min_steps: int = 1
+    max_steps: int = 8
+    max_images: int = 4
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> "Limits":
+        """From a model config's `parameters` (string values); unknown keys are ignored."""
+        values = {}
+        for key in ("min_size", "max_size", "max_images"):
+            if key in parameters:
+                try:
+                    values[key] = int(parameters[key])
+                except ValueError:
+                    raise ValueError(f"model config parameter {key}={parameters[key]!r}: expected an integer") from None
+        limits = cls(**values)
+        if not (limits.size_multiple <= limits.min_size <= limits.max_size) or limits.min_size % limits.size_multiple:
+            raise ValueError(f"model config parameters min_size={limits.min_size}, max_size={limits.max_size}: "
+                             f"expected multiples of {limits.size_multiple} with min_size <= max_size")
+        if limits.max_images < 1:
+            raise ValueError(f"model config parameter max_images={limits.max_images}: expected at least 1")
+        return limits
+
+    @property
+    def sizes(self) -> str:
+        return f"a multiple of {self.size_multiple} from {self.min_size} to {self.max_size}"
+
+
+class InvalidInput(ValueError):
+    def __init__(self, name: str, value: object, accepted: str):
+        self.name, self.value, self.accepted = name, value, accepted
+        shown = "missing" if value is None else f"{value!r} is not accepted"
+        super().__init__(f"{name}: {shown}; expected {accepted}")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Everything but the texts: what the scheduler needs to run one request."""
+
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    num_images_per_prompt: int
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_images_per_prompt)]
+
+
+def _one(name: str, array: np.ndarray | None):
+    """The single element of an input that the endpoint declares with dims [1]."""
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if array.size != 1:
+        raise InvalidInput(name, f"<{array.size} values, shape {list(array.shape)}>", "exactly one value (shape [1])")
+    return array.reshape(-1)[0]
+
+
+def check_text(name: str, array: np.ndarray | None, required: bool = False) -> str:
+    value = _one(name, array)
+    if value is None:
+        if required:
+            raise InvalidInput(name, None, "a UTF-8 string (BYTES, shape [1]); this input is required")
+        return DEFAULTS[name]
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except (UnicodeDecodeError, TypeError) as error:
+        shown = bytes(value)[:40] if isinstance(value, (bytes, bytearray, np.bytes_)) else value
+        raise InvalidInput(name, shown, f"UTF-8 text ({error.__class__.__name__})") from None
+
+
+def _integer(name: str, array: np.ndarray | None, low: int, high: int, accepted: str | None = None) -> int:
+    value = _one(name, array)
+    if value is None:
+        return DEFAULTS[name]
+    if not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
+        raise InvalidInput(name, value.item() if isinstance(value, np.generic) else value, accepted or f"an integer from {low} to {high}")
+    return int(value)
+
+
+def check_guidance(array: np.ndarray | None) -> float:
+    value = _one("guidance_scale", array)
+    if value is None:
+        return DEFAULTS["guidance_scale"]
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
+        raise InvalidInput("guidance_scale", value, f"a number from 0 to {MAX_GUIDANCE:g} (<= 1: no CFG; LCM-LoRA works best at 1-2)")
+    return value
+
+
+def _size(name: str, array: np.ndarray | None, limits: Limits) -> int:
+    value = _integer(name, array, limits.min_size, limits.max_size, limits.sizes)
+    if value % limits.size_multiple:
+        raise InvalidInput(name, value, limits.sizes)
+    return value
+
+
+def check_prompts(raw: Mapping[str, np.ndarray | None]) -> tuple[str, str]:
+    """(prompt, negative_prompt) of one request; the prompt is required."""
+    return check_text("prompt", raw.get("prompt"), required=True), check_text("negative_prompt", raw.get("negative_prompt"))
+
+
+def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_seed=secrets.randbelow) -> GenerationOptions:
+    """Validate one request's non-text inputs (arrays as Triton delivers them; None or absent: omitted)."""
+    get = raw.get
+    num_images = _integer("num_images_per_prompt", get("num_images_per_prompt"), 1, limits.max_images)
+    seed = _integer("seed", get("seed"), 0, SEED_MAX - (num_images - 1),
+                    f"an integer from 0 to 2**63 - {num_images} (image i uses seed + i)")
+    return GenerationOptions(
+        seed=draw_seed(RANDOM_SEED_BOUND) if seed is None else seed,
+        num_inference_steps=_integer("num_inference_steps", get("num_inference_steps"), limits.min_steps, limits.max_steps),
+        guidance_scale=check_guidance(get("guidance_scale")),
+        height=_size("height", get("height"), limits),
+        width=_size("width", get("width"), limits),
+        num_images_per_prompt=num_images,
+    )

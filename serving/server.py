@@ -1,0 +1,220 @@
+"""Run a real `tritonserver` on the model repository: the one bundled in the nvidia-pytriton wheel.
+
+    python -m serving.server [--variant auto|cpu|production] [--http-port N] [--grpc-port N] [--metrics-port N]
+
+The bundled server (2.51) has the Python backend and ensembles, no ONNX Runtime or TensorRT backend:
+the `cpu` variant serves the ONNX graphs through ONNX Runtime inside Python-backend models. On a GPU
+box, run NVIDIA's Triton container instead (see README); this module is then only a convenience.
+The Python-backend stubs run model.py files with this interpreter's environment (the venv), and
+import this project's packages through PYTHONPATH, which this module sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
+ENGINE_MODELS = ("text_encoder", "unet", "vae_decoder")
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backends: Path | None  # None: the server's own default (/opt/tritonserver/backends in NGC images)
+    libraries: Path | None
+
+    @classmethod
+    def find(cls) -> "TritonInstall":
+        """$TRITONSERVER, else a `tritonserver` on PATH (NVIDIA's container), else the bundled one."""
+        explicit = os.environ.get("TRITONSERVER") or shutil.which("tritonserver")
+        if explicit:
+            return cls(Path(explicit), None, None)
+        return cls.bundled()
+
+    @classmethod
+    def bundled(cls) -> "TritonInstall":
+        """The tritonserver of the nvidia-pytriton wheel, with the Python-backend stub for this Python."""
+        site = Path(sysconfig.get_paths()["purelib"])
+        root = site / "pytriton" / "tritonserver"
+        install = cls(root / "bin" / "tritonserver", root / "backends", site / "nvidia_pytriton.libs")
+        if not install.binary.exists():
+            raise ServerError(f"no tritonserver at {install.binary}: run `make install` (it installs nvidia-pytriton)")
+        stub = install.backends / "python" / "triton_python_backend_stub"
+        if not stub.exists():
+            version = f"{sys.version_info.major}.{sys.version_info.minor}"
+            source = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+            if not source.exists():
+                raise ServerError(f"the bundled Python backend has no stub for Python {version}")
+            shutil.copy2(source, stub)
+        return install
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver process: start() waits until /v2/health/ready answers 200; stop() ends it."""
+
+    repository: Path = DEFAULT_REPOSITORY
+    variant: str = "cpu"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_file: Path | None = None  # None: inherit stdout/stderr
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    def command(self, install: TritonInstall) -> list[str]:
+        args = [
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=30",
+            *self.extra_args,
+        ]
+        if install.backends is not None:
+            args.append(f"--backend-directory={install.backends}")
+        if self.variant == "cpu":
+            args += ["--model-config-name=cpu"]
+        return args
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        # The stub links libpython3.X.so: it must be this interpreter's, or its stdlib extension
+        # modules (ssl...) fail on missing symbols; then the bundled server's own libraries.
+        python_libdir = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (python_libdir, install.libraries and str(install.libraries), env.get("LD_LIBRARY_PATH")) if p
+        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        # The stubs must run this interpreter's environment (numpy < 2, torch, onnxruntime).
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout_s: float = 300) -> "TritonServer":
+        if self.variant not in VARIANTS:
+            raise ServerError(f"variant {self.variant!r}: expected one of {', '.join(VARIANTS)}")
+        install = TritonInstall.bundled() if self.variant == "cpu" else TritonInstall.find()
+        output = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            self.command(install), env=self.environment(install), stdout=output, stderr=subprocess.STDOUT if output else None,
+            start_new_session=True,  # its own process group: stop() also ends the Python-backend stubs
+        )
+        self.wait_ready(timeout_s)
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}")
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        if not self.log_file or not Path(self.log_file).exists():
+            return ""
+        tail = Path(self.log_file).read_text(errors="replace").splitlines()[-30:]
+        return f"; last lines of {self.log_file}:\n" + "\n".join(tail)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGINT (Triton's clean shutdown), then SIGKILL for the whole process group if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGINT)
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def auto_variant(repository: Path) -> str:
+    """production where a GPU is visible and every TensorRT plan is in place, cpu otherwise."""
+    plans = all((Path(repository) / name / "1" / "model.plan").exists() for name in ENGINE_MODELS)
+    has_gpu = shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True
+    ).returncode == 0
+    return "production" if plans and has_gpu else "cpu"
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--variant", choices=(*VARIANTS, "auto"), default=os.environ.get("VARIANT") or "auto",
+                        help="cpu (configs/cpu.pbtxt), production (config.pbtxt), auto (default: production "
+                             "when a GPU and the TensorRT plans are there)")
+    parser.add_argument("--http-port", type=int, default=_port("HTTP_PORT", 8000))
+    parser.add_argument("--grpc-port", type=int, default=_port("GRPC_PORT", 8001))
+    parser.add_argument("--metrics-port", type=int, default=_port("METRICS_PORT", 8002))
+    args = parser.parse_args(argv)
+    variant = auto_variant(args.repository) if args.variant == "auto" else args.variant
+    install = TritonInstall.bundled() if variant == "cpu" else TritonInstall.find()
+    server = TritonServer(args.repository, variant, args.http_port, args.grpc_port, args.metrics_port)
+    print(f"[serve] variant {variant}: {' '.join(server.command(install))}", file=sys.stderr, flush=True)
+    print(f"[serve] ready when http://127.0.0.1:{args.http_port}/v2/health/ready answers 200", file=sys.stderr, flush=True)
+    # Foreground: tritonserver replaces this process, so Ctrl-C and signals reach it directly.
+    os.execve(str(install.binary), server.command(install), server.environment(install))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Helpers shared by the Python-backend models: config parameters, tensors, BLS, error responses."""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from serving.endpoint import InvalidInput
+
+
+class ComponentError(RuntimeError):
+    """A BLS call failed; the request fails with the component's message."""
+
+
+def model_config(args: dict) -> dict:
+    return json.loads(args["model_config"])
+
+
+def parameters(config: dict) -> dict[str, str]:
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def version_dir(args: dict) -> Path:
+    return Path(args["model_repository"]) / args["model_version"]
+
+
+def input_arrays(request, names) -> dict[str, np.ndarray | None]:
+    """CPU numpy arrays of the named inputs; None for an omitted optional input."""
+    arrays = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        arrays[name] = None if tensor is None else tensor.as_numpy()
+    return arrays
+
+
+def to_torch(tensor, device: torch.device) -> torch.Tensor:
+    """A Triton tensor as a torch tensor on `device`; GPU memory is shared through DLPack, not copied."""
+    if tensor.is_cpu():
+        return torch.from_numpy(tensor.as_numpy()).to(device)
+    return torch.from_dlpack(tensor.to_dlpack()).to(device)
+
+
+def to_triton(name: str, value: torch.Tensor):
+    if value.is_cuda:
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+    return pb_utils.Tensor(name, value.contiguous().numpy())
+
+
+def infer(model: str, inputs: list, outputs: list[str]):
+    """One BLS call, its error raised as ComponentError naming the model."""
+    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs).exec()
+    if response.has_error():
+        raise ComponentError(f"{model}: {response.error().message()}")
+    return response
+
+
+def error_response(error: Exception, model: str):
+    """INVALID_ARG for bad input, the component's message for a failed BLS call, INTERNAL otherwise."""
+    if isinstance(error, InvalidInput):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+    if isinstance(error, ComponentError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+    pb_utils.Logger.log_error(f"{model}: {traceback.format_exc()}")
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model}: internal error: {type(error).__name__}: {error}"))

@@ -1,0 +1,69 @@
+"""`scheduler`: the LCM denoising loop, calling `unet` through BLS at every step.
+
+Config parameters: min_size, max_size, max_images (the endpoint's limits, see serving.endpoint.Limits),
+device (cpu or cuda: where the loop's tensors live, the UNet's device).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from export import layout
+from export.networks import UNET
+from serving.denoise import LcmDenoiser, denoise
+from serving.endpoint import Limits, check_options
+
+from .common import error_response, infer, input_arrays, model_config, parameters, to_torch, to_triton, version_dir
+
+OPTION_INPUTS = ("seed", "num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from diffusers import LCMScheduler
+
+        params = parameters(model_config(args))
+        try:
+            self.limits = Limits.from_parameters(params)
+        except ValueError as error:
+            raise pb_utils.TritonModelException(f"scheduler: {error}") from None
+        device = params.get("device", "cpu")
+        if device not in ("cpu", "cuda"):
+            raise pb_utils.TritonModelException(f"scheduler: parameter device={device!r}: expected cpu or cuda")
+        if device == "cuda":
+            device = f"cuda:{args['model_instance_device_id']}"
+        self.device = torch.device(device)
+        config_path = version_dir(args) / layout.SCHEDULER_CONFIG_FILE
+        if not config_path.exists():
+            raise pb_utils.TritonModelException(
+                f"scheduler: no {config_path}; run `python -m export onnx` (or `make export-tiny`) first"
+            )
+        self.scheduler_config = LCMScheduler.load_config(config_path.parent)
+        self.scheduler_class = LCMScheduler
+
+    def execute(self, requests):
+        return [self._respond(request) for request in requests]
+
+    def _unet(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        tensors = []
+        for tensor in UNET.inputs:
+            value = inputs[tensor.name]
+            # timestep is [B] in the graph; Triton's config gives it dims [1] with reshape [].
+            tensors.append(to_triton(tensor.name, value.reshape(-1, 1) if tensor.name == "timestep" else value))
+        response = infer(UNET.name, tensors, UNET.output_names)
+        return to_torch(pb_utils.get_output_tensor_by_name(response, "noise_pred"), self.device)
+
+    def _respond(self, request):
+        try:
+            options = check_options(input_arrays(request, OPTION_INPUTS), self.limits)
+            embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), self.device)
+            pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
+            scheduler = self.scheduler_class.from_config(self.scheduler_config)
+            with torch.inference_mode():
+                latents = denoise(self._unet, LcmDenoiser(options, embeds, pooled, scheduler))
+            seeds = np.asarray(options.seeds, dtype=np.int64)
+            return pb_utils.InferenceResponse([to_triton("latents", latents), pb_utils.Tensor("seeds", seeds)])
+        except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
+            return error_response(error, "scheduler")
