@@ -32,6 +32,10 @@ _OPTIONAL = {
 class ClientError(RuntimeError):
     """The server refused or failed the request (its message), or could not be reached."""
 
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status  # the server's status: "400" over HTTP, "StatusCode.INVALID_ARGUMENT" over gRPC
+
 
 @dataclass
 class GenerationResult:
@@ -102,7 +106,7 @@ def generate(
     try:
         result = client.infer(MODEL, inputs, outputs=outputs, **call)
     except InferenceServerException as error:
-        raise ClientError(f"{url} ({protocol}): {error.message() or error}") from None
+        raise ClientError(f"{url} ({protocol}): {error.message() or error}", error.status()) from None
     except Exception as error:  # connection refused, DNS... from either transport
         raise ClientError(f"{url} ({protocol}): cannot reach the server: {error}") from None
     finally:

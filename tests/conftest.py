@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from export.onnx_export import export_pipeline
@@ -50,3 +52,32 @@ def exported(loaded, tmp_path_factory):
     return get
 
 
+
+
+@pytest.fixture(scope="session")
+def triton(exported, tmp_path_factory):
+    """A real tritonserver (CPU variant) on free ports, serving the tiny pipeline's fp16 graphs with
+    this repository's configs and models; explicit model control, so a test can unload a model."""
+    import shutil
+
+    from serving.server import DEFAULT_REPOSITORY, TritonServer, free_port
+
+    repository = exported("fp16")
+    generated = {"model.onnx", "model.onnx.data", "model.plan", "export.json", "scheduler_config.json", "__pycache__"}
+
+    def export_outputs(directory, names):  # what `make export-tiny` may have left in the working tree
+        in_version_dir = os.path.basename(directory) == "1"
+        return [n for n in names if n in generated or (in_version_dir and n in ("tokenizer", "tokenizer_2"))]
+
+    shutil.copytree(DEFAULT_REPOSITORY, repository, dirs_exist_ok=True, ignore=export_outputs)
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log,
+                          extra_args=["--model-control-mode=explicit", "--load-model=*"])
+    server.start()
+    yield server
+    server.stop()
+    try:  # the whole process group (server and Python-backend stubs) is gone
+        os.killpg(server.process.pid, 0)
+        raise AssertionError(f"processes of tritonserver's group {server.process.pid} outlived stop()")
+    except ProcessLookupError:
+        pass
