@@ -53,19 +53,55 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     onnx.add_argument("--out", type=Path, default=layout.DEFAULT_REPOSITORY,
                       help=f"model repository root (default {layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/)")
+    engines = commands.add_parser(
+        "engines",
+        help="build TensorRT engines (TensorRT-RTX with POLYGRAPHY_USE_TENSORRT_RTX=1) from the ONNX graphs",
+        description="Profiles default to what the repository's production configs accept (max_batch_size, the "
+                    "scheduler's size limits). An engine is rebuilt only when its graph or build settings change.",
+    )
+    engines.add_argument("--onnx", type=Path, default=layout.DEFAULT_REPOSITORY, help="repository holding <name>/1/model.onnx")
+    engines.add_argument("--out", type=Path, help="repository to write <name>/1/model.plan into (default: model_repository/ "
+                         "for TensorRT, build/engines-rtx/ for TensorRT-RTX)")
+    engines.add_argument("--max-batch", type=int, dest="max_images", help="images per request (default: the configs', 4)")
+    engines.add_argument("--min-size", type=int, help="smallest height/width in pixels (default: the scheduler's, 512)")
+    engines.add_argument("--opt-size", type=int, help="height/width the engines are tuned for (default 1024)")
+    engines.add_argument("--max-size", type=int, help="largest height/width in pixels (default: the scheduler's, 1536)")
+    engines.add_argument("--timing-cache", type=Path, help="timing cache file, read and updated (default under build/timing-cache/)")
+    engines.add_argument("--refittable", action="store_true", help="build refittable engines (weights can be swapped later)")
     return parser
 
 
+def run_engines(args) -> None:
+    from .engines import BuildSettings, build_engines, default_engine_repository, default_timing_cache
+    from .sources import check_writable
+
+    settings = BuildSettings.from_repository(
+        layout.DEFAULT_REPOSITORY, max_images=args.max_images, min_size=args.min_size, opt_size=args.opt_size,
+        max_size=args.max_size, refittable=args.refittable or None,
+    )
+    out = args.out or default_engine_repository()
+    check_writable(out)
+    timing_cache = args.timing_cache or default_timing_cache()
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    defaults = BuildSettings.from_repository(layout.DEFAULT_REPOSITORY)
+    if settings.max_images != defaults.max_images:
+        log(f"note: engines for {settings.max_images} images per request; the repository's configs say "
+            f"{defaults.max_images}: update max_batch_size in model_repository/*/config.pbtxt and the scheduler's max_images")
+    for name, parsed in build_engines(args.onnx, out, settings, timing_cache=timing_cache).items():
+        print(f"{name}: {layout.version_dir(out, name) / 'model.plan'}" + ("" if parsed else " (up to date)"))
+
+
 def run_tiny(args) -> None:
-    from .onnx_export import check_writable
+    from .sources import check_writable
     from .tiny import write_tiny
 
-    check_writable(args.out_dir)
+    check_writable(args.out_dir, "OUT_DIR")
     write_tiny(args.out_dir, seed=args.seed)
 
 
 def run_onnx(args) -> None:
-    from .onnx_export import check_writable, export_pipeline
+    from .onnx_export import export_pipeline
+    from .sources import check_writable
     from .sources import check_device, load_pipeline
 
     check_device(args.device)
@@ -81,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        {"tiny": run_tiny, "onnx": run_onnx}[args.command](args)
+        {"tiny": run_tiny, "onnx": run_onnx, "engines": run_engines}[args.command](args)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

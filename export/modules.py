@@ -78,8 +78,9 @@ class VaeDecoder(nn.Module):
             latents = latents / self.scaling_factor
         image = self.vae.decode(latents, return_dict=False)[0]
         image = (image * 0.5 + 0.5).clamp(0, 1)
-        pixels = (image.float() * 255).round().to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1)
+        # NHWC before the cast: TensorRT accepts UINT8 only at the network's edge, so the Cast to
+        # uint8 must produce the output itself.
+        return (image.float() * 255).round().permute(0, 2, 3, 1).to(torch.uint8)
 
 
 def build_module(name: str, pipe) -> nn.Module:

@@ -20,7 +20,7 @@ from . import layout, networks
 from .modules import build_module
 from .networks import ModelDims, NetworkSpec
 from .progress import log, step
-from .sources import ExportError, LoadedPipeline
+from .sources import ExportError, LoadedPipeline, check_writable
 
 OPSET = 17
 # Protobuf cannot serialize a message of 2 GiB or more; stay a margin below it.
@@ -180,16 +180,6 @@ def export_info(loaded: LoadedPipeline, spec: NetworkSpec, dims: ModelDims, dtyp
         "outputs": {t.name: [t.resolved_dtype(COMPUTE_DTYPES[dtype]), list(t.static_dims(dims))] for t in spec.outputs},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__},
     }
-
-
-def check_writable(repository: Path) -> None:
-    """Fail before hours of loading, not after, when the output cannot be written."""
-    try:
-        Path(repository).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=repository, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise ExportError(f"--out {str(repository)!r}: cannot write there ({error.strerror or error}); choose a writable directory") from error
 
 
 def export_pipeline(

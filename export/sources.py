@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,16 @@ def _diffusers_errors_only(on: bool = True):
         yield
     finally:
         logging.set_verbosity(level)
+
+
+def check_writable(repository: Path, flag: str = "--out") -> None:
+    """Fail before hours of loading, not after, when the output cannot be written."""
+    try:
+        Path(repository).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=repository, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ExportError(f"{flag} {str(repository)!r}: cannot write there ({error.strerror or error}); choose a writable directory") from error
 
 
 def check_device(device: str) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# Engine tests build with TensorRT-RTX, which needs no GPU (full TensorRT is not installable here).
+# Set before polygraphy is imported: it reads the variable once. Export 0 to test with TensorRT.
+os.environ.setdefault("POLYGRAPHY_USE_TENSORRT_RTX", "1")
+
 import pytest
 
 from export.onnx_export import export_pipeline
