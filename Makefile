@@ -15,7 +15,11 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 VARIANT ?= auto
 
-.PHONY: help install install-gpu lock export-tiny demo serve test clean
+# make install-gpu: the TensorRT Python package must be the TensorRT of the Triton container that
+# serves the plans (a plan only loads in the TensorRT version that built it).
+TRT_VERSION ?= 10.5.0
+
+.PHONY: help install install-gpu lock export-tiny demo serve test clean engines engines-rtx production
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
@@ -23,7 +27,10 @@ help:
 	@echo "make install      venv in $(VENV) with the pinned CPU stack and the bundled tritonserver (idempotent)"
 	@echo "make export-tiny  tiny random-weight SDXL -> $(TINY_DIR), its ONNX graphs -> $(REPOSITORY)/"
 	@echo "make test         the test suite"
-	@echo "make install-gpu  add the GPU extras (see requirements/gpu.in)"
+	@echo "make engines-rtx  TensorRT-RTX engines of $(REPOSITORY)/'s graphs -> build/engines-rtx/ (no GPU needed)"
+	@echo "make engines      TensorRT plans of $(REPOSITORY)/'s graphs, in place (GPU box, after make install-gpu)"
+	@echo "make production   GPU box: export SDXL + LCM-LoRA + fp16-fix VAE, build the plans, serve them"
+	@echo "make install-gpu  add the GPU extras (see requirements/gpu.in; TRT_VERSION=$(TRT_VERSION))"
 	@echo "make lock         re-pin requirements/base.txt from requirements/base.in"
 
 # Re-runs only when the lock file changes.
@@ -37,7 +44,7 @@ install: $(VENV)/.installed
 
 install-gpu: install
 	$(PY) -m pip uninstall --quiet --yes onnxruntime  # onnxruntime-gpu ships the same module
-	$(PY) -m pip install --quiet -r requirements/gpu.in
+	$(PY) -m pip install --quiet -r requirements/gpu.in tensorrt-cu12==$(TRT_VERSION)
 
 lock: install
 	$(PY) -m pip install --quiet -r requirements/base.in
@@ -57,9 +64,22 @@ serve: install
 	$(PY) -m serving.server --repository $(REPOSITORY) --variant $(VARIANT) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
+engines-rtx: install
+	POLYGRAPHY_USE_TENSORRT_RTX=1 $(PY) -m export engines --onnx $(REPOSITORY)
+
+engines: install
+	$(PY) -m export engines --onnx $(REPOSITORY) --out $(REPOSITORY)
+
+# The production flow on a GPU box (see README, "Production on a GPU"): about 20 GB of downloads.
+production: install
+	$(PY) -m export onnx --device cuda --out $(REPOSITORY)
+	$(PY) -m export engines --onnx $(REPOSITORY) --out $(REPOSITORY)
+	$(MAKE) serve VARIANT=production
+
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf build $(REPOSITORY)/*/1/model.onnx $(REPOSITORY)/*/1/model.onnx.data $(REPOSITORY)/*/1/export.json \
+	  $(REPOSITORY)/*/1/model.plan $(REPOSITORY)/*/1/model.plan.json \
 	  $(REPOSITORY)/tokenizer/1/tokenizer $(REPOSITORY)/tokenizer/1/tokenizer_2 $(REPOSITORY)/scheduler/1/scheduler_config.json

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import layout
 from .progress import log
-from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_VAE, ExportError, LoraSpec, Sources
+from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
 
 
 def _lora(text: str) -> LoraSpec:
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--lora", type=_lora, action="append", default=[], metavar="ID_OR_PATH[:WEIGHT]",
                       help="LoRA to fuse (directory, .safetensors file or hub id), weight 1.0 unless given; repeatable")
     onnx.add_argument("--vae", help="VAE directory or hub id (a pipeline directory: its vae/)")
-    onnx.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
+    onnx.add_argument("--dtype", choices=DTYPES, default="fp16")
     onnx.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     onnx.add_argument("--out", type=Path, default=layout.DEFAULT_REPOSITORY,
                       help=f"model repository root (default {layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/)")

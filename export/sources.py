@@ -2,6 +2,8 @@
 
 A source is a local directory or file, or a Hugging Face Hub id. Loading runs in fp32, LoRAs are
 fused in fp32 (one rounding to the export dtype at the end), then the pipeline is cast.
+PyTorch and diffusers are imported where they are used, so that `python -m export engines` runs
+where only TensorRT and polygraphy are installed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .progress import log, step
 
 # The production set (issue: SDXL + LCM-LoRA + fp16-fix VAE).
@@ -23,7 +23,7 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdxl"
 DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
-TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("fp16", "fp32")
 
 
 class ExportError(Exception):
@@ -100,6 +100,7 @@ def _load_error(flag: str, source: str, error: Exception) -> ExportError:
 
 
 def load_vae(source: str):
+    import torch
     from diffusers import AutoencoderKL
 
     path = Path(source).expanduser()
@@ -112,6 +113,7 @@ def load_vae(source: str):
 
 
 def load_base(source: str, vae=None):
+    import torch
     from diffusers import StableDiffusionXLPipeline
 
     path = Path(source).expanduser()
@@ -206,6 +208,8 @@ def _is_peft_layer(module) -> bool:
 
 def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu") -> LoadedPipeline:
     """The pipeline to export, LoRAs fused, on `device`, in `dtype`."""
+    import torch
+
     check_device(device)
     vae = None
     if sources.vae is not None:
@@ -215,7 +219,7 @@ def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu") ->
         pipe = load_base(sources.model, vae)
     adapters = apply_loras(pipe, sources.loras)
     with _diffusers_errors_only():  # its warnings on casting to fp16 on a CPU are for running, not exporting
-        pipe.to(device=device, dtype=TORCH_DTYPES[dtype])
+        pipe.to(device=device, dtype=getattr(torch, {'fp16': 'float16', 'fp32': 'float32'}[dtype]))
     if dtype == "fp16" and getattr(pipe.vae.config, "force_upcast", False):
         # This VAE overflows in fp16 (the original SDXL VAE does); diffusers upcasts it, and so do we.
         pipe.vae.to(torch.float32)
@@ -248,5 +252,7 @@ def check_writable(repository: Path, flag: str = "--out") -> None:
 
 
 def check_device(device: str) -> None:
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda: no CUDA device is visible to PyTorch here; use --device cpu")
