@@ -9,6 +9,8 @@ Stages, as in `StableDiffusionXLPipeline.__call__` with an `LCMScheduler`:
    on seed + i alone, not on what else is in the batch, and CPU and GPU draw the same numbers.
 4. `LcmDenoiser`: one request's loop as a state machine (`unet_inputs()`, then `step(noise_pred)`),
    so a caller can run several requests' steps in one UNet batch. `denoise` runs it to the end.
+   CFG truncation (Baseten's end_cfg, off by default): with `cfg_end_fraction` f < 1, CFG runs for
+   the first int(f * steps) steps only; later steps send the UNet the conditional half alone.
 The VAE decode is the `vae_decoder` graph's job (scaling and pixel conversion included).
 """
 
@@ -63,7 +65,7 @@ class LcmDenoiser:
 
     def __init__(
         self, request: GenerationOptions, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
-        scheduler, *, latent_channels: int = 4, vae_scale_factor: int = 8,
+        scheduler, *, latent_channels: int = 4, vae_scale_factor: int = 8, cfg_end_fraction: float = 1.0,
     ):
         device, dtype = prompt_embeds.device, prompt_embeds.dtype
         self.cfg = request.do_classifier_free_guidance
@@ -71,6 +73,7 @@ class LcmDenoiser:
         self.scheduler = scheduler
         scheduler.set_timesteps(request.num_inference_steps, device=device)
         self.timesteps = scheduler.timesteps
+        self.cfg_steps = int(len(self.timesteps) * cfg_end_fraction) if self.cfg else 0
         self.generators = make_generators(request.seeds)
         self.encoder_hidden_states, self.text_embeds = prepare_conditioning(
             prompt_embeds, pooled_prompt_embeds, request.num_images_per_prompt, self.cfg
@@ -88,28 +91,47 @@ class LcmDenoiser:
         return self.step_index >= len(self.timesteps)
 
     @property
+    def guided(self) -> bool:
+        """Whether this step runs CFG (the UNet sees negative and positive halves)."""
+        return self.step_index < self.cfg_steps
+
+    @property
     def unet_batch(self) -> int:
-        return self.encoder_hidden_states.shape[0]
+        return self.latents.shape[0] * (2 if self.guided else 1)
 
     def unet_inputs(self) -> dict[str, torch.Tensor]:
         t = self.timesteps[self.step_index]
-        sample = torch.cat([self.latents] * 2) if self.cfg else self.latents
+        sample = torch.cat([self.latents] * 2) if self.guided else self.latents
         sample = self.scheduler.scale_model_input(sample, t)
+        rows = slice(None) if self.guided or not self.cfg else slice(self.latents.shape[0], None)  # positive half
         return {
             "sample": sample,
             "timestep": t.to(torch.float32).expand(self.unet_batch).contiguous(),
-            "encoder_hidden_states": self.encoder_hidden_states,
-            "text_embeds": self.text_embeds,
-            "time_ids": self.time_ids,
+            "encoder_hidden_states": self.encoder_hidden_states[rows],
+            "text_embeds": self.text_embeds[rows],
+            "time_ids": self.time_ids[rows],
         }
 
     def step(self, noise_pred: torch.Tensor) -> None:
-        if self.cfg:
+        if self.guided:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + self.guidance_scale * (text - uncond)
         t = self.timesteps[self.step_index]
         self.latents = self.scheduler.step(noise_pred, t, self.latents, generator=self.generators, return_dict=False)[0]
         self.step_index += 1
+
+
+def cfg_end_fraction_from_parameters(parameters: dict[str, str]) -> float:
+    """The scheduler's `cfg_end_fraction` config parameter: 1.0 (CFG on every step) unless set."""
+    text = parameters.get("cfg_end_fraction", "1.0")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"model config parameter cfg_end_fraction={text!r}: expected a number from 0 to 1 "
+                         "(1: CFG on every step; 0.5: CFG on the first half of the steps)")
+    return value
 
 
 def denoise(unet: UNetFn, denoiser: LcmDenoiser) -> torch.Tensor:

@@ -29,3 +29,37 @@ def diffusers_images(
             output_type="np",
         ).images
     return (images * 255).round().astype(np.uint8)
+
+
+def reference_cfg_truncated(
+    pipe, prompt: str, *, seed: int, steps: int, guidance: float, cfg_end_fraction: float, negative: str = "",
+    height: int = 128, width: int = 128,
+) -> np.ndarray:
+    """One image, written out from diffusers' parts as Baseten's end_cfg loop does: CFG for the
+    first int(steps * fraction) steps, then the conditional UNet pass alone."""
+    from diffusers import LCMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, negative_prompt=negative or None, device="cpu", do_classifier_free_guidance=True
+        )
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generator, dtype=embeds.dtype) * scheduler.init_noise_sigma
+        guided_steps = int(steps * cfg_end_fraction)
+        for i, t in enumerate(scheduler.timesteps):
+            if i < guided_steps:
+                noise = pipe.unet(torch.cat([latents] * 2), t, torch.cat([negative_embeds, embeds]), added_cond_kwargs={
+                    "text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": torch.cat([time_ids] * 2)}).sample
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance * (cond - uncond)
+            else:
+                noise = pipe.unet(latents, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            latents = scheduler.step(noise, t, latents, generator=generator).prev_sample
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        image = pipe.image_processor.postprocess(image, output_type="np")
+    return (image * 255).round().astype(np.uint8)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import diffusers_images
+from reference import diffusers_images, reference_cfg_truncated
 
 from export.modules import TextEncoders, UNet, VaeDecoder
-from serving.denoise import LcmDenoiser, denoise, prepare_conditioning
+from serving.denoise import LcmDenoiser, cfg_end_fraction_from_parameters, denoise, prepare_conditioning
 from serving.endpoint import GenerationOptions
 from serving.text import PromptTokenizer, texts_to_encode
 
@@ -24,14 +24,15 @@ CASES = {
 }
 
 
-def run_loop(pipe, tiny_dir, prompt, negative, options):
+def run_loop(pipe, tiny_dir, prompt, negative, options, cfg_end_fraction=1.0):
     from diffusers import LCMScheduler
 
     ids = PromptTokenizer(tiny_dir)(texts_to_encode(prompt, negative, options.do_classifier_free_guidance))
     with torch.no_grad():
         embeds, pooled = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)(*(torch.from_numpy(v) for v in ids.values()))
         unet = UNet(pipe.unet)
-        denoiser = LcmDenoiser(options, embeds, pooled, LCMScheduler.from_config(pipe.scheduler.config))
+        denoiser = LcmDenoiser(options, embeds, pooled, LCMScheduler.from_config(pipe.scheduler.config),
+                               cfg_end_fraction=cfg_end_fraction)
         latents = denoise(lambda inputs: unet(**inputs), denoiser)
         return VaeDecoder(pipe.vae)(latents).numpy()
 
@@ -72,3 +73,41 @@ def test_image_i_depends_on_seed_plus_i_only(loaded, tiny_dir):
     difference = np.abs(batch[2].astype(int) - single[0].astype(int))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.001
     assert np.abs(batch[0].astype(int) - batch[1].astype(int)).mean() > 5
+
+
+@pytest.mark.parametrize("fraction,negative", [(0.5, "blurry"), (0.25, ""), (0.0, "blurry"), (1.0, "blurry")])
+def test_cfg_truncation_matches_the_reference_loop(loaded, tiny_dir, fraction, negative):
+    pipe = loaded("fp32").pipe
+    options = GenerationOptions(31, 4, 6.0, 128, 128, 1)  # strong guidance: the random model's CFG effect is weak
+    ours = run_loop(pipe, tiny_dir, "a photo of a cat", negative, options, cfg_end_fraction=fraction)
+    theirs = reference_cfg_truncated(pipe, "a photo of a cat", seed=31, steps=4, guidance=6.0,
+                                     cfg_end_fraction=fraction, negative=negative)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+    # Truncation early on changes the image, so this test would see it ignored. (Late LCM steps
+    # barely move the random tiny model's image; the batch test below covers any fraction.)
+    if fraction <= 0.25:
+        full = run_loop(pipe, tiny_dir, "a photo of a cat", negative, options)
+        assert np.abs(full.astype(int) - ours.astype(int)).max() > 3
+
+
+def test_cfg_truncation_halves_the_unet_batch_after_the_cut(loaded, tiny_dir):
+    from diffusers import LCMScheduler
+
+    pipe = loaded("fp32").pipe
+    embeds, pooled = torch.zeros(2, 77, 80), torch.zeros(2, 40)
+    denoiser = LcmDenoiser(GenerationOptions(1, 4, 2.0, 128, 128, 2), embeds, pooled,
+                           LCMScheduler.from_config(pipe.scheduler.config), cfg_end_fraction=0.5)
+    batches = []
+    while not denoiser.done:
+        inputs = denoiser.unet_inputs()
+        batches.append(inputs["sample"].shape[0])
+        assert all(v.shape[0] == batches[-1] for v in inputs.values())
+        denoiser.step(torch.zeros_like(inputs["sample"]))
+    assert batches == [4, 4, 2, 2]
+
+
+@pytest.mark.parametrize("text", ["-0.1", "1.5", "half", "nan"])
+def test_bad_cfg_end_fraction(text):
+    with pytest.raises(ValueError, match=f"cfg_end_fraction={text!r}: expected a number from 0 to 1"):
+        cfg_end_fraction_from_parameters({"cfg_end_fraction": text})
+    assert cfg_end_fraction_from_parameters({}) == 1.0

@@ -1,7 +1,8 @@
 """`scheduler`: the LCM denoising loop, calling `unet` through BLS at every step.
 
 Config parameters: min_size, max_size, max_images (the endpoint's limits, see serving.endpoint.Limits),
-device (cpu or cuda: where the loop's tensors live, the UNet's device).
+device (cpu or cuda: where the loop's tensors live, the UNet's device), cfg_end_fraction (CFG
+truncation, see serving.denoise; 1.0, off, by default).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from export import layout
 from export.networks import UNET
-from serving.denoise import LcmDenoiser, denoise
+from serving.denoise import LcmDenoiser, cfg_end_fraction_from_parameters, denoise
 from serving.endpoint import Limits, check_options
 
 from .common import error_response, infer, input_arrays, model_config, parameters, to_torch, to_triton, version_dir
@@ -27,6 +28,7 @@ class TritonPythonModel:
         params = parameters(model_config(args))
         try:
             self.limits = Limits.from_parameters(params)
+            self.cfg_end_fraction = cfg_end_fraction_from_parameters(params)
         except ValueError as error:
             raise pb_utils.TritonModelException(f"scheduler: {error}") from None
         device = params.get("device", "cpu")
@@ -62,7 +64,8 @@ class TritonPythonModel:
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
             scheduler = self.scheduler_class.from_config(self.scheduler_config)
             with torch.inference_mode():
-                latents = denoise(self._unet, LcmDenoiser(options, embeds, pooled, scheduler))
+                denoiser = LcmDenoiser(options, embeds, pooled, scheduler, cfg_end_fraction=self.cfg_end_fraction)
+                latents = denoise(self._unet, denoiser)
             seeds = np.asarray(options.seeds, dtype=np.int64)
             return pb_utils.InferenceResponse([to_triton("latents", latents), pb_utils.Tensor("seeds", seeds)])
         except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
