@@ -168,3 +168,28 @@ def test_client_cli_reports_errors(triton, capsys):
     assert "error: " in capsys.readouterr().err
     assert client_main(["a cat", "--url", "127.0.0.1:9", "--timeout", "5"]) == 1
     assert "cannot reach the server" in capsys.readouterr().err or "error:" in capsys.readouterr().err
+
+
+def metrics(triton) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics") as response:
+        return response.read().decode()
+
+
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_custom_and_standard_metrics(triton):
+    before = metrics(triton)
+    generate("a cat", url=triton.http_url, height=128, width=128, seed=3, num_inference_steps=3,
+             guidance_scale=1.5, num_images_per_prompt=2)
+    after = metrics(triton)
+    assert 'nv_inference_count{model="unet"' in after  # Triton's own
+    assert metric_value(after, "sdxl_unet_samples_total") - metric_value(before, "sdxl_unet_samples_total") == 3 * 4
+    assert metric_value(after, "sdxl_unet_step_latency_seconds_count") - metric_value(before, "sdxl_unet_step_latency_seconds_count") == 3
+    assert metric_value(after, "sdxl_steps_per_request_sum") - metric_value(before, "sdxl_steps_per_request_sum") == 3
+    assert metric_value(after, "sdxl_unet_request_batch_size") == 4
+    assert metric_value(after, "sdxl_scheduler_requests_in_flight") == 0

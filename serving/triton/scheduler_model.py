@@ -7,6 +7,8 @@ truncation, see serving.denoise; 1.0, off, by default).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -17,6 +19,7 @@ from serving.denoise import LcmDenoiser, cfg_end_fraction_from_parameters, denoi
 from serving.endpoint import Limits, check_options
 
 from .common import error_response, infer, input_arrays, model_config, parameters, to_torch, to_triton, version_dir
+from .metrics import SchedulerMetrics
 
 OPTION_INPUTS = ("seed", "num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt")
 
@@ -44,6 +47,7 @@ class TritonPythonModel:
             )
         self.scheduler_config = LCMScheduler.load_config(config_path.parent)
         self.scheduler_class = LCMScheduler
+        self.metrics = SchedulerMetrics(args["model_name"])
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -54,7 +58,9 @@ class TritonPythonModel:
             value = inputs[tensor.name]
             # timestep is [B] in the graph; Triton's config gives it dims [1] with reshape [].
             tensors.append(to_triton(tensor.name, value.reshape(-1, 1) if tensor.name == "timestep" else value))
+        start = time.perf_counter()
         response = infer(UNET.name, tensors, UNET.output_names)
+        self.metrics.unet_step(time.perf_counter() - start, inputs["sample"].shape[0])
         return to_torch(pb_utils.get_output_tensor_by_name(response, "noise_pred"), self.device)
 
     def _respond(self, request):
@@ -63,9 +69,14 @@ class TritonPythonModel:
             embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), self.device)
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
             scheduler = self.scheduler_class.from_config(self.scheduler_config)
-            with torch.inference_mode():
-                denoiser = LcmDenoiser(options, embeds, pooled, scheduler, cfg_end_fraction=self.cfg_end_fraction)
-                latents = denoise(self._unet, denoiser)
+            self.metrics.in_flight.increment(1)
+            try:
+                with torch.inference_mode():
+                    denoiser = LcmDenoiser(options, embeds, pooled, scheduler, cfg_end_fraction=self.cfg_end_fraction)
+                    latents = denoise(self._unet, denoiser)
+            finally:
+                self.metrics.in_flight.increment(-1)
+            self.metrics.steps_per_request.observe(options.num_inference_steps)
             seeds = np.asarray(options.seeds, dtype=np.int64)
             return pb_utils.InferenceResponse([to_triton("latents", latents), pb_utils.Tensor("seeds", seeds)])
         except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
