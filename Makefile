@@ -19,7 +19,12 @@ VARIANT ?= auto
 # serves the plans (a plan only loads in the TensorRT version that built it).
 TRT_VERSION ?= 10.5.0
 
-.PHONY: help install install-gpu lock export-tiny demo serve test clean engines engines-rtx production
+# make perf: perf_analyzer against a running server (make serve); native where it works.
+PERF_ANALYZER ?= $(if $(wildcard ../shared/tools/perf_analyzer),../shared/tools/perf_analyzer,perf_analyzer)
+PERF_DATA ?= perf/ensemble_sdxl_cpu.json
+PERF_CONCURRENCY ?= 1 2 4 8 16
+
+.PHONY: help install install-gpu lock export-tiny demo serve test clean engines engines-rtx production perf bench
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
@@ -30,6 +35,8 @@ help:
 	@echo "make engines-rtx  TensorRT-RTX engines of $(REPOSITORY)/'s graphs -> build/engines-rtx/ (no GPU needed)"
 	@echo "make engines      TensorRT plans of $(REPOSITORY)/'s graphs, in place (GPU box, after make install-gpu)"
 	@echo "make production   GPU box: export SDXL + LCM-LoRA + fp16-fix VAE, build the plans, serve them"
+	@echo "make perf         perf_analyzer on ensemble_sdxl of a running server (PERF_ANALYZER, PERF_DATA, PERF_CONCURRENCY)"
+	@echo "make bench        the throughput benchmark: results in benchmarks/results/"
 	@echo "make install-gpu  add the GPU extras (see requirements/gpu.in; TRT_VERSION=$(TRT_VERSION))"
 	@echo "make lock         re-pin requirements/base.txt from requirements/base.in"
 
@@ -75,6 +82,16 @@ production: install
 	$(PY) -m export onnx --device cuda --out $(REPOSITORY)
 	$(PY) -m export engines --onnx $(REPOSITORY) --out $(REPOSITORY)
 	$(MAKE) serve VARIANT=production
+
+perf:
+	for c in $(PERF_CONCURRENCY); do \
+	  $(PERF_ANALYZER) -m ensemble_sdxl -u localhost:$(GRPC_PORT) -i grpc --input-data $(PERF_DATA) \
+	    --concurrency-range $$c --measurement-interval 5000 --percentile 95 || exit 1; \
+	done
+
+bench: install
+	$(PY) -m pip install --quiet -r requirements/bench.in
+	$(PY) -m benchmarks.throughput
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

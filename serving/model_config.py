@@ -6,6 +6,8 @@ limits from here, so the configs stay the one place these numbers are written.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -63,3 +65,19 @@ def expected_dims(tensor: TensorSpec, batched: bool, model: ModelDims | None) ->
     if not resolved:
         return [1], []
     return resolved, None
+
+
+# What `python -m export onnx` / `engines` write into a repository, as opposed to what git tracks.
+EXPORT_OUTPUTS = {"model.onnx", "model.onnx.data", "model.plan", "model.plan.json", "export.json", "scheduler_config.json",
+                  "__pycache__"}
+
+
+def copy_repository_configs(source: Path, target: Path) -> None:
+    """Copy the configs and model.py files of `source` into `target`, not the export outputs: to
+    serve graphs exported elsewhere with this repository's models (tests, benchmarks)."""
+
+    def export_outputs(directory, names):
+        in_version_dir = os.path.basename(directory) == "1"
+        return [n for n in names if n in EXPORT_OUTPUTS or (in_version_dir and n in ("tokenizer", "tokenizer_2"))]
+
+    shutil.copytree(source, target, dirs_exist_ok=True, ignore=export_outputs)

@@ -62,18 +62,11 @@ def exported(loaded, tmp_path_factory):
 def triton(exported, tmp_path_factory):
     """A real tritonserver (CPU variant) on free ports, serving the tiny pipeline's fp16 graphs with
     this repository's configs and models; explicit model control, so a test can unload a model."""
-    import shutil
-
+    from serving.model_config import copy_repository_configs
     from serving.server import DEFAULT_REPOSITORY, TritonServer, free_port
 
     repository = exported("fp16")
-    generated = {"model.onnx", "model.onnx.data", "model.plan", "export.json", "scheduler_config.json", "__pycache__"}
-
-    def export_outputs(directory, names):  # what `make export-tiny` may have left in the working tree
-        in_version_dir = os.path.basename(directory) == "1"
-        return [n for n in names if n in generated or (in_version_dir and n in ("tokenizer", "tokenizer_2"))]
-
-    shutil.copytree(DEFAULT_REPOSITORY, repository, dirs_exist_ok=True, ignore=export_outputs)
+    copy_repository_configs(DEFAULT_REPOSITORY, repository)
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log,
                           extra_args=["--model-control-mode=explicit", "--load-model=*"])

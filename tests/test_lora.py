@@ -53,14 +53,19 @@ def second_lora(tiny_dir, tmp_path_factory):
     return str(out)
 
 
-def test_fused_lora_matches_diffusers_unfused(tiny_dir, tmp_path):
-    loras = [(str(tiny_dir / "lora"), 1.0)]
+def fused_against_unfused(tiny_dir, tmp_path, loras: list[tuple[str, float]], what: str):
+    """The exported (fused) UNet graph against diffusers' unfused LoRAs, on the same inputs."""
     reference = reference_unet(tiny_dir, loras)
     inputs = unet_inputs(reference)
     (expected,) = run_torch(UNet(reference.unet).eval(), inputs)
     _, session = exported_unet(tiny_dir, tmp_path, loras)
     (actual,) = run_onnx(session, inputs)
-    assert_close(actual, expected, "fp32", "unet with LoRA")
+    assert_close(actual, expected, "fp32", what)
+    return reference, inputs, expected, actual
+
+
+def test_fused_lora_matches_diffusers_unfused(tiny_dir, tmp_path):
+    reference, inputs, expected, _ = fused_against_unfused(tiny_dir, tmp_path, [(str(tiny_dir / "lora"), 1.0)], "unet with LoRA")
 
     reference.disable_lora()
     (without_lora,) = run_torch(UNet(reference.unet).eval(), inputs)
@@ -70,12 +75,7 @@ def test_fused_lora_matches_diffusers_unfused(tiny_dir, tmp_path):
 
 def test_two_weighted_loras_match_set_adapters(tiny_dir, second_lora, tmp_path):
     loras = [(str(tiny_dir / "lora"), 1.0), (second_lora, 0.6)]
-    reference = reference_unet(tiny_dir, loras)
-    inputs = unet_inputs(reference)
-    (expected,) = run_torch(UNet(reference.unet).eval(), inputs)
-    _, session = exported_unet(tiny_dir, tmp_path, loras)
-    (actual,) = run_onnx(session, inputs)
-    assert_close(actual, expected, "fp32", "unet with two weighted LoRAs")
+    reference, inputs, expected, actual = fused_against_unfused(tiny_dir, tmp_path, loras, "unet with two weighted LoRAs")
 
     reference.set_adapters(["ref_0", "ref_1"], adapter_weights=[1.0, 1.0])
     (unweighted,) = run_torch(UNet(reference.unet).eval(), inputs)
