@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--height", str(args.size), "--width", str(args.size)]
         print(f"[demo] python -m client {' '.join(repr(c) if ' ' in c else c for c in command)}", file=sys.stderr, flush=True)
         code = client_main(command)
-    print(f"[demo] tritonserver stopped", file=sys.stderr, flush=True)
+    print("[demo] tritonserver stopped", file=sys.stderr, flush=True)
     return code
 
 

@@ -84,6 +84,7 @@ class TritonServer:
     log_file: Path | None = None  # None: inherit stdout/stderr
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
+    _log: object = None
 
     def command(self, install: TritonInstall) -> list[str]:
         args = [
@@ -129,9 +130,9 @@ class TritonServer:
         if self.variant not in VARIANTS:
             raise ServerError(f"variant {self.variant!r}: expected one of {', '.join(VARIANTS)}")
         install = TritonInstall.bundled() if self.variant == "cpu" else TritonInstall.find()
-        output = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - lives with the process
+        self._log = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
-            self.command(install), env=self.environment(install), stdout=output, stderr=subprocess.STDOUT if output else None,
+            self.command(install), env=self.environment(install), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # its own process group: stop() also ends the Python-backend stubs
         )
         self.wait_ready(timeout_s)
@@ -148,6 +149,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}")
             if self.is_ready():
                 return
@@ -162,20 +164,24 @@ class TritonServer:
         return f"; last lines of {self.log_file}:\n" + "\n".join(tail)
 
     def stop(self, timeout_s: float = 60) -> None:
-        """SIGINT (Triton's clean shutdown), then SIGKILL for the whole process group if it hangs."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGINT (Triton's clean shutdown), then SIGKILL for whatever of its process group is left
+        (a Python-backend stub that outlived the server, or a server that hangs)."""
+        if self.process is None:
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGINT)
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
+        if self.process.poll() is None:
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.killpg(self.process.pid, signal.SIGINT)
+                self.process.wait(timeout=timeout_s)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
                 pass
-            self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        if self._log:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
