@@ -1,0 +1,51 @@
+"""perf/*.json: perf_analyzer input data that the endpoint accepts, and that perf_analyzer runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.endpoint import INPUTS, Limits, check_options, check_prompts
+
+PERF = Path(__file__).resolve().parent.parent / "perf"
+DTYPES = {"STRING": object, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
+FILES = {"ensemble_sdxl_cpu.json": Limits(min_size=128), "ensemble_sdxl_1024.json": Limits()}
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_entry_is_a_valid_request(name):
+    entries = json.loads((PERF / name).read_text())["data"]
+    assert len(entries) >= 4
+    for entry in entries:
+        assert set(entry) == {i.name for i in INPUTS}, "every optional input set, so each run measures the same work"
+        raw = {i.name: np.array(entry[i.name], dtype=DTYPES[i.dtype]) for i in INPUTS}
+        raw["prompt"] = np.array([entry["prompt"][0].encode()], dtype=object)
+        check_prompts(raw)
+        check_options(raw, FILES[name])
+    assert {e["guidance_scale"][0] > 1 for e in entries} == {True, False}, "CFG and non-CFG requests both"
+    assert len({len(e["prompt"][0]) for e in entries}) == len(entries), "prompts of different lengths"
+
+
+def perf_analyzer() -> str | None:
+    shared = Path(__file__).resolve().parents[2] / "shared" / "tools" / "perf_analyzer"
+    return str(shared) if shared.exists() else shutil.which("perf_analyzer")
+
+
+def test_perf_analyzer_runs_the_cpu_data(triton, tmp_path):
+    binary = perf_analyzer()
+    if binary is None:
+        pytest.skip("no perf_analyzer here")
+    csv = tmp_path / "perf.csv"
+    result = subprocess.run(
+        [binary, "-m", "ensemble_sdxl", "-u", triton.grpc_url, "-i", "grpc", "--input-data", str(PERF / "ensemble_sdxl_cpu.json"),
+         "--concurrency-range", "2", "--measurement-mode", "count_windows", "--measurement-request-count", "8",
+         "--stability-percentage", "999", "-f", str(csv)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Inferences/Second" in csv.read_text()
