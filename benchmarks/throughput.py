@@ -40,6 +40,7 @@ SETUPS = {
     "batching on, 4 schedulers": dict(batching=True, schedulers=4),
     "batching off, 4 schedulers": dict(batching=False, schedulers=4),
     "batching on, 1 scheduler": dict(batching=True, schedulers=1),
+    "batching on, 4 schedulers, 2 ms UNet queue delay": dict(batching=True, schedulers=4, unet_delay_us=2000),
 }
 
 
@@ -52,14 +53,14 @@ def perf_analyzer_binary() -> str:
     return os.environ.get("PERF_ANALYZER") or (str(shared) if shared.exists() else "perf_analyzer")
 
 
-def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path) -> Path:
+def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path, unet_delay_us: int | None = None) -> Path:
     """A model repository of the tiny graphs with this repository's configs, adjusted per setup."""
     from export.onnx_export import export_pipeline
     from export.sources import LoraSpec, Sources, load_pipeline
     from serving.model_config import copy_repository_configs
     from serving.server import DEFAULT_REPOSITORY
 
-    repository = root / ("batching" if batching else "no-batching") / f"schedulers-{schedulers}"
+    repository = root / ("batching" if batching else "no-batching") / f"schedulers-{schedulers}-delay-{unet_delay_us}"
     cached = root / "graphs"
     if not cached.exists():
         sources = Sources(str(tiny), (LoraSpec(str(tiny / "lora")),), str(tiny / "alt_vae"))
@@ -70,6 +71,9 @@ def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path) 
         path = repository / model / "configs" / "cpu.pbtxt"
         if not batching:
             path.write_text(re.sub(r"^dynamic_batching .*$", "", path.read_text(), flags=re.M))
+    if unet_delay_us is not None:
+        path = repository / "unet" / "configs" / "cpu.pbtxt"
+        path.write_text(re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {unet_delay_us}", path.read_text()))
     path = repository / "scheduler" / "configs" / "cpu.pbtxt"
     path.write_text(re.sub(r"count: \d+", f"count: {schedulers}", path.read_text()))
     return repository
