@@ -58,7 +58,7 @@ def example_inputs(
             value = size.expand(shape).clone()
         else:
             value = torch.randn(shape, generator=generator)
-        inputs[tensor.name] = value.to(device=device, dtype=getattr(torch, np.dtype(networks.NUMPY_DTYPES[dtype]).name))
+        inputs[tensor.name] = value.to(device=device, dtype=getattr(torch, np.dtype(tensor.numpy_dtype(compute_dtype)).name))
     return inputs
 
 
