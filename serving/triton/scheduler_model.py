@@ -12,6 +12,7 @@ import time
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from diffusers import LCMScheduler
 
 from export import layout
 from export.networks import UNET
@@ -26,8 +27,6 @@ OPTION_INPUTS = ("seed", "num_inference_steps", "guidance_scale", "height", "wid
 
 class TritonPythonModel:
     def initialize(self, args):
-        from diffusers import LCMScheduler
-
         params = parameters(model_config(args))
         try:
             self.limits = Limits.from_parameters(params)
@@ -46,7 +45,6 @@ class TritonPythonModel:
                 f"scheduler: no {config_path}; run `python -m export onnx` (or `make export-tiny`) first"
             )
         self.scheduler_config = LCMScheduler.load_config(config_path.parent)
-        self.scheduler_class = LCMScheduler
         self.metrics = SchedulerMetrics(args["model_name"])
 
     def execute(self, requests):
@@ -68,7 +66,7 @@ class TritonPythonModel:
             options = check_options(input_arrays(request, OPTION_INPUTS), self.limits)
             embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), self.device)
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
-            scheduler = self.scheduler_class.from_config(self.scheduler_config)
+            scheduler = LCMScheduler.from_config(self.scheduler_config)
             self.metrics.in_flight.increment(1)
             try:
                 with torch.inference_mode():
