@@ -9,12 +9,12 @@ intra_op_threads (default: ONNX Runtime's choice).
 
 from __future__ import annotations
 
-import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from export import layout
 from export.networks import NETWORKS
+from serving.batching import group_by_shape, run_concatenated
 
 from .common import error_response, input_arrays, model_config, parameters, version_dir
 
@@ -30,7 +30,10 @@ class TritonPythonModel:
         if not path.exists():
             raise pb_utils.TritonModelException(f"{network}: no {path}; run `python -m export onnx` (or `make export-tiny`) first")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", 0))
+        threads = params.get("intra_op_threads", "0")
+        if not threads.isdigit():
+            raise pb_utils.TritonModelException(f"{network}: parameter intra_op_threads={threads!r}: expected a count (0: ONNX Runtime's choice)")
+        options.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         graph_inputs = [i.name for i in self.session.get_inputs()]
         if graph_inputs != self.spec.input_names:
@@ -38,26 +41,16 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        arrays = []
-        for index, request in enumerate(requests):
-            inputs = input_arrays(request, self.spec.input_names)
-            arrays.append(inputs)
-            key = tuple(inputs[name].shape[1:] for name in self.spec.input_names)
-            groups.setdefault(key, []).append(index)
-        for indices in groups.values():
+        arrays = [input_arrays(request, self.spec.input_names) for request in requests]
+        for indices in group_by_shape(arrays, self.spec.input_names):
             try:
-                outputs = self._run([arrays[i] for i in indices])
+                outputs = run_concatenated(
+                    lambda feed: self.session.run(self.spec.output_names, feed),
+                    [arrays[i] for i in indices], self.spec.input_names, self.spec.output_names,
+                )
                 for i, per_request in zip(indices, outputs):
                     responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in per_request.items()])
             except Exception as error:  # noqa: BLE001 - fail this group's requests, not the model
                 for i in indices:
                     responses[i] = error_response(error, self.spec.name)
         return responses
-
-    def _run(self, batch: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        feed = {name: np.concatenate([inputs[name] for inputs in batch]) for name in self.spec.input_names}
-        results = self.session.run(self.spec.output_names, feed)
-        sizes = np.cumsum([inputs[self.spec.input_names[0]].shape[0] for inputs in batch])[:-1]
-        split = [np.split(result, sizes) for result in results]
-        return [{name: split[k][j] for k, name in enumerate(self.spec.output_names)} for j in range(len(batch))]
