@@ -33,7 +33,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from export.layout import REPO_ROOT
+
 PERF_DATA = REPO_ROOT / "perf" / "ensemble_sdxl_cpu.json"
 MODELS = ("tokenizer", "text_encoder", "scheduler", "unet", "vae_decoder", "ensemble_sdxl")
 SETUPS = {
@@ -58,7 +59,7 @@ def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path, 
     from export.onnx_export import export_pipeline
     from export.sources import LoraSpec, Sources, load_pipeline
     from serving.model_config import copy_repository_configs
-    from serving.server import DEFAULT_REPOSITORY
+    from export.layout import DEFAULT_REPOSITORY
 
     repository = root / ("batching" if batching else "no-batching") / f"schedulers-{schedulers}-delay-{unet_delay_us}"
     cached = root / "graphs"

@@ -88,7 +88,7 @@ def run_engines(args) -> None:
         log(f"note: engines for {settings.max_images} images per request; the repository's configs say "
             f"{defaults.max_images}: update max_batch_size in model_repository/*/config.pbtxt and the scheduler's max_images")
     for name, parsed in build_engines(args.onnx, out, settings, timing_cache=timing_cache).items():
-        print(f"{name}: {layout.version_dir(out, name) / 'model.plan'}" + ("" if parsed else " (up to date)"))
+        print(f"{name}: {layout.version_dir(out, name) / layout.ENGINE_FILE}" + ("" if parsed else " (up to date)"))
 
 
 def run_tiny(args) -> None:
@@ -101,8 +101,7 @@ def run_tiny(args) -> None:
 
 def run_onnx(args) -> None:
     from .onnx_export import export_pipeline
-    from .sources import check_writable
-    from .sources import check_device, load_pipeline
+    from .sources import check_device, check_writable, load_pipeline
 
     check_device(args.device)
     check_writable(args.out)

@@ -25,10 +25,8 @@ from pathlib import Path
 from . import layout, networks
 from .networks import ModelDims, NetworkSpec
 from .progress import log
+from .layout import ENGINE_FILE, FINGERPRINT_FILE
 from .sources import ExportError
-
-ENGINE_FILE = "model.plan"
-FINGERPRINT_FILE = "model.plan.json"
 
 
 class EngineError(ExportError):

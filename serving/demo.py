@@ -12,7 +12,9 @@ from pathlib import Path
 
 from client.__main__ import main as client_main
 
-from .server import DEFAULT_REPOSITORY, REPO_ROOT, TritonServer, free_port
+from export.layout import DEFAULT_REPOSITORY, REPO_ROOT
+
+from .server import TritonServer, free_port
 
 
 def main(argv: list[str] | None = None) -> int:

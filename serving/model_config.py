@@ -13,6 +13,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from export import layout
 from export.networks import COMPUTE, DYNAMIC_DIMS, ModelDims, TensorSpec
 
 from .endpoint import Limits
@@ -68,8 +69,8 @@ def expected_dims(tensor: TensorSpec, batched: bool, model: ModelDims | None) ->
 
 
 # What `python -m export onnx` / `engines` write into a repository, as opposed to what git tracks.
-EXPORT_OUTPUTS = {"model.onnx", "model.onnx.data", "model.plan", "model.plan.json", "export.json", "scheduler_config.json",
-                  "__pycache__"}
+EXPORT_OUTPUTS = {layout.ONNX_FILE, layout.ONNX_DATA_FILE, layout.ENGINE_FILE, layout.FINGERPRINT_FILE,
+                  layout.EXPORT_INFO_FILE, layout.SCHEDULER_CONFIG_FILE, "__pycache__"}
 
 
 def copy_repository_configs(source: Path, target: Path) -> None:
@@ -78,6 +79,6 @@ def copy_repository_configs(source: Path, target: Path) -> None:
 
     def export_outputs(directory, names):
         in_version_dir = os.path.basename(directory) == "1"
-        return [n for n in names if n in EXPORT_OUTPUTS or (in_version_dir and n in ("tokenizer", "tokenizer_2"))]
+        return [n for n in names if n in EXPORT_OUTPUTS or (in_version_dir and n in layout.TOKENIZER_DIRS)]
 
     shutil.copytree(source, target, dirs_exist_ok=True, ignore=export_outputs)

@@ -24,10 +24,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+from export import layout
+from export.layout import DEFAULT_REPOSITORY, REPO_ROOT
+from export.networks import NETWORKS
+
 VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
-ENGINE_MODELS = ("text_encoder", "unet", "vae_decoder")
 
 
 class ServerError(RuntimeError):
@@ -192,7 +193,7 @@ class TritonServer:
 
 def auto_variant(repository: Path) -> str:
     """production where a GPU is visible and every TensorRT plan is in place, cpu otherwise."""
-    plans = all((Path(repository) / name / "1" / "model.plan").exists() for name in ENGINE_MODELS)
+    plans = all((layout.version_dir(repository, name) / layout.ENGINE_FILE).exists() for name in NETWORKS)
     has_gpu = shutil.which("nvidia-smi") is not None and subprocess.run(
         ["nvidia-smi", "-L"], capture_output=True
     ).returncode == 0

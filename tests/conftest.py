@@ -62,8 +62,9 @@ def exported(loaded, tmp_path_factory):
 def triton(exported, tmp_path_factory):
     """A real tritonserver (CPU variant) on free ports, serving the tiny pipeline's fp16 graphs with
     this repository's configs and models; explicit model control, so a test can unload a model."""
+    from export.layout import DEFAULT_REPOSITORY
     from serving.model_config import copy_repository_configs
-    from serving.server import DEFAULT_REPOSITORY, TritonServer, free_port
+    from serving.server import TritonServer, free_port
 
     repository = exported("fp16")
     copy_repository_configs(DEFAULT_REPOSITORY, repository)

@@ -18,7 +18,7 @@ from export.engines import (ENGINE_FILE, FINGERPRINT_FILE, BuildSettings, Engine
                             graph_dims, profile_shapes, using_tensorrt_rtx)
 from export.networks import SDXL_DIMS
 from serving.model_config import read_config, scheduler_limits
-from serving.server import DEFAULT_REPOSITORY as REPO
+from export.layout import DEFAULT_REPOSITORY as REPO
 
 TRT_TYPES = {"FP16": "HALF", "FP32": "FLOAT", "INT32": "INT32", "UINT8": "UINT8"}
 

@@ -8,7 +8,7 @@ from export import networks
 from export.networks import SDXL_DIMS
 from serving import endpoint
 from serving.model_config import data_type, expected_dims, parameters, read_config, scheduler_limits
-from serving.server import DEFAULT_REPOSITORY as REPO
+from export.layout import DEFAULT_REPOSITORY as REPO
 
 VARIANTS = {"production": SDXL_DIMS, "cpu": None}  # cpu: model widths as -1
 

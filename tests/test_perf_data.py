@@ -31,15 +31,12 @@ def test_every_entry_is_a_valid_request(name):
     assert len({len(e["prompt"][0]) for e in entries}) == len(entries), "prompts of different lengths"
 
 
-def perf_analyzer() -> str | None:
-    shared = Path(__file__).resolve().parents[2] / "shared" / "tools" / "perf_analyzer"
-    return str(shared) if shared.exists() else shutil.which("perf_analyzer")
-
-
 def test_perf_analyzer_runs_the_cpu_data(triton, tmp_path):
-    binary = perf_analyzer()
-    if binary is None:
-        pytest.skip("no perf_analyzer here")
+    from benchmarks.throughput import perf_analyzer_binary
+
+    binary = perf_analyzer_binary()  # the benchmark's lookup: $PERF_ANALYZER, ../shared/tools, PATH
+    if not Path(binary).exists() and shutil.which(binary) is None:
+        pytest.skip(f"no perf_analyzer here ({binary})")
     csv = tmp_path / "perf.csv"
     result = subprocess.run(
         [binary, "-m", "ensemble_sdxl", "-u", triton.grpc_url, "-i", "grpc", "--input-data", str(PERF / "ensemble_sdxl_cpu.json"),
