@@ -33,7 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from export.layout import REPO_ROOT
+from contract.layout import REPO_ROOT
 
 PERF_DATA = REPO_ROOT / "perf" / "ensemble_sdxl_cpu.json"
 MODELS = ("tokenizer", "text_encoder", "scheduler", "unet", "vae_decoder", "ensemble_sdxl")
@@ -58,8 +58,8 @@ def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path, 
     """A model repository of the tiny graphs with this repository's configs, adjusted per setup."""
     from export.onnx_export import export_pipeline
     from export.sources import LoraSpec, Sources, load_pipeline
-    from serving.model_config import copy_repository_configs
-    from export.layout import DEFAULT_REPOSITORY
+    from contract.configs import copy_repository_configs
+    from contract.layout import DEFAULT_REPOSITORY
 
     repository = root / ("batching" if batching else "no-batching") / f"schedulers-{schedulers}-delay-{unet_delay_us}"
     cached = root / "graphs"

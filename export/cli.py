@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import layout
+from contract import layout
 from .progress import log
 from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
 

@@ -22,10 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import layout, networks
-from .networks import ModelDims, NetworkSpec
+from contract import layout, networks
+from contract.configs import read_config, scheduler_limits
+from contract.layout import ENGINE_FILE, FINGERPRINT_FILE
+from contract.networks import ModelDims, NetworkSpec
+
 from .progress import log
-from .layout import ENGINE_FILE, FINGERPRINT_FILE
 from .sources import ExportError
 
 
@@ -59,8 +61,6 @@ class BuildSettings:
 
     @classmethod
     def from_repository(cls, repository: Path, **overrides) -> "BuildSettings":
-        from serving.model_config import read_config, scheduler_limits
-
         limits = scheduler_limits(repository)
         values = dict(
             max_images=limits.max_images,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import networks
+from contract import networks
 
 
 class TextEncoders(nn.Module):

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import torch
 
-from . import layout, networks
+from contract import layout, networks
 from .modules import build_module
-from .networks import ModelDims, NetworkSpec
+from contract.networks import ModelDims, NetworkSpec
 from .progress import log, step
 from .sources import ExportError, LoadedPipeline, check_writable
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from client.__main__ import main as client_main
 
-from export.layout import DEFAULT_REPOSITORY, REPO_ROOT
+from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
 
 from .server import TritonServer, free_port
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from export.networks import TIME_IDS_DIM
+from contract.networks import TIME_IDS_DIM
 from .endpoint import GenerationOptions
 
 UNetFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs named as networks.UNET -> noise_pred

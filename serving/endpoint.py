@@ -14,6 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
+from contract.limits import Limits
+
 MODEL_NAME = "ensemble_sdxl"
 SEED_MAX = 2**63 - 1  # INT64; image i uses seed + i, which must stay in range too
 RANDOM_SEED_BOUND = 2**32  # an omitted seed is drawn in [0, 2**32): short enough to read and retype
@@ -41,40 +43,6 @@ INPUTS = (
 INPUT_NAMES = tuple(i.name for i in INPUTS)
 DEFAULTS = {i.name: i.default for i in INPUTS}
 OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,))}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a deployment accepts; the production values follow the TensorRT engines' profiles."""
-
-    min_size: int = 512
-    max_size: int = 1536
-    size_multiple: int = 64
-    min_steps: int = 1
-    max_steps: int = 8
-    max_images: int = 4
-
-    @classmethod
-    def from_parameters(cls, parameters: Mapping[str, str]) -> "Limits":
-        """From a model config's `parameters` (string values); unknown keys are ignored."""
-        values = {}
-        for key in ("min_size", "max_size", "max_images"):
-            if key in parameters:
-                try:
-                    values[key] = int(parameters[key])
-                except ValueError:
-                    raise ValueError(f"model config parameter {key}={parameters[key]!r}: expected an integer") from None
-        limits = cls(**values)
-        if not (limits.size_multiple <= limits.min_size <= limits.max_size) or limits.min_size % limits.size_multiple:
-            raise ValueError(f"model config parameters min_size={limits.min_size}, max_size={limits.max_size}: "
-                             f"expected multiples of {limits.size_multiple} with min_size <= max_size")
-        if limits.max_images < 1:
-            raise ValueError(f"model config parameter max_images={limits.max_images}: expected at least 1")
-        return limits
-
-    @property
-    def sizes(self) -> str:
-        return f"a multiple of {self.size_multiple} from {self.min_size} to {self.max_size}"
 
 
 class InvalidInput(ValueError):

@@ -24,9 +24,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export import layout
-from export.layout import DEFAULT_REPOSITORY, REPO_ROOT
-from export.networks import NETWORKS
+from contract import layout
+from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
+from contract.networks import NETWORKS
 
 VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
 

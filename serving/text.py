@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export import layout
+from contract import layout
 
 
 def texts_to_encode(prompt: str, negative_prompt: str, do_classifier_free_guidance: bool) -> list[str]:

@@ -62,8 +62,8 @@ def exported(loaded, tmp_path_factory):
 def triton(exported, tmp_path_factory):
     """A real tritonserver (CPU variant) on free ports, serving the tiny pipeline's fp16 graphs with
     this repository's configs and models; explicit model control, so a test can unload a model."""
-    from export.layout import DEFAULT_REPOSITORY
-    from serving.model_config import copy_repository_configs
+    from contract.layout import DEFAULT_REPOSITORY
+    from contract.configs import copy_repository_configs
     from serving.server import TritonServer, free_port
 
     repository = exported("fp16")

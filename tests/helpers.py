@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export import layout
+from contract import layout
 
 RELATIVE_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
 PIXEL_MEAN_TOLERANCE = {"fp32": 0.005, "fp16": 0.15}

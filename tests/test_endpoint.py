@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.endpoint import DEFAULTS, InvalidInput, Limits, check_guidance, check_options, check_prompts
+from contract.limits import Limits
+from serving.endpoint import DEFAULTS, InvalidInput, check_guidance, check_options, check_prompts
 
 CPU = Limits(min_size=128)
 

@@ -12,13 +12,13 @@ import shutil
 import onnx
 import pytest
 
-from export import layout, networks
+from contract import layout, networks
 from export.cli import main
 from export.engines import (ENGINE_FILE, FINGERPRINT_FILE, BuildSettings, EngineError, build_engine, build_engines,
                             graph_dims, profile_shapes, using_tensorrt_rtx)
-from export.networks import SDXL_DIMS
-from serving.model_config import read_config, scheduler_limits
-from export.layout import DEFAULT_REPOSITORY as REPO
+from contract.networks import SDXL_DIMS
+from contract.configs import read_config, scheduler_limits
+from contract.layout import DEFAULT_REPOSITORY as REPO
 
 TRT_TYPES = {"FP16": "HALF", "FP32": "FLOAT", "INT32": "INT32", "UINT8": "UINT8"}
 

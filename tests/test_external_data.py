@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from helpers import assert_close, ort_session, run_onnx, run_torch
 
-from export import layout, networks
+from contract import layout, networks
 from export.modules import build_module
-from export.networks import ModelDims
+from contract.networks import ModelDims
 from export.onnx_export import EXTERNAL_DATA_THRESHOLD, example_inputs, export_network
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import assert_close, ort_session, run_onnx, run_torch
 
-from export import layout, networks
+from contract import layout, networks
 from export.modules import UNet
-from export.networks import ModelDims
+from contract.networks import ModelDims
 from export.onnx_export import example_inputs, export_pipeline
 from export.sources import LoraSpec, Sources, load_pipeline
 from export.tiny import write_random_lora

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from export import networks
-from export.networks import SDXL_DIMS
+from contract import networks
+from contract.networks import SDXL_DIMS
 from serving import endpoint
-from serving.model_config import data_type, expected_dims, parameters, read_config, scheduler_limits
-from export.layout import DEFAULT_REPOSITORY as REPO
+from contract.configs import data_type, expected_dims, parameters, read_config, scheduler_limits
+from contract.layout import DEFAULT_REPOSITORY as REPO
 
 VARIANTS = {"production": SDXL_DIMS, "cpu": None}  # cpu: model widths as -1
 

@@ -6,9 +6,9 @@ import onnx
 import pytest
 from helpers import assert_close, assert_pixels_close, ort_session, run_onnx, run_torch
 
-from export import layout, networks
+from contract import layout, networks
 from export.modules import build_module
-from export.networks import ModelDims
+from contract.networks import ModelDims
 from export.onnx_export import COMPUTE_DTYPES, check_graph_io, example_inputs
 
 # Two shapes per graph: batch and (latent) resolution both change, one of them non-square.

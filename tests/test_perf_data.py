@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.endpoint import INPUTS, Limits, check_options, check_prompts
+from contract.limits import Limits
+from serving.endpoint import INPUTS, check_options, check_prompts
 
 PERF = Path(__file__).resolve().parent.parent / "perf"
 DTYPES = {"STRING": object, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}

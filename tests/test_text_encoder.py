@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import assert_close, ort_session
 
-from export import layout
+from contract import layout
 
 LONG_PROMPT = ", ".join(["a highly detailed oil painting of a lighthouse by the sea at sunset"] * 8)
 PROMPTS = {

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from export.cli import main
-from export.networks import ModelDims
+from contract.networks import ModelDims
 
 
 def test_tiny_layout_and_classes(tiny_dir):

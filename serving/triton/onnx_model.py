@@ -12,8 +12,8 @@ from __future__ import annotations
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from export import layout
-from export.networks import NETWORKS
+from contract import layout
+from contract.networks import NETWORKS
 from serving.batching import group_by_shape, run_concatenated
 
 from .common import error_response, input_arrays, model_config, parameters, version_dir

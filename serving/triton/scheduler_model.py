@@ -14,10 +14,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 from diffusers import LCMScheduler
 
-from export import layout
-from export.networks import UNET
+from contract import layout
+from contract.networks import UNET
 from serving.denoise import LcmDenoiser, cfg_end_fraction_from_parameters, denoise
-from serving.endpoint import Limits, check_options
+from contract.limits import Limits
+from serving.endpoint import check_options
 
 from .common import error_response, infer, input_arrays, model_config, parameters, to_torch, to_triton, version_dir
 from .metrics import SchedulerMetrics

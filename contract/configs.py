@@ -13,10 +13,10 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from export import layout
-from export.networks import COMPUTE, DYNAMIC_DIMS, ModelDims, TensorSpec
+from . import layout
+from .networks import COMPUTE, DYNAMIC_DIMS, ModelDims, TensorSpec
 
-from .endpoint import Limits
+from .limits import Limits
 
 # Model dims the CPU configs leave as -1, so one config serves any exported SDXL-family model.
 MODEL_WIDTH_DIMS = ("text_dim", "pooled_dim")
