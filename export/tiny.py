@@ -81,7 +81,7 @@ def train_clip_bpe(corpus: str = _CORPUS, num_merges: int = _NUM_MERGES) -> tupl
     return {token: i for i, token in enumerate(vocab)}, merges
 
 
-def _tokenizers(vocab: dict[str, int], merges: list[tuple[str, str]]):
+def clip_tokenizers(vocab: dict[str, int], merges: list[tuple[str, str]]):
     from transformers import CLIPTokenizer
 
     def make(pad_token: str):
@@ -156,7 +156,7 @@ def tiny_vae():
     )
 
 
-def _sdxl_scheduler():
+def sdxl_scheduler():
     """SDXL base 1.0's scheduler/scheduler_config.json, less the keys this class ignores."""
     from diffusers import EulerDiscreteScheduler
 
@@ -179,7 +179,7 @@ def build_tiny_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     vocab, merges = train_clip_bpe()
-    tokenizer, tokenizer_2 = _tokenizers(vocab, merges)
+    tokenizer, tokenizer_2 = clip_tokenizers(vocab, merges)
     text_encoder, text_encoder_2 = _text_encoders(vocab)
     text_dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
     unet = _unet(text_dim, text_encoder_2.config.projection_dim)
@@ -190,7 +190,7 @@ def build_tiny_pipeline(seed: int = 0):
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_sdxl_scheduler(),
+        scheduler=sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
 
@@ -202,13 +202,17 @@ LORA_TARGET_MODULES = [
 ]  # fmt: skip
 
 
-def write_random_lora(unet, out_dir: Path, seed: int, rank: int = 4, alpha: float = 8.0, scale: float = 0.05) -> Path:
-    """A random UNet LoRA in the file format `load_lora_weights` reads; `unet` is left unchanged."""
+def write_random_lora(
+    unet, out_dir: Path, seed: int, rank: int = 4, alpha: float = 8.0, scale: float = 0.05,
+    target_modules: list[str] = LORA_TARGET_MODULES,
+) -> Path:
+    """A random UNet LoRA in the file format `load_lora_weights` reads (PEFT keys, the UNet's dtype);
+    `unet` is left unchanged. `scale`: the standard deviation of both low-rank factors."""
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGET_MODULES, init_lora_weights=True)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
     adapter = f"random_{seed}"
     unet.add_adapter(config, adapter_name=adapter)
     generator = torch.Generator().manual_seed(seed)
@@ -216,7 +220,8 @@ def write_random_lora(unet, out_dir: Path, seed: int, rank: int = 4, alpha: floa
         for name, param in unet.named_parameters():
             if f"lora_A.{adapter}" in name or f"lora_B.{adapter}" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    state = get_peft_model_state_dict(unet, adapter_name=adapter)
+    dtype = unet.dtype
+    state = {name: value.to(dtype) for name, value in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
     StableDiffusionXLPipeline.save_lora_weights(
         out_dir,
         unet_lora_layers=state,
