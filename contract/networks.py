@@ -46,12 +46,22 @@ class ModelDims:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelDims":
+        return cls.from_configs(pipe.tokenizer.model_max_length, pipe.text_encoder.config, pipe.text_encoder_2.config,
+                                pipe.unet.config, pipe.vae.config)
+
+    @classmethod
+    def from_configs(cls, seq_len: int, text_encoder, text_encoder_2, unet, vae) -> "ModelDims":
+        """From the components' configs alone (objects or mappings), without loading any weights."""
+
+        def get(config, key):
+            return config[key] if isinstance(config, dict) else getattr(config, key)
+
         return cls(
-            seq_len=pipe.tokenizer.model_max_length,
-            text_dim=pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size,
-            pooled_dim=pipe.text_encoder_2.config.projection_dim,
-            latent_channels=pipe.unet.config.in_channels,
-            vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+            seq_len=int(seq_len),
+            text_dim=get(text_encoder, "hidden_size") + get(text_encoder_2, "hidden_size"),
+            pooled_dim=get(text_encoder_2, "projection_dim"),
+            latent_channels=get(unet, "in_channels"),
+            vae_scale_factor=2 ** (len(get(vae, "block_out_channels")) - 1),
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -149,3 +159,19 @@ VAE_DECODER = NetworkSpec(
 )
 
 NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER)}
+
+# The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and
+# sends the VAE decoder its latents, so its configs declare them in the graphs' dtype too.
+SCHEDULER_GRAPH_TENSORS = {
+    "prompt_embeds": TEXT_ENCODER.tensor("prompt_embeds"),
+    "pooled_prompt_embeds": TEXT_ENCODER.tensor("pooled_prompt_embeds"),
+    "latents": VAE_DECODER.tensor("latents"),
+}
+SCHEDULER = "scheduler"
+
+
+def compute_tensors(model: str) -> tuple[str, ...]:
+    """The tensors of a model (a network or the scheduler) that carry the export dtype (COMPUTE)."""
+    if model == SCHEDULER:
+        return tuple(SCHEDULER_GRAPH_TENSORS)
+    return tuple(t.name for t in NETWORKS[model].inputs + NETWORKS[model].outputs if t.dtype == COMPUTE)

@@ -1,26 +1,36 @@
-"""Export the three networks to ONNX and check each graph's interface against `networks.py`.
+"""Export the three networks to ONNX and check each graph's interface against `contract/networks.py`.
 
 TorchScript exporter (`dynamo=False`), opset 17: its fp16 graphs load in ONNX Runtime and parse in
-TensorRT; the dynamo exporter's fp16 graph did not load here (type clash). Graphs are written to a
-temporary directory and moved into place only once checked, so a failed export leaves no half graph.
+TensorRT; the dynamo exporter's fp16 graph did not load here (type clash).
+
+One network at a time (`STAGES`): each loads only the pipeline components its graph needs, and
+releases them before the next, so a full-size export holds the UNet alone at its peak. Everything
+is written into a staging directory inside the repository and moved into place only once every
+graph is written and checked: a failed export leaves the repository as it was. The configs of the
+models the exported tensors pass through are then set to the exported dtype (contract/configs.py).
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
+from onnx.external_data_helper import ExternalDataInfo
 
-from contract import layout, networks
-from .modules import build_module
+from contract import configs, layout, networks
 from contract.networks import ModelDims, NetworkSpec
+
+from .modules import build_module
 from .progress import log, step
-from .sources import ExportError, LoadedPipeline, check_writable
+from .sources import ExportError, LoadedPipeline, Sources, check_writable, load_pipeline, model_dims
 
 OPSET = 17
 # Protobuf cannot serialize a message of 2 GiB or more; stay a margin below it.
@@ -103,8 +113,56 @@ def _directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-def save_onnx(model: onnx.ModelProto, path: Path, size_bytes: int, external_data_threshold: int) -> None:
+# Tensors of 1 MB and more start at a multiple of 64 KiB in the data file (onnx's own alignment
+# rule), so runtimes can map them from the file.
+_ALIGN_THRESHOLD, _ALIGNMENT = 1024**2, 64 * 1024
+
+
+def _gather_external_data(model: onnx.ModelProto, source_dir: Path, data_path: Path) -> None:
+    """Move every external tensor of `model` (one file each, as the exporter writes a graph over
+    2 GB) into the one file `data_path`, streaming: no weight is held in memory."""
+    with open(data_path, "wb") as out:
+        for tensor in _external_tensors(model):
+            info = ExternalDataInfo(tensor)
+            source_path = source_dir / info.location
+            start = info.offset or 0
+            remaining = info.length if info.length is not None else source_path.stat().st_size - start
+            if remaining >= _ALIGN_THRESHOLD:
+                out.seek(-out.tell() % _ALIGNMENT, 1)
+            offset = out.tell()
+            with open(source_path, "rb") as source:
+                source.seek(start)
+                length = 0
+                while length < remaining:
+                    chunk = source.read(min(16 * 1024**2, remaining - length))
+                    if not chunk:
+                        raise ExportError(f"internal: {source_path} ends after {length} of {remaining} bytes")
+                    out.write(chunk)
+                    length += len(chunk)
+            _point_to(tensor, layout.ONNX_DATA_FILE, offset, length)
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Set where an external tensor's bytes are (onnx's set_external_data wants them in memory)."""
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _external_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+
+
+def save_onnx(model: onnx.ModelProto, traced_dir: Path, path: Path, size_bytes: int, external_data_threshold: int) -> None:
     """One file, or graph + one `model.onnx.data` file when the weights are over the threshold."""
+    if _external_tensors(model):  # the exporter wrote the weights beside the graph: gather them
+        _gather_external_data(model, traced_dir, path.parent / layout.ONNX_DATA_FILE)
+        onnx.save_model(model, str(path))
+        return
     if size_bytes > external_data_threshold:
         onnx.save_model(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -134,20 +192,24 @@ def export_network(
                 dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
             )
         size = _directory_size(traced_dir)
-        model = onnx.load(str(traced_dir / layout.ONNX_FILE))
+        # Without its external weights: a full-size graph's structure is a few MB, its weights GBs.
+        model = onnx.load(str(traced_dir / layout.ONNX_FILE), load_external_data=False)
         declare_output_dims(model, spec, dims)
         check_graph_io(model, spec, dims, compute_dtype)
-        save_onnx(model, final_dir / layout.ONNX_FILE, size, external_data_threshold)
+        with step(f"{spec.name}: writing {layout.ONNX_FILE}" + (" + " + layout.ONNX_DATA_FILE if size > external_data_threshold else "")):
+            save_onnx(model, traced_dir, final_dir / layout.ONNX_FILE, size, external_data_threshold)
         del model
+        shutil.rmtree(traced_dir)
         onnx.checker.check_model(str(final_dir / layout.ONNX_FILE))
         _publish(final_dir, out_dir)
-    external = " + external data" if (out_dir / layout.ONNX_DATA_FILE).exists() else ""
-    log(f"{spec.name}: {out_dir / layout.ONNX_FILE}{external}, {size / 1e6:.1f} MB")
+    external = f" + {layout.ONNX_DATA_FILE}" if (out_dir / layout.ONNX_DATA_FILE).exists() else ""
+    log(f"{spec.name}: {layout.ONNX_FILE}{external} checked, {size / 1e6:.1f} MB")
     return out_dir / layout.ONNX_FILE
 
 
 def _publish(staged: Path, out_dir: Path) -> None:
     """Move the checked files into place; drop a stale external-data file the new graph does not use."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     stale = out_dir / layout.ONNX_DATA_FILE
     if stale.exists() and not (staged / layout.ONNX_DATA_FILE).exists():
         stale.unlink()
@@ -163,10 +225,9 @@ def write_serving_files(pipe, repository: Path) -> None:
         getattr(pipe, which).save_pretrained(layout.tokenizer_dir(repository, which))
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     scheduler.save_config(layout.scheduler_config_path(repository).parent)
-    log(f"tokenizers and {layout.SCHEDULER_CONFIG_FILE} (LCMScheduler) written under {repository}")
 
 
-def export_info(loaded: LoadedPipeline, spec: NetworkSpec, dims: ModelDims, dtype: str) -> dict:
+def export_info(sources: Sources, spec: NetworkSpec, dims: ModelDims, dtype: str) -> dict:
     import diffusers
     import transformers
 
@@ -174,7 +235,7 @@ def export_info(loaded: LoadedPipeline, spec: NetworkSpec, dims: ModelDims, dtyp
         "network": spec.name,
         "dtype": dtype,
         "opset": OPSET,
-        **loaded.sources.describe(),
+        **sources.describe(),
         "dims": dims.as_dict(),
         "inputs": {t.name: [t.resolved_dtype(COMPUTE_DTYPES[dtype]), list(t.static_dims(dims))] for t in spec.inputs},
         "outputs": {t.name: [t.resolved_dtype(COMPUTE_DTYPES[dtype]), list(t.static_dims(dims))] for t in spec.outputs},
@@ -182,20 +243,74 @@ def export_info(loaded: LoadedPipeline, spec: NetworkSpec, dims: ModelDims, dtyp
     }
 
 
+# The pipeline components each graph is traced from. The UNet goes first: a LoRA that does not fit
+# shows there, before minutes of other work.
+STAGES = {
+    networks.UNET.name: ("unet",),
+    networks.TEXT_ENCODER.name: ("text_encoder", "text_encoder_2"),
+    networks.VAE_DECODER.name: ("vae",),
+}
+
+
+@contextmanager
+def _staging_area(repository: Path):
+    """A directory inside the repository (same filesystem: moving out of it is a rename)."""
+    staged = Path(tempfile.mkdtemp(dir=repository, prefix=".export-"))
+    try:
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _publish_repository(staged: Path, repository: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        _publish(layout.version_dir(staged, name), layout.version_dir(repository, name))
+    for which in layout.TOKENIZER_DIRS:
+        target = layout.tokenizer_dir(repository, which)
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        layout.tokenizer_dir(staged, which).replace(target)
+    target = layout.scheduler_config_path(repository)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    layout.scheduler_config_path(staged).replace(target)
+
+
 def export_pipeline(
-    loaded: LoadedPipeline, repository: Path, dtype: str, *, device: str = "cpu",
+    source: Sources | LoadedPipeline, repository: Path, dtype: str, *, device: str = "cpu",
     names: tuple[str, ...] = tuple(networks.NETWORKS), external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> dict[str, Path]:
-    """Export the named networks and the serving files into a model repository."""
+    """Export the named networks and the serving files into a model repository, and set the configs
+    of the models their tensors pass through to `dtype`.
+
+    `source`: what to load, one stage at a time (Sources), or a pipeline already in memory with
+    every component (LoadedPipeline: tests, which reuse one pipeline for many exports).
+    """
+    repository = Path(repository)
     check_writable(repository)
-    dims = ModelDims.from_pipeline(loaded.pipe)
-    paths = {}
-    for name in names:
-        spec = networks.NETWORKS[name]
-        out_dir = layout.version_dir(repository, name)
-        module = build_module(name, loaded.pipe)
-        paths[name] = export_network(module, spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold)
-        info = export_info(loaded, spec, dims, dtype)
-        (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    write_serving_files(loaded.pipe, repository)
-    return paths
+    sources = source.sources if isinstance(source, LoadedPipeline) else source
+    preloaded = source.pipe if isinstance(source, LoadedPipeline) else None
+    dims = ModelDims.from_pipeline(preloaded) if preloaded is not None else model_dims(sources)
+    ordered = [name for name in STAGES if name in names]
+    with _staging_area(repository) as staged:
+        for index, name in enumerate(ordered, 1):
+            spec = networks.NETWORKS[name]
+            log(f"stage {index}/{len(ordered) + 1}: {name} (from {', '.join(STAGES[name])})")
+            stage = source if preloaded is not None else load_pipeline(sources, dtype, device, components=STAGES[name])
+            module = build_module(name, stage.pipe)
+            out_dir = layout.version_dir(staged, name)
+            export_network(module, spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold)
+            (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(export_info(sources, spec, dims, dtype), indent=2) + "\n")
+            del module, stage
+            gc.collect()  # this stage's networks go before the next stage loads its own
+        log(f"stage {len(ordered) + 1}/{len(ordered) + 1}: serving files (tokenizers, scheduler config)")
+        serving = source if preloaded is not None else load_pipeline(sources, dtype, device, components=())
+        write_serving_files(serving.pipe, staged)
+        _publish_repository(staged, repository, tuple(ordered))
+    log(f"graphs, tokenizers and {layout.SCHEDULER_CONFIG_FILE} (LCMScheduler) written under {repository}")
+    try:
+        changed = configs.follow_exported_graphs(repository, layout.DEFAULT_REPOSITORY)
+    except configs.ConfigError as error:
+        raise ExportError(str(error)) from None
+    if changed:
+        log(f"configs set to the exported dtype ({dtype}): " + ", ".join(str(p.relative_to(repository)) for p in changed))
+    return {name: layout.onnx_path(repository, name) for name in ordered}

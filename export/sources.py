@@ -112,19 +112,49 @@ def load_vae(source: str):
         raise _load_error("--vae", source, error) from error
 
 
-def load_base(source: str, vae=None):
+# The pipeline's networks; each export stage loads only the ones its graph needs (export/onnx_export.py).
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+_LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def stored_dtype(source: str, components: tuple[str, ...]):
+    """The dtype the components' weights are stored in (local safetensors), or None when unknown.
+
+    Loading in that dtype lets the loader keep the tensors it read instead of converting them into
+    a second copy: for a 5 GB fp16 UNet read as fp32, 15 GB at once instead of 10.
+    """
+    import torch
+    from safetensors import safe_open
+
+    found = set()
+    for component in components:
+        files = sorted(Path(source).expanduser().glob(f"{component}/*.safetensors"))
+        if not files:
+            return None
+        with safe_open(files[0], "pt") as handle:
+            keys = list(handle.keys())
+            if keys:
+                found.add(handle.get_slice(keys[0]).get_dtype())
+    types = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    return types.get(found.pop()) if len(found) == 1 else None
+
+
+def load_base(source: str, vae=None, components: tuple[str, ...] = COMPONENTS, dtype=None, in_memory: bool = False):
+    """The pipeline with `components` loaded (in `dtype`, default fp32) and the others None;
+    tokenizers and scheduler always. `in_memory`: read the weight files instead of mapping them,
+    for weights about to be cast (a mapped file stays resident until every tensor is converted)."""
     import torch
     from diffusers import StableDiffusionXLPipeline
 
     path = Path(source).expanduser()
-    extra = {"vae": vae} if vae is not None else {}
+    skipped = {name: None for name in COMPONENTS if name not in components}
+    if "vae" in components and vae is not None:
+        skipped["vae"] = vae
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            str(path) if path.exists() else source, dtype=torch.float32, **extra
-        )
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(path) if path.exists() else source, dtype=dtype or torch.float32, disable_mmap=in_memory, **skipped)
     except Exception as error:  # hub clients raise many types; each becomes one clear message
         raise _load_error("--model", source, error) from error
-    missing = [name for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae") if getattr(pipe, name, None) is None]
+    missing = [name for name in ("tokenizer", "tokenizer_2", *components) if getattr(pipe, name, None) is None]
     if missing:
         raise ExportError(f"--model {source!r}: not an SDXL pipeline: it has no {', '.join(missing)}")
     return pipe
@@ -162,37 +192,64 @@ def _fit_error(lora: LoraSpec, error: Exception) -> ExportError:
     return ExportError(f"--lora {lora.source!r}: does not fit this model's UNet/text encoders: {detail}")
 
 
-def _load_lora(pipe, lora: LoraSpec, name: str) -> None:
+def _read_lora(pipe, lora: LoraSpec, unet_config) -> tuple[dict, dict | None, dict | None]:
+    """(state dict, network alphas, metadata) as `load_lora_weights` reads them, in diffusers' keys."""
     location, kwargs = _split_lora_source(lora.source)
     if _is_local(lora.source) and not Path(lora.source).expanduser().exists():
         raise ExportError(f"--lora {lora.source!r}: no such file or directory")
-    try:  # Reading first tells a source problem (missing, no hub) from a fit problem below.
-        pipe.lora_state_dict(location, **kwargs)
+    try:  # A source problem (missing, no hub) is told apart from a fit problem (below).
+        state, alphas, metadata = pipe.lora_state_dict(location, unet_config=unet_config, return_lora_metadata=True, **kwargs)
     except Exception as error:
         raise _load_error("--lora", lora.source, error) from error
+    if not state or not all("lora" in key for key in state):
+        raise ExportError(f"--lora {lora.source!r}: not a LoRA checkpoint (every weight name must contain 'lora')")
+    return state, alphas, metadata
+
+
+def _load_lora(pipe, lora: LoraSpec, name: str, unet_config) -> None:
+    """What `load_lora_weights` does, for the components this pipeline has loaded: an export stage
+    holds only the networks of one graph (the UNet's LoRA part, or the text encoders')."""
+    state, alphas, metadata = _read_lora(pipe, lora, unet_config)
+    targeted = [c for c in _LORA_TARGETS if any(key.startswith(f"{c}.") for key in state)]
+    present = [c for c in targeted if getattr(pipe, c, None) is not None]
     try:
         with _diffusers_errors_only(on=False):
-            pipe.load_lora_weights(location, adapter_name=name, **kwargs)
+            if "unet" in present:
+                pipe.load_lora_into_unet(state, network_alphas=alphas, unet=pipe.unet, adapter_name=name,
+                                         metadata=metadata, _pipeline=pipe)
+            for component in ("text_encoder", "text_encoder_2"):
+                if component in present:
+                    pipe.load_lora_into_text_encoder(
+                        state, network_alphas=alphas, text_encoder=getattr(pipe, component), prefix=component,
+                        lora_scale=pipe.lora_scale, adapter_name=name, metadata=metadata, _pipeline=pipe,
+                    )
     except Exception as error:
         raise _fit_error(lora, error) from error
-    if not any(name in adapters for adapters in _adapter_names(pipe).values()):
+    loaded = [c for c, names in _adapter_names(pipe).items() if name in names]
+    if not targeted or (present and not loaded):
         raise ExportError(f"--lora {lora.source!r}: {_NO_MATCH}")
 
 
-def apply_loras(pipe, loras: tuple[LoraSpec, ...]) -> dict[str, list[str]]:
-    """Load each LoRA as its own adapter, weight them with set_adapters, fuse, and unload PEFT layers."""
+def apply_loras(pipe, loras: tuple[LoraSpec, ...], unet_config) -> dict[str, list[str]]:
+    """Load each LoRA as its own adapter into the loaded components, weight them with set_adapters,
+    fuse them (in the pipeline's dtype: fp32), and unload the PEFT layers."""
     if not loras:
         return {}
     names = [f"lora_{index}" for index in range(len(loras))]
     for lora, name in zip(loras, names):
         with step(f"loading LoRA {lora}"):
-            _load_lora(pipe, lora, name)
+            _load_lora(pipe, lora, name, unet_config)
     adapters = _adapter_names(pipe)
-    with step("fusing LoRAs " + ", ".join(str(lora) for lora in loras)):
-        pipe.set_adapters(names, adapter_weights=[lora.weight for lora in loras])
-        pipe.fuse_lora(components=list(adapters), lora_scale=1.0, adapter_names=names)
+    present = [name for name in names if any(name in found for found in adapters.values())]
+    if not present:  # none of the LoRAs has weights for this stage's networks
+        return adapters
+    weights = [lora.weight for lora, name in zip(loras, names) if name in present]
+    with step("fusing LoRAs " + ", ".join(str(lora) for lora, name in zip(loras, names) if name in present)):
+        pipe.set_adapters(present, adapter_weights=weights)
+        pipe.fuse_lora(components=list(adapters), lora_scale=1.0, adapter_names=present)
         pipe.unload_lora_weights()
-    leftover = [n for c in ("unet", "text_encoder", "text_encoder_2") for n, m in getattr(pipe, c).named_modules() if _is_peft_layer(m)]
+    leftover = [n for c in _LORA_TARGETS if getattr(pipe, c, None) is not None
+                for n, m in getattr(pipe, c).named_modules() if _is_peft_layer(m)]
     if leftover:
         raise ExportError(f"internal: LoRA layers left after fusing: {leftover[:5]}")
     return adapters
@@ -206,25 +263,90 @@ def _is_peft_layer(module) -> bool:
     return isinstance(module, BaseTunerLayer)
 
 
-def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu") -> LoadedPipeline:
-    """The pipeline to export, LoRAs fused, on `device`, in `dtype`."""
+def _unet_config(source: str):
+    """The UNet's config alone (no weights): what reading a LoRA in another format needs."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(source).expanduser()
+    try:
+        return UNet2DConditionModel.load_config(str(path) if path.exists() else source, subfolder="unet")
+    except Exception as error:  # hub clients raise many types; each becomes one clear message
+        raise _load_error("--model", source, error) from error
+
+
+def model_dims(sources: Sources, pipe=None):
+    """The dims of the graphs (contract.networks.ModelDims) from the components' configs, without
+    their weights; `pipe`: a pipeline already loaded with its tokenizers."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from contract.networks import ModelDims
+
+    model = str(Path(sources.model).expanduser()) if Path(sources.model).expanduser().exists() else sources.model
+    try:
+        tokenizer = pipe.tokenizer if pipe is not None else load_base(sources.model, components=()).tokenizer
+        text_encoder = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder")
+        text_encoder_2 = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder_2")
+        unet = UNet2DConditionModel.load_config(model, subfolder="unet")
+    except ExportError:
+        raise
+    except Exception as error:  # hub clients raise many types; each becomes one clear message
+        raise _load_error("--model", sources.model, error) from error
+    if sources.vae is not None:
+        path = Path(sources.vae).expanduser()
+        subfolder = "vae" if (path / "model_index.json").exists() else None
+        try:
+            vae = AutoencoderKL.load_config(str(path) if path.exists() else sources.vae, subfolder=subfolder)
+        except Exception as error:
+            raise _load_error("--vae", sources.vae, error) from error
+    else:
+        vae = AutoencoderKL.load_config(model, subfolder="vae")
+    return ModelDims.from_configs(tokenizer.model_max_length, text_encoder, text_encoder_2, unet, vae)
+
+
+def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", components: tuple[str, ...] = COMPONENTS) -> LoadedPipeline:
+    """The pipeline to export, with `components` loaded (the others None), LoRAs fused, on `device`, in `dtype`.
+
+    Memory: the networks are read in the dtype they are stored in (no converted second copy), then
+    cast where they lie, parameter by parameter: to fp32 when there are LoRAs to fuse (one rounding
+    of weight + LoRA delta, as diffusers computes it in fp32), then to `dtype`. So a stage holds one
+    fp32 copy of its networks at most (the SDXL UNet: 10.3 GB), one fp16 copy for an fp16 export
+    without LoRAs.
+    """
     import torch
 
     check_device(device)
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; known: {', '.join(COMPONENTS)}")
     vae = None
-    if sources.vae is not None:
+    if sources.vae is not None and "vae" in components:
         with step(f"loading VAE {sources.vae}"):
             vae = load_vae(sources.vae)
-    with step(f"loading SDXL pipeline {sources.model}"):
-        pipe = load_base(sources.model, vae)
-    adapters = apply_loras(pipe, sources.loras)
+    what = ", ".join(components) if set(components) != set(COMPONENTS) else "all components"
+    model_components = tuple(c for c in components if not (c == "vae" and vae is not None))
+    read_dtype = stored_dtype(sources.model, model_components) if model_components else None
+    upcast = bool(sources.loras) or dtype == "fp32"
+    in_memory = upcast and read_dtype in (torch.float16, torch.bfloat16)
+    with step(f"loading SDXL pipeline {sources.model} ({what})"):
+        pipe = load_base(sources.model, vae, components, dtype=read_dtype, in_memory=in_memory)
+    torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    if sources.loras:  # fused in fp32
+        with _diffusers_errors_only():
+            for name in _LORA_TARGETS:
+                if getattr(pipe, name, None) is not None:
+                    getattr(pipe, name).to(torch.float32)
+    loras = sources.loras if any(name in _LORA_TARGETS for name in components) else ()
+    unet_config = pipe.unet.config if pipe.unet is not None else (_unet_config(sources.model) if loras else None)
+    adapters = apply_loras(pipe, loras, unet_config)
     with _diffusers_errors_only():  # its warnings on casting to fp16 on a CPU are for running, not exporting
-        pipe.to(device=device, dtype=getattr(torch, {'fp16': 'float16', 'fp32': 'float32'}[dtype]))
-    if dtype == "fp16" and getattr(pipe.vae.config, "force_upcast", False):
+        for name in components:
+            getattr(pipe, name).to(device=device, dtype=torch_dtype)
+    if dtype == "fp16" and pipe.vae is not None and getattr(pipe.vae.config, "force_upcast", False):
         # This VAE overflows in fp16 (the original SDXL VAE does); diffusers upcasts it, and so do we.
         pipe.vae.to(torch.float32)
         log("VAE config says force_upcast: the VAE decoder stays fp32 (use the fp16-fix VAE to avoid it)")
-    log(f"pipeline ready: {dtype} on {device}")
+    log(f"pipeline ready: {what}, {dtype} on {device}")
     return LoadedPipeline(pipe, sources, adapters)
 
 
