@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 TINY_DIR ?= build/tiny
-DTYPE ?= fp16
+DTYPE ?= fp32
 # Everything pytest is given; e.g. `make test PYTEST_ARGS="-k lora -x"`.
 PYTEST_ARGS ?=
 

@@ -1,4 +1,4 @@
-"""`python -m export tiny|onnx ...`: see README.md for the commands and where the files go."""
+"""`python -m export random|tiny|onnx|configs|engines ...`: see README.md for the commands and where the files go."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 from contract import layout
 from .progress import log
 from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
+
+ARCHITECTURES = ("tiny", "sdxl")
 
 
 def _lora(text: str) -> LoraSpec:
@@ -33,7 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tiny = commands.add_parser("tiny", help="write a tiny random-weight SDXL pipeline (+ lora/, alt_vae/) for tests and the CPU demo")
+    random_ = commands.add_parser(
+        "random", help="write a random-weight SDXL-family pipeline (+ lora/, alt_vae/) in diffusers layout",
+        description="--arch tiny: small widths, seconds, for tests and the CPU demo. --arch sdxl: SDXL base 1.0's exact "
+                    "architecture (2.57 B UNet parameters), fp16 safetensors, about 7.4 GB on disk, for measuring "
+                    "full-size export, engines and serving without the hub.",
+    )
+    random_.add_argument("out_dir", type=Path)
+    random_.add_argument("--arch", choices=ARCHITECTURES, default="tiny", help="tiny (default) or sdxl")
+    random_.add_argument("--seed", type=_seed, default=0, help="weights seed (default 0)")
+    tiny = commands.add_parser("tiny", help="same as: random OUT_DIR --arch tiny")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--seed", type=_seed, default=0, help="weights seed (default 0)")
 
@@ -53,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     onnx.add_argument("--out", type=Path, default=layout.DEFAULT_REPOSITORY,
                       help=f"model repository root (default {layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/)")
+    configs_ = commands.add_parser(
+        "configs", help="set the configs' tensor dtypes to the dtype the repository's graphs were exported in",
+        description="`onnx` does this itself; run it when graphs and configs disagree (graphs copied in, configs "
+                    "checked out again): text_encoder, unet, vae_decoder and scheduler, every variant.",
+    )
+    configs_.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY,
+                          help=f"model repository (default {layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/)")
     engines = commands.add_parser(
         "engines",
         help="build TensorRT engines (TensorRT-RTX with POLYGRAPHY_USE_TENSORRT_RTX=1) from the ONNX graphs",
@@ -72,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_engines(args) -> None:
-    from .engines import BuildSettings, build_engines, default_engine_repository, default_timing_cache
+    from .engines import BuildSettings, build_engines, default_engine_repository, default_timing_cache, require_builder
     from .sources import check_writable
 
+    require_builder()
     settings = BuildSettings.from_repository(
         layout.DEFAULT_REPOSITORY, max_images=args.max_images, min_size=args.min_size, opt_size=args.opt_size,
         max_size=args.max_size, refittable=args.refittable or None,
@@ -91,23 +110,44 @@ def run_engines(args) -> None:
         print(f"{name}: {layout.version_dir(out, name) / layout.ENGINE_FILE}" + ("" if parsed else " (up to date)"))
 
 
-def run_tiny(args) -> None:
+def run_random(args) -> None:
     from .sources import check_writable
-    from .tiny import write_tiny
 
     check_writable(args.out_dir, "OUT_DIR")
-    write_tiny(args.out_dir, seed=args.seed)
+    if getattr(args, "arch", "tiny") == "sdxl":
+        from .sdxl import write_sdxl
+
+        write_sdxl(args.out_dir, seed=args.seed)
+    else:
+        from .tiny import write_tiny
+
+        write_tiny(args.out_dir, seed=args.seed)
+
+
+def run_configs(args) -> None:
+    from contract.configs import ConfigError, follow_exported_graphs, repository_dtype
+
+    try:
+        dtype = repository_dtype(args.repository)
+        if dtype is None:
+            raise ExportError(f"--repository {str(args.repository)!r}: no exported graphs (*/1/{layout.EXPORT_INFO_FILE}); "
+                              "run `python -m export onnx` first")
+        changed = follow_exported_graphs(args.repository)
+    except ConfigError as error:
+        raise ExportError(str(error)) from None
+    for path in changed:
+        print(f"{path}: set to {dtype}")
+    print(f"{args.repository}: configs declare {dtype}, as the graphs" + ("" if changed else " (nothing to change)"))
 
 
 def run_onnx(args) -> None:
     from .onnx_export import export_pipeline
-    from .sources import check_device, check_writable, load_pipeline
+    from .sources import check_device, check_writable
 
     check_device(args.device)
     check_writable(args.out)
     sources = Sources.resolve(args.model, args.lora, args.vae)
-    loaded = load_pipeline(sources, dtype=args.dtype, device=args.device)
-    paths = export_pipeline(loaded, args.out, args.dtype, device=args.device)
+    paths = export_pipeline(sources, args.out, args.dtype, device=args.device)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
@@ -116,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        {"tiny": run_tiny, "onnx": run_onnx, "engines": run_engines}[args.command](args)
+        {"random": run_random, "tiny": run_random, "onnx": run_onnx, "configs": run_configs, "engines": run_engines}[args.command](args)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

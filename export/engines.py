@@ -47,6 +47,22 @@ def trt_module():
     return lazy_import_trt()
 
 
+def require_builder() -> str:
+    """The builder's name and version, or an EngineError saying what to install: polygraphy
+    imports TensorRT lazily and would otherwise fail mid-build with a traceback."""
+    import importlib.util
+
+    module = "tensorrt_rtx" if using_tensorrt_rtx() else "tensorrt"
+    if importlib.util.find_spec(module) is None:  # asked first: polygraphy's own import failure is a traceback
+        if using_tensorrt_rtx():
+            raise EngineError("TensorRT-RTX is not installed (no module tensorrt_rtx); install it with "
+                              "`pip install -r requirements/base.txt` (or `make install`)")
+        raise EngineError("TensorRT is not installed (no module tensorrt): on a GPU machine run `make install-gpu` "
+                          "(the TensorRT of the Triton release that serves the plans, TRT_VERSION); without a GPU, "
+                          "build TensorRT-RTX engines with `make engines-rtx`")
+    return ("TensorRT-RTX " if using_tensorrt_rtx() else "TensorRT ") + trt_module().__version__
+
+
 @dataclass(frozen=True)
 class BuildSettings:
     """What the engines must accept. Defaults: the production configs of the repository."""
@@ -233,6 +249,7 @@ def build_engines(
     names: tuple[str, ...] = tuple(networks.NETWORKS),
 ) -> dict[str, ParsedNetwork | None]:
     """Engines for the named networks, from `<onnx>/<name>/1/model.onnx` to `<out>/<name>/1/model.plan`."""
+    log(f"builder: {require_builder()}")
     results = {}
     for name in names:
         spec = networks.NETWORKS[name]

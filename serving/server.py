@@ -26,6 +26,7 @@ from pathlib import Path
 
 from contract import layout
 from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
+from contract.configs import dtype_problems
 from contract.networks import NETWORKS
 
 VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
@@ -84,6 +85,7 @@ class TritonServer:
     metrics_port: int = 8002
     log_file: Path | None = None  # None: inherit stdout/stderr
     extra_args: list[str] = field(default_factory=list)
+    check_configs: bool = True  # refuse to start on configs that disagree with the graphs (check_repository)
     process: subprocess.Popen | None = None
     _log: object = None
 
@@ -130,6 +132,8 @@ class TritonServer:
     def start(self, timeout_s: float = 300) -> "TritonServer":
         if self.variant not in VARIANTS:
             raise ServerError(f"variant {self.variant!r}: expected one of {', '.join(VARIANTS)}")
+        if self.check_configs:
+            check_repository(self.repository, self.variant)
         install = TritonInstall.bundled() if self.variant == "cpu" else TritonInstall.find()
         self._log = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
@@ -191,6 +195,14 @@ class TritonServer:
         self.stop()
 
 
+def check_repository(repository: Path, variant: str) -> None:
+    """Refuse to start on configs that disagree with the exported graphs' dtypes: Triton would load
+    them (the TensorRT backend with its own terser message) or fail per request."""
+    problems = dtype_problems(repository, variant)
+    if problems:
+        raise ServerError("\n".join(problems))
+
+
 def auto_variant(repository: Path) -> str:
     """production where a GPU is visible and every TensorRT plan is in place, cpu otherwise."""
     plans = all((layout.version_dir(repository, name) / layout.ENGINE_FILE).exists() for name in NETWORKS)
@@ -215,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=_port("METRICS_PORT", 8002))
     args = parser.parse_args(argv)
     variant = auto_variant(args.repository) if args.variant == "auto" else args.variant
-    install = TritonInstall.bundled() if variant == "cpu" else TritonInstall.find()
+    try:
+        check_repository(args.repository, variant)
+        install = TritonInstall.bundled() if variant == "cpu" else TritonInstall.find()
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     server = TritonServer(args.repository, variant, args.http_port, args.grpc_port, args.metrics_port)
     print(f"[serve] variant {variant}: {' '.join(server.command(install))}", file=sys.stderr, flush=True)
     print(f"[serve] ready when http://127.0.0.1:{args.http_port}/v2/health/ready answers 200", file=sys.stderr, flush=True)

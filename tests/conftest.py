@@ -56,26 +56,36 @@ def exported(loaded, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def serve(exported, tmp_path_factory):
+    """`serve(dtype)`: a real tritonserver (CPU variant) on free ports serving the tiny pipeline's
+    graphs of that dtype with this repository's configs (which the export set to that dtype) and
+    models; explicit model control, so a test can unload a model. One server per dtype, kept."""
+    from serving.server import TritonServer, free_port
+
+    servers = {}
+
+    def get(dtype: str) -> TritonServer:
+        if dtype not in servers:
+            log = tmp_path_factory.mktemp(f"triton_{dtype}") / "tritonserver.log"
+            server = TritonServer(exported(dtype), "cpu", free_port(), free_port(), free_port(), log_file=log,
+                                  extra_args=["--model-control-mode=explicit", "--load-model=*"])
+            servers[dtype] = server.start()
+        return servers[dtype]
+
+    yield get
+    for server in servers.values():
+        server.stop()
+        try:  # the whole process group (server and Python-backend stubs) is gone
+            os.killpg(server.process.pid, 0)
+            raise AssertionError(f"processes of tritonserver's group {server.process.pid} outlived stop()")
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")
-def triton(exported, tmp_path_factory):
-    """A real tritonserver (CPU variant) on free ports, serving the tiny pipeline's fp16 graphs with
-    this repository's configs and models; explicit model control, so a test can unload a model."""
-    from contract.layout import DEFAULT_REPOSITORY
-    from contract.configs import copy_repository_configs
-    from serving.server import TritonServer, free_port
+def triton(serve):
+    """The server of the CPU default dtype (contract.configs.CPU_DTYPE: the faster one on a CPU)."""
+    from contract.configs import CPU_DTYPE
 
-    repository = exported("fp16")
-    copy_repository_configs(DEFAULT_REPOSITORY, repository)
-    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log,
-                          extra_args=["--model-control-mode=explicit", "--load-model=*"])
-    server.start()
-    yield server
-    server.stop()
-    try:  # the whole process group (server and Python-backend stubs) is gone
-        os.killpg(server.process.pid, 0)
-        raise AssertionError(f"processes of tritonserver's group {server.process.pid} outlived stop()")
-    except ProcessLookupError:
-        pass
+    return serve(CPU_DTYPE)

@@ -29,6 +29,36 @@ def version_dir(args: dict) -> Path:
     return Path(args["model_repository"]) / args["model_version"]
 
 
+def repository_root(args: dict) -> Path:
+    return Path(args["model_repository"]).parent
+
+
+def config_file_name(args: dict) -> str:
+    """Which file Triton loaded this model's config from, for messages: configs/<variant>.pbtxt of a
+    Python-backend variant when one exists (--model-config-name), else config.pbtxt."""
+    directory = Path(args["model_repository"])
+    for path in sorted((directory / "configs").glob("*.pbtxt")):
+        if 'backend: "python"' in path.read_text():
+            return f"{directory.name}/configs/{path.name}"
+    return f"{directory.name}/config.pbtxt"
+
+
+def declared_types(config: dict) -> dict[str, str]:
+    """{tensor: Triton type name without TYPE_} of a model config's inputs and outputs."""
+    return {t["name"]: t["data_type"][len("TYPE_"):] for t in config.get("input", []) + config.get("output", [])}
+
+
+def check_graph_types(args: dict, model: str, graph: dict[str, str], graph_files: dict[str, str]) -> None:
+    """Fail the model's load, with one message naming the model, both types and the fix, when its
+    config declares other types than the graph it serves or passes tensors to (never per request)."""
+    from contract.configs import graph_mismatch
+
+    declared = {n: t for n, t in declared_types(model_config(args)).items() if n in graph}
+    problem = graph_mismatch(model, graph, declared, config_file_name(args), repository_root(args), graph_files)
+    if problem:
+        raise pb_utils.TritonModelException(problem)
+
+
 def input_arrays(request, names) -> dict[str, np.ndarray | None]:
     """CPU numpy arrays of the named inputs; None for an omitted optional input."""
     arrays = {}
