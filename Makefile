@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 TINY_DIR ?= build/tiny
+# The CPU variant's dtype: ONNX Runtime's CPU kernels are faster and leaner in fp32 (measured:
+# benchmarks/results/scale_cpu.md). Production (make production) exports fp16 for TensorRT.
 DTYPE ?= fp32
 # Everything pytest is given; e.g. `make test PYTEST_ARGS="-k lora -x"`.
 PYTEST_ARGS ?=
@@ -24,7 +26,7 @@ PERF_ANALYZER ?= $(if $(wildcard ../shared/tools/perf_analyzer),../shared/tools/
 PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 PERF_CONCURRENCY ?= 1 2 4 8 16
 
-.PHONY: help install install-gpu lock export-tiny demo serve test clean engines engines-rtx production perf bench
+.PHONY: help install install-gpu lock export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
@@ -37,6 +39,7 @@ help:
 	@echo "make production   GPU box: export SDXL + LCM-LoRA + fp16-fix VAE, build the plans, serve them"
 	@echo "make perf         perf_analyzer on ensemble_sdxl of a running server (PERF_ANALYZER, PERF_DATA, PERF_CONCURRENCY)"
 	@echo "make bench        the throughput benchmark: results in benchmarks/results/"
+	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: benchmarks/results/scale_cpu.md"
 	@echo "make install-gpu  add the GPU extras (see requirements/gpu.in; TRT_VERSION=$(TRT_VERSION))"
 	@echo "make lock         re-pin requirements/base.txt from requirements/base.in"
 
@@ -59,7 +62,7 @@ lock: install
 	  $(PY) -m pip freeze --exclude-editable --exclude nvidia-pytriton | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements/base.txt
 
 $(TINY_DIR)/model_index.json: | install
-	$(PY) -m export tiny $(TINY_DIR)
+	$(PY) -m export random $(TINY_DIR) --arch tiny
 
 export-tiny: $(TINY_DIR)/model_index.json
 	$(PY) -m export onnx --model $(TINY_DIR) --lora $(TINY_DIR)/lora --vae $(TINY_DIR)/alt_vae --dtype $(DTYPE) --out $(REPOSITORY)
@@ -83,20 +86,30 @@ production: install
 	$(PY) -m export engines --onnx $(REPOSITORY) --out $(REPOSITORY)
 	$(MAKE) serve VARIANT=production
 
-perf:
+perf: | perf-analyzer-check
 	for c in $(PERF_CONCURRENCY); do \
 	  $(PERF_ANALYZER) -m ensemble_sdxl -u localhost:$(GRPC_PORT) -i grpc --input-data $(PERF_DATA) \
 	    --concurrency-range $$c --measurement-interval 5000 --percentile 95 || exit 1; \
 	done
 
-bench: install
+bench: install | perf-analyzer-check
 	$(PY) -m pip install --quiet -r requirements/bench.in
 	$(PY) -m benchmarks.throughput
+
+# About 35 minutes and 35 GB of disk (build/scale/) on 2 cores.
+bench-scale: install
+	$(PY) -m benchmarks.scale
+
+perf-analyzer-check:
+	@command -v $(PERF_ANALYZER) >/dev/null || { echo "error: perf_analyzer not found ($(PERF_ANALYZER)): install it with \
+	\`pip install perf-analyzer\` (glibc 2.38 or newer) or use NVIDIA's Triton SDK container, or set PERF_ANALYZER=/path/to/perf_analyzer" >&2; exit 2; }
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Removes the export outputs and puts the configs back to the production dtype that git holds.
 clean:
 	rm -rf build $(REPOSITORY)/*/1/model.onnx $(REPOSITORY)/*/1/model.onnx.data $(REPOSITORY)/*/1/export.json \
 	  $(REPOSITORY)/*/1/model.plan $(REPOSITORY)/*/1/model.plan.json \
 	  $(REPOSITORY)/tokenizer/1/tokenizer $(REPOSITORY)/tokenizer/1/tokenizer_2 $(REPOSITORY)/scheduler/1/scheduler_config.json
+	if [ -x $(PY) ]; then $(PY) -m export configs --repository $(REPOSITORY) --dtype fp16; fi

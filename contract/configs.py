@@ -25,8 +25,6 @@ from . import layout
 from .limits import Limits
 from .networks import COMPUTE, DYNAMIC_DIMS, NETWORKS, SCHEDULER, ModelDims, TensorSpec, compute_tensors
 
-# Model dims the CPU configs leave as -1, so one config serves any exported SDXL-family model.
-MODEL_WIDTH_DIMS = ("text_dim", "pooled_dim")
 
 
 def config_path(repository: Path, model: str, variant: str = "production") -> Path:
@@ -56,20 +54,19 @@ def data_type(tensor: TensorSpec, compute_dtype: str = "FP16") -> str:
     return "TYPE_" + dtype
 
 
-def expected_dims(tensor: TensorSpec, batched: bool, model: ModelDims | None) -> tuple[list[int], list[int] | None]:
-    """(dims, reshape) a config must declare for a spec tensor.
+def expected_dims(tensor: TensorSpec, batched: bool, model: ModelDims) -> tuple[list[int], list[int] | None]:
+    """(dims, reshape) a config must declare for a spec tensor of a model with dims `model`.
 
-    batched: the model has max_batch_size > 0, so the leading `batch` dim is implicit. model: the
-    model's dims, or None for the CPU configs' wildcards (MODEL_WIDTH_DIMS as -1).
+    batched: the model has max_batch_size > 0, so the leading `batch` dim is implicit.
     A tensor that is only [batch] is declared as dims [1] with reshape [] (Triton needs one dim).
     """
     dims = list(tensor.dims[1:] if batched and tensor.dims[:1] == ("batch",) else tensor.dims)
     resolved = []
     for d in dims:
-        if d in DYNAMIC_DIMS or (model is None and d in MODEL_WIDTH_DIMS):
+        if d in DYNAMIC_DIMS:
             resolved.append(-1)
         else:
-            resolved.append(d if isinstance(d, int) else getattr(model or ModelDims(), d))
+            resolved.append(d if isinstance(d, int) else getattr(model, d))
     if not resolved:
         return [1], []
     return resolved, None
@@ -96,16 +93,39 @@ def _copy_configs(source: Path, target: Path) -> None:
     shutil.copytree(source, target, dirs_exist_ok=True, ignore=export_outputs)
 
 
-# --- The export dtype in the configs -------------------------------------------------------------
+def interface_mismatches(config: model_config_pb2.ModelConfig, interface: dict[str, tuple[str, list[int]]]) -> list[str]:
+    """Where a config disagrees with a graph's interface ({tensor: (Triton type, dims, -1 dynamic)}):
+    a missing tensor, another type, or a fixed dim the graph fixes otherwise. A -1 on either side
+    accepts anything; a batched config's dims follow the graph's leading batch dim."""
+    problems = []
+    batched = config.max_batch_size > 0
+    for entry in list(config.input) + list(config.output):
+        if entry.name not in interface:
+            problems.append(f"{entry.name}: not in the graph")
+            continue
+        graph_type, graph_dims = interface[entry.name]
+        declared_type = model_config_pb2.DataType.Name(entry.data_type)[len("TYPE_"):]
+        if declared_type != graph_type:
+            problems.append(f"{entry.name}: config {declared_type}, graph {graph_type}")
+        dims = list(graph_dims[1:] if batched else graph_dims)
+        declared = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
+        if len(declared) != len(dims) or any(d != -1 and g != -1 and d != g for d, g in zip(declared, dims)):
+            problems.append(f"{entry.name}: config dims {declared}, graph {list(graph_dims)}")
+    return problems
+
+
+# --- The export in the configs -------------------------------------------------------------------
 
 EXPORT_DTYPES = {"fp16": "FP16", "fp32": "FP32"}  # --dtype -> Triton type name
-PRODUCTION_DTYPE = "fp16"  # TensorRT on a GPU; the configs in git declare it
+PRODUCTION_DTYPE = "fp16"  # TensorRT on a GPU; the configs in git declare it, with SDXL's widths
 # The CPU variant's default (make demo, make test, the CPU benchmarks): ONNX Runtime's CPU kernels
-# are faster in fp32, measured in benchmarks/results/dtype_cpu.md. The Makefile's DTYPE repeats it
-# (a test checks that they agree).
+# are faster and leaner in fp32, measured in benchmarks/results/scale_cpu.md. The Makefile's DTYPE
+# repeats it (a test checks that they agree).
 CPU_DTYPE = "fp32"
-DTYPE_MODELS = (*NETWORKS, SCHEDULER)  # the models whose configs carry the export dtype
+EXPORTED_MODELS = (*NETWORKS, SCHEDULER)  # the models whose configs carry what the export decided
 FIX_COMMAND = "python -m export configs --repository {repository}"
+
+Interface = dict[str, tuple[str, list[int]]]  # tensor -> (Triton type without TYPE_, dims as the graph has them, -1: any)
 
 
 class ConfigError(ValueError):
@@ -118,44 +138,147 @@ def config_files(repository: Path, model: str) -> list[Path]:
     return [p for p in [directory / "config.pbtxt", *sorted((directory / "configs").glob("*.pbtxt"))] if p.exists()]
 
 
-def declared_types(config: model_config_pb2.ModelConfig, names) -> dict[str, str]:
-    """{tensor: Triton type name without TYPE_} of the named inputs and outputs a config declares."""
-    entries = {t.name: t for t in list(config.input) + list(config.output)}
-    return {name: model_config_pb2.DataType.Name(entries[name].data_type)[len("TYPE_"):] for name in names if name in entries}
+def model_tensors(model: str) -> dict[str, TensorSpec]:
+    """The spec tensors a model's config declares: a network's own, or those the scheduler passes on."""
+    from .networks import SCHEDULER_GRAPH_TENSORS
+
+    if model == SCHEDULER:
+        return dict(SCHEDULER_GRAPH_TENSORS)
+    return {t.name: t for t in NETWORKS[model].inputs + NETWORKS[model].outputs}
 
 
-def exported_dtype(repository: Path, network: str) -> str | None:
-    """The --dtype (fp16, fp32) a network's graph was exported with, from its export.json; None: no graph."""
+def _type_name(data_type: int) -> str:
+    return model_config_pb2.DataType.Name(data_type)[len("TYPE_"):]
+
+
+def declared_interface(config: model_config_pb2.ModelConfig) -> Interface:
+    """What a config declares, shaped as the graph sees it: the batch dim first when the model
+    batches (max_batch_size > 0), `reshape` applied."""
+    batch = [-1] if config.max_batch_size > 0 else []
+    return {
+        entry.name: (_type_name(entry.data_type), batch + list(entry.reshape.shape if entry.HasField("reshape") else entry.dims))
+        for entry in list(config.input) + list(config.output)
+    }
+
+
+def declared_interface_json(config: dict) -> Interface:
+    """declared_interface for the JSON config Triton hands a Python model."""
+    batch = [-1] if config.get("max_batch_size", 0) > 0 else []
+    return {
+        entry["name"]: (entry["data_type"][len("TYPE_"):],
+                        batch + [int(d) for d in (entry["reshape"]["shape"] if "reshape" in entry else entry["dims"])])
+        for entry in config.get("input", []) + config.get("output", [])
+    }
+
+
+def _dims_differ(declared: list[int], graph: list[int]) -> bool:
+    return len(declared) != len(graph) or any(d != -1 and g != -1 and d != g for d, g in zip(declared, graph))
+
+
+def interface_mismatches(config: model_config_pb2.ModelConfig, interface: Interface) -> list[str]:
+    """Where a config disagrees with a graph's interface: a missing tensor, another type, or a dim
+    both fix differently (-1 on either side accepts anything)."""
+    problems = []
+    for name, (declared_type, declared_dims) in declared_interface(config).items():
+        if name not in interface:
+            problems.append(f"{name}: not in the graph")
+            continue
+        graph_type, graph_dims = interface[name]
+        if declared_type != graph_type:
+            problems.append(f"{name}: config {declared_type}, graph {graph_type}")
+        if _dims_differ(declared_dims, graph_dims):
+            problems.append(f"{name}: config dims {declared_dims}, graph {graph_dims}")
+    return problems
+
+
+def _mismatch_message(model: str, tensor: str, graph: tuple[str, list[int]], declared: tuple[str, list[int]],
+                      graph_file: str, config_file: str, repository) -> str:
+    fix = f"make the configs follow the graphs with `{FIX_COMMAND.format(repository=repository)}`"
+    if graph[0] != declared[0] and graph[0] in EXPORT_DTYPES.values() and tensor in compute_tensors(model):
+        return (f"{model}: the graphs were exported in {graph[0].lower()} ({tensor} is {graph[0]} in {graph_file}), but "
+                f"{config_file} declares TYPE_{declared[0]} for {tensor}; {fix} (or export again with --dtype {declared[0].lower()})")
+    if graph[0] != declared[0]:
+        return f"{model}: {tensor} is {graph[0]} in {graph_file}, but {config_file} declares TYPE_{declared[0]}; {fix}"
+    return (f"{model}: {tensor} has dims {graph[1]} in {graph_file} (-1: dynamic), but {config_file} declares "
+            f"{declared[1]} (batch first); {fix}")
+
+
+def graph_mismatch(model: str, graph: dict[str, tuple[str, list[int], str]], declared: Interface, config_file: str,
+                   repository) -> str | None:
+    """The first tensor whose type or fixed dims in the graph (`graph`: name -> (type, dims, graph
+    file)) differ from the config's, as one message naming the model, both sides and the fix."""
+    for name, (graph_type, graph_dims, graph_file) in graph.items():
+        if name not in declared:
+            continue
+        declared_type, declared_dims = declared[name]
+        if graph_type != declared_type or _dims_differ(declared_dims, graph_dims):
+            return _mismatch_message(model, name, (graph_type, graph_dims), declared[name], graph_file, config_file, repository)
+    return None
+
+
+def _export_info(repository: Path, network: str) -> dict | None:
     info = layout.version_dir(repository, network) / layout.EXPORT_INFO_FILE
-    return json.loads(info.read_text())["dtype"] if info.exists() else None
+    return json.loads(info.read_text()) if info.exists() else None
+
+
+def exported_interface(repository: Path, model: str) -> dict[str, tuple[str, list[int], str]]:
+    """{tensor: (Triton type, dims, graph file)} of a model's graph tensors as the export recorded
+    them (export.json); for the scheduler, the graph tensors it passes on. Empty: nothing exported."""
+    def recorded(network: str, kind: str) -> dict[str, tuple[str, list[int], str]]:
+        info = _export_info(repository, network)
+        graph_file = f"{network}/{layout.VERSION}/{layout.ONNX_FILE}"
+        return {name: (dtype, list(dims), graph_file) for name, (dtype, dims) in info[kind].items()} if info else {}
+
+    if model != SCHEDULER:
+        return {**recorded(model, "inputs"), **recorded(model, "outputs")}
+    from .networks import TEXT_ENCODER, VAE_DECODER
+
+    passed = {**recorded(TEXT_ENCODER.name, "outputs"), **recorded(VAE_DECODER.name, "inputs")}
+    return {name: passed[name] for name in model_tensors(SCHEDULER) if name in passed}
+
+
+def repository_export(repository: Path) -> tuple[str, ModelDims] | None:
+    """(dtype, model dims) the repository's graphs were exported with; None: no graph. Graphs of
+    different dtypes or models cannot be served together (the scheduler sits between them)."""
+    found = {name: info for name in NETWORKS if (info := _export_info(repository, name))}
+    if not found:
+        return None
+    dtypes = {info["dtype"] for info in found.values()}
+    dims = {json.dumps(info["dims"], sort_keys=True) for info in found.values()}
+    if len(dtypes) > 1 or len(dims) > 1:
+        listing = ", ".join(f"{name} {info['dtype']} {info['dims']}" for name, info in found.items())
+        raise ConfigError(f"{repository}: graphs of different exports ({listing}); export them together")
+    info = next(iter(found.values()))
+    return info["dtype"], ModelDims(**info["dims"])
 
 
 def repository_dtype(repository: Path) -> str | None:
-    """The export dtype of the repository's graphs (None: none exported); graphs of different
-    dtypes cannot be served together (the scheduler sits between them)."""
-    found = {name: exported_dtype(repository, name) for name in NETWORKS}
-    dtypes = set(filter(None, found.values()))
-    if len(dtypes) > 1:
-        listing = ", ".join(f"{name} {dtype}" for name, dtype in found.items() if dtype)
-        raise ConfigError(f"{repository}: graphs of different dtypes ({listing}); export them all with one --dtype")
-    return dtypes.pop() if dtypes else None
+    exported = repository_export(repository)
+    return exported[0] if exported else None
 
 
-def set_compute_dtype(path: Path, model: str, dtype: str) -> bool:
-    """Set the export-dtype tensors of one config file to `dtype` (fp16/fp32), keeping the rest of
-    the file (comments included) as it is. True when the file changed."""
-    wanted = EXPORT_DTYPES[dtype]
+def set_exported_interface(path: Path, model: str, dtype: str, dims: ModelDims) -> bool:
+    """Set, in one config file, the types of the export-dtype tensors to `dtype` and every spec
+    tensor's dims to the exported model's, keeping the rest of the file (comments included).
+    True when the file changed."""
     text = path.read_text()
+    batched = text_format.Parse(text, model_config_pb2.ModelConfig()).max_batch_size > 0
     updated = text
-    for name in compute_tensors(model):
-        pattern = re.compile(rf'(name:\s*"{re.escape(name)}"\s+data_type:\s*)TYPE_(?:FP16|FP32)\b')
-        updated = pattern.sub(rf"\g<1>TYPE_{wanted}", updated)
+    for name, tensor in model_tensors(model).items():
+        want_dims, _ = expected_dims(tensor, batched, dims)
+        entry = re.compile(rf'(name:\s*"{re.escape(name)}"\s+data_type:\s*)TYPE_(\w+)(\s+dims:\s*)\[[^\]]*\]')
+        want_type = EXPORT_DTYPES[dtype] if tensor.dtype == COMPUTE else None
+        updated = entry.sub(lambda m: f"{m.group(1)}TYPE_{want_type or m.group(2)}{m.group(3)}[ {', '.join(map(str, want_dims))} ]",
+                            updated)
     config = text_format.Parse(updated, model_config_pb2.ModelConfig())
-    declared = declared_types(config, compute_tensors(model))
-    wrong = {name: value for name, value in declared.items() if value != wanted}
-    if wrong or len(declared) != len(compute_tensors(model)):
-        raise ConfigError(f"{path}: could not set {', '.join(compute_tensors(model))} to TYPE_{wanted} (found {declared}); "
-                          f'write each as {{ name: "..." data_type: TYPE_... }} on one line')
+    declared = declared_interface(config)
+    for name, tensor in model_tensors(model).items():
+        want_type = tensor.resolved_dtype(EXPORT_DTYPES[dtype])
+        want, reshape = expected_dims(tensor, batched, dims)
+        want = ([-1] if batched else []) + (reshape if reshape is not None else want)
+        if name in declared and declared[name] != (want_type, want):
+            raise ConfigError(f"{path}: could not set {name} to TYPE_{want_type} {want} (found {declared[name]}); "
+                              f'write each tensor as {{ name: "..." data_type: TYPE_... dims: [ ... ] }} on one line')
     if updated == text:
         return False
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
@@ -164,76 +287,40 @@ def set_compute_dtype(path: Path, model: str, dtype: str) -> bool:
     return True
 
 
-def follow_exported_graphs(repository: Path, template: Path | None = None) -> list[Path]:
-    """Make the configs of `repository` declare the dtype its graphs were exported in.
+def follow_exported_graphs(repository: Path, template: Path | None = None, dtype: str | None = None) -> list[Path]:
+    """Make the configs of `repository` declare what its graphs were exported with: the dtype and
+    the model's widths. `dtype` must agree with the graphs when there are any; without graphs it
+    sets that dtype and SDXL's widths (what git holds, for dtype fp16). Returns the files changed.
 
     A repository without configs (an export into a new directory) first gets a copy of
-    `template`'s configs and model.py files, so that it can be served as it is. Returns the
-    config files that changed.
+    `template`'s configs and model.py files, so that it can be served as it is.
     """
     repository = Path(repository)
     if template is not None and Path(template).resolve() != repository.resolve() and not config_files(repository, SCHEDULER):
         _copy_configs(template, repository)
-    dtype = repository_dtype(repository)
-    if dtype is None:
+    exported = repository_export(repository)
+    if dtype is not None and exported is not None and dtype != exported[0]:
+        raise ConfigError(f"{repository}: its graphs were exported in {exported[0]}; configs in {dtype} would not match "
+                          f"them: export again with --dtype {dtype}, or remove the graphs first (make clean)")
+    if exported is None and dtype is None:
         return []
-    return [path for model in DTYPE_MODELS for path in config_files(repository, model) if set_compute_dtype(path, model, dtype)]
+    dtype, dims = exported if exported is not None else (dtype, ModelDims())
+    return [path for model in EXPORTED_MODELS for path in config_files(repository, model)
+            if set_exported_interface(path, model, dtype, dims)]
 
 
-def dtype_mismatch(model: str, graph_file: str, graph_dtype: str, tensor: str, config_file: str, declared: str, repository) -> str:
-    """The one message for a graph and a config that disagree on the dtype."""
-    exported = graph_dtype.lower()  # FP32 -> fp32, the --dtype it was exported with
-    return (f"{model}: the graphs were exported in {exported} ({tensor} is {graph_dtype} in {graph_file}), but "
-            f"{config_file} declares TYPE_{declared} for {tensor}; make the configs follow the graphs with "
-            f"`{FIX_COMMAND.format(repository=repository)}` (or export again with --dtype {declared.lower()})")
-
-
-def graph_mismatch(model: str, graph: dict[str, str], declared: dict[str, str], config_file: str, repository,
-                   graph_files: dict[str, str]) -> str | None:
-    """The first tensor whose type in the graph (`graph`: name -> Triton type name) differs from
-    the config's (`declared`), as one message naming the model, both types and the fix; None: agree.
-    `graph_files`: where each tensor's graph is, for the message."""
-    for name, value in declared.items():
-        actual = graph.get(name)
-        if actual is None or actual == value:
-            continue
-        if name in compute_tensors(model) and actual in EXPORT_DTYPES.values():
-            return dtype_mismatch(model, graph_files[name], actual, name, config_file, value, repository)
-        return f"{model}: {graph_files[name]} has {name} as {actual}, but {config_file} declares TYPE_{value}"
-    return None
-
-
-def exported_tensor_types(repository: Path, model: str) -> dict[str, tuple[str, str]]:
-    """{tensor: (Triton type, graph file)} of a model's graph tensors as the export recorded them
-    (export.json); for the scheduler, the graph tensors it passes on. Empty: nothing exported."""
-    def recorded(network: str, kind: str) -> dict[str, tuple[str, str]]:
-        info = layout.version_dir(repository, network) / layout.EXPORT_INFO_FILE
-        if not info.exists():
-            return {}
-        graph_file = f"{network}/{layout.VERSION}/{layout.ONNX_FILE}"
-        return {name: (dtype, graph_file) for name, (dtype, _) in json.loads(info.read_text())[kind].items()}
-
-    if model != SCHEDULER:
-        return {**recorded(model, "inputs"), **recorded(model, "outputs")}
-    from .networks import SCHEDULER_GRAPH_TENSORS, TEXT_ENCODER, VAE_DECODER
-
-    passed = {**recorded(TEXT_ENCODER.name, "outputs"), **recorded(VAE_DECODER.name, "inputs")}
-    return {name: passed[name] for name in SCHEDULER_GRAPH_TENSORS if name in passed}
-
-
-def dtype_problems(repository: Path, variant: str = "production") -> list[str]:
-    """What would make a model fail to load: a config whose tensors disagree with the types its
-    graph (or the graphs around it, for the scheduler) was exported with. One message per model."""
+def config_problems(repository: Path, variant: str = "production") -> list[str]:
+    """What would make a model fail to load: a config whose tensors disagree with the types and
+    dims its graph (or the graphs around it, for the scheduler) was exported with. One per model."""
     repository = Path(repository)
     problems = []
-    for model in DTYPE_MODELS:
+    for model in EXPORTED_MODELS:
         path = config_path(repository, model, variant)
-        graph = exported_tensor_types(repository, model)
+        graph = exported_interface(repository, model)
         if not graph or not path.exists():
             continue
-        declared = declared_types(read_config(repository, model, variant), graph)
-        problem = graph_mismatch(model, {n: t for n, (t, _) in graph.items()}, declared, str(path.relative_to(repository)),
-                                 repository, {n: f for n, (_, f) in graph.items()})
+        declared = declared_interface(read_config(repository, model, variant))
+        problem = graph_mismatch(model, graph, declared, str(path.relative_to(repository)), repository)
         if problem:
             problems.append(problem)
     return problems

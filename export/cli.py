@@ -65,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--out", type=Path, default=layout.DEFAULT_REPOSITORY,
                       help=f"model repository root (default {layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/)")
     configs_ = commands.add_parser(
-        "configs", help="set the configs' tensor dtypes to the dtype the repository's graphs were exported in",
+        "configs", help="set the configs' tensor dtypes and widths to what the repository's graphs were exported with",
         description="`onnx` does this itself; run it when graphs and configs disagree (graphs copied in, configs "
                     "checked out again): text_encoder, unet, vae_decoder and scheduler, every variant.",
     )
     configs_.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY,
                           help=f"model repository (default {layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/)")
+    configs_.add_argument("--dtype", choices=DTYPES, help="set this dtype (default: the graphs'); with no graphs, "
+                          "e.g. to restore the fp16 configs that git holds")
     engines = commands.add_parser(
         "engines",
         help="build TensorRT engines (TensorRT-RTX with POLYGRAPHY_USE_TENSORRT_RTX=1) from the ONNX graphs",
@@ -128,16 +130,18 @@ def run_configs(args) -> None:
     from contract.configs import ConfigError, follow_exported_graphs, repository_dtype
 
     try:
-        dtype = repository_dtype(args.repository)
+        dtype = args.dtype or repository_dtype(args.repository)
         if dtype is None:
             raise ExportError(f"--repository {str(args.repository)!r}: no exported graphs (*/1/{layout.EXPORT_INFO_FILE}); "
-                              "run `python -m export onnx` first")
-        changed = follow_exported_graphs(args.repository)
+                              "run `python -m export onnx` first, or give --dtype")
+        changed = follow_exported_graphs(args.repository, dtype=args.dtype)
     except ConfigError as error:
         raise ExportError(str(error)) from None
+    exported = repository_dtype(args.repository) is not None
     for path in changed:
-        print(f"{path}: set to {dtype}")
-    print(f"{args.repository}: configs declare {dtype}, as the graphs" + ("" if changed else " (nothing to change)"))
+        print(f"{path}: updated")
+    widths = "the exported graphs' widths" if exported else "SDXL's widths (no exported graphs)"
+    print(f"{args.repository}: configs declare {dtype} and {widths}" + ("" if changed else " (nothing to change)"))
 
 
 def run_onnx(args) -> None:

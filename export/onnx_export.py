@@ -96,6 +96,18 @@ def check_graph_io(model: onnx.ModelProto, spec: NetworkSpec, dims: ModelDims, c
         raise ExportError(f"{spec.name}: exported graph does not match its spec: " + "; ".join(problems))
 
 
+def graph_interface(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor: (Triton type, dims with -1 for dynamic)} of a graph's inputs and outputs, read
+    without its weights (a full-size graph's structure is a few MB)."""
+    model = onnx.load(str(path), load_external_data=False)
+    types = {code: name for name, code in _ONNX_TYPES.items()}
+    return {
+        value.name: (types[value.type.tensor_type.elem_type],
+                     [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim])
+        for value in list(model.graph.input) + list(model.graph.output)
+    }
+
+
 def declare_output_dims(model: onnx.ModelProto, spec: NetworkSpec, dims: ModelDims) -> None:
     """Name the outputs' dims as the spec does; the tracer leaves some as anonymous symbols."""
     for value, tensor in zip(model.graph.output, spec.outputs):

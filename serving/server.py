@@ -26,7 +26,7 @@ from pathlib import Path
 
 from contract import layout
 from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
-from contract.configs import dtype_problems
+from contract.configs import config_problems
 from contract.networks import NETWORKS
 
 VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
@@ -43,12 +43,19 @@ class TritonInstall:
     libraries: Path | None
 
     @classmethod
-    def find(cls) -> "TritonInstall":
-        """$TRITONSERVER, else a `tritonserver` on PATH (NVIDIA's container), else the bundled one."""
+    def for_variant(cls, variant: str) -> "TritonInstall":
+        """cpu: the bundled server. production: $TRITONSERVER, else a `tritonserver` on PATH (NVIDIA's
+        container); the bundled one cannot serve it (no TensorRT backend)."""
+        if variant == "cpu":
+            return cls.bundled()
         explicit = os.environ.get("TRITONSERVER") or shutil.which("tritonserver")
-        if explicit:
-            return cls(Path(explicit), None, None)
-        return cls.bundled()
+        if not explicit:
+            raise ServerError(
+                "the production variant needs NVIDIA's tritonserver with the TensorRT backend (the bundled 2.51 server has "
+                "the Python backend only): run in the container nvcr.io/nvidia/tritonserver:<release>-py3 (README, "
+                "\"Production on a GPU\") or set TRITONSERVER=/path/to/tritonserver; without a GPU, use --variant cpu"
+            )
+        return cls(Path(explicit), None, None)
 
     @classmethod
     def bundled(cls) -> "TritonInstall":
@@ -132,9 +139,9 @@ class TritonServer:
     def start(self, timeout_s: float = 300) -> "TritonServer":
         if self.variant not in VARIANTS:
             raise ServerError(f"variant {self.variant!r}: expected one of {', '.join(VARIANTS)}")
+        install = TritonInstall.for_variant(self.variant)
         if self.check_configs:
             check_repository(self.repository, self.variant)
-        install = TritonInstall.bundled() if self.variant == "cpu" else TritonInstall.find()
         self._log = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
             self.command(install), env=self.environment(install), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
@@ -196,9 +203,17 @@ class TritonServer:
 
 
 def check_repository(repository: Path, variant: str) -> None:
-    """Refuse to start on configs that disagree with the exported graphs' dtypes: Triton would load
-    them (the TensorRT backend with its own terser message) or fail per request."""
-    problems = dtype_problems(repository, variant)
+    """Refuse to start on what would fail to load, with the command that fixes it: missing TensorRT
+    plans (production), configs that disagree with the exported graphs' dtypes or widths (Triton's
+    TensorRT backend has its own terser message)."""
+    problems = []
+    if variant == "production":
+        missing = [name for name in NETWORKS if not (layout.version_dir(repository, name) / layout.ENGINE_FILE).exists()]
+        if missing:
+            problems.append(f"no TensorRT plans ({', '.join(f'{n}/{layout.VERSION}/{layout.ENGINE_FILE}' for n in missing)}) "
+                            f"in {repository}: build them with `make engines` (a GPU and TensorRT: `make install-gpu`), "
+                            "or serve the ONNX graphs with --variant cpu")
+    problems += config_problems(repository, variant)
     if problems:
         raise ServerError("\n".join(problems))
 
@@ -228,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variant = auto_variant(args.repository) if args.variant == "auto" else args.variant
     try:
+        install = TritonInstall.for_variant(variant)
         check_repository(args.repository, variant)
-        install = TritonInstall.bundled() if variant == "cpu" else TritonInstall.find()
     except ServerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""The configs follow the exported dtype; a graph and a config that disagree fail the load, never a request."""
+"""The configs follow the export (dtype and widths); a graph and a config that disagree fail the
+load, never a request."""
 
 from __future__ import annotations
 
@@ -9,20 +10,28 @@ import pytest
 import tritonclient.http as http
 
 from contract import configs
-from contract.configs import CPU_DTYPE, DTYPE_MODELS, config_files, declared_types, dtype_problems, read_config
+from contract.configs import (CPU_DTYPE, EXPORTED_MODELS, config_files, config_problems, declared_interface,
+                              read_config)
 from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
 from contract.networks import compute_tensors
+
+DTYPE_MODELS = EXPORTED_MODELS
 from export.cli import main
 from serving.server import ServerError, TritonServer, free_port
 
 
+def variants(repository, model):
+    for path in config_files(repository, model):
+        yield read_config(repository, model, "production" if path.name == "config.pbtxt" else path.stem)
+
+
 def declared_compute(repository, model) -> set[str]:
     """The types each config variant of `model` declares for its export-dtype tensors."""
-    found = set()
-    for path in config_files(repository, model):
-        variant = "production" if path.name == "config.pbtxt" else path.stem
-        found |= set(declared_types(read_config(repository, model, variant), compute_tensors(model)).values())
-    return found
+    return {declared_interface(config)[name][0] for config in variants(repository, model) for name in compute_tensors(model)}
+
+
+def declared_dims(repository, model, tensor) -> set[tuple[int, ...]]:
+    return {tuple(declared_interface(config)[tensor][1]) for config in variants(repository, model)}
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -31,18 +40,31 @@ def test_export_sets_every_config_to_its_dtype(exported, dtype):
     for model in DTYPE_MODELS:
         assert len(config_files(repository, model)) == 2, model  # production and cpu variants
         assert declared_compute(repository, model) == {dtype.upper()}, model
-    assert dtype_problems(repository, "cpu") == dtype_problems(repository, "production") == []
+    assert config_problems(repository, "cpu") == config_problems(repository, "production") == []
 
 
-def test_only_the_dtype_changes(exported):
+def test_export_sets_the_exported_widths(exported):
+    """The tiny pipeline's embeddings are 80 and 40 wide (SDXL's: 2048 and 1280): both variants say so."""
+    repository = exported("fp16")
+    assert declared_dims(repository, "text_encoder", "prompt_embeds") == {(-1, 77, 80)}
+    assert declared_dims(repository, "unet", "text_embeds") == {(-1, 40)}
+    assert declared_dims(repository, "scheduler", "pooled_prompt_embeds") == {(-1, 40)}
+    assert declared_dims(DEFAULT_REPOSITORY, "scheduler", "prompt_embeds") == {(-1, 77, 2048)}
+
+
+def test_only_the_dtype_and_widths_change(exported):
     """Everything else in the configs, comments included, is the repository's own."""
     repository = exported("fp32")
+
+    def normalized(text: str) -> str:
+        return text.replace("TYPE_FP32", "TYPE_FP16").replace(", 80 ]", ", 2048 ]").replace("[ 80 ]", "[ 2048 ]") \
+            .replace(", 40 ]", ", 1280 ]").replace("[ 40 ]", "[ 1280 ]")
+
     for model in DTYPE_MODELS:
         for path in config_files(repository, model):
-            ours = (DEFAULT_REPOSITORY / path.relative_to(repository)).read_text()
-            assert path.read_text().replace("TYPE_FP32", "TYPE_FP16") == ours.replace("TYPE_FP32", "TYPE_FP16")
+            assert normalized(path.read_text()) == normalized((DEFAULT_REPOSITORY / path.relative_to(repository)).read_text())
     # The inputs that are FP32 in every export (timestep, guidance_scale) stay so in the fp16 configs.
-    assert declared_types(read_config(DEFAULT_REPOSITORY, "unet"), ["timestep"]) == {"timestep": "FP32"}
+    assert declared_interface(read_config(DEFAULT_REPOSITORY, "unet"))["timestep"] == ("FP32", [-1])
 
 
 def test_configs_in_git_are_the_production_dtype():
@@ -67,7 +89,7 @@ def mismatched(exported, tmp_path):
 
 
 def test_mismatch_is_named_with_the_fix(mismatched):
-    problems = dtype_problems(mismatched, "cpu")
+    problems = config_problems(mismatched, "cpu")
     assert [p.split(":")[0] for p in problems] == list(DTYPE_MODELS)
     unet = next(p for p in problems if p.startswith("unet:"))
     assert unet == (
@@ -76,6 +98,18 @@ def test_mismatch_is_named_with_the_fix(mismatched):
         f"--repository {mismatched}` (or export again with --dtype fp16)"
     )
     assert "scheduler: the graphs were exported in fp32 (prompt_embeds is FP32 in text_encoder/1/model.onnx)" in problems[-1]
+
+
+def test_width_mismatch_is_named(exported, tmp_path):
+    """The tiny graphs (80 wide) with the SDXL configs of git (2048), same dtype."""
+    repository = tmp_path / "repo"
+    shutil.copytree(exported("fp16"), repository)
+    for path in config_files(repository, "unet"):
+        shutil.copy(DEFAULT_REPOSITORY / path.relative_to(repository), path)
+    assert config_problems(repository, "cpu") == [
+        "unet: encoder_hidden_states has dims [-1, 77, 80] in unet/1/model.onnx (-1: dynamic), but unet/configs/cpu.pbtxt "
+        f"declares [-1, 77, 2048] (batch first); make the configs follow the graphs with `python -m export configs "
+        f"--repository {repository}`"]
 
 
 def test_the_launcher_refuses_to_start_a_mismatch(mismatched, tmp_path):
@@ -88,8 +122,8 @@ def test_the_launcher_refuses_to_start_a_mismatch(mismatched, tmp_path):
 def test_export_configs_fixes_a_mismatch(mismatched, capsys):
     assert main(["configs", "--repository", str(mismatched)]) == 0
     out = capsys.readouterr().out
-    assert f"{mismatched / 'unet' / 'configs' / 'cpu.pbtxt'}: set to fp32" in out
-    assert dtype_problems(mismatched, "cpu") == dtype_problems(mismatched, "production") == []
+    assert f"{mismatched / 'unet' / 'configs' / 'cpu.pbtxt'}: updated" in out
+    assert config_problems(mismatched, "cpu") == config_problems(mismatched, "production") == []
     assert main(["configs", "--repository", str(mismatched)]) == 0
     assert "(nothing to change)" in capsys.readouterr().out
 
@@ -113,3 +147,24 @@ def test_triton_fails_the_load_of_a_mismatched_model(mismatched, tmp_path):
                     f"{model}/configs/cpu.pbtxt declares TYPE_FP16 for {tensor}") in str(error.value)
             assert not client.is_model_ready(model)
         client.close()
+
+
+def test_export_configs_dtype_restores_the_git_configs(exported, tmp_path, capsys):
+    """`make clean` puts the configs back to what git holds once the graphs are gone."""
+    repository = tmp_path / "repo"
+    shutil.copytree(exported("fp32"), repository)  # the tiny graphs' widths, fp32
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        (repository / name / "1" / "export.json").unlink()  # as make clean leaves it
+    assert main(["configs", "--repository", str(repository), "--dtype", "fp16"]) == 0
+    assert "configs declare fp16 and SDXL's widths (no exported graphs)" in capsys.readouterr().out
+    for model in DTYPE_MODELS:
+        for path in config_files(repository, model):
+            assert path.read_text() == (DEFAULT_REPOSITORY / path.relative_to(repository)).read_text()
+
+
+def test_export_configs_dtype_must_agree_with_the_graphs(exported, tmp_path, capsys):
+    repository = tmp_path / "repo"
+    shutil.copytree(exported("fp32"), repository)
+    assert main(["configs", "--repository", str(repository), "--dtype", "fp16"]) == 2
+    assert "its graphs were exported in fp32; configs in fp16 would not match them" in capsys.readouterr().err
+    assert declared_compute(repository, "unet") == {"FP32"}

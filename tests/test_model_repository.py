@@ -10,7 +10,7 @@ from serving import endpoint
 from contract.configs import data_type, expected_dims, parameters, read_config, scheduler_limits
 from contract.layout import DEFAULT_REPOSITORY as REPO
 
-VARIANTS = {"production": SDXL_DIMS, "cpu": None}  # cpu: model widths as -1
+VARIANTS = {"production": SDXL_DIMS, "cpu": SDXL_DIMS}  # both declare SDXL's widths in git
 
 
 def io(config, kind):

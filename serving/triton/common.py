@@ -43,18 +43,14 @@ def config_file_name(args: dict) -> str:
     return f"{directory.name}/config.pbtxt"
 
 
-def declared_types(config: dict) -> dict[str, str]:
-    """{tensor: Triton type name without TYPE_} of a model config's inputs and outputs."""
-    return {t["name"]: t["data_type"][len("TYPE_"):] for t in config.get("input", []) + config.get("output", [])}
+def check_graph_interface(args: dict, model: str, graph: dict[str, tuple[str, list[int], str]]) -> None:
+    """Fail the model's load, with one message naming the model, both sides and the fix, when its
+    config declares other types or dims than the graph it serves or passes tensors to (`graph`:
+    tensor -> (Triton type, dims with -1 for dynamic, graph file)); never per request."""
+    from contract.configs import declared_interface_json, graph_mismatch
 
-
-def check_graph_types(args: dict, model: str, graph: dict[str, str], graph_files: dict[str, str]) -> None:
-    """Fail the model's load, with one message naming the model, both types and the fix, when its
-    config declares other types than the graph it serves or passes tensors to (never per request)."""
-    from contract.configs import graph_mismatch
-
-    declared = {n: t for n, t in declared_types(model_config(args)).items() if n in graph}
-    problem = graph_mismatch(model, graph, declared, config_file_name(args), repository_root(args), graph_files)
+    problem = graph_mismatch(model, graph, declared_interface_json(model_config(args)), config_file_name(args),
+                             repository_root(args))
     if problem:
         raise pb_utils.TritonModelException(problem)
 

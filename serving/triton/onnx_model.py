@@ -16,7 +16,7 @@ from contract import layout
 from contract.networks import NETWORKS
 from serving.batching import group_by_shape, run_concatenated
 
-from .common import check_graph_types, error_response, input_arrays, model_config, parameters, version_dir
+from .common import check_graph_interface, error_response, input_arrays, model_config, parameters, version_dir
 
 # ONNX Runtime's tensor type names -> Triton's
 ONNX_RUNTIME_TYPES = {"tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(int32)": "INT32",
@@ -42,10 +42,11 @@ class TritonPythonModel:
         graph_inputs = [i.name for i in self.session.get_inputs()]
         if graph_inputs != self.spec.input_names:
             raise pb_utils.TritonModelException(f"{network}: {path} has inputs {graph_inputs}, expected {self.spec.input_names}")
-        tensors = self.session.get_inputs() + self.session.get_outputs()
         graph_file = f"{network}/{args['model_version']}/{layout.ONNX_FILE}"
-        check_graph_types(args, network, {t.name: ONNX_RUNTIME_TYPES.get(t.type, t.type) for t in tensors},
-                          {t.name: graph_file for t in tensors})
+        check_graph_interface(args, network, {
+            t.name: (ONNX_RUNTIME_TYPES.get(t.type, t.type), [d if isinstance(d, int) else -1 for d in t.shape], graph_file)
+            for t in self.session.get_inputs() + self.session.get_outputs()
+        })
 
     def execute(self, requests):
         responses = [None] * len(requests)

@@ -15,13 +15,13 @@ import triton_python_backend_utils as pb_utils
 from diffusers import LCMScheduler
 
 from contract import layout
-from contract.configs import exported_tensor_types
+from contract.configs import exported_interface
 from contract.limits import Limits
 from contract.networks import SCHEDULER, UNET
 from serving.denoise import LcmDenoiser, cfg_end_fraction_from_parameters, denoise
 from serving.endpoint import check_options
 
-from .common import (check_graph_types, error_response, infer, input_arrays, model_config, parameters, repository_root,
+from .common import (check_graph_interface, error_response, infer, input_arrays, model_config, parameters, repository_root,
                      to_torch, to_triton, version_dir)
 from .metrics import SchedulerMetrics
 
@@ -48,8 +48,7 @@ class TritonPythonModel:
                 f"scheduler: no {config_path}; run `python -m export onnx` (or `make export-tiny`) first"
             )
         self.scheduler_config = LCMScheduler.load_config(config_path.parent)
-        graph = exported_tensor_types(repository_root(args), SCHEDULER)  # as export.json recorded them
-        check_graph_types(args, SCHEDULER, {n: t for n, (t, _) in graph.items()}, {n: f for n, (_, f) in graph.items()})
+        check_graph_interface(args, SCHEDULER, exported_interface(repository_root(args), SCHEDULER))  # as export.json recorded it
         self.metrics = SchedulerMetrics(args["model_name"])
 
     def execute(self, requests):
