@@ -2,8 +2,9 @@
 
     python -m benchmarks.throughput [--concurrency 1 2 4 8 16] [--size 128] [--out benchmarks/results/throughput_cpu]
 
-What it does, on the tiny pipeline (fp16 graphs, CPU variant, a real tritonserver):
-1. exports the tiny SDXL into a temporary model repository with this repository's configs;
+What it does, on the tiny pipeline (CPU variant, a real tritonserver):
+1. exports the tiny SDXL into a temporary model repository with this repository's configs, in the
+   CPU default dtype (fp32) and, for one setup, in fp16;
 2. for each serving setup (UNet/text/VAE dynamic batching on with 4 scheduler instances; batching
    off; batching on with 1 scheduler instance) starts the server, runs perf_analyzer at every
    concurrency over perf/ensemble_sdxl_cpu.json (prompts of four lengths, CFG on half of them), and
@@ -33,12 +34,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from contract.configs import CPU_DTYPE
 from contract.layout import REPO_ROOT
 
 PERF_DATA = REPO_ROOT / "perf" / "ensemble_sdxl_cpu.json"
 MODELS = ("tokenizer", "text_encoder", "scheduler", "unet", "vae_decoder", "ensemble_sdxl")
 SETUPS = {
     "batching on, 4 schedulers": dict(batching=True, schedulers=4),
+    "fp16 graphs, batching on, 4 schedulers": dict(batching=True, schedulers=4, dtype="fp16"),
     "batching off, 4 schedulers": dict(batching=False, schedulers=4),
     "batching on, 1 scheduler": dict(batching=True, schedulers=1),
     "batching on, 4 schedulers, 2 ms UNet queue delay": dict(batching=True, schedulers=4, unet_delay_us=2000),
@@ -54,20 +57,18 @@ def perf_analyzer_binary() -> str:
     return os.environ.get("PERF_ANALYZER") or (str(shared) if shared.exists() else "perf_analyzer")
 
 
-def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path, unet_delay_us: int | None = None) -> Path:
-    """A model repository of the tiny graphs with this repository's configs, adjusted per setup."""
+def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path, unet_delay_us: int | None = None,
+                       dtype: str = CPU_DTYPE) -> Path:
+    """A model repository of the tiny graphs with this repository's configs (the export sets their
+    dtype and widths), adjusted per setup."""
     from export.onnx_export import export_pipeline
-    from export.sources import LoraSpec, Sources, load_pipeline
-    from contract.configs import copy_repository_configs
-    from contract.layout import DEFAULT_REPOSITORY
+    from export.sources import LoraSpec, Sources
 
-    repository = root / ("batching" if batching else "no-batching") / f"schedulers-{schedulers}-delay-{unet_delay_us}"
-    cached = root / "graphs"
+    repository = root / dtype / ("batching" if batching else "no-batching") / f"schedulers-{schedulers}-delay-{unet_delay_us}"
+    cached = root / f"graphs-{dtype}"
     if not cached.exists():
-        sources = Sources(str(tiny), (LoraSpec(str(tiny / "lora")),), str(tiny / "alt_vae"))
-        export_pipeline(load_pipeline(sources, "fp16"), cached, "fp16")
+        export_pipeline(Sources(str(tiny), (LoraSpec(str(tiny / "lora")),), str(tiny / "alt_vae")), cached, dtype)
     shutil.copytree(cached, repository)
-    copy_repository_configs(DEFAULT_REPOSITORY, repository)
     for model in ("text_encoder", "unet", "vae_decoder"):
         path = repository / model / "configs" / "cpu.pbtxt"
         if not batching:
@@ -192,7 +193,8 @@ def write_table(results: dict, path: Path) -> None:
         f"# ensemble_sdxl throughput, tiny SDXL, CPU variant ({results['machine']})",
         "",
         f"Command: `{results['command']}`. One image per request, 4 steps, {results['size']}², prompts of four lengths, "
-        "CFG (guidance 1.5, a negative prompt) on half the requests (perf/ensemble_sdxl_cpu.json).",
+        "CFG (guidance 1.5, a negative prompt) on half the requests (perf/ensemble_sdxl_cpu.json). Graphs in "
+        f"{CPU_DTYPE} (the CPU variant's default) unless the setup says fp16.",
         "",
         "Columns: client-side throughput and latency (perf_analyzer); UNet calls per UNet execution (the scheduler "
         "makes one call per request per step; above 1, dynamic batching merged the calls of concurrent requests); per request, server side: the networks' "
