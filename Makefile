@@ -21,12 +21,18 @@ VARIANT ?= auto
 # serves the plans (a plan only loads in the TensorRT version that built it).
 TRT_VERSION ?= 10.5.0
 
+# make bench-gpu: python -m benchmarks.gpu (GPU_BENCH_ARGS, e.g. "--batches 1 --skip-tensorrt") with the
+# venv's Python where there is one, else $(PYTHON): a GPU machine with PyTorch already installed.
+GPU_BENCH_ARGS ?=
+BENCH_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
 # make perf: perf_analyzer against a running server (make serve); native where it works.
 PERF_ANALYZER ?= $(if $(wildcard ../shared/tools/perf_analyzer),../shared/tools/perf_analyzer,perf_analyzer)
 PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 PERF_CONCURRENCY ?= 1 2 4 8 16
 
-.PHONY: help install install-gpu lock export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale
+.PHONY: help install install-gpu lock export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale \
+  bench-gpu gpu-wheels perf-analyzer-check
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
@@ -40,6 +46,8 @@ help:
 	@echo "make perf         perf_analyzer on ensemble_sdxl of a running server (PERF_ANALYZER, PERF_DATA, PERF_CONCURRENCY)"
 	@echo "make bench        the throughput benchmark: results in benchmarks/results/"
 	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: benchmarks/results/scale_cpu.md"
+	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"
+	@echo "make gpu-wheels   download requirements/gpu-bench.txt's wheels for Python 3.12 into build/wheels (offline GPU machine)"
 	@echo "make install-gpu  add the GPU extras (see requirements/gpu.in; TRT_VERSION=$(TRT_VERSION))"
 	@echo "make lock         re-pin requirements/base.txt from requirements/base.in"
 
@@ -99,6 +107,15 @@ bench: install | perf-analyzer-check
 # About 35 minutes and 35 GB of disk (build/scale/) on 2 cores.
 bench-scale: install
 	$(PY) -m benchmarks.scale
+
+# The GPU benchmark (README, "GPU benchmark"): results in benchmarks/results/gpu_<GPU name>.{json,md}.
+# Not behind install: the GPU machine has no network.
+bench-gpu:
+	$(BENCH_PYTHON) -m benchmarks.gpu $(GPU_BENCH_ARGS)
+
+# The wheels the GPU benchmark needs beyond what the GPU machine has, for Python 3.12.
+gpu-wheels:
+	$(BENCH_PYTHON) -m pip download --only-binary=:all: --no-deps --python-version 3.12 -d build/wheels -r requirements/gpu-bench.txt
 
 perf-analyzer-check:
 	@command -v $(PERF_ANALYZER) >/dev/null || { echo "error: perf_analyzer not found ($(PERF_ANALYZER)): install it with \

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract import layout, networks
-from contract.configs import read_config, scheduler_limits
 from contract.layout import ENGINE_FILE, FINGERPRINT_FILE
 from contract.networks import ModelDims, NetworkSpec
 
@@ -77,6 +76,8 @@ class BuildSettings:
 
     @classmethod
     def from_repository(cls, repository: Path, **overrides) -> "BuildSettings":
+        from contract.configs import read_config, scheduler_limits  # Triton's config schema, from tritonclient
+
         limits = scheduler_limits(repository)
         values = dict(
             max_images=limits.max_images,

@@ -25,7 +25,7 @@ import onnx
 import torch
 from onnx.external_data_helper import ExternalDataInfo
 
-from contract import configs, layout, networks
+from contract import layout, networks
 from contract.networks import ModelDims, NetworkSpec
 
 from .modules import build_module
@@ -319,10 +319,13 @@ def export_pipeline(
         write_serving_files(serving.pipe, staged)
         _publish_repository(staged, repository, tuple(ordered))
     log(f"graphs, tokenizers and {layout.SCHEDULER_CONFIG_FILE} (LCMScheduler) written under {repository}")
+    from contract import configs  # reads Triton's config schema (tritonclient): only where configs are written
+
     try:
         changed = configs.follow_exported_graphs(repository, layout.DEFAULT_REPOSITORY)
     except configs.ConfigError as error:
         raise ExportError(str(error)) from None
     if changed:
-        log(f"configs set to the exported dtype ({dtype}): " + ", ".join(str(p.relative_to(repository)) for p in changed))
+        log(f"configs set to the export ({dtype}; text {dims.text_dim}, pooled {dims.pooled_dim} wide): "
+            + ", ".join(str(p.relative_to(repository)) for p in changed))
     return {name: layout.onnx_path(repository, name) for name in ordered}

@@ -323,7 +323,7 @@ def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", co
     if sources.vae is not None and "vae" in components:
         with step(f"loading VAE {sources.vae}"):
             vae = load_vae(sources.vae)
-    what = ", ".join(components) if set(components) != set(COMPONENTS) else "all components"
+    what = "all components" if set(components) == set(COMPONENTS) else ", ".join(components) or "tokenizers and scheduler"
     model_components = tuple(c for c in components if not (c == "vae" and vae is not None))
     read_dtype = stored_dtype(sources.model, model_components) if model_components else None
     upcast = bool(sources.loras) or dtype == "fp32"

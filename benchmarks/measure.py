@@ -1,0 +1,149 @@
+"""Run a command and measure it as the OS reports it: wall time, peak resident memory (the kernel's
+own high-water mark, as `/usr/bin/time -v` prints it), and the resident memory of its whole process
+tree over time, attributed to the phases its log lines announce.
+
+Linux only (reads /proc). Used by benchmarks/scale.py; no dependency beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending += _children(current)
+    return tree
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A /proc/<pid>/status field in KiB (VmRSS, VmHWM...); 0 when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss_bytes(pid: int) -> int:
+    return sum(status_kib(p, "VmRSS") for p in process_tree(pid)) * 1024
+
+
+@dataclass
+class Phase:
+    name: str
+    start: float
+    end: float | None = None
+    peak_rss: int = 0  # bytes, sampled over the process tree
+
+
+@dataclass
+class Measured:
+    command: list[str]
+    returncode: int
+    seconds: float
+    max_rss: int  # bytes: the kernel's high-water mark of the largest process (ru_maxrss of the waited child)
+    sampled_peak: int  # bytes: largest sampled sum over the process tree
+    phases: list[Phase] = field(default_factory=list)
+    log: str = ""
+
+    def as_dict(self) -> dict:
+        return {
+            "command": " ".join(self.command), "returncode": self.returncode, "seconds": round(self.seconds, 1),
+            "max_rss_gib": round(self.max_rss / 2**30, 2), "sampled_peak_gib": round(self.sampled_peak / 2**30, 2),
+            "phases": [{"name": p.name, "seconds": round((p.end or 0) - p.start, 1), "peak_rss_gib": round(p.peak_rss / 2**30, 2)}
+                       for p in self.phases],
+        }
+
+
+class Sampler:
+    """Samples the resident memory of a process tree every `interval` s, in a thread. `pid`: the
+    root process, or a function giving it (None while it has not started)."""
+
+    def __init__(self, pid, interval: float = 0.2):
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pid = self.pid() if callable(self.pid) else self.pid
+            if pid is not None:
+                self.samples.append((time.monotonic(), tree_rss_bytes(pid)))
+            self._stop.wait(self.interval)
+
+    def peak(self, start: float = 0.0, end: float | None = None) -> int:
+        window = [rss for t, rss in self.samples if t >= start and (end is None or t <= end)]
+        return max(window, default=0)
+
+
+def run(command: list[str], *, phase_pattern: str | None = None, env: dict | None = None, log_path: Path | None = None,
+        echo: bool = True, timeout_s: float | None = None) -> Measured:
+    """Run `command`; a line of its combined output matching `phase_pattern` (first group: the phase
+    name) starts a new phase, which lasts until the next one."""
+    start = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+    phases: list[Phase] = []
+    lines = []
+    pattern = re.compile(phase_pattern) if phase_pattern else None
+    with Sampler(process.pid) as sampler:
+        for line in process.stdout:
+            lines.append(line)
+            if echo:
+                sys.stderr.write("    " + line)
+            match = pattern.search(line) if pattern else None
+            if match and (not phases or phases[-1].name != match.group(1)):
+                now = time.monotonic()
+                if phases:
+                    phases[-1].end = now
+                phases.append(Phase(match.group(1), now))
+            if timeout_s and time.monotonic() - start > timeout_s:
+                process.kill()
+        _, status, usage = os.wait4(process.pid, 0)
+        end = time.monotonic()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if phases:
+        phases[-1].end = end
+    for phase in phases:
+        phase.peak_rss = sampler.peak(phase.start, phase.end)
+    text = "".join(lines)
+    if log_path:
+        log_path.write_text(text)
+    return Measured(command, process.returncode, end - start, usage.ru_maxrss * 1024, sampler.peak(), phases, text)
+
+
+def directory_sizes(root: Path, pattern: str = "*") -> dict[str, int]:
+    """Bytes of each file under `root` matching `pattern`, by relative path."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(Path(root).rglob(pattern)) if p.is_file()}
