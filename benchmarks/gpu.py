@@ -461,7 +461,7 @@ def tensorrt_unavailable(args, device) -> str | None:
     for module in ("onnx", "polygraphy"):
         if importlib.util.find_spec(module) is None:
             return f"the {module} module is not installed (export/onnx_export.py and export/engines.py need it)"
-    try:  # both import contract/configs.py, which imports tritonclient (requirements/base.txt)
+    try:  # the exporter and engine builder, with what they import
         from export import engines, onnx_export  # noqa: F401
     except ImportError as error:
         return f"the project's exporter cannot be imported here ({error}); install requirements/base.txt"
