@@ -77,41 +77,14 @@ EXPORT_OUTPUTS = {layout.ONNX_FILE, layout.ONNX_DATA_FILE, layout.ENGINE_FILE, l
                   layout.EXPORT_INFO_FILE, layout.SCHEDULER_CONFIG_FILE, "__pycache__"}
 
 
-def copy_repository_configs(source: Path, target: Path) -> list[Path]:
-    """Copy the configs and model.py files of `source` into `target`, not the export outputs (to
-    serve graphs exported elsewhere with this repository's models: tests, benchmarks), and make
-    them follow the graphs already in `target`. Returns the configs set to another dtype."""
-    _copy_configs(source, target)
-    return follow_exported_graphs(target)
+def copy_configs(source: Path, target: Path) -> None:
+    """Copy the configs and model.py files of `source` into `target`, not the export outputs."""
 
-
-def _copy_configs(source: Path, target: Path) -> None:
     def export_outputs(directory, names):
         in_version_dir = os.path.basename(directory) == "1"
         return [n for n in names if n in EXPORT_OUTPUTS or (in_version_dir and n in layout.TOKENIZER_DIRS)]
 
     shutil.copytree(source, target, dirs_exist_ok=True, ignore=export_outputs)
-
-
-def interface_mismatches(config: model_config_pb2.ModelConfig, interface: dict[str, tuple[str, list[int]]]) -> list[str]:
-    """Where a config disagrees with a graph's interface ({tensor: (Triton type, dims, -1 dynamic)}):
-    a missing tensor, another type, or a fixed dim the graph fixes otherwise. A -1 on either side
-    accepts anything; a batched config's dims follow the graph's leading batch dim."""
-    problems = []
-    batched = config.max_batch_size > 0
-    for entry in list(config.input) + list(config.output):
-        if entry.name not in interface:
-            problems.append(f"{entry.name}: not in the graph")
-            continue
-        graph_type, graph_dims = interface[entry.name]
-        declared_type = model_config_pb2.DataType.Name(entry.data_type)[len("TYPE_"):]
-        if declared_type != graph_type:
-            problems.append(f"{entry.name}: config {declared_type}, graph {graph_type}")
-        dims = list(graph_dims[1:] if batched else graph_dims)
-        declared = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
-        if len(declared) != len(dims) or any(d != -1 and g != -1 and d != g for d, g in zip(declared, dims)):
-            problems.append(f"{entry.name}: config dims {declared}, graph {list(graph_dims)}")
-    return problems
 
 
 # --- The export in the configs -------------------------------------------------------------------
@@ -297,7 +270,7 @@ def follow_exported_graphs(repository: Path, template: Path | None = None, dtype
     """
     repository = Path(repository)
     if template is not None and Path(template).resolve() != repository.resolve() and not config_files(repository, SCHEDULER):
-        _copy_configs(template, repository)
+        copy_configs(template, repository)
     exported = repository_export(repository)
     if dtype is not None and exported is not None and dtype != exported[0]:
         raise ConfigError(f"{repository}: its graphs were exported in {exported[0]}; configs in {dtype} would not match "

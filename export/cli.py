@@ -130,18 +130,17 @@ def run_configs(args) -> None:
     from contract.configs import ConfigError, follow_exported_graphs, repository_dtype
 
     try:
-        dtype = args.dtype or repository_dtype(args.repository)
-        if dtype is None:
+        exported = repository_dtype(args.repository)
+        if exported is None and args.dtype is None:
             raise ExportError(f"--repository {str(args.repository)!r}: no exported graphs (*/1/{layout.EXPORT_INFO_FILE}); "
                               "run `python -m export onnx` first, or give --dtype")
         changed = follow_exported_graphs(args.repository, dtype=args.dtype)
     except ConfigError as error:
         raise ExportError(str(error)) from None
-    exported = repository_dtype(args.repository) is not None
     for path in changed:
         print(f"{path}: updated")
     widths = "the exported graphs' widths" if exported else "SDXL's widths (no exported graphs)"
-    print(f"{args.repository}: configs declare {dtype} and {widths}" + ("" if changed else " (nothing to change)"))
+    print(f"{args.repository}: configs declare {args.dtype or exported} and {widths}" + ("" if changed else " (nothing to change)"))
 
 
 def run_onnx(args) -> None:

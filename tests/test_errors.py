@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from contract import layout
 from export.cli import main
 from export.onnx_export import export_pipeline
 from export.sources import ExportError, LoraSpec, Sources, load_pipeline
