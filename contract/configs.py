@@ -23,7 +23,8 @@ from tritonclient.grpc import model_config_pb2
 
 from . import layout
 from .limits import Limits
-from .networks import COMPUTE, DYNAMIC_DIMS, NETWORKS, SCHEDULER, ModelDims, TensorSpec, compute_tensors
+from .networks import (COMPUTE, DYNAMIC_DIMS, NETWORKS, SCHEDULER, ModelDims, TensorSpec, compute_tensors,
+                       model_tensors)
 
 
 
@@ -109,15 +110,6 @@ def config_files(repository: Path, model: str) -> list[Path]:
     """Every variant of a model's config: config.pbtxt and configs/*.pbtxt."""
     directory = Path(repository) / model
     return [p for p in [directory / "config.pbtxt", *sorted((directory / "configs").glob("*.pbtxt"))] if p.exists()]
-
-
-def model_tensors(model: str) -> dict[str, TensorSpec]:
-    """The spec tensors a model's config declares: a network's own, or those the scheduler passes on."""
-    from .networks import SCHEDULER_GRAPH_TENSORS
-
-    if model == SCHEDULER:
-        return dict(SCHEDULER_GRAPH_TENSORS)
-    return {t.name: t for t in NETWORKS[model].inputs + NETWORKS[model].outputs}
 
 
 def _type_name(data_type: int) -> str:
@@ -236,21 +228,19 @@ def set_exported_interface(path: Path, model: str, dtype: str, dims: ModelDims) 
     True when the file changed."""
     text = path.read_text()
     batched = text_format.Parse(text, model_config_pb2.ModelConfig()).max_batch_size > 0
+    wanted = {}  # name -> (type, dims as written in the file, dims as the graph sees them)
+    for name, tensor in model_tensors(model).items():
+        dims_written, reshape = expected_dims(tensor, batched, dims)
+        graph_dims = ([-1] if batched else []) + (reshape if reshape is not None else dims_written)
+        wanted[name] = (tensor.resolved_dtype(EXPORT_DTYPES[dtype]), dims_written, graph_dims)
     updated = text
-    for name, tensor in model_tensors(model).items():
-        want_dims, _ = expected_dims(tensor, batched, dims)
-        entry = re.compile(rf'(name:\s*"{re.escape(name)}"\s+data_type:\s*)TYPE_(\w+)(\s+dims:\s*)\[[^\]]*\]')
-        want_type = EXPORT_DTYPES[dtype] if tensor.dtype == COMPUTE else None
-        updated = entry.sub(lambda m: f"{m.group(1)}TYPE_{want_type or m.group(2)}{m.group(3)}[ {', '.join(map(str, want_dims))} ]",
-                            updated)
-    config = text_format.Parse(updated, model_config_pb2.ModelConfig())
-    declared = declared_interface(config)
-    for name, tensor in model_tensors(model).items():
-        want_type = tensor.resolved_dtype(EXPORT_DTYPES[dtype])
-        want, reshape = expected_dims(tensor, batched, dims)
-        want = ([-1] if batched else []) + (reshape if reshape is not None else want)
-        if name in declared and declared[name] != (want_type, want):
-            raise ConfigError(f"{path}: could not set {name} to TYPE_{want_type} {want} (found {declared[name]}); "
+    for name, (want_type, dims_written, _) in wanted.items():
+        entry = re.compile(rf'(name:\s*"{re.escape(name)}"\s+data_type:\s*)TYPE_\w+(\s+dims:\s*)\[[^\]]*\]')
+        updated = entry.sub(lambda m: f"{m.group(1)}TYPE_{want_type}{m.group(2)}[ {', '.join(map(str, dims_written))} ]", updated)
+    declared = declared_interface(text_format.Parse(updated, model_config_pb2.ModelConfig()))
+    for name, (want_type, _, graph_dims) in wanted.items():
+        if name in declared and declared[name] != (want_type, graph_dims):
+            raise ConfigError(f"{path}: could not set {name} to TYPE_{want_type} {graph_dims} (found {declared[name]}); "
                               f'write each tensor as {{ name: "..." data_type: TYPE_... dims: [ ... ] }} on one line')
     if updated == text:
         return False

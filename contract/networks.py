@@ -170,8 +170,13 @@ SCHEDULER_GRAPH_TENSORS = {
 SCHEDULER = "scheduler"
 
 
+def model_tensors(model: str) -> dict[str, TensorSpec]:
+    """The spec tensors a model's config declares: a network's own, or those the scheduler passes on."""
+    if model == SCHEDULER:
+        return dict(SCHEDULER_GRAPH_TENSORS)
+    return {t.name: t for t in NETWORKS[model].inputs + NETWORKS[model].outputs}
+
+
 def compute_tensors(model: str) -> tuple[str, ...]:
     """The tensors of a model (a network or the scheduler) that carry the export dtype (COMPUTE)."""
-    if model == SCHEDULER:
-        return tuple(SCHEDULER_GRAPH_TENSORS)
-    return tuple(t.name for t in NETWORKS[model].inputs + NETWORKS[model].outputs if t.dtype == COMPUTE)
+    return tuple(name for name, tensor in model_tensors(model).items() if tensor.dtype == COMPUTE)

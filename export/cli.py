@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny", help="same as: random OUT_DIR --arch tiny")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--seed", type=_seed, default=0, help="weights seed (default 0)")
+    tiny.set_defaults(arch="tiny")
 
     onnx = commands.add_parser(
         "onnx",
@@ -116,7 +117,7 @@ def run_random(args) -> None:
     from .sources import check_writable
 
     check_writable(args.out_dir, "OUT_DIR")
-    if getattr(args, "arch", "tiny") == "sdxl":
+    if args.arch == "sdxl":
         from .sdxl import write_sdxl
 
         write_sdxl(args.out_dir, seed=args.seed)

@@ -15,7 +15,6 @@ from contract.configs import (CPU_DTYPE, EXPORTED_MODELS, config_files, config_p
 from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
 from contract.networks import compute_tensors
 
-DTYPE_MODELS = EXPORTED_MODELS
 from export.cli import main
 from serving.server import ServerError, TritonServer, free_port
 
@@ -37,7 +36,7 @@ def declared_dims(repository, model, tensor) -> set[tuple[int, ...]]:
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_export_sets_every_config_to_its_dtype(exported, dtype):
     repository = exported(dtype)
-    for model in DTYPE_MODELS:
+    for model in EXPORTED_MODELS:
         assert len(config_files(repository, model)) == 2, model  # production and cpu variants
         assert declared_compute(repository, model) == {dtype.upper()}, model
     assert config_problems(repository, "cpu") == config_problems(repository, "production") == []
@@ -60,7 +59,7 @@ def test_only_the_dtype_and_widths_change(exported):
         return text.replace("TYPE_FP32", "TYPE_FP16").replace(", 80 ]", ", 2048 ]").replace("[ 80 ]", "[ 2048 ]") \
             .replace(", 40 ]", ", 1280 ]").replace("[ 40 ]", "[ 1280 ]")
 
-    for model in DTYPE_MODELS:
+    for model in EXPORTED_MODELS:
         for path in config_files(repository, model):
             assert normalized(path.read_text()) == normalized((DEFAULT_REPOSITORY / path.relative_to(repository)).read_text())
     # The inputs that are FP32 in every export (timestep, guidance_scale) stay so in the fp16 configs.
@@ -68,7 +67,7 @@ def test_only_the_dtype_and_widths_change(exported):
 
 
 def test_configs_in_git_are_the_production_dtype():
-    for model in DTYPE_MODELS:
+    for model in EXPORTED_MODELS:
         assert declared_compute(DEFAULT_REPOSITORY, model) == {configs.PRODUCTION_DTYPE.upper()}, model
 
 
@@ -82,7 +81,7 @@ def mismatched(exported, tmp_path):
     """The fp32 graphs with the fp16 configs of git, as after `git checkout model_repository/`."""
     repository = tmp_path / "repo"
     shutil.copytree(exported("fp32"), repository)
-    for model in DTYPE_MODELS:
+    for model in EXPORTED_MODELS:
         for path in config_files(repository, model):
             shutil.copy(DEFAULT_REPOSITORY / path.relative_to(repository), path)
     return repository
@@ -90,7 +89,7 @@ def mismatched(exported, tmp_path):
 
 def test_mismatch_is_named_with_the_fix(mismatched):
     problems = config_problems(mismatched, "cpu")
-    assert [p.split(":")[0] for p in problems] == list(DTYPE_MODELS)
+    assert [p.split(":")[0] for p in problems] == list(EXPORTED_MODELS)
     unet = next(p for p in problems if p.startswith("unet:"))
     assert unet == (
         "unet: the graphs were exported in fp32 (sample is FP32 in unet/1/model.onnx), but unet/configs/cpu.pbtxt "
@@ -157,7 +156,7 @@ def test_export_configs_dtype_restores_the_git_configs(exported, tmp_path, capsy
         (repository / name / "1" / "export.json").unlink()  # as make clean leaves it
     assert main(["configs", "--repository", str(repository), "--dtype", "fp16"]) == 0
     assert "configs declare fp16 and SDXL's widths (no exported graphs)" in capsys.readouterr().out
-    for model in DTYPE_MODELS:
+    for model in EXPORTED_MODELS:
         for path in config_files(repository, model):
             assert path.read_text() == (DEFAULT_REPOSITORY / path.relative_to(repository)).read_text()
 
