@@ -15,6 +15,12 @@ PYTEST_ARGS ?=
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# The supervisor's health (/v2/health/ready, /v2/health/live) and metrics port: what probes call.
+HEALTH_PORT ?= 8003
+# On SIGTERM: how long admitted requests may take to finish, then tritonserver's own shutdown.
+# Kubernetes: terminationGracePeriodSeconds >= DRAIN_TIMEOUT_S + EXIT_TIMEOUT_S + 5.
+DRAIN_TIMEOUT_S ?= 60
+EXIT_TIMEOUT_S ?= 15
 VARIANT ?= auto
 
 # make install-gpu: the TensorRT Python package must be the TensorRT of the Triton container that
@@ -32,11 +38,12 @@ PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 PERF_CONCURRENCY ?= 1 2 4 8 16
 
 .PHONY: help install install-gpu lock export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale \
-  bench-gpu gpu-wheels perf-analyzer-check
+  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
-	@echo "make serve        tritonserver in the foreground on $(REPOSITORY)/ (HTTP_PORT, GRPC_PORT, METRICS_PORT, VARIANT)"
+	@echo "make serve        supervised tritonserver in the foreground on $(REPOSITORY)/ (HTTP_PORT, GRPC_PORT, METRICS_PORT,"
+	@echo "                  HEALTH_PORT, DRAIN_TIMEOUT_S, EXIT_TIMEOUT_S, VARIANT); SIGTERM or Ctrl-C drains"
 	@echo "make install      venv in $(VENV) with the pinned CPU stack and the bundled tritonserver (idempotent)"
 	@echo "make export-tiny  tiny random-weight SDXL -> $(TINY_DIR), its ONNX graphs -> $(REPOSITORY)/"
 	@echo "make test         the test suite"
@@ -45,6 +52,9 @@ help:
 	@echo "make production   GPU box: export SDXL + LCM-LoRA + fp16-fix VAE, build the plans, serve them"
 	@echo "make perf         perf_analyzer on ensemble_sdxl of a running server (PERF_ANALYZER, PERF_DATA, PERF_CONCURRENCY)"
 	@echo "make bench        the throughput benchmark: results in benchmarks/results/"
+	@echo "make bench-faults kill -9 of each stub, overload, drain, cancellation, /dev/shm: benchmarks/results/faults_cpu.md"
+	@echo "make bench-soak   2,000 mixed requests at concurrency 8: failures, memory growth: benchmarks/results/soak.md"
+	@echo "make bench-fuzz   the fuzz tests' request generators at length: benchmarks/results/fuzz.md"
 	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: benchmarks/results/scale_cpu.md"
 	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"
 	@echo "make gpu-wheels   download requirements/gpu-bench.txt's wheels for Python 3.12 into build/wheels (offline GPU machine)"
@@ -80,7 +90,8 @@ demo: export-tiny
 
 serve: install
 	$(PY) -m serving.server --repository $(REPOSITORY) --variant $(VARIANT) \
-	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT) \
+	  --drain-timeout-s $(DRAIN_TIMEOUT_S) --exit-timeout-s $(EXIT_TIMEOUT_S)
 
 engines-rtx: install
 	POLYGRAPHY_USE_TENSORRT_RTX=1 $(PY) -m export engines --onnx $(REPOSITORY)
@@ -103,6 +114,15 @@ perf: | perf-analyzer-check
 bench: install | perf-analyzer-check
 	$(PY) -m pip install --quiet -r requirements/bench.in
 	$(PY) -m benchmarks.throughput
+
+bench-faults: install
+	$(PY) -m benchmarks.faults
+
+bench-soak: install
+	$(PY) -m benchmarks.soak
+
+bench-fuzz: install
+	$(PY) -m benchmarks.fuzz
 
 # About 35 minutes and 35 GB of disk (build/scale/) on 2 cores.
 bench-scale: install

@@ -84,9 +84,11 @@ def generate(
     prompt: str | bytes | None, *, url: str | None = None, protocol: str = "http", seed: int | None = None,
     num_inference_steps: int | None = None, guidance_scale: float | None = None, negative_prompt: str | None = None,
     height: int | None = None, width: int | None = None, num_images_per_prompt: int | None = None,
-    timeout_s: float = 600.0,
+    timeout_s: float = 600.0, queue_timeout_ms: int | None = None,
 ) -> GenerationResult:
-    """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure."""
+    """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure.
+    queue_timeout_ms: the longest wait for a denoising slot the server may make this request wait
+    (a request parameter; refused with UNAVAILABLE past it)."""
     from tritonclient.utils import InferenceServerException
 
     module = _module(protocol)
@@ -104,7 +106,8 @@ def generate(
         call = dict(client_timeout=timeout_s)
     start = time.perf_counter()
     try:
-        result = client.infer(MODEL, inputs, outputs=outputs, **call)
+        parameters = None if queue_timeout_ms is None else {"queue_timeout_ms": queue_timeout_ms}
+        result = client.infer(MODEL, inputs, outputs=outputs, parameters=parameters, **call)
     except InferenceServerException as error:
         raise ClientError(f"{url} ({protocol}): {error.message() or error}", error.status()) from None
     except Exception as error:  # connection refused, DNS... from either transport

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, help="pixels, multiple of 64 (default 1024)")
     parser.add_argument("--num-images", type=int, dest="num_images_per_prompt", help="images for this prompt (default 1)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    parser.add_argument("--queue-timeout-ms", type=int, dest="queue_timeout_ms",
+                        help="refuse the request (UNAVAILABLE) if it waits longer for a denoising slot (default: the server's)")
     return parser
 
 

@@ -18,12 +18,16 @@ class Limits:
     min_steps: int = 1
     max_steps: int = 8
     max_images: int = 4
+    # Bytes of UTF-8, each of prompt and negative_prompt, checked before tokenizing. CLIP reads 77
+    # tokens (about 300 bytes of English); 4 KiB leaves room for long prompts in any script, which
+    # the tokenizers truncate as diffusers does, and refuses megabyte texts before any work.
+    max_prompt_bytes: int = 4096
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "Limits":
         """From a model config's `parameters` (string values); unknown keys are ignored."""
         values = {}
-        for key in ("min_size", "max_size", "max_images"):
+        for key in ("min_size", "max_size", "max_images", "max_prompt_bytes"):
             if key in parameters:
                 try:
                     values[key] = int(parameters[key])
@@ -33,8 +37,9 @@ class Limits:
         if not (limits.size_multiple <= limits.min_size <= limits.max_size) or limits.min_size % limits.size_multiple:
             raise ValueError(f"model config parameters min_size={limits.min_size}, max_size={limits.max_size}: "
                              f"expected multiples of {limits.size_multiple} with min_size <= max_size")
-        if limits.max_images < 1:
-            raise ValueError(f"model config parameter max_images={limits.max_images}: expected at least 1")
+        for key in ("max_images", "max_prompt_bytes"):
+            if getattr(limits, key) < 1:
+                raise ValueError(f"model config parameter {key}={getattr(limits, key)}: expected at least 1")
         return limits
 
     @property

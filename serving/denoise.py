@@ -134,8 +134,15 @@ def cfg_end_fraction_from_parameters(parameters: dict[str, str]) -> float:
     return value
 
 
-def denoise(unet: UNetFn, denoiser: LcmDenoiser) -> torch.Tensor:
-    """Run the loop to the end; the final latents, for the vae_decoder."""
+class Cancelled(RuntimeError):
+    """The request was cancelled (a client's cancel or deadline) while its loop ran."""
+
+
+def denoise(unet: UNetFn, denoiser: LcmDenoiser, cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
+    """Run the loop to the end; the final latents, for the vae_decoder. `cancelled` is asked before
+    each step: the loop stops at the first step where it answers True."""
     while not denoiser.done:
+        if cancelled():
+            raise Cancelled(f"cancelled before denoising step {denoiser.step_index + 1} of {len(denoiser.timesteps)}")
         denoiser.step(unet(denoiser.unet_inputs()))
     return denoiser.latents

@@ -82,19 +82,21 @@ def _one(name: str, array: np.ndarray | None):
     return array.reshape(-1)[0]
 
 
-def check_text(name: str, array: np.ndarray | None, required: bool = False) -> str:
+def check_text(name: str, array: np.ndarray | None, max_bytes: int, required: bool = False) -> str:
     value = _one(name, array)
     if value is None:
         if required:
             raise InvalidInput(name, None, "a UTF-8 string (BYTES, shape [1]); this input is required")
         return DEFAULTS[name]
-    if isinstance(value, str):
-        return value
+    if not isinstance(value, (str, bytes, np.bytes_, bytearray)):
+        raise InvalidInput(name, value, "UTF-8 text (a BYTES tensor)")
+    data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
+    if len(data) > max_bytes:
+        raise InvalidInput(name, f"<{len(data)} bytes>", f"UTF-8 text of at most {max_bytes} bytes (max_prompt_bytes)")
     try:
-        return bytes(value).decode("utf-8")
-    except (UnicodeDecodeError, TypeError) as error:
-        shown = bytes(value)[:40] if isinstance(value, (bytes, bytearray, np.bytes_)) else value
-        raise InvalidInput(name, shown, f"UTF-8 text ({error.__class__.__name__})") from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInput(name, data[:40], f"UTF-8 text ({error.__class__.__name__})") from None
 
 
 def _integer(name: str, array: np.ndarray | None, low: int, high: int, accepted: str | None = None) -> int:
@@ -123,9 +125,11 @@ def _size(name: str, array: np.ndarray | None, limits: Limits) -> int:
     return value
 
 
-def check_prompts(raw: Mapping[str, np.ndarray | None]) -> tuple[str, str]:
-    """(prompt, negative_prompt) of one request; the prompt is required."""
-    return check_text("prompt", raw.get("prompt"), required=True), check_text("negative_prompt", raw.get("negative_prompt"))
+def check_prompts(raw: Mapping[str, np.ndarray | None], limits: Limits = Limits()) -> tuple[str, str]:
+    """(prompt, negative_prompt) of one request; the prompt is required. Sizes first: an oversize
+    text is refused before it is decoded or tokenized."""
+    return (check_text("prompt", raw.get("prompt"), limits.max_prompt_bytes, required=True),
+            check_text("negative_prompt", raw.get("negative_prompt"), limits.max_prompt_bytes))
 
 
 def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_seed=secrets.randbelow) -> GenerationOptions:

@@ -29,6 +29,8 @@ from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
 from contract.configs import config_problems
 from contract.networks import NETWORKS
 
+from .processes import clean_stale_regions, clean_stale_run_directories
+
 VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
 
 
@@ -93,7 +95,9 @@ class TritonServer:
     log_file: Path | None = None  # None: inherit stdout/stderr
     extra_args: list[str] = field(default_factory=list)
     check_configs: bool = True  # refuse to start on configs that disagree with the graphs (check_repository)
+    exit_timeout_s: int = 30  # Triton's --exit-timeout-secs: how long its own shutdown may wait for requests
     process: subprocess.Popen | None = None
+    removed_stale: list[str] = field(default_factory=list)  # what the last start() cleaned up
     _log: object = None
 
     def command(self, install: TritonInstall) -> list[str]:
@@ -106,7 +110,7 @@ class TritonServer:
             "--allow-metrics=true",
             "--exit-on-error=true",
             "--strict-readiness=true",
-            "--exit-timeout-secs=30",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             *self.extra_args,
         ]
         if install.backends is not None:
@@ -136,18 +140,21 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout_s: float = 300) -> "TritonServer":
+    def start(self, timeout_s: float = 300, stop_event=None) -> "TritonServer":
+        """Start and wait until ready; `stop_event` (a threading.Event) set meanwhile aborts the start."""
         if self.variant not in VARIANTS:
             raise ServerError(f"variant {self.variant!r}: expected one of {', '.join(VARIANTS)}")
         install = TritonInstall.for_variant(self.variant)
         if self.check_configs:
             check_repository(self.repository, self.variant)
+        # A killed server leaves its shared-memory regions (and admission state) behind.
+        self.removed_stale = clean_stale_regions() + clean_stale_run_directories()
         self._log = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
             self.command(install), env=self.environment(install), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # its own process group: stop() also ends the Python-backend stubs
         )
-        self.wait_ready(timeout_s)
+        self.wait_ready(timeout_s, stop_event)
         return self
 
     def is_ready(self) -> bool:
@@ -157,9 +164,12 @@ class TritonServer:
         except OSError:
             return False
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, stop_event=None) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if stop_event is not None and stop_event.is_set():
+                self.stop(kill=True)
+                raise ServerError("stopped while starting")
             if self.process.poll() is not None:
                 self.stop()
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}")
@@ -175,14 +185,14 @@ class TritonServer:
         tail = Path(self.log_file).read_text(errors="replace").splitlines()[-30:]
         return f"; last lines of {self.log_file}:\n" + "\n".join(tail)
 
-    def stop(self, timeout_s: float = 60) -> None:
+    def stop(self, timeout_s: float = 60, kill: bool = False) -> None:
         """SIGINT (Triton's clean shutdown), then SIGKILL for whatever of its process group is left
-        (a Python-backend stub that outlived the server, or a server that hangs)."""
+        (a Python-backend stub that outlived the server, or a server that hangs); kill: SIGKILL at once."""
         if self.process is None:
             return
-        if self.process.poll() is None:
+        if self.process.poll() is None and not kill:
             try:
-                os.killpg(self.process.pid, signal.SIGINT)
+                self.process.send_signal(signal.SIGINT)  # the server only: it ends its stubs itself
                 self.process.wait(timeout=timeout_s)
             except (subprocess.TimeoutExpired, ProcessLookupError):
                 pass
@@ -227,19 +237,33 @@ def auto_variant(repository: Path) -> str:
     return "production" if plans and has_gpu else "cpu"
 
 
-def _port(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+def _number(name: str, default):
+    """A default from the environment (the Makefile's and the container's settings)."""
+    return type(default)(os.environ.get(name, default))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .supervisor import Supervisor, Timing
+
     parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--variant", choices=(*VARIANTS, "auto"), default=os.environ.get("VARIANT") or "auto",
                         help="cpu (configs/cpu.pbtxt), production (config.pbtxt), auto (default: production "
                              "when a GPU and the TensorRT plans are there)")
-    parser.add_argument("--http-port", type=int, default=_port("HTTP_PORT", 8000))
-    parser.add_argument("--grpc-port", type=int, default=_port("GRPC_PORT", 8001))
-    parser.add_argument("--metrics-port", type=int, default=_port("METRICS_PORT", 8002))
+    parser.add_argument("--http-port", type=int, default=_number("HTTP_PORT", 8000))
+    parser.add_argument("--grpc-port", type=int, default=_number("GRPC_PORT", 8001))
+    parser.add_argument("--metrics-port", type=int, default=_number("METRICS_PORT", 8002))
+    parser.add_argument("--health-port", type=int, default=_number("HEALTH_PORT", 8003),
+                        help="the supervisor's /v2/health/ready, /v2/health/live and /metrics (the probes' port)")
+    defaults = Timing()
+    parser.add_argument("--drain-timeout-s", type=float, default=_number("DRAIN_TIMEOUT_S", defaults.drain_timeout_s),
+                        help="on SIGTERM, how long admitted requests may take to finish (default %(default)s)")
+    parser.add_argument("--exit-timeout-s", type=int, default=_number("EXIT_TIMEOUT_S", defaults.exit_timeout_s),
+                        help="then tritonserver's own shutdown (--exit-timeout-secs, default %(default)s)")
+    parser.add_argument("--start-timeout-s", type=float, default=_number("START_TIMEOUT_S", defaults.start_timeout_s),
+                        help="how long tritonserver may take to load the models (default %(default)s)")
+    parser.add_argument("--max-restarts", type=int, default=_number("MAX_RESTARTS", defaults.max_restarts),
+                        help=f"restarts within {defaults.restart_window_s:.0f} s before the supervisor gives up and exits 1")
     args = parser.parse_args(argv)
     variant = auto_variant(args.repository) if args.variant == "auto" else args.variant
     try:
@@ -248,11 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    server = TritonServer(args.repository, variant, args.http_port, args.grpc_port, args.metrics_port)
+    timing = Timing(drain_timeout_s=args.drain_timeout_s, exit_timeout_s=args.exit_timeout_s,
+                    start_timeout_s=args.start_timeout_s, max_restarts=args.max_restarts)
+    server = TritonServer(args.repository, variant, args.http_port, args.grpc_port, args.metrics_port,
+                          exit_timeout_s=args.exit_timeout_s)
     print(f"[serve] variant {variant}: {' '.join(server.command(install))}", file=sys.stderr, flush=True)
-    print(f"[serve] ready when http://127.0.0.1:{args.http_port}/v2/health/ready answers 200", file=sys.stderr, flush=True)
-    # Foreground: tritonserver replaces this process, so Ctrl-C and signals reach it directly.
-    os.execve(str(install.binary), server.command(install), server.environment(install))
+    print(f"[serve] ready when http://127.0.0.1:{args.health_port}/v2/health/ready answers 200; SIGTERM drains "
+          f"(at most {timing.shutdown_budget_s:.0f} s: the pod's terminationGracePeriodSeconds)", file=sys.stderr, flush=True)
+    return Supervisor(server, timing, args.health_port).run()
 
 
 if __name__ == "__main__":

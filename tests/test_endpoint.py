@@ -107,3 +107,15 @@ def test_guidance_boundaries():
 def test_limits_from_bad_parameters(parameters, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         Limits.from_parameters(parameters)
+
+
+def test_prompt_size_limit():
+    limits = Limits(max_prompt_bytes=8)
+    assert check_prompts({"prompt": np.array(["é" * 4], dtype=object)}, limits) == ("é" * 4, "")  # 8 bytes
+    with pytest.raises(InvalidInput, match=r"^prompt: '<10 bytes>' is not accepted; expected UTF-8 text of at most 8 bytes \(max_prompt_bytes\)$"):
+        check_prompts({"prompt": np.array(["é" * 5], dtype=object)}, limits)
+    with pytest.raises(InvalidInput, match=r"^negative_prompt: '<9 bytes>' .* at most 8 bytes"):
+        check_prompts({"prompt": np.array([b"a"], dtype=object), "negative_prompt": np.array([b"x" * 9], dtype=object)}, limits)
+    big = np.array([b"x" * 1_000_000], dtype=object)
+    with pytest.raises(InvalidInput, match=r"^prompt: '<1000000 bytes>'"):
+        check_prompts({"prompt": big})  # the default 4096

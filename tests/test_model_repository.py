@@ -9,6 +9,7 @@ from contract.networks import SDXL_DIMS
 from serving import endpoint
 from contract.configs import data_type, expected_dims, parameters, read_config, scheduler_limits
 from contract.layout import DEFAULT_REPOSITORY as REPO
+from serving.admission import TICKET_TENSOR
 
 VARIANTS = {"production": SDXL_DIMS, "cpu": SDXL_DIMS}  # both declare SDXL's widths in git
 
@@ -81,7 +82,7 @@ def test_scheduler_speaks_the_graphs_tensors(variant):
         assert model_config_type(inputs[name]) == data_type(tensor)
     latents = {t.name: t for t in config.output}["latents"]
     assert list(latents.dims) == expected_dims(networks.VAE_DECODER.tensor("latents"), batched=False, model=model)[0]
-    options = [t for t in config.input if t.name not in ("prompt_embeds", "pooled_prompt_embeds")]
+    options = [t for t in config.input if t.name not in ("prompt_embeds", "pooled_prompt_embeds", TICKET_TENSOR)]
     assert all(t.optional for t in options)
     assert [t.name for t in options] == [i.name for i in endpoint.INPUTS if i.dtype != "STRING"]
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from serving.admission import Refused
+from serving.denoise import Cancelled
 from serving.endpoint import InvalidInput
 
 
@@ -77,18 +79,37 @@ def to_triton(name: str, value: torch.Tensor):
     return pb_utils.Tensor(name, value.contiguous().numpy())
 
 
-def infer(model: str, inputs: list, outputs: list[str]):
-    """One BLS call, its error raised as ComponentError naming the model."""
+def infer(model: str, inputs: list, outputs: list[str], run=None):
+    """One BLS call, its error raised as ComponentError naming the model. A callee whose process
+    Triton calls "not healthy" is reported to the supervisor through `run` (a RunState)."""
     response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs).exec()
     if response.has_error():
-        raise ComponentError(f"{model}: {response.error().message()}")
+        message = response.error().message()
+        if run is not None:
+            run.report_unhealthy(message)
+        raise ComponentError(f"{model}: {message}")
     return response
 
 
+def respond(request, tensors: dict):
+    """A response with the outputs the request asked for, no others: Triton 2.51 frees unrequested
+    outputs without the GIL, and each one costs shared memory (DESIGN.md)."""
+    wanted = request.requested_output_names()
+    return pb_utils.InferenceResponse([
+        value if isinstance(value, pb_utils.Tensor) else pb_utils.Tensor(name, value)
+        for name, value in tensors.items() if name in wanted
+    ])
+
+
 def error_response(error: Exception, model: str):
-    """INVALID_ARG for bad input, the component's message for a failed BLS call, INTERNAL otherwise."""
+    """INVALID_ARG for bad input, UNAVAILABLE for a refusal (retry later), CANCELLED for a cancelled
+    request, the component's message for a failed BLS call, INTERNAL otherwise."""
     if isinstance(error, InvalidInput):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+    if isinstance(error, Refused):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.UNAVAILABLE))
+    if isinstance(error, Cancelled):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.CANCELLED))
     if isinstance(error, ComponentError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
     pb_utils.Logger.log_error(f"{model}: {traceback.format_exc()}")

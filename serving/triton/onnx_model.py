@@ -16,7 +16,7 @@ from contract import layout
 from contract.networks import NETWORKS
 from serving.batching import group_by_shape, run_concatenated
 
-from .common import check_graph_interface, error_response, input_arrays, model_config, parameters, version_dir
+from .common import check_graph_interface, error_response, input_arrays, model_config, parameters, respond, version_dir
 
 # ONNX Runtime's tensor type names -> Triton's
 ONNX_RUNTIME_TYPES = {"tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(int32)": "INT32",
@@ -58,7 +58,7 @@ class TritonPythonModel:
                     [arrays[i] for i in indices], self.spec.input_names, self.spec.output_names,
                 )
                 for i, per_request in zip(indices, outputs):
-                    responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in per_request.items()])
+                    responses[i] = respond(requests[i], per_request)
             except Exception as error:  # noqa: BLE001 - fail this group's requests, not the model
                 for i in indices:
                     responses[i] = error_response(error, self.spec.name)

@@ -1,13 +1,26 @@
-"""`tokenizer`: prompt (+ negative prompt when CFG uses it) -> token ids for both CLIP encoders."""
+"""`tokenizer`: the ensemble's first step. Checks the texts, admits the request to the denoising
+queue or refuses it at once (serving/admission.py), and tokenizes the prompt (+ the negative prompt
+when CFG uses it) for both CLIP encoders.
+
+Config parameters: max_prompt_bytes (contract/limits.py), max_queue_size, default_queue_timeout_ms,
+ticket_ttl_s (serving/admission.py AdmissionPolicy).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from contract.limits import Limits
+from serving.admission import TICKET_TENSOR, AdmissionPolicy, Refused, RunState, queue_timeout_s, run_directory
 from serving.endpoint import check_guidance, check_prompts
 from serving.text import PromptTokenizer, texts_to_encode
 
-from .common import error_response, input_arrays, version_dir
+from .common import error_response, input_arrays, model_config, parameters, respond, version_dir
+from .metrics import AdmissionMetrics
 
 INPUTS = ("prompt", "negative_prompt", "guidance_scale")
 
@@ -19,7 +32,15 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"tokenizer: no tokenizer files in {directory}; run `python -m export onnx` (or `make export-tiny`) first"
             )
+        params = parameters(model_config(args))
+        try:
+            self.limits = Limits.from_parameters(params)
+            self.policy = AdmissionPolicy.from_parameters(params)
+        except ValueError as error:
+            raise pb_utils.TritonModelException(f"tokenizer: {error}") from None
         self.tokenizer = PromptTokenizer(directory)
+        self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
+        self.metrics = AdmissionMetrics(args["model_name"])
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -27,9 +48,16 @@ class TritonPythonModel:
     def _respond(self, request):
         try:
             raw = input_arrays(request, INPUTS)
-            prompt, negative = check_prompts(raw)
+            prompt, negative = check_prompts(raw, self.limits)
             do_cfg = check_guidance(raw["guidance_scale"]) > 1.0
+            timeout = queue_timeout_s(json.loads(request.parameters() or "{}"), self.policy)
+            ticket = self.run.admit(self.policy, timeout)  # last: a refused request cost nothing
+            self.metrics.admitted.increment(1)
             ids = self.tokenizer(texts_to_encode(prompt, negative, do_cfg))
-            return pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in ids.items()])
+            tensors = {**ids, TICKET_TENSOR: np.array([ticket.encode()], dtype=object)}
+            return respond(request, tensors)
+        except Refused as refusal:
+            self.metrics.refused(refusal.reason)
+            return error_response(refusal, "tokenizer")
         except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
             return error_response(error, "tokenizer")
