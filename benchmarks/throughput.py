@@ -78,6 +78,9 @@ def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path, 
         path.write_text(re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {unet_delay_us}", path.read_text()))
     path = repository / "scheduler" / "configs" / "cpu.pbtxt"
     path.write_text(re.sub(r"count: \d+", f"count: {schedulers}", path.read_text()))
+    # Closed-loop clients up to concurrency 16 measure the loops, not admission: nothing is refused.
+    path = repository / "tokenizer" / "config.pbtxt"
+    path.write_text(re.sub(r'(key: "max_queue_size" value: \{ string_value: ")\d+', r"\g<1>64", path.read_text()))
     return repository
 
 

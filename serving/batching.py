@@ -23,11 +23,15 @@ def group_by_shape(requests: Sequence[Arrays], names: Sequence[str]) -> list[lis
 
 def run_concatenated(
     run: Callable[[Arrays], Sequence[np.ndarray]], batch: Sequence[Arrays], input_names: Sequence[str],
-    output_names: Sequence[str],
+    output_names: Sequence[str], max_rows: int = 0,
 ) -> list[Arrays]:
-    """Concatenate `batch` along axis 0, call `run` once, split every output back per request."""
+    """Concatenate `batch` along axis 0, call `run` once (or once per `max_rows` rows when set: the
+    peak memory of a run grows with its rows), split every output back per request."""
     feed = {name: np.concatenate([inputs[name] for inputs in batch]) for name in input_names}
-    results = run(feed)
+    rows = len(feed[input_names[0]])
+    step = max_rows or rows
+    chunks = [run({name: value[start:start + step] for name, value in feed.items()}) for start in range(0, rows, step)]
+    results = [np.concatenate(parts) for parts in zip(*chunks)]
     boundaries = np.cumsum([inputs[input_names[0]].shape[0] for inputs in batch])[:-1]
     pieces = [np.split(result, boundaries) for result in results]
     return [{name: pieces[k][j] for k, name in enumerate(output_names)} for j in range(len(batch))]

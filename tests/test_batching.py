@@ -30,3 +30,18 @@ def test_runs_once_and_splits_per_request():
     for inputs, out in zip(batch, outputs):
         np.testing.assert_array_equal(out["noise_pred"], inputs["sample"] * 2)
         np.testing.assert_array_equal(out["t"], inputs["timestep"] + 1)
+
+
+def test_max_rows_splits_the_run_not_the_answer():
+    calls = []
+
+    def run(feed):
+        calls.append(feed["sample"].shape[0])
+        return [feed["sample"] * 2, feed["timestep"] + 1]
+
+    batch = [request(1, 8, 1.0), request(3, 8, 2.0), request(2, 8, 3.0)]
+    outputs = run_concatenated(run, batch, ["sample", "timestep"], ["noise_pred", "t"], max_rows=4)
+    assert calls == [4, 2]
+    for inputs, out in zip(batch, outputs):
+        np.testing.assert_array_equal(out["noise_pred"], inputs["sample"] * 2)
+        np.testing.assert_array_equal(out["t"], inputs["timestep"] + 1)

@@ -4,7 +4,9 @@ The bundled tritonserver has no ONNX Runtime backend, so this Python-backend mod
 with the same tensor names, dtypes and shapes as the production TensorRT configs. Requests that
 dynamic batching hands over together are concatenated along the batch axis (grouped by shape) and
 run as one ONNX Runtime call. Config parameters: network (default: the model's name),
-intra_op_threads (default: ONNX Runtime's choice).
+intra_op_threads (default: ONNX Runtime's choice), max_rows_per_run (default 0: all rows in one
+call; the VAE decoder's CPU config sets 1, since ONNX Runtime's peak memory grows by about 2 GiB
+per 1024x1024 image: measured, benchmarks/results/faults_cpu.md).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class TritonPythonModel:
         if not threads.isdigit():
             raise pb_utils.TritonModelException(f"{network}: parameter intra_op_threads={threads!r}: expected a count (0: ONNX Runtime's choice)")
         options.intra_op_num_threads = int(threads)
+        rows = params.get("max_rows_per_run", "0")
+        if not rows.isdigit():
+            raise pb_utils.TritonModelException(f"{network}: parameter max_rows_per_run={rows!r}: expected a count (0: all at once)")
+        self.max_rows = int(rows)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         graph_inputs = [i.name for i in self.session.get_inputs()]
         if graph_inputs != self.spec.input_names:
@@ -55,7 +61,7 @@ class TritonPythonModel:
             try:
                 outputs = run_concatenated(
                     lambda feed: self.session.run(self.spec.output_names, feed),
-                    [arrays[i] for i in indices], self.spec.input_names, self.spec.output_names,
+                    [arrays[i] for i in indices], self.spec.input_names, self.spec.output_names, self.max_rows,
                 )
                 for i, per_request in zip(indices, outputs):
                     responses[i] = respond(requests[i], per_request)
