@@ -71,7 +71,7 @@ def run_directory(server_pid: int) -> Path:
 class AdmissionPolicy:
     """The tokenizer's config parameters (model_repository/tokenizer/config.pbtxt)."""
 
-    max_queue_size: int = 8  # benchmarks/results/overload.md: the bound's p95 / unloaded p95
+    max_queue_size: int = 4  # as model_repository/tokenizer/config.pbtxt, chosen in benchmarks/results/faults_cpu.md
     default_queue_timeout_ms: int = 0  # 0: a request waits for a slot as long as it takes
     ticket_ttl_s: float = 600.0
 

@@ -50,10 +50,10 @@ def test_overload_is_refused_with_the_bound_and_admitted_requests_finish(triton)
     results = burst(triton.grpc_url, 24)
     refused = [message for outcome, message in results if outcome != "ok"]
     admitted = len(results) - len(refused)
-    assert refused, "24 simultaneous slow requests against 4 loops + a queue of 8: some must be refused"
+    assert refused, "24 simultaneous slow requests against 4 loops + a queue of 4: some must be refused"
     assert admitted >= scheduler_instances(triton)
     for message in refused:  # every failure is a refusal, none a broken request
-        assert "server at capacity:" in message and "(4 denoising loops + max_queue_size 8); retry later" in message, message
+        assert "server at capacity:" in message and "(4 denoising loops + max_queue_size 4); retry later" in message, message
     assert {outcome for outcome, _ in results if outcome != "ok"} == {"StatusCode.UNAVAILABLE"}
 
 
