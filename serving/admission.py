@@ -127,13 +127,17 @@ class RunState:
                 raise Refused("capacity", f"server at capacity: {admitted} requests admitted ({loops} denoising loops "
                               f"+ max_queue_size {policy.max_queue_size}); retry later")
             ticket = uuid.uuid4().hex
-            self._write(self.queued / ticket, {"admitted": time.time(), "timeout_s": timeout_s})
+            # A request admitted while a loop is free does not wait for one: its timeout never applies
+            # (the time it spends in the text encoder is not queueing).
+            waits = admitted >= loops
+            self._write(self.queued / ticket, {"admitted": time.time(), "timeout_s": timeout_s if waits else None})
         return ticket
 
     # The scheduler's side
     def start(self, ticket: str) -> float:
-        """Take the ticket off the queue into the loop; the seconds it waited. Refused when it waited
-        longer than its queue timeout (a slot frees only when a loop ends, so that is when it is told)."""
+        """Take the ticket off the queue into the loop; the seconds since its admission. Refused when
+        it was admitted with every loop busy and waited longer than its queue timeout (a slot frees
+        only when a loop ends, so that is when it is told)."""
         source, target = self.queued / ticket, self.running / ticket
         try:
             record = json.loads(source.read_text())

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from contract.networks import TIME_IDS_DIM
-from .endpoint import GenerationOptions
+from .endpoint import Cancelled, GenerationOptions
 
 UNetFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs named as networks.UNET -> noise_pred
 
@@ -132,10 +132,6 @@ def cfg_end_fraction_from_parameters(parameters: dict[str, str]) -> float:
         raise ValueError(f"model config parameter cfg_end_fraction={text!r}: expected a number from 0 to 1 "
                          "(1: CFG on every step; 0.5: CFG on the first half of the steps)")
     return value
-
-
-class Cancelled(RuntimeError):
-    """The request was cancelled (a client's cancel or deadline) while its loop ran."""
 
 
 def denoise(unet: UNetFn, denoiser: LcmDenoiser, cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:

@@ -52,6 +52,10 @@ class InvalidInput(ValueError):
         super().__init__(f"{name}: {shown}; expected {accepted}")
 
 
+class Cancelled(RuntimeError):
+    """The request was cancelled (a client's cancel or deadline) while the server worked on it."""
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """Everything but the texts: what the scheduler needs to run one request."""

@@ -225,12 +225,16 @@ class Supervisor:
             self.status.state = "failed"
             self._kill()
             return False
+        waited = time.monotonic()
         self._wait_for_loops(self.timing.restart_drain_s)
+        waited = time.monotonic() - waited
         self._kill()
         self._stopped_since, self._not_ready_since = {}, None
+        started = time.monotonic()
         self._start()
         self.status.last_recovery_s = time.monotonic() - restart.since
-        self.log(f"recovered in {self.status.last_recovery_s:.1f} s")
+        self.log(f"recovered in {self.status.last_recovery_s:.1f} s ({waited:.1f} s for running loops to finish, "
+                 f"{time.monotonic() - started:.1f} s to start tritonserver)")
         return True
 
     def _wait_for_loops(self, timeout_s: float, include_queued: bool = False) -> bool:

@@ -72,6 +72,16 @@ def test_queue_timeout_is_told_when_a_slot_frees(run):
     assert run.counts() == (0, 0)
 
 
+def test_a_request_admitted_while_a_loop_is_free_is_never_timed_out(run):
+    run.register_loop()
+    free = run.admit(AdmissionPolicy(), timeout_s=0.001)  # the loop is free: no waiting for a slot
+    waiting = run.admit(AdmissionPolicy(), timeout_s=0.001)  # the loop is taken: it waits
+    time.sleep(0.01)
+    run.start(free)
+    with pytest.raises(Refused, match="over its queue_timeout_ms=1"):
+        run.start(waiting)
+
+
 def test_forgotten_tickets_expire(run):
     policy = AdmissionPolicy(max_queue_size=1, ticket_ttl_s=60)  # no loop registered: capacity 1
     ticket = run.admit(policy, None)  # say its request was cancelled before the scheduler

@@ -27,7 +27,7 @@ from serving.denoise import LcmDenoiser, cfg_end_fraction_from_parameters, denoi
 from serving.endpoint import check_options
 
 from .common import (check_graph_interface, error_response, infer, input_arrays, model_config, parameters, repository_root,
-                     respond, to_torch, to_triton, version_dir)
+                     respond, version_dir)
 from .metrics import AdmissionMetrics, SchedulerMetrics
 
 OPTION_INPUTS = ("seed", "num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt")
@@ -106,6 +106,19 @@ class TritonPythonModel:
         finally:
             if ticket is not None:
                 self.run.finish(ticket)  # whatever happened: its queue place or loop slot is free
+
+
+def to_torch(tensor, device: torch.device) -> torch.Tensor:
+    """A Triton tensor as a torch tensor on `device`; GPU memory is shared through DLPack, not copied."""
+    if tensor.is_cpu():
+        return torch.from_numpy(tensor.as_numpy()).to(device)
+    return torch.from_dlpack(tensor.to_dlpack()).to(device)
+
+
+def to_triton(name: str, value: torch.Tensor):
+    if value.is_cuda:
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+    return pb_utils.Tensor(name, value.contiguous().numpy())
 
 
 def scheduler_config(directory) -> dict:

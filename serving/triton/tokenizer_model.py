@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from contract.limits import Limits
 from serving.admission import TICKET_TENSOR, AdmissionPolicy, Refused, RunState, queue_timeout_s, run_directory
-from serving.endpoint import check_guidance, check_prompts
+from serving.endpoint import InvalidInput, check_guidance, check_prompts
 from serving.text import PromptTokenizer, texts_to_encode
 
 from .common import error_response, input_arrays, model_config, parameters, respond, version_dir
@@ -50,7 +50,7 @@ class TritonPythonModel:
             raw = input_arrays(request, INPUTS)
             prompt, negative = check_prompts(raw, self.limits)
             do_cfg = check_guidance(raw["guidance_scale"]) > 1.0
-            timeout = queue_timeout_s(json.loads(request.parameters() or "{}"), self.policy)
+            timeout = queue_timeout_s(request_parameters(request), self.policy)
             ticket = self.run.admit(self.policy, timeout)  # last: a refused request cost nothing
             self.metrics.admitted.increment(1)
             ids = self.tokenizer(texts_to_encode(prompt, negative, do_cfg))
@@ -61,3 +61,12 @@ class TritonPythonModel:
             return error_response(refusal, "tokenizer")
         except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
             return error_response(error, "tokenizer")
+
+
+def request_parameters(request) -> dict:
+    """The request's parameters (Triton hands them over as JSON text); bad ones are the client's error."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except (UnicodeDecodeError, ValueError) as error:
+        raise InvalidInput("parameters", type(error).__name__, "request parameters in UTF-8") from None
+    return parameters if isinstance(parameters, dict) else {}
