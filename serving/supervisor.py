@@ -133,7 +133,11 @@ class Supervisor:
     # Lifecycle
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (exit 0 after the drain) or too many restarts (exit 1)."""
-        health = self._serve_health()
+        try:
+            health = self._serve_health()
+        except OSError as error:
+            self.log(f"error: cannot serve health on port {self.health_port}: {error.strerror}; choose another with --health-port")
+            return 2
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         try:

@@ -148,3 +148,20 @@ def test_sigterm_drains_under_load_without_losing_a_request(supervised):
     with pytest.raises(ProcessLookupError):
         os.killpg(server_pid, 0)  # the whole process group ended
     assert not run.exists()
+
+
+def test_a_busy_health_port_is_one_error_line(exported):
+    import socket
+
+    from contract.configs import CPU_DTYPE
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "serving.server", "--repository", str(exported(CPU_DTYPE)),
+                                 "--variant", "cpu", "--health-port", str(port)],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"[supervisor] error: cannot serve health on port {port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
