@@ -40,7 +40,6 @@ import numpy as np
 import psutil
 
 from client import ClientError, generate
-from serving.admission import run_directory
 from serving.processes import region_sizes, stubs_of
 from serving.server import free_port
 
