@@ -26,22 +26,18 @@ import os
 import platform
 import re
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from client import ClientError, generate
 from serving.processes import region_sizes, stubs_of
-from serving.server import free_port
+from serving.supervisor import SupervisorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -67,43 +63,19 @@ def percentile(values, q):
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-class Server:
-    """`python -m serving.server` (the supervisor) on free ports."""
+class Server(SupervisorProcess):
+    """The supervised server, started and ready; every one is stopped at the end whatever happened."""
 
-    started: list["Server"] = []  # stopped at the end whatever happened
+    started: list["Server"] = []
 
     def __init__(self, repository: Path, log_path: Path):
-        self.ports = {name: free_port() for name in ("http", "grpc", "metrics", "health")}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.server", "--repository", str(repository), "--variant", "cpu",
-             *(f"--{name}-port={port}" for name, port in self.ports.items())],
-            cwd=ROOT, stdout=log_path.open("a"), stderr=subprocess.STDOUT)
+        super().__init__(repository, log_path)
         Server.started.append(self)
-        self.wait_ready(True, 600)
+        self.wait(True, 600)
 
-    @property
-    def grpc(self) -> str:
-        return f"127.0.0.1:{self.ports['grpc']}"
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['health']}/v2/health/ready", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def wait_ready(self, ready: bool, timeout_s: float) -> float:
-        start = time.monotonic()
-        while self.ready() != ready:
-            if time.monotonic() - start > timeout_s or self.process.poll() is not None:
-                raise RuntimeError(f"supervisor not {'ready' if ready else 'unready'} after {timeout_s} s")
-            time.sleep(0.02)
-        return time.monotonic() - start
-
-    @property
-    def server_pid(self) -> int:
-        self.wait_ready(True, 600)  # not while the supervisor restarts it
-        return next(p.pid for p in psutil.Process(self.process.pid).children() if p.name() == "tritonserver")
+    def ready_server_pid(self) -> int:
+        self.wait(True, 600)  # not while the supervisor restarts it
+        return self.server_pid()
 
     def metric(self, port: str, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[port]}/metrics") as response:
@@ -166,8 +138,8 @@ def set_queue_size(repository: Path, size: int) -> None:
 
 
 def unloaded_latencies(server: Server, count: int) -> list[float]:
-    timed(server.grpc)  # warm-up
-    return [timed(server.grpc)[1] for _ in range(count)]
+    timed(server.grpc_url)  # warm-up
+    return [timed(server.grpc_url)[1] for _ in range(count)]
 
 
 def _load_process(url: str, clients: int, seconds: float, results) -> None:
@@ -195,13 +167,13 @@ def queue_bound(repository: Path, log_path: Path, seconds: float) -> dict:
         unloaded = unloaded_latencies(server, 10)
         clients = overload * (LOOPS + size)
         queue = context.Queue()
-        loader = context.Process(target=_load_process, args=(server.grpc, clients, seconds, queue))
+        loader = context.Process(target=_load_process, args=(server.grpc_url, clients, seconds, queue))
         failed_before = failed_ensemble_requests(server)
         loader.start()
         time.sleep(3)  # the load builds up
         probe = []
         while loader.is_alive() and len(probe) < 200:
-            probe.append(timed(server.grpc))
+            probe.append(timed(server.grpc_url))
             time.sleep(0.1)
         results = queue.get()
         loader.join()
@@ -236,13 +208,13 @@ def queue_bound(repository: Path, log_path: Path, seconds: float) -> dict:
 
 
 def kill_stub(server: Server, model: str) -> dict:
-    load = Load(server.grpc, 4, height=128, width=128)
+    load = Load(server.grpc_url, 4, height=128, width=128)
     time.sleep(3)
-    victim = next(stub for stub in stubs_of(server.server_pid) if stub.model == model)
+    victim = next(stub for stub in stubs_of(server.ready_server_pid()) if stub.model == model)
     os.kill(victim.pid, signal.SIGKILL)
     killed = time.monotonic()
-    detection = server.wait_ready(False, 60)
-    recovery = server.wait_ready(True, 600)
+    detection = server.wait(False, 60)
+    recovery = server.wait(True, 600)
     served = len(load.results)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and sum(o == "ok" for _, o, _ in load.results[served:]) < 8:
@@ -271,12 +243,12 @@ def drain(server: Server) -> dict:
     """As many slow requests as the server admits (loops + max_queue_size), then SIGTERM."""
     count = LOOPS + DEFAULT_QUEUE_SIZE
     with ThreadPoolExecutor(count) as pool:
-        futures = [pool.submit(timed, server.grpc, height=256, width=256, num_inference_steps=8) for _ in range(count)]
+        futures = [pool.submit(timed, server.grpc_url, height=256, width=256, num_inference_steps=8) for _ in range(count)]
         time.sleep(1.0)
         start = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        unready = server.wait_ready(False, 30)
-        refused = timed(server.grpc)
+        unready = server.wait(False, 30)
+        refused = timed(server.grpc_url)
         outcomes = [f.result()[0] for f in futures]
     code = server.process.wait(timeout=300)
     row = dict(in_flight=len(outcomes), lost=sum(o != "ok" for o in outcomes), failures=[o for o in outcomes if o != "ok"], readiness_false_after_s=unready,
@@ -307,11 +279,11 @@ def cancellation(server: Server) -> dict:
     options = dict(seed=1, num_inference_steps=8, height=1024, width=1024)
     start_samples = settle()
     alone = time.perf_counter()
-    timed(server.grpc, **options)
+    timed(server.grpc_url, **options)
     full = time.perf_counter() - alone
     per_request = settle() - start_samples
     for case in ("ensemble, client deadline", "ensemble, gRPC cancel"):
-        client = grpc.InferenceServerClient(server.grpc)
+        client = grpc.InferenceServerClient(server.grpc_url)
         before = settle()
         inputs = build_inputs("grpc", "a lighthouse", **options)
         if "deadline" in case:
@@ -351,11 +323,11 @@ def shared_memory(server: Server) -> dict:
     outcomes = []
     for guidance in (1.0, 1.5):
         for _ in range(LOOPS):  # reach every scheduler instance
-            outcomes.append(timed(server.grpc, height=1024, width=1024, num_inference_steps=1, num_images_per_prompt=2,
+            outcomes.append(timed(server.grpc_url, height=1024, width=1024, num_inference_steps=1, num_images_per_prompt=2,
                                   guidance_scale=guidance, negative_prompt="blurry")[0])
     restarts = server.metric("health", "sdxl_supervisor_restarts_total")
     log(f"1024x1024 requests: {outcomes}; supervisor restarts so far: {restarts:.0f}")
-    sizes = region_sizes(stubs_of(server.server_pid))
+    sizes = region_sizes(stubs_of(server.ready_server_pid()))
     by_model: dict[str, int] = {}
     for instance, size in sizes.items():
         model = instance.rsplit("_", 2)[0]

@@ -57,14 +57,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from contract.limits import Limits
+from serving.admission import MAX_QUEUE_TIMEOUT_MS, QUEUE_TIMEOUT_PARAMETER  # the request parameter a client may set
 from serving.endpoint import INPUTS, MAX_GUIDANCE, MODEL_NAME, SEED_MAX
 
 TIMEOUT_S = 60  # per call: a valid request here takes well under a second; a hang is a failure
 DECLARED = {i.name: ("BYTES" if i.dtype == "STRING" else i.dtype) for i in INPUTS}  # the endpoint's inputs
 INT_INPUTS = ("num_inference_steps", "height", "width", "num_images_per_prompt")  # INT32
 TEXT_INPUTS = ("prompt", "negative_prompt")
-QUEUE_TIMEOUT_PARAMETER = "queue_timeout_ms"  # serving/admission.py: the request parameter a client may set
-MAX_QUEUE_TIMEOUT_MS = 3_600_000
 # The variants of a class that every run covers (tests/test_fuzz.py runs each on its own): the input a
 # typed class breaks, or what a raw class breaks. Classes not listed have one variant, None.
 VARIANTS = {

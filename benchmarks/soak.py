@@ -40,18 +40,15 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psutil
-
 from benchmarks.measure import process_tree, status_kib
 from contract.layout import REPO_ROOT
+from serving.supervisor import SupervisorProcess
 
 WARMUP = 50
 SAMPLE_S = 2.0
@@ -171,70 +168,6 @@ def send(request: Request, urls: dict[str, str]) -> Outcome:
     return Outcome(request.index, request.protocol, request.kind, "ok", seconds, n)
 
 
-# The supervised server
-class Supervised:
-    def __init__(self, repository: Path, log_path: Path):
-        from serving.server import free_port
-
-        self.ports = {name: free_port() for name in ("http", "grpc", "metrics", "health")}
-        self.log_path = log_path
-        self.command = [sys.executable, "-m", "serving.server", "--repository", str(repository), "--variant", "cpu",
-                        *(a for name, port in self.ports.items() for a in (f"--{name}-port", str(port)))]
-        self._log = log_path.open("w")
-        self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        self.triton_groups: set[int] = set()
-
-    @property
-    def urls(self) -> dict[str, str]:
-        return {"http": f"127.0.0.1:{self.ports['http']}", "grpc": f"127.0.0.1:{self.ports['grpc']}"}
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['health']}{path}", timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-        except OSError:
-            return 0, ""
-
-    def wait_ready(self, timeout_s: float = 600) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the supervisor exited with code {self.process.returncode}:\n{self.log_tail()}")
-            if self.get("/v2/health/ready")[0] == 200:
-                return time.monotonic() - start
-            time.sleep(0.5)
-        raise RuntimeError(f"not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def triton_pid(self) -> int | None:
-        try:
-            for child in psutil.Process(self.process.pid).children():
-                if child.name() == "tritonserver":
-                    self.triton_groups.add(child.pid)  # its own process group (start_new_session)
-                    return child.pid
-        except psutil.NoSuchProcess:
-            pass
-        return None
-
-    def log_tail(self, lines: int = 40) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def kill_everything(self) -> None:
-        """Whatever is left of both process groups (a failed run): SIGKILL."""
-        self.triton_pid()
-        for group in (*self.triton_groups, self.process.pid):
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if self.process.poll() is None:
-            self.process.wait(timeout=30)
-        self._log.close()
-
-
 # Sampling
 @dataclass
 class Sample:
@@ -253,10 +186,10 @@ class Sample:
                 "components_mib": {k: round(v / MIB, 1) for k, v in sorted(self.components.items())}}
 
 
-def take_sample(supervised: Supervised, t0: float, completed: int) -> Sample:
+def take_sample(supervised: SupervisorProcess, t0: float, completed: int) -> Sample:
     from serving.processes import region_sizes, stubs_of
 
-    triton = supervised.triton_pid()
+    triton = supervised.server_pid()
     stubs = stubs_of(triton) if triton else []
     names = {supervised.process.pid: "supervisor", **({triton: "tritonserver"} if triton else {}),
              **{stub.pid: stub.instance for stub in stubs}}
@@ -270,7 +203,7 @@ def take_sample(supervised: Supervised, t0: float, completed: int) -> Sample:
 
 
 class Sampler:
-    def __init__(self, supervised: Supervised, t0: float, completed):
+    def __init__(self, supervised: SupervisorProcess, t0: float, completed):
         self.supervised, self.t0, self.completed = supervised, t0, completed
         self.samples: list[Sample] = []
         self._stop = threading.Event()
@@ -403,11 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         export_s = time.monotonic() - export_start
         log(f"exported the tiny pipeline (fp32) to {repository} in {export_s:.0f} s")
 
-        supervised = Supervised(repository, tmp / "serve.log")
+        supervised = SupervisorProcess(repository, tmp / "serve.log")
         try:
-            ready_s = supervised.wait_ready()
+            ready_s = supervised.wait(ready=True)
             log(f"supervisor {supervised.process.pid} ready in {ready_s:.0f} s "
-                f"(tritonserver {supervised.triton_pid()}); ports {supervised.ports}")
+                f"(tritonserver {supervised.server_pid()}); ports {supervised.ports}")
             result = soak(supervised, warmup_requests, main_requests, args.concurrency)
             result["startup"] = {"export_s": round(export_s, 1), "ready_s": round(ready_s, 1)}
             result["server_command"] = " ".join(shlex.quote(a) for a in supervised.command)
@@ -447,7 +380,7 @@ def export_tiny(tmp: Path) -> Path:
     return repository
 
 
-def soak(supervised: Supervised, warmup: list[Request], requests: list[Request], concurrency: int) -> dict:
+def soak(supervised: SupervisorProcess, warmup: list[Request], requests: list[Request], concurrency: int) -> dict:
     completed = 0
     state = {"t_load": None, "rate_after_100": None, "last_print": 0.0}
     t0 = time.monotonic()
@@ -478,14 +411,14 @@ def soak(supervised: Supervised, warmup: list[Request], requests: list[Request],
     try:
         log(f"warm-up: {len(warmup)} requests")
         w_start = time.monotonic()
-        warm = run_load(warmup, supervised.urls, concurrency, progress, "warmup")
+        warm = run_load(warmup, {'http': supervised.http_url, 'grpc': supervised.grpc_url}, concurrency, progress, "warmup")
         warm_s = time.monotonic() - w_start
         start_sample = take_sample(supervised, t0, completed)
         sampler.samples.append(start_sample)
         log(f"warm-up done in {warm_s:.0f} s; start: RSS {start_sample.rss / MIB:.0f} MiB over "
             f"{start_sample.processes} processes, /dev/shm {start_sample.shm / MIB:.0f} MiB")
         state["t_load"] = state["last_print"] = time.monotonic()
-        outcomes = run_load(requests, supervised.urls, concurrency, progress, "load")
+        outcomes = run_load(requests, {'http': supervised.http_url, 'grpc': supervised.grpc_url}, concurrency, progress, "load")
         load_s = time.monotonic() - state["t_load"]
     finally:
         sampler.stop()
@@ -531,12 +464,12 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def shut_down(supervised: Supervised) -> dict:
+def shut_down(supervised: SupervisorProcess) -> dict:
     """SIGTERM the supervisor: it must drain and exit 0 within 120 s, taking tritonserver and its
     stubs (and their /dev/shm regions) with it."""
     from serving.processes import stubs_of
 
-    triton = supervised.triton_pid()
+    triton = supervised.server_pid()
     regions = [stub.region for stub in stubs_of(triton)] if triton else []
     start = time.monotonic()
     supervised.process.send_signal(signal.SIGTERM)

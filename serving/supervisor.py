@@ -24,16 +24,24 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+
+from contract.layout import REPO_ROOT
 
 from .admission import RunState, run_directory
 from .processes import remove_regions, stub_problem, stubs_of
-from .server import ServerError, TritonServer
+from .server import ServerError, TritonServer, free_port
 
 KILL_MARGIN_S = 5  # after drain + exit: what the supervisor needs to kill leftovers and exit
 
@@ -67,7 +75,6 @@ class Status:
     last_detection_s: float = 0.0
     queued: int = 0
     running: int = 0
-    server_pid: int = 0
 
     @property
     def ready(self) -> bool:
@@ -171,7 +178,6 @@ class Supervisor:
         if self.server.removed_stale:
             self.log(f"removed {len(self.server.removed_stale)} shared-memory regions and run directories of dead servers")
         self.run_state = RunState(run_directory(self.server.process.pid)).create()
-        self.status.server_pid = self.server.process.pid
         self.stubs = {stub.instance: stub for stub in stubs_of(self.server.process.pid)}
         self.status.state = "serving"
         self.log(f"tritonserver {self.server.process.pid} ready with {len(self.stubs)} Python-backend stubs; "
@@ -304,3 +310,79 @@ class Supervisor:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
         return server
+
+
+class SupervisorProcess:
+    """`python -m serving.server` (this supervisor) as a child process on free ports, driven as users
+    drive it: what the tests and the reliability benchmarks start. It and its tritonserver each have
+    their own process group; kill_everything() ends both."""
+
+    def __init__(self, repository: Path, log_path: Path, variant: str = "cpu", extra_args: tuple[str, ...] = ()):
+        self.ports = {name: free_port() for name in ("http", "grpc", "metrics", "health")}
+        self.log_path = Path(log_path)
+        self.command = [sys.executable, "-m", "serving.server", "--repository", str(repository), "--variant", variant,
+                        *(f"--{name}-port={port}" for name, port in self.ports.items()), *extra_args]
+        self._log = self.log_path.open("a")
+        self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self._server_groups: set[int] = set()
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
+    def get(self, path: str) -> tuple[int, str]:
+        """(status, body) of the health port's `path`; (0, "") when nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['health']}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError:
+            return 0, ""
+
+    def ready(self) -> bool:
+        return self.get("/v2/health/ready")[0] == 200
+
+    def wait(self, ready: bool, timeout_s: float = 600) -> float:
+        """Seconds until readiness is `ready`; RuntimeError, with the log's end, if the supervisor
+        exits or it does not come in time."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the supervisor exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if self.ready() == ready:
+                return time.monotonic() - start
+            time.sleep(0.02)
+        raise RuntimeError(f"not {'ready' if ready else 'unready'} after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def server_pid(self) -> int | None:
+        """The tritonserver the supervisor runs now (None while it restarts one)."""
+        try:
+            for child in psutil.Process(self.process.pid).children():
+                if child.name() == "tritonserver":
+                    self._server_groups.add(child.pid)  # its own process group
+                    return child.pid
+        except psutil.NoSuchProcess:
+            pass
+        return None
+
+    def log_tail(self, lines: int = 40) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill_everything(self) -> None:
+        """SIGKILL whatever is left of the supervisor's and its servers' process groups (a failed run)."""
+        self.server_pid()
+        for group in (*self._server_groups, self.process.pid):
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.process.poll() is None:
+            self.process.wait(timeout=30)
+        self._log.close()

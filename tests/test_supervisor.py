@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,67 +19,25 @@ import pytest
 from client import ClientError, generate
 from serving.admission import RunState, run_directory
 from serving.processes import stubs_of
-from serving.server import free_port
+from serving.supervisor import SupervisorProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class Supervised:
-    def __init__(self, repository: Path, log: Path):
-        self.ports = {name: free_port() for name in ("http", "grpc", "metrics", "health")}
-        self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.server", "--repository", str(repository), "--variant", "cpu",
-             *(f"--{name}-port={port}" for name, port in self.ports.items()), "--drain-timeout-s", "60"],
-            cwd=REPO_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        )
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['health']}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-        except OSError:
-            return 0, ""
-
-    def ready(self) -> bool:
-        return self.get("/v2/health/ready")[0] == 200
-
-    def wait(self, ready: bool, timeout_s: float) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            assert self.process.poll() is None, f"supervisor exited: {self.log.read_text()[-3000:]}"
-            if self.ready() == ready:
-                return time.monotonic() - start
-            time.sleep(0.1)
-        raise AssertionError(f"not {'ready' if ready else 'unready'} after {timeout_s} s: {self.log.read_text()[-3000:]}")
-
-    @property
-    def server_pid(self) -> int:
-        return next(p.pid for p in psutil.Process(self.process.pid).children() if p.name() == "tritonserver")
-
-    def generate(self, **options):
-        return generate("a lighthouse", url=f"127.0.0.1:{self.ports['grpc']}", protocol="grpc", seed=1, timeout_s=60,
-                        **{"height": 128, "width": 128, **options})
+def generate_on(server: SupervisorProcess, **options):
+    return generate("a lighthouse", url=server.grpc_url, protocol="grpc", seed=1, timeout_s=60,
+                    **{"height": 128, "width": 128, **options})
 
 
 @pytest.fixture(scope="module")
 def supervised(exported, tmp_path_factory):
     from contract.configs import CPU_DTYPE
 
-    server = Supervised(exported(CPU_DTYPE), tmp_path_factory.mktemp("supervisor") / "serve.log")
+    server = SupervisorProcess(exported(CPU_DTYPE), tmp_path_factory.mktemp("supervisor") / "serve.log",
+                               extra_args=("--drain-timeout-s=60",))
     server.wait(ready=True, timeout_s=300)
     yield server
-    if server.process.poll() is None:  # a failed test: SIGKILL both groups
-        children = psutil.Process(server.process.pid).children()
-        server.process.kill()
-        server.process.wait()
-        for child in children:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    server.kill_everything()  # after a failed test, what is left of both process groups
 
 
 def outcome(call) -> str:
@@ -97,22 +53,22 @@ def test_health_endpoints_and_metrics(supervised):
     code, text = supervised.get("/metrics")
     assert code == 200 and "sdxl_supervisor_ready 1" in text
     assert supervised.get("/nowhere")[0] == 404
-    assert supervised.generate().images.shape == (1, 128, 128, 3)
+    assert generate_on(supervised).images.shape == (1, 128, 128, 3)
 
 
 def test_killed_stub_is_found_reported_and_repaired(supervised):
-    server_pid = supervised.server_pid
+    server_pid = supervised.server_pid()
     victim = next(stub for stub in stubs_of(server_pid) if stub.model == "scheduler")
     os.kill(victim.pid, signal.SIGKILL)  # as the OOM killer would
     supervised.wait(ready=False, timeout_s=10)
     with ThreadPoolExecutor(4) as pool:  # requests meanwhile end, one way or the other: none hangs
-        during = list(pool.map(lambda _: outcome(supervised.generate), range(4)))
+        during = list(pool.map(lambda _: outcome(lambda: generate_on(supervised)), range(4)))
     # ok (a healthy instance), refused (restarting), or no server on the port while it restarts
     expected = ("UNAVAILABLE", "not healthy", "failed to connect")
     assert all(o == "ok" or any(e in o for e in expected) for o in during), during
     supervised.wait(ready=True, timeout_s=120)
-    assert supervised.server_pid != server_pid and not psutil.pid_exists(victim.pid)
-    assert [outcome(supervised.generate) for _ in range(8)] == ["ok"] * 8  # full service: every instance answers
+    assert supervised.server_pid() != server_pid and not psutil.pid_exists(victim.pid)
+    assert [outcome(lambda: generate_on(supervised)) for _ in range(8)] == ["ok"] * 8  # full service: every instance answers
     metrics = supervised.get("/metrics")[1]
     assert 'sdxl_supervisor_restarts_total{reason="stub_zombie"} 1' in metrics
     assert 'sdxl_supervisor_stub_failures_total{model="scheduler",problem="zombie"} 1' in metrics
@@ -120,25 +76,25 @@ def test_killed_stub_is_found_reported_and_repaired(supervised):
 
 def test_not_healthy_report_restarts(supervised):
     """What a model reports when Triton answers its BLS call with "Stub process ... is not healthy"."""
-    server_pid = supervised.server_pid
+    server_pid = supervised.server_pid()
     RunState(run_directory(server_pid)).report_unhealthy("unet: Stub process 'unet_0_0' is not healthy.")
     supervised.wait(ready=False, timeout_s=10)
     supervised.wait(ready=True, timeout_s=120)
-    assert supervised.server_pid != server_pid
+    assert supervised.server_pid() != server_pid
     assert 'sdxl_supervisor_restarts_total{reason="stub_not_healthy"} 1' in supervised.get("/metrics")[1]
-    assert supervised.generate().images.shape == (1, 128, 128, 3)
+    assert generate_on(supervised).images.shape == (1, 128, 128, 3)
 
 
 def test_sigterm_drains_under_load_without_losing_a_request(supervised):
-    server_pid = supervised.server_pid
+    server_pid = supervised.server_pid()
     run = run_directory(server_pid)
     slow = dict(height=256, width=256, num_inference_steps=8)
     with ThreadPoolExecutor(8) as pool:
-        in_flight = [pool.submit(supervised.generate, **slow) for _ in range(8)]
+        in_flight = [pool.submit(generate_on, supervised, **slow) for _ in range(8)]
         time.sleep(0.5)
         supervised.process.send_signal(signal.SIGTERM)
         supervised.wait(ready=False, timeout_s=5)
-        refused = outcome(supervised.generate)
+        refused = outcome(lambda: generate_on(supervised))
         images = [future.result().images for future in in_flight]  # raises if any was lost
     assert all(image.shape == (1, 256, 256, 3) for image in images)
     assert "UNAVAILABLE" in refused and "server is draining (shutting down)" in refused, refused
