@@ -1,0 +1,551 @@
+"""The container image and the Helm chart (deploy/): hadolint on the Dockerfile; the chart rendered
+offline with the default values, a production-like file and each repository source, linted by the
+Helm SDK, validated strictly against the Kubernetes 1.29 and 1.33 schemas and scanned by checkov;
+semantic checks on the rendered objects; and the probes, the helm tests, the perf_analyzer Job and
+every metric that the dashboard, alerts and autoscalers read, tried against a real supervised server.
+
+The tools run in the deployment venv (.venv-deploy, `make install-deploy`, which `make test` runs):
+checkov's pins conflict with the serving stack's."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = REPO_ROOT / "deploy"
+CHART = DEPLOY / "helm" / "sdxl-triton"
+PRODUCTION_VALUES = DEPLOY / "helm" / "values-production.yaml"
+ADAPTER_VALUES = DEPLOY / "helm" / "prometheus-adapter-values.yaml"
+DEPLOY_BIN = REPO_ROOT / ".venv-deploy" / "bin"
+NAMESPACE = "sdxl"
+
+# checkov (Kubernetes framework) findings this chart accepts, each for a stated reason. Everything
+# else it reports fails the test.
+CHECKOV_SKIPS = {
+    # CPU limits throttle a latency-bound server under CFS quotas; CPU requests are set everywhere.
+    "CKV_K8S_11",
+    # The image is referenced by an immutable release tag by default (image.digest pins a digest):
+    # pulling a ~15 GB image on every start (Always) would only slow restarts.
+    "CKV_K8S_15",
+    "CKV_K8S_43",
+    # helm test pods run once to completion: liveness and readiness probes mean nothing there.
+    "CKV_K8S_8",
+    "CKV_K8S_9",
+}
+SOURCES = {
+    "default": [],
+    "production": ["-f", str(PRODUCTION_VALUES)],
+    "pvc-cpu-keda": ["--set", "modelRepository.source=pvc", "--set", "modelRepository.persistence.existingClaim=models",
+                     "--set", "server.variant=cpu", "--set", "gpu.count=0", "--set", "autoscaling.keda.enabled=true"],
+    "s3": ["-f", str(PRODUCTION_VALUES), "--set", "modelRepository.source=s3", "--set", "modelRepository.remote.uri=s3://models/sdxl",
+           "--set", "modelRepository.remote.existingSecret=s3-credentials", "--set", "modelRepository.remote.endpointUrl=http://minio:9000"],
+    "gcs": ["--set", "modelRepository.source=gcs", "--set", "modelRepository.remote.uri=gs://models/sdxl",
+            "--set", "modelRepository.remote.existingSecret=gcs-key", "--set", "gpu.resourceName=nvidia.com/mig-3g.40gb"],
+}
+
+
+def deploy_tool(name: str) -> str:
+    path = DEPLOY_BIN / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make install-deploy` (make test does)")
+    return str(path)
+
+
+def run_render(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([deploy_tool("python"), "-m", "deploy.render", "--lint", "--namespace", NAMESPACE, "--out", "-", *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+_rendered: dict[tuple[str, ...], list[dict]] = {}
+
+
+def render(*args: str) -> list[dict]:
+    if args not in _rendered:
+        result = run_render(*args)
+        assert result.returncode == 0, result.stderr
+        _rendered[args] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return _rendered[args]
+
+
+def find(objects: list[dict], kind: str, component: str | None = None) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind
+            and (component is None or o["metadata"]["labels"].get("app.kubernetes.io/component") == component)]
+
+
+def one(objects: list[dict], kind: str, component: str | None = None) -> dict:
+    found = find(objects, kind, component)
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+def chart_values(*files: Path) -> dict:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path in files:
+        values = merge(values, yaml.safe_load(path.read_text()))
+    return values
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def pod_specs(objects: list[dict]) -> list[tuple[str, dict]]:
+    specs = []
+    for o in objects:
+        if o["kind"] == "Pod":
+            specs.append((o["metadata"]["name"], o["spec"]))
+        elif o["kind"] in ("Deployment", "Job"):
+            specs.append((o["metadata"]["name"], o["spec"]["template"]["spec"]))
+    return specs
+
+
+def server_container(objects: list[dict]) -> dict:
+    deployment = one(objects, "Deployment")
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "server")
+
+
+def argument(container: dict, flag: str) -> str:
+    return next(a.split("=", 1)[1] for a in container["args"] if a.startswith(flag + "="))
+
+
+# --- the image -----------------------------------------------------------------------------------
+
+def dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M))
+
+
+def test_dockerfile_passes_hadolint():
+    result = subprocess.run([deploy_tool("hadolint"), "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_names_the_triton_release_once_and_runs_the_supervisor_as_non_root():
+    text = (DEPLOY / "Dockerfile").read_text()
+    args = dockerfile_args()
+    release, trt = args["TRITON_RELEASE"], args["TENSORRT_VERSION"]
+    assert re.fullmatch(r"\d\d\.\d\d", release) and re.fullmatch(r"\d+\.\d+\.\d+(\.\d+)?", trt)
+    assert text.count(release) == 1, "the release is named once, in its ARG"
+    assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3" in text
+    assert 'RUN python3 deploy/check_tensorrt.py "${TENSORRT_VERSION}"' in text
+    assert re.search(r'^ENTRYPOINT \["tini", "--", "python3", "-m", "serving.server"\]$', text, re.M)
+    user = re.findall(r"^USER (\S+)$", text, re.M)
+    assert user == ["${APP_UID}:${APP_UID}"] and int(args["APP_UID"]) > 0
+    # The chart's pods run as that user, and its load test uses the SDK image of the same release.
+    deployment = one(render(), "Deployment")
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(args["APP_UID"])
+    assert chart_values()["perfAnalyzer"]["image"] == f"nvcr.io/nvidia/tritonserver:{release}-py3-sdk"
+    # The Makefile's TensorRT for `make install-gpu` is read from the Dockerfile.
+    made = subprocess.run(["make", "-s", "-n", "install-gpu"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    assert f"{args['TENSORRT_WHEEL']}=={trt}" in made
+
+
+def test_dockerignore_keeps_environments_and_artifacts_out_of_the_image():
+    lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert lines[lines.index("**")] == "**"  # everything out, then the code back in
+    for needed in ("!contract/", "!serving/", "!export/", "!client/", "!perf/", "!model_repository/", "!requirements/base.txt"):
+        assert needed in lines
+    for artifact in ("model_repository/*/1/model.plan", "model_repository/*/1/model.onnx", "**/__pycache__/"):
+        assert artifact in lines
+    # Every file the Dockerfile copies is let in.
+    for source in re.findall(r"^COPY (.+) \S+$", (DEPLOY / "Dockerfile").read_text(), re.M):
+        for path in source.split():
+            assert any(line.startswith("!") and path.rstrip("/").startswith(line[1:].rstrip("/")) for line in lines), path
+
+
+def test_tensorrt_check_refuses_a_wheel_of_another_version(monkeypatch, capsys):
+    from deploy import check_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", type(sys)("tensorrt"))
+    sys.modules["tensorrt"].__version__ = "10.13.3.9"
+    monkeypatch.setattr(check_tensorrt, "container_version", lambda major: "10.13.3")
+    assert check_tensorrt.main(["10.13.3.9"]) == 0
+    monkeypatch.setattr(check_tensorrt, "container_version", lambda major: "10.14.1")
+    assert check_tensorrt.main(["10.13.3.9"]) == 1
+    assert "the Triton container ships TensorRT 10.14.1" in capsys.readouterr().err
+
+
+# --- render, lint, schemas, checkov --------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(SOURCES))
+def test_chart_renders_lints_and_validates_against_kubernetes_1_29_and_1_33(case, tmp_path):
+    objects = render(*SOURCES[case])
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(yaml.safe_dump_all(objects))
+    result = subprocess.run([deploy_tool("python"), "-m", "deploy.validate", str(manifest), "--kube-version", "1.29",
+                             "--kube-version", "1.33"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(o["metadata"].get("namespace") == NAMESPACE for o in objects)
+
+
+def test_validation_fails_on_unknown_and_removed_kinds(tmp_path):
+    manifest = tmp_path / "bad.yaml"
+    hpa = one(render(*SOURCES["production"]), "HorizontalPodAutoscaler")
+    removed = {**hpa, "apiVersion": "autoscaling/v2beta2"}  # what Triton's own chart still ships
+    typo = {"apiVersion": "apps/v1", "kind": "Deploymnet", "metadata": {"name": "x"}}
+    extra_field = {**hpa, "spec": {**hpa["spec"], "replicas": 2}}
+    monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "m"}, "spec": {}}
+    manifest.write_text(yaml.safe_dump_all([removed, typo, extra_field, monitor]))
+    result = subprocess.run([deploy_tool("python"), "-m", "deploy.validate", str(manifest), "--kube-version", "1.29"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    problems = result.stdout.splitlines()
+    assert len(problems) == 3, problems
+    assert "autoscaling/v2beta2" in problems[0] and "no such kind" in problems[0]
+    assert "Deploymnet" in problems[1] and "replicas" in problems[2]
+    assert "skipped ServiceMonitor/m" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["default", "production", "s3"])
+def test_checkov_finds_nothing_beyond_the_commented_skips(case, tmp_path):
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(yaml.safe_dump_all(render(*SOURCES[case])))
+    result = subprocess.run([deploy_tool("checkov"), "-f", str(manifest), "--framework", "kubernetes", "--quiet", "--compact",
+                             "--skip-check", ",".join(sorted(CHECKOV_SKIPS)), "-o", "json"],
+                            capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout)
+    report = report[0] if isinstance(report, list) else report
+    failed = [(f["check_id"], f["check_name"], f["resource"]) for f in report.get("results", {}).get("failed_checks", [])]
+    assert failed == [], failed
+    assert report["summary"]["passed"] > 100
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("server.terminationGracePeriodSeconds=60", "server.terminationGracePeriodSeconds=60 is shorter than the shutdown it must cover"),
+    ("server.drainTimeoutSeconds=120", "Raise it to at least 145"),
+    ("gpu.product=", "modelRepository.source=build needs gpu.product"),
+    ("modelRepository.source=pvc", "needs modelRepository.persistence.existingClaim"),
+    ("server.variant=cpu", "modelRepository.source=build builds TensorRT plans for server.variant=production"),
+    ("server.variant=fast", "value must be one of 'production', 'cpu'"),
+    ("image.digest=latest", "/image/digest"),
+    ("gpu.count=0", "gpu.count must be at least 1"),
+])
+def test_contradictory_values_stop_the_render_with_a_message_naming_them(setting, message):
+    result = run_render("--set", setting)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+
+
+def test_both_autoscalers_at_once_are_refused():
+    result = run_render("--set", "autoscaling.hpa.enabled=true", "--set", "autoscaling.keda.enabled=true")
+    assert result.returncode == 1 and "KEDA creates its own HorizontalPodAutoscaler" in result.stderr
+
+
+# --- semantic checks -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(SOURCES))
+def test_selectors_match_the_labels_they_select(case):
+    objects = render(*SOURCES[case])
+    deployment = one(objects, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert one(objects, "Service")["spec"]["selector"].items() <= pod_labels.items()
+    for kind in ("PodDisruptionBudget",):
+        assert one(objects, kind)["spec"]["selector"]["matchLabels"] == selector
+    assert one(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"] == selector
+    for constraint in deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+        assert constraint["labelSelector"]["matchLabels"] == selector
+    for monitor in find(objects, "ServiceMonitor"):
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= one(objects, "Service")["metadata"]["labels"].items()
+        ports = {p["name"] for p in one(objects, "Service")["spec"]["ports"]}
+        assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics", "health"} <= ports
+
+
+@pytest.mark.parametrize("case", sorted(SOURCES))
+def test_probes_use_named_ports_and_the_supervisor_paths(case):
+    container = server_container(render(*SOURCES[case]))
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named == {"http": 8000, "grpc": 8001, "metrics": 8002, "health": 8003}
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes == {"startupProbe": {"path": "/v2/health/ready", "port": "health"},
+                      "readinessProbe": {"path": "/v2/health/ready", "port": "health"},
+                      "livenessProbe": {"path": "/v2/health/live", "port": "health"}}
+    assert argument(container, "--health-port") == str(named["health"])
+    # The startup budget covers the supervisor's model-loading timeout: a loading pod is not killed.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= float(argument(container, "--start-timeout-s"))
+
+
+@pytest.mark.parametrize("case", sorted(SOURCES))
+def test_grace_period_covers_prestop_drain_and_exit(case):
+    objects = render(*SOURCES[case])
+    spec = one(objects, "Deployment")["spec"]["template"]["spec"]
+    container = server_container(objects)
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    needed = int(sleep[1]) + float(argument(container, "--drain-timeout-s")) + float(argument(container, "--exit-timeout-s")) + 5
+    assert spec["terminationGracePeriodSeconds"] >= needed
+
+
+def python_models_of_production_configs() -> dict[str, int]:
+    counts = {}
+    for config in sorted((REPO_ROOT / "model_repository").glob("*/config.pbtxt")):
+        text = config.read_text()
+        if re.search(r'^backend:\s*"python"', text, re.M):
+            counts[config.parent.name] = sum(int(n) for n in re.findall(r"count:\s*(\d+)", text))
+    return counts
+
+
+@pytest.mark.parametrize("case", ["default", "production"])
+def test_shm_is_sized_from_the_python_instances_of_the_production_configs(case):
+    values = chart_values(*([PRODUCTION_VALUES] if case == "production" else []))
+    shm = values["sharedMemory"]
+    assert shm["pythonInstances"] == python_models_of_production_configs() == {"tokenizer": 2, "scheduler": 4}
+    # Per instance at least what README measured: tokenizer 1 MiB, a scheduler at 1536x1536 8.7 MiB.
+    assert shm["perInstanceMiB"]["tokenizer"] >= 1 and shm["perInstanceMiB"]["scheduler"] >= 8.7
+    expected = math.ceil(sum(n * shm["perInstanceMiB"][m] for m, n in shm["pythonInstances"].items()) * shm["headroomFactor"]
+                         + shm["baseMiB"])
+    volumes = {v["name"]: v for v in one(render(*SOURCES[case]), "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{expected}Mi"}
+    assert expected > 64  # more than the container runtime's default /dev/shm
+    mounts = {m["name"]: m for m in server_container(render(*SOURCES[case]))["volumeMounts"]}
+    assert mounts["dshm"]["mountPath"] == "/dev/shm"
+
+
+@pytest.mark.parametrize("case, resource", [("default", "nvidia.com/gpu"), ("gcs", "nvidia.com/mig-3g.40gb"), ("pvc-cpu-keda", None)])
+def test_gpu_limit_and_the_same_gpu_product_for_servers_and_engine_build(case, resource):
+    objects = render(*SOURCES[case])
+    limits = server_container(objects)["resources"]["limits"]
+    gpu_keys = [k for k in limits if "nvidia.com" in k]
+    assert gpu_keys == ([resource] if resource else []) and (not resource or limits[resource] == 1)
+    for job in find(objects, "Job", "engine-build"):
+        spec = job["spec"]["template"]["spec"]
+        assert spec["nodeSelector"]["nvidia.com/gpu.product"] == \
+            one(objects, "Deployment")["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
+        assert spec["containers"][0]["resources"]["limits"][resource] == 1
+
+
+def test_engine_build_writes_into_the_claim_the_servers_mount_read_only():
+    objects = render()
+    job = one(objects, "Job", "engine-build")
+    deployment_spec = one(objects, "Deployment")["spec"]["template"]["spec"]
+    claim = one(objects, "PersistentVolumeClaim")["metadata"]["name"]
+    job_volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    served_volumes = {v["name"]: v for v in deployment_spec["volumes"]}
+    assert job_volumes["models"]["persistentVolumeClaim"] == {"claimName": claim}
+    assert served_volumes["models"]["persistentVolumeClaim"] == {"claimName": claim, "readOnly": True}
+    assert all(m["readOnly"] for m in server_container(objects)["volumeMounts"] if m["name"] == "models")
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    repository = argument(server_container(objects), "--repository")
+    assert f'repository="{repository}"' in script
+    assert "python3 -m export onnx --device cuda" in script and 'python3 -m export engines --onnx "$repository"' in script
+    marker = f"{repository}/.sdxl-build-complete.json"
+    assert script.rstrip().splitlines()[-2].strip().endswith(f'> "{marker}"')  # written last
+    wait = next(c for c in deployment_spec["initContainers"] if c["name"] == "wait-for-engines")
+    assert marker in wait["args"][0] and job["metadata"]["name"] in wait["args"][0]
+    # A new image gets a new Job (a Job's template is immutable) and its own plans directory.
+    other = render("--set", "image.tag=0.2.0")
+    assert one(other, "Job", "engine-build")["metadata"]["name"] != job["metadata"]["name"]
+    assert argument(server_container(other), "--repository") != repository
+
+
+@pytest.mark.parametrize("case", sorted(SOURCES))
+def test_every_pod_is_locked_down(case):
+    for name, spec in pod_specs(render(*SOURCES[case])):
+        assert spec["automountServiceAccountToken"] is False, name
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in spec["containers"] + spec.get("initContainers", []):
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, (name, container["name"])
+            assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
+            assert "privileged" not in security
+            assert "requests" in container["resources"], (name, container["name"])
+        writable = {m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
+        assert "/tmp" in writable or name.endswith("test-health"), name
+
+
+def test_no_credentials_in_values_only_references_to_existing_secrets():
+    for case in ("production", "s3", "gcs"):
+        for name, spec in pod_specs(render(*SOURCES[case])):
+            for container in spec["containers"] + spec.get("initContainers", []):
+                for env in container.get("env", []):
+                    assert not re.search(r"KEY|SECRET|TOKEN$|PASSWORD", env["name"]) or "valueFrom" in env, (name, env)
+                assert "envFrom" not in container
+    s3 = one(render(*SOURCES["s3"]), "Deployment")["spec"]["template"]["spec"]
+    assert {"name": "storage-credentials", "secret": {"secretName": "s3-credentials", "items": [
+        {"key": "credentials", "path": "credentials"}]}} in s3["volumes"]
+    job = one(render(*SOURCES["production"]), "Job", "engine-build")["spec"]["template"]["spec"]
+    assert {"name": "HF_TOKEN_PATH", "value": "/var/run/secrets/huggingface/token"} in job["containers"][0]["env"]
+
+
+def test_service_ports_and_disruption_budget():
+    objects = render()
+    ports = {p["name"]: p for p in one(objects, "Service")["spec"]["ports"]}
+    assert {n: (p["port"], p["targetPort"]) for n, p in ports.items()} == {
+        "http": (8000, "http"), "grpc": (8001, "grpc"), "metrics": (8002, "metrics"), "health": (8003, "health")}
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    assert one(objects, "PodDisruptionBudget")["spec"] == {"maxUnavailable": 1, "selector": one(objects, "PodDisruptionBudget")["spec"]["selector"]}
+    strategy = one(objects, "Deployment")["spec"]["strategy"]["rollingUpdate"]
+    assert strategy == {"maxSurge": 1, "maxUnavailable": 0}  # a rolling update never drops below the replicas
+
+
+def test_monitoring_and_autoscaling_render_only_when_enabled():
+    kinds = {o["kind"] for o in render()}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "HorizontalPodAutoscaler", "ScaledObject", "ConfigMap"}
+    assert "replicas" in one(render(), "Deployment")["spec"]
+    production = render(*SOURCES["production"])
+    assert {"ServiceMonitor", "PrometheusRule", "HorizontalPodAutoscaler", "ConfigMap"} <= {o["kind"] for o in production}
+
+
+@pytest.mark.parametrize("case, kind", [("production", "HorizontalPodAutoscaler"), ("pvc-cpu-keda", "ScaledObject")])
+def test_autoscaler_targets_the_deployment_which_has_no_replicas(case, kind):
+    objects = render(*SOURCES[case])
+    deployment = one(objects, "Deployment")
+    scaler = one(objects, kind)
+    assert scaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert "replicas" not in deployment["spec"]
+    if kind == "HorizontalPodAutoscaler":
+        assert scaler["apiVersion"] == "autoscaling/v2"
+        assert set(scaler["spec"]["behavior"]) == {"scaleUp", "scaleDown"}
+        metric = scaler["spec"]["metrics"][0]
+        adapter = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in [r["name"]["as"] for r in adapter]
+    else:
+        assert scaler["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+
+
+def test_adapter_rules_name_no_namespace():
+    text = ADAPTER_VALUES.read_text()
+    assert "namespace=" not in text.replace('namespace!=""', "")
+    rule = yaml.safe_load(text)["rules"]["custom"][0]
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert "<<.LabelMatchers>>" in rule["metricsQuery"]
+
+
+# --- against a real supervised server ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def supervised(exported, tmp_path_factory):
+    from contract.configs import CPU_DTYPE
+    from serving.supervisor import SupervisorProcess
+
+    server = SupervisorProcess(exported(CPU_DTYPE), tmp_path_factory.mktemp("deploy") / "serve.log")
+    server.wait(ready=True, timeout_s=300)
+    yield server
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        server.process.wait(timeout=60)
+    finally:
+        server.kill_everything()
+
+
+def local_url(server, text: str, objects: list[dict]) -> str:
+    """`text` with the Service's in-cluster address and ports replaced by the local server's."""
+    service = one(objects, "Service")
+    host = f"{service['metadata']['name']}.{NAMESPACE}.svc"
+    for port in service["spec"]["ports"]:
+        text = text.replace(f"{host}:{port['port']}", f"127.0.0.1:{server.ports[port['name']]}")
+    assert host not in text
+    return text
+
+
+def test_probe_paths_answer_on_the_real_server(supervised):
+    import urllib.request
+
+    container = server_container(render())
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[kind]["httpGet"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{supervised.ports[probe['port']]}{probe['path']}", timeout=5) as response:
+            assert response.status == 200, kind
+
+
+def test_helm_test_pods_pass_against_the_real_server(supervised, tmp_path):
+    objects = render()
+    tests = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Pod"}
+    assert all(o["metadata"]["annotations"]["helm.sh/hook"] == "test" for o in tests.values())
+    health = next(o for n, o in tests.items() if n.endswith("test-health"))["spec"]["containers"][0]
+    script = local_url(supervised, health["args"][0], objects)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.count(" 200") == 4, result.stdout + result.stderr
+    generate = next(o for n, o in tests.items() if n.endswith("test-generate"))["spec"]["containers"][0]
+    command = [local_url(supervised, part, objects).replace("/tmp/helm-test.png", str(tmp_path / "test.png"))
+               for part in generate["command"]]
+    assert command[:3] == ["python3", "-m", "client"]
+    result = subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "test.png").stat().st_size > 0
+
+
+def test_perf_analyzer_job_runs_against_the_real_server(supervised, tmp_path):
+    perf_analyzer = shutil.which("perf_analyzer") or str(REPO_ROOT.parent / "shared" / "tools" / "perf_analyzer")
+    if not os.access(perf_analyzer, os.X_OK):
+        pytest.skip("perf_analyzer is not installed here (the Job runs it from NVIDIA's SDK container)")
+    objects = render("--set", "perfAnalyzer.enabled=true", "--set", "perfAnalyzer.inputData=ensemble_sdxl_cpu.json",
+                     "--set", "perfAnalyzer.concurrency=[1]", "--set", "perfAnalyzer.measurementIntervalMs=2000")
+    job = one(objects, "Job", "load-test")["spec"]["template"]["spec"]
+    assert "privileged" not in job["containers"][0]["securityContext"]
+    assert job["initContainers"][0]["command"] == ["cp", "-r", "/opt/sdxl-triton/perf/.", "/perf/"]  # the image's perf/
+    script = local_url(supervised, job["containers"][0]["args"][0], objects)
+    script = script.replace("/perf/", str(REPO_ROOT / "perf") + "/").replace("/tmp/", f"{tmp_path}/")
+    env = {**os.environ, "PATH": f"{Path(perf_analyzer).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Concurrency: 1, throughput:" in result.stdout
+
+
+PROMQL_METRIC = re.compile(r"\b((?:sdxl|nv)_[a-z0-9_]+)\b")
+SELECTED_NAME = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{")
+
+
+def referenced_metrics() -> dict[str, list[str]]:
+    """Every PromQL expression that the dashboard, the alerts, the KEDA trigger and the adapter rules
+    evaluate, by where it comes from."""
+    production = render(*SOURCES["production"])
+    keda = one(render(*SOURCES["pvc-cpu-keda"]), "ScaledObject")
+    dashboard = json.loads((CHART / "dashboards" / "sdxl-triton.json").read_text())
+    adapter = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    configmap = one(production, "ConfigMap")
+    assert json.loads(configmap["data"]["sdxl-triton.json"]) == dashboard
+    return {
+        "dashboard": [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+                     + [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"],
+        "alerts": [r["expr"] for g in one(production, "PrometheusRule")["spec"]["groups"] for r in g["rules"]],
+        "keda": [t["metadata"]["query"] for t in keda["spec"]["triggers"]],
+        "adapter": [q for r in adapter for q in (r["seriesQuery"], r["metricsQuery"])],
+    }
+
+
+def exposed_metrics(text: str) -> set[str]:
+    names = set()
+    for line in text.splitlines():
+        match = re.match(r"# TYPE (\S+)", line) or re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)", line)
+        if match and not line.startswith("# HELP"):
+            names.add(match.group(1))
+    return names
+
+
+def test_every_metric_that_dashboards_alerts_and_autoscalers_read_is_exported(supervised):
+    import urllib.request
+
+    from client import generate
+
+    generate("a lighthouse", url=supervised.grpc_url, protocol="grpc", seed=1, height=128, width=128, timeout_s=120)
+    exposed = set()
+    for port in ("metrics", "health"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{supervised.ports[port]}/metrics", timeout=10) as response:
+            exposed |= exposed_metrics(response.read().decode())
+    missing = {}
+    for source, expressions in referenced_metrics().items():
+        assert expressions, source
+        for expr in expressions:
+            used = set(PROMQL_METRIC.findall(expr))
+            assert used, (source, expr)
+            # Only this project's and Triton's series: nothing from exporters the chart does not ship.
+            assert {n for n in SELECTED_NAME.findall(expr)} <= used, (source, expr)
+            missing.update({name: source for name in used - exposed})
+    assert not missing, f"not in the server's /metrics: {missing}"
