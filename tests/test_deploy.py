@@ -491,7 +491,8 @@ def test_perf_analyzer_job_runs_against_the_real_server(supervised, tmp_path):
     assert "privileged" not in job["containers"][0]["securityContext"]
     assert job["initContainers"][0]["command"] == ["cp", "-r", "/opt/sdxl-triton/perf/.", "/perf/"]  # the image's perf/
     script = local_url(supervised, job["containers"][0]["args"][0], objects)
-    script = script.replace("/perf/", str(REPO_ROOT / "perf") + "/").replace("/tmp/", f"{tmp_path}/")
+    script = script.replace("/perf/ensemble_sdxl_cpu.json", str(REPO_ROOT / "perf" / "ensemble_sdxl_cpu.json"))
+    script = script.replace('"/tmp/perf-c', f'"{tmp_path}/perf-c')
     env = {**os.environ, "PATH": f"{Path(perf_analyzer).parent}:{os.environ['PATH']}"}
     result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
