@@ -183,5 +183,6 @@ test: install install-deploy
 clean:
 	rm -rf build $(REPOSITORY)/*/1/model.onnx $(REPOSITORY)/*/1/model.onnx.data $(REPOSITORY)/*/1/export.json \
 	  $(REPOSITORY)/*/1/model.plan $(REPOSITORY)/*/1/model.plan.json \
-	  $(REPOSITORY)/tokenizer/1/tokenizer $(REPOSITORY)/tokenizer/1/tokenizer_2 $(REPOSITORY)/scheduler/1/scheduler_config.json
+	  $(REPOSITORY)/tokenizer/1/tokenizer $(REPOSITORY)/tokenizer/1/tokenizer_2 $(REPOSITORY)/scheduler/1/scheduler_config.json \
+	  $(REPOSITORY)/scheduler/1/recipe.json
 	if [ -x $(PY) ]; then $(PY) -m export configs --repository $(REPOSITORY) --dtype fp16; fi

@@ -10,7 +10,7 @@ by export/sdxl.py; speed does not depend on the weights' values), for batch (num
 1. `diffusers`: StableDiffusionXLPipeline + LCMScheduler over the components in memory, as users run
    it without this project;
 2. `project loop`: what the Triton scheduler model runs (serving/text.py's tokenizing,
-   serving/denoise.py's LcmDenoiser + denoise) over export/modules.py's wrappers of the same modules;
+   serving/denoise.py's Denoiser + denoise) over export/modules.py's wrappers of the same modules;
 3. `project loop, VAE fp32`: the same with the VAE decoder in fp32 (NVIDIA's TensorRT demo keeps the
    SDXL VAE in fp32; in the published H100 figures the VAE is more than half of 234 ms);
 4. `tensorrt` and `tensorrt, VAE fp32`: the project loop over TensorRT plans, exported and built by
@@ -385,7 +385,7 @@ class TorchNetwork:
 
 class ProjectLoop:
     """The Triton models' path in-process: tokenizer (serving/text.py), text_encoder, the scheduler's
-    LcmDenoiser + denoise (serving/denoise.py) calling unet, then vae_decoder. The networks are callables
+    Denoiser + denoise (serving/denoise.py) calling unet, then vae_decoder. The networks are callables
     over named tensors, so PyTorch modules and TensorRT engines run in the same loop."""
 
     def __init__(self, tokenizer, text_encoder, unet, vae_decoder, components: Components, device):
@@ -396,7 +396,7 @@ class ProjectLoop:
         import torch
         from diffusers import LCMScheduler
 
-        from serving.denoise import LcmDenoiser, denoise
+        from serving.denoise import Denoiser, denoise
         from serving.text import texts_to_encode
 
         ids = self.tokenizer(texts_to_encode(request.prompt, request.negative_prompt, request.cfg))
@@ -404,7 +404,7 @@ class ProjectLoop:
         with timeline.span("text_encoders"):
             text = self.text_encoder(ids)
         scheduler = LCMScheduler.from_config(self.scheduler_config)  # one per request, as the scheduler model does
-        denoiser = LcmDenoiser(request.options, text[PROMPT_EMBEDS], text[POOLED_PROMPT_EMBEDS], scheduler,
+        denoiser = Denoiser(request.options, text[PROMPT_EMBEDS], text[POOLED_PROMPT_EMBEDS], scheduler,
                                latent_channels=self.dims.latent_channels, vae_scale_factor=self.dims.vae_scale_factor)
 
         def unet(inputs):
@@ -436,7 +436,7 @@ def project_setups(components: Components, tokenizer, dtype_name: str, device) -
     encoders = TextEncoders(components.text_encoder, components.text_encoder_2).eval()
     text_encoder = TorchNetwork(encoders, networks.TEXT_ENCODER)
     unet = TorchNetwork(UNet(components.unet).eval(), networks.UNET)
-    description = "serving/text.py + serving/denoise.py (LcmDenoiser, denoise) over export/modules.py's wrappers"
+    description = "serving/text.py + serving/denoise.py (Denoiser, denoise) over export/modules.py's wrappers"
     setups = []
     for name, vae, vae_dtype in (("project loop", components.vae, dtype_name),
                                  ("project loop, VAE fp32", components.vae_fp32, "fp32")):

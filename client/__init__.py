@@ -5,7 +5,8 @@
     result.images   # uint8 [N, H, W, 3]
     result.seeds    # [42, ...]
 
-Only the inputs you set are sent; the server applies the endpoint's defaults to the others.
+Only the inputs you set are sent; the server applies the endpoint's defaults to the others (the
+step count and guidance default to the served recipe's: `info()` tells which recipe that is).
 """
 
 from __future__ import annotations
@@ -116,3 +117,32 @@ def generate(
         client.close()
     seconds = time.perf_counter() - start
     return GenerationResult(result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")], seconds)
+
+
+# The scheduler model's config parameters that describe the served recipe (contract/recipes.py).
+RECIPE_KEYS = ("recipe", "recipe_model", "recipe_loras", "recipe_unet", "recipe_vae", "recipe_scheduler", "min_steps",
+               "max_steps", "default_steps", "default_guidance", "eta", "recommended_size")
+
+
+def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0) -> dict[str, str]:
+    """What the server serves: the recipe (model, LoRAs, UNet, VAE, scheduler class, step range and
+    defaults), from the `scheduler` model's config parameters."""
+    from tritonclient.utils import InferenceServerException
+
+    module = _module(protocol)
+    url = url or DEFAULT_URLS[protocol]
+    if protocol == "http":
+        client = module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+    else:
+        client = module.InferenceServerClient(url)
+    try:
+        config = client.get_model_config("scheduler") if protocol == "http" else \
+            client.get_model_config("scheduler", as_json=True, client_timeout=timeout_s)["config"]
+    except InferenceServerException as error:
+        raise ClientError(f"{url} ({protocol}): {error.message() or error}", error.status()) from None
+    except Exception as error:  # connection refused, DNS... from either transport
+        raise ClientError(f"{url} ({protocol}): cannot reach the server: {error}") from None
+    finally:
+        client.close()
+    parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+    return {key: parameters.get(key, "") for key in RECIPE_KEYS}

@@ -75,7 +75,7 @@ def expected_dims(tensor: TensorSpec, batched: bool, model: ModelDims) -> tuple[
 
 # What `python -m export onnx` / `engines` write into a repository, as opposed to what git tracks.
 EXPORT_OUTPUTS = {layout.ONNX_FILE, layout.ONNX_DATA_FILE, layout.ENGINE_FILE, layout.FINGERPRINT_FILE,
-                  layout.EXPORT_INFO_FILE, layout.SCHEDULER_CONFIG_FILE, "__pycache__"}
+                  layout.EXPORT_INFO_FILE, layout.SCHEDULER_CONFIG_FILE, layout.RECIPE_FILE, "__pycache__"}
 
 
 def copy_configs(source: Path, target: Path) -> None:
@@ -287,3 +287,52 @@ def config_problems(repository: Path, variant: str = "production") -> list[str]:
         if problem:
             problems.append(problem)
     return problems
+
+
+# --- The recipe in the scheduler's configs -------------------------------------------------------
+
+def _parameter_entry(key: str, value: str) -> str:
+    return f'{{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}'
+
+
+def set_parameters(path: Path, values: dict[str, str]) -> bool:
+    """Set string parameters in one config file, keeping the rest of it (comments included):
+    an existing key's value is replaced, a new key goes at the end of `parameters [ ... ]`.
+    True when the file changed."""
+    text = path.read_text()
+    updated = text
+    missing = []
+    for key, value in values.items():
+        entry = re.compile(rf'\{{\s*key:\s*"{re.escape(key)}"\s+value:\s*\{{\s*string_value:\s*"(?:[^"\\]|\\.)*"\s*\}}\s*\}}')
+        if entry.search(updated):
+            updated = entry.sub(lambda m: _parameter_entry(key, value), updated, count=1)
+        else:
+            missing.append(_parameter_entry(key, value))
+    if missing:
+        block = re.search(r"^parameters\s*\[(.*?)^\]", updated, re.S | re.M)
+        if block is None:
+            raise ConfigError(f"{path}: no `parameters [ ... ]` block (closing ] on its own line) to add the recipe to")
+        body = block.group(1).rstrip()
+        separator = "," if body.strip() and not body.endswith(",") else ""
+        new_body = body + separator + "\n" + ",\n".join(f"  {entry}" for entry in missing) + "\n"
+        updated = updated[:block.start(1)] + new_body + updated[block.end(1):]
+    found = parameters(text_format.Parse(updated, model_config_pb2.ModelConfig()))
+    wrong = {key: found.get(key) for key, value in values.items() if found.get(key) != value}
+    if wrong:
+        raise ConfigError(f"{path}: could not set parameters {wrong}")
+    if updated == text:
+        return False
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(updated)
+    os.replace(f.name, path)
+    return True
+
+
+def follow_recipe(repository: Path, recipe) -> list[Path]:
+    """Write `recipe` (contract.recipes.Recipe) into every variant of the scheduler's config: its step
+    range, defaults and what it was made from. Returns the files changed."""
+    return [path for path in config_files(repository, SCHEDULER) if set_parameters(path, recipe.as_parameters())]
+
+
+def recipe_file(repository: Path) -> Path:
+    return layout.version_dir(repository, SCHEDULER) / layout.RECIPE_FILE

@@ -6,7 +6,8 @@
     <repo>/<network>/1/export.json         what the graph was exported from, and how
     <repo>/tokenizer/1/tokenizer/          CLIP ViT-L tokenizer files
     <repo>/tokenizer/1/tokenizer_2/        OpenCLIP bigG tokenizer files
-    <repo>/scheduler/1/scheduler_config.json   LCMScheduler config, from the pipeline's scheduler
+    <repo>/scheduler/1/scheduler_config.json   the recipe's diffusers scheduler (class and config)
+    <repo>/scheduler/1/recipe.json             the recipe (model, LoRAs, UNet, scheduler, steps, guidance)
 
 Version directory `1` holds both the ONNX graph (served by the CPU variant through ONNX Runtime) and
 the TensorRT plan built from it (`model.plan`, served by the production configs).
@@ -29,6 +30,7 @@ TOKENIZER_MODEL = "tokenizer"
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
 SCHEDULER_MODEL = "scheduler"
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
+RECIPE_FILE = "recipe.json"  # the recipe the export followed (contract/recipes.py), beside the scheduler config
 
 
 def version_dir(repository: Path, model: str) -> Path:

@@ -15,8 +15,12 @@ class Limits:
     min_size: int = 512
     max_size: int = 1536
     size_multiple: int = 64
+    # The recipe's (contract/recipes.py): what the export wrote into the scheduler's parameters.
     min_steps: int = 1
     max_steps: int = 8
+    default_steps: int = 4
+    default_guidance: float = 1.0
+    recipe: str = "lcm-sdxl"
     max_images: int = 4
     # Bytes of UTF-8, each of prompt and negative_prompt, checked before tokenizing. CLIP reads 77
     # tokens (about 300 bytes of English); 4 KiB leaves room for long prompts in any script, which
@@ -26,13 +30,21 @@ class Limits:
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "Limits":
         """From a model config's `parameters` (string values); unknown keys are ignored."""
-        values = {}
-        for key in ("min_size", "max_size", "max_images", "max_prompt_bytes"):
+        values: dict = {}
+        for key in ("min_size", "max_size", "max_images", "max_prompt_bytes", "min_steps", "max_steps", "default_steps"):
             if key in parameters:
                 try:
                     values[key] = int(parameters[key])
                 except ValueError:
                     raise ValueError(f"model config parameter {key}={parameters[key]!r}: expected an integer") from None
+        if "default_guidance" in parameters:
+            try:
+                values["default_guidance"] = float(parameters["default_guidance"])
+            except ValueError:
+                raise ValueError(f"model config parameter default_guidance={parameters['default_guidance']!r}: "
+                                 "expected a number") from None
+        if parameters.get("recipe"):
+            values["recipe"] = parameters["recipe"]
         limits = cls(**values)
         if not (limits.size_multiple <= limits.min_size <= limits.max_size) or limits.min_size % limits.size_multiple:
             raise ValueError(f"model config parameters min_size={limits.min_size}, max_size={limits.max_size}: "
@@ -40,7 +52,16 @@ class Limits:
         for key in ("max_images", "max_prompt_bytes"):
             if getattr(limits, key) < 1:
                 raise ValueError(f"model config parameter {key}={getattr(limits, key)}: expected at least 1")
+        if not 1 <= limits.min_steps <= limits.default_steps <= limits.max_steps:
+            raise ValueError(f"model config parameters min_steps={limits.min_steps}, default_steps={limits.default_steps}, "
+                             f"max_steps={limits.max_steps}: expected 1 <= min_steps <= default_steps <= max_steps")
+        if not 0.0 <= limits.default_guidance <= 20.0:
+            raise ValueError(f"model config parameter default_guidance={limits.default_guidance:g}: expected 0 to 20")
         return limits
+
+    @property
+    def steps(self) -> str:
+        return f"an integer from {self.min_steps} to {self.max_steps} (recipe {self.recipe})"
 
     @property
     def sizes(self) -> str:

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 from contract import layout
+from contract.recipes import PRESETS, SCHEDULERS
 from .progress import log
 from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
 
-ARCHITECTURES = ("tiny", "sdxl")
+ARCHITECTURES = ("tiny", "sdxl", "ssd-1b")
 
 
 def _lora(text: str) -> LoraSpec:
@@ -37,12 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     random_ = commands.add_parser(
         "random", help="write a random-weight SDXL-family pipeline (+ lora/, alt_vae/) in diffusers layout",
-        description="--arch tiny: small widths, seconds, for tests and the CPU demo. --arch sdxl: SDXL base 1.0's exact "
-                    "architecture (2.57 B UNet parameters), fp16 safetensors, about 7.4 GB on disk, for measuring "
-                    "full-size export, engines and serving without the hub.",
+        description="--arch tiny: small widths, seconds, for tests and the CPU demo. --arch ssd-1b: the same small "
+                    "widths with SSD-1B's UNet layout (its transformer depths per block, no attention in the mid "
+                    "block). --arch sdxl: SDXL base 1.0's exact architecture (2.57 B UNet parameters), fp16 "
+                    "safetensors, about 7.4 GB on disk, for measuring full-size export, engines and serving without the hub.",
     )
     random_.add_argument("out_dir", type=Path)
-    random_.add_argument("--arch", choices=ARCHITECTURES, default="tiny", help="tiny (default) or sdxl")
+    random_.add_argument("--arch", choices=ARCHITECTURES, default="tiny", help="tiny (default), ssd-1b or sdxl")
     random_.add_argument("--seed", type=_seed, default=0, help="weights seed (default 0)")
     tiny = commands.add_parser("tiny", help="same as: random OUT_DIR --arch tiny")
     tiny.add_argument("out_dir", type=Path)
@@ -53,14 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
         "onnx",
         help="export text_encoder, unet (LoRAs fused) and vae_decoder to ONNX",
         description=(
-            f"Without --model: {DEFAULT_MODEL} + {DEFAULT_LCM_LORA} (weight 1.0, any --lora added after it) + "
-            f"VAE {DEFAULT_VAE}. With --model: only the --lora and --vae given (else the model's own VAE)."
+            f"--preset NAME: a published recipe ({', '.join(PRESETS)}); flags given beside it override it. "
+            f"Without --preset and --model: the lcm-sdxl preset ({DEFAULT_MODEL} + {DEFAULT_LCM_LORA}, any --lora "
+            f"added after it, VAE {DEFAULT_VAE}, LCMScheduler). With --model and no --preset: only the --lora, --vae, "
+            "--unet and --scheduler given (else the model's own VAE and UNet, and LCM)."
         ),
     )
+    onnx.add_argument("--preset", choices=tuple(PRESETS), help="a published few-step recipe (README, \"Recipes\")")
     onnx.add_argument("--model", help="diffusers SDXL directory or hub id")
     onnx.add_argument("--lora", type=_lora, action="append", default=[], metavar="ID_OR_PATH[:WEIGHT]",
-                      help="LoRA to fuse (directory, .safetensors file or hub id), weight 1.0 unless given; repeatable")
+                      help="LoRA to fuse (directory, .safetensors file, hub id, or HUB_ID/FILE.safetensors), weight 1.0 "
+                           "unless given; repeatable")
     onnx.add_argument("--vae", help="VAE directory or hub id (a pipeline directory: its vae/)")
+    onnx.add_argument("--unet", metavar="ID_OR_PATH", help="a distilled UNet in place of the model's: a diffusers UNet "
+                      "directory, a .safetensors state dict, HUB_ID/FILE.safetensors (e.g. SDXL-Lightning's), or a hub id")
+    onnx.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="the denoising loop's scheduler (trailing timestep "
+                      "spacing for all but lcm); default: the preset's, else lcm")
+    onnx.add_argument("--eta", type=float, help="eta of the stochastic steps (tcd's gamma, ddim's eta); default: the preset's")
     onnx.add_argument("--dtype", choices=DTYPES, default="fp16")
     onnx.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     onnx.add_argument("--out", type=Path, default=layout.DEFAULT_REPOSITORY,
@@ -124,11 +135,12 @@ def run_random(args) -> None:
     else:
         from .tiny import write_tiny
 
-        write_tiny(args.out_dir, seed=args.seed)
+        write_tiny(args.out_dir, seed=args.seed, arch=args.arch)
 
 
 def run_configs(args) -> None:
-    from contract.configs import ConfigError, follow_exported_graphs, repository_dtype
+    from contract.configs import ConfigError, follow_exported_graphs, follow_recipe, recipe_file, repository_dtype
+    from contract.recipes import DEFAULT_PRESET, read_recipe
 
     try:
         exported = repository_dtype(args.repository)
@@ -136,12 +148,16 @@ def run_configs(args) -> None:
             raise ExportError(f"--repository {str(args.repository)!r}: no exported graphs (*/1/{layout.EXPORT_INFO_FILE}); "
                               "run `python -m export onnx` first, or give --dtype")
         changed = follow_exported_graphs(args.repository, dtype=args.dtype)
-    except ConfigError as error:
+        # The recipe the export recorded; without one (no export), the default preset's, as git holds it.
+        recipe = read_recipe(recipe_file(args.repository)) or PRESETS[DEFAULT_PRESET]
+        changed += follow_recipe(args.repository, recipe)
+    except (ConfigError, ValueError, TypeError) as error:
         raise ExportError(str(error)) from None
     for path in changed:
         print(f"{path}: updated")
     widths = "the exported graphs' widths" if exported else "SDXL's widths (no exported graphs)"
-    print(f"{args.repository}: configs declare {args.dtype or exported} and {widths}" + ("" if changed else " (nothing to change)"))
+    print(f"{args.repository}: configs declare {args.dtype or exported} and {widths}, recipe {recipe.name}"
+          + ("" if changed else " (nothing to change)"))
 
 
 def run_onnx(args) -> None:
@@ -150,10 +166,24 @@ def run_onnx(args) -> None:
 
     check_device(args.device)
     check_writable(args.out)
-    sources = Sources.resolve(args.model, args.lora, args.vae)
-    paths = export_pipeline(sources, args.out, args.dtype, device=args.device)
+    recipe = resolve_recipe(args)
+    log(f"recipe {recipe.name}: {recipe.model}" + "".join(f" + {lora}" for lora in recipe.loras)
+        + (f", UNet {recipe.unet}" if recipe.unet else "") + (f", VAE {recipe.vae}" if recipe.vae else "")
+        + f", {SCHEDULERS[recipe.scheduler].class_name}")
+    paths = export_pipeline(Sources.from_recipe(recipe), args.out, args.dtype, device=args.device, recipe=recipe)
     for name, path in paths.items():
         print(f"{name}: {path}")
+
+
+def resolve_recipe(args):
+    """--preset with the flags beside it; see contract.recipes.resolve."""
+    from contract.recipes import resolve
+
+    try:
+        return resolve(args.preset, model=args.model, loras=tuple(str(lora) for lora in args.lora) or None, unet=args.unet,
+                       vae=args.vae, scheduler=args.scheduler, eta=args.eta)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

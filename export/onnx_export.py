@@ -27,6 +27,7 @@ from onnx.external_data_helper import ExternalDataInfo
 
 from contract import layout, networks
 from contract.networks import ModelDims, NetworkSpec
+from contract.recipes import SCHEDULERS, Recipe, custom_recipe
 
 from .modules import build_module
 from .progress import log, step
@@ -229,14 +230,23 @@ def _publish(staged: Path, out_dir: Path) -> None:
         f.replace(out_dir / f.name)
 
 
-def write_serving_files(pipe, repository: Path) -> None:
-    """Tokenizers and the LCM scheduler config, where the tokenizer and scheduler models read them."""
-    from diffusers import LCMScheduler
+def recipe_scheduler(recipe: Recipe, pipeline_scheduler_config):
+    """The recipe's diffusers scheduler, built from the pipeline's own scheduler config as the model
+    cards do (`Class.from_config(pipe.scheduler.config, timestep_spacing="trailing")`)."""
+    import diffusers
 
+    kind = SCHEDULERS[recipe.scheduler]
+    return getattr(diffusers, kind.class_name).from_config(pipeline_scheduler_config, **kind.overrides)
+
+
+def write_serving_files(pipe, repository: Path, recipe: Recipe) -> None:
+    """Tokenizers, the recipe's scheduler config and the recipe, where the tokenizer and scheduler
+    models read them."""
     for which in layout.TOKENIZER_DIRS:
         getattr(pipe, which).save_pretrained(layout.tokenizer_dir(repository, which))
-    scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    scheduler.save_config(layout.scheduler_config_path(repository).parent)
+    scheduler_dir = layout.scheduler_config_path(repository).parent
+    recipe_scheduler(recipe, pipe.scheduler.config).save_config(scheduler_dir)
+    (scheduler_dir / layout.RECIPE_FILE).write_text(recipe.to_json())
 
 
 def export_info(sources: Sources, spec: NetworkSpec, dims: ModelDims, dtype: str) -> dict:
@@ -285,21 +295,27 @@ def _publish_repository(staged: Path, repository: Path, names: tuple[str, ...]) 
     target = layout.scheduler_config_path(repository)
     target.parent.mkdir(parents=True, exist_ok=True)
     layout.scheduler_config_path(staged).replace(target)
+    (layout.scheduler_config_path(staged).parent / layout.RECIPE_FILE).replace(target.parent / layout.RECIPE_FILE)
 
 
 def export_pipeline(
     source: Sources | LoadedPipeline, repository: Path, dtype: str, *, device: str = "cpu",
     names: tuple[str, ...] = tuple(networks.NETWORKS), external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    recipe: Recipe | None = None,
 ) -> dict[str, Path]:
     """Export the named networks and the serving files into a model repository, and set the configs
-    of the models their tensors pass through to `dtype`.
+    of the models their tensors pass through to `dtype`, and the scheduler's to the recipe.
 
     `source`: what to load, one stage at a time (Sources), or a pipeline already in memory with
     every component (LoadedPipeline: tests, which reuse one pipeline for many exports).
+    `recipe`: the scheduler and request defaults to serve with (default: LCM, as a custom recipe of
+    these sources).
     """
     repository = Path(repository)
     check_writable(repository)
     sources = source.sources if isinstance(source, LoadedPipeline) else source
+    if recipe is None:
+        recipe = custom_recipe(sources.model, "lcm", tuple(str(lora) for lora in sources.loras), sources.unet, sources.vae)
     preloaded = source.pipe if isinstance(source, LoadedPipeline) else None
     dims = ModelDims.from_pipeline(preloaded) if preloaded is not None else model_dims(sources)
     ordered = [name for name in STAGES if name in names]
@@ -316,9 +332,10 @@ def export_pipeline(
             gc.collect()  # this stage's networks go before the next stage loads its own
         log(f"stage {len(ordered) + 1}/{len(ordered) + 1}: serving files (tokenizers, scheduler config)")
         serving = source if preloaded is not None else load_pipeline(sources, dtype, device, components=())
-        write_serving_files(serving.pipe, staged)
+        write_serving_files(serving.pipe, staged, recipe)
         _publish_repository(staged, repository, tuple(ordered))
-    log(f"graphs, tokenizers and {layout.SCHEDULER_CONFIG_FILE} (LCMScheduler) written under {repository}")
+    log(f"graphs, tokenizers and {layout.SCHEDULER_CONFIG_FILE} ({SCHEDULERS[recipe.scheduler].class_name}, "
+        f"recipe {recipe.name}) written under {repository}")
     from contract import configs  # reads Triton's config schema (tritonclient): only where configs are written
 
     try:
@@ -328,4 +345,11 @@ def export_pipeline(
     if changed:
         log(f"configs set to the export ({dtype}; text {dims.text_dim}, pooled {dims.pooled_dim} wide): "
             + ", ".join(str(p.relative_to(repository)) for p in changed))
+    try:
+        changed = configs.follow_recipe(repository, recipe)
+    except configs.ConfigError as error:
+        raise ExportError(str(error)) from None
+    if changed:
+        log(f"scheduler configs set to recipe {recipe.name} (steps {recipe.min_steps}-{recipe.max_steps}, default "
+            f"{recipe.default_steps}; guidance {recipe.default_guidance:g})")
     return {name: layout.onnx_path(repository, name) for name in ordered}

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from .progress import log, step
 
-# The production set (issue: SDXL + LCM-LoRA + fp16-fix VAE).
-DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdxl"
-DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
+from contract.recipes import DEFAULT_PRESET, PRESETS, Recipe
+
+# The production set (the default preset, lcm-sdxl: SDXL + LCM-LoRA + fp16-fix VAE).
+DEFAULT_MODEL = PRESETS[DEFAULT_PRESET].model
+DEFAULT_LCM_LORA = PRESETS[DEFAULT_PRESET].loras[0].rpartition(":")[0]
+DEFAULT_VAE = PRESETS[DEFAULT_PRESET].vae
 
 DTYPES = ("fp16", "fp32")
 
@@ -63,16 +65,21 @@ class Sources:
     model: str
     loras: tuple[LoraSpec, ...] = ()
     vae: str | None = None  # None: the model's own VAE
+    unet: str | None = None  # None: the model's own UNet; else a distilled one in its place
 
     @classmethod
-    def resolve(cls, model: str | None, loras: list[LoraSpec], vae: str | None) -> "Sources":
+    def resolve(cls, model: str | None, loras: list[LoraSpec], vae: str | None, unet: str | None = None) -> "Sources":
         """No --model: the production set, with any --lora added after the LCM-LoRA."""
         if model is None:
-            return cls(DEFAULT_MODEL, (LoraSpec(DEFAULT_LCM_LORA, 1.0), *loras), vae or DEFAULT_VAE)
-        return cls(model, tuple(loras), vae)
+            return cls(DEFAULT_MODEL, (LoraSpec(DEFAULT_LCM_LORA, 1.0), *loras), vae or DEFAULT_VAE, unet)
+        return cls(model, tuple(loras), vae, unet)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> "Sources":
+        return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet)
 
     def describe(self) -> dict:
-        return {"model": self.model, "loras": [str(lora) for lora in self.loras], "vae": self.vae}
+        return {"model": self.model, "loras": [str(lora) for lora in self.loras], "vae": self.vae, "unet": self.unet}
 
 
 @dataclass
@@ -82,8 +89,20 @@ class LoadedPipeline:
     adapters: dict[str, list[str]] = field(default_factory=dict)
 
 
+def hub_file(source: str) -> tuple[str, str] | None:
+    """(repo id, file name) for HUB_ID/FILE.safetensors, a file inside a Hugging Face Hub repository
+    (SDXL-Lightning's UNets, Hyper-SD's LoRAs); None for anything else, local paths included."""
+    if Path(source).expanduser().exists() or source.startswith(("/", ".", "~")):
+        return None
+    parts = source.split("/")
+    if len(parts) >= 3 and parts[-1].endswith(".safetensors") and all(parts):
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    return None
+
+
 def _is_local(source: str) -> bool:
-    return Path(source).expanduser().exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
+    return (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
+            or (source.count("/") > 1 and hub_file(source) is None))
 
 
 def _load_error(flag: str, source: str, error: Exception) -> ExportError:
@@ -139,7 +158,8 @@ def stored_dtype(source: str, components: tuple[str, ...]):
     return types.get(found.pop()) if len(found) == 1 else None
 
 
-def load_base(source: str, vae=None, components: tuple[str, ...] = COMPONENTS, dtype=None, in_memory: bool = False):
+def load_base(source: str, vae=None, components: tuple[str, ...] = COMPONENTS, dtype=None, in_memory: bool = False,
+              unet=None):
     """The pipeline with `components` loaded (in `dtype`, default fp32) and the others None;
     tokenizers and scheduler always. `in_memory`: read the weight files instead of mapping them,
     for weights about to be cast (a mapped file stays resident until every tensor is converted)."""
@@ -150,6 +170,8 @@ def load_base(source: str, vae=None, components: tuple[str, ...] = COMPONENTS, d
     skipped = {name: None for name in COMPONENTS if name not in components}
     if "vae" in components and vae is not None:
         skipped["vae"] = vae
+    if "unet" in components and unet is not None:
+        skipped["unet"] = unet
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(path) if path.exists() else source, dtype=dtype or torch.float32, disable_mmap=in_memory, **skipped)
     except Exception as error:  # hub clients raise many types; each becomes one clear message
@@ -165,6 +187,8 @@ def _split_lora_source(source: str) -> tuple[str, dict]:
     path = Path(source).expanduser()
     if path.is_file():
         return str(path.parent), {"weight_name": path.name}
+    if (in_hub := hub_file(source)) is not None:
+        return in_hub[0], {"weight_name": in_hub[1]}
     return (str(path) if path.exists() else source), {}
 
 
@@ -274,6 +298,46 @@ def _unet_config(source: str):
         raise _load_error("--model", source, error) from error
 
 
+def load_unet(source: str, model: str, dtype=None):
+    """A UNet that replaces the model's: a diffusers UNet directory (or a pipeline directory: its
+    unet/), a .safetensors state dict for the model's UNet config (local, or HUB_ID/FILE.safetensors
+    as SDXL-Lightning publishes them), or a hub id of a diffusers UNet."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    dtype = dtype or torch.float32
+    path = Path(source).expanduser()
+    if _is_local(source) and not path.exists():
+        raise ExportError(f"--unet {source!r}: no such file or directory")
+    try:
+        if path.is_dir():
+            subfolder = "unet" if (path / "model_index.json").exists() else None
+            return UNet2DConditionModel.from_pretrained(str(path), subfolder=subfolder, torch_dtype=dtype)
+        if path.is_file() or hub_file(source) is not None:
+            from safetensors.torch import load_file
+
+            if path.is_file():
+                weights = str(path)
+            else:
+                from huggingface_hub import hf_hub_download
+
+                weights = hf_hub_download(*hub_file(source))
+            unet = UNet2DConditionModel.from_config(_unet_config(model))
+            state = load_file(weights)
+        else:
+            return UNet2DConditionModel.from_pretrained(source, torch_dtype=dtype)
+    except ExportError:
+        raise
+    except Exception as error:  # hub clients raise many types; each becomes one clear message
+        raise _load_error("--unet", source, error) from error
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise ExportError(f"--unet {source!r}: its weights do not fit the UNet of --model {model!r}: {detail}") from None
+    return unet.to(dtype)
+
+
 def model_dims(sources: Sources, pipe=None):
     """The dims of the graphs (contract.networks.ModelDims) from the components' configs, without
     their weights; `pipe`: a pipeline already loaded with its tokenizers."""
@@ -288,6 +352,9 @@ def model_dims(sources: Sources, pipe=None):
         text_encoder = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder")
         text_encoder_2 = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder_2")
         unet = UNet2DConditionModel.load_config(model, subfolder="unet")
+        if sources.unet is not None and Path(sources.unet).expanduser().is_dir():
+            path = Path(sources.unet).expanduser()
+            unet = UNet2DConditionModel.load_config(str(path), subfolder="unet" if (path / "model_index.json").exists() else None)
     except ExportError:
         raise
     except Exception as error:  # hub clients raise many types; each becomes one clear message
@@ -324,12 +391,16 @@ def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", co
         with step(f"loading VAE {sources.vae}"):
             vae = load_vae(sources.vae)
     what = "all components" if set(components) == set(COMPONENTS) else ", ".join(components) or "tokenizers and scheduler"
-    model_components = tuple(c for c in components if not (c == "vae" and vae is not None))
+    unet = None
+    if sources.unet is not None and "unet" in components:
+        with step(f"loading UNet {sources.unet} (in place of the model's)"):
+            unet = load_unet(sources.unet, sources.model)
+    model_components = tuple(c for c in components if not (c == "vae" and vae is not None) and not (c == "unet" and unet is not None))
     read_dtype = stored_dtype(sources.model, model_components) if model_components else None
     upcast = bool(sources.loras) or dtype == "fp32"
     in_memory = upcast and read_dtype in (torch.float16, torch.bfloat16)
     with step(f"loading SDXL pipeline {sources.model} ({what})"):
-        pipe = load_base(sources.model, vae, components, dtype=read_dtype, in_memory=in_memory)
+        pipe = load_base(sources.model, vae, components, dtype=read_dtype, in_memory=in_memory, unet=unet)
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
     if sources.loras:  # fused in fp32
         with _diffusers_errors_only():

@@ -114,7 +114,21 @@ def _text_encoders(vocab: dict[str, int]):
     return text_encoder, text_encoder_2
 
 
-def _unet(text_dim: int, pooled_dim: int):
+# SSD-1B's UNet layout (segmind/SSD-1B unet/config.json): SDXL's three levels and two resnets per
+# down block, fewer transformer blocks per attention block than SDXL's 2 and 10 (down: 2, 2 at the
+# middle level, 4, 4 at the lowest; up: 4, 4, 10 at the lowest, 2, 1, 1 at the middle), and a mid block
+# of one resnet without attention (UNetMidBlock2D). Here with the tiny widths.
+SSD_1B_LAYOUT = dict(
+    layers_per_block=2,
+    transformer_layers_per_block=(1, (2, 2), (4, 4)),
+    reverse_transformer_layers_per_block=((4, 4, 10), (2, 1, 1), (1, 1, 1)),
+    mid_block_type="UNetMidBlock2D",
+)
+TINY_LAYOUT = dict(layers_per_block=1, transformer_layers_per_block=(1, 1, 2))
+LAYOUTS = {"tiny": TINY_LAYOUT, "ssd-1b": SSD_1B_LAYOUT}
+
+
+def _unet(text_dim: int, pooled_dim: int, arch: str = "tiny"):
     from diffusers import UNet2DConditionModel
 
     addition_time_embed_dim = 8
@@ -126,8 +140,7 @@ def _unet(text_dim: int, pooled_dim: int):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        transformer_layers_per_block=(1, 1, 2),
+        **LAYOUTS[arch],
         attention_head_dim=(2, 4, 4),
         cross_attention_dim=text_dim,
         use_linear_projection=True,
@@ -173,8 +186,8 @@ def sdxl_scheduler():
     )
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """The tiny SDXL pipeline in memory, fp32, weights drawn from `seed`."""
+def build_tiny_pipeline(seed: int = 0, arch: str = "tiny"):
+    """The tiny SDXL pipeline in memory, fp32, weights drawn from `seed`; `arch` ssd-1b: SSD-1B's UNet layout."""
     from diffusers import StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
@@ -182,7 +195,7 @@ def build_tiny_pipeline(seed: int = 0):
     tokenizer, tokenizer_2 = clip_tokenizers(vocab, merges)
     text_encoder, text_encoder_2 = _text_encoders(vocab)
     text_dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
-    unet = _unet(text_dim, text_encoder_2.config.projection_dim)
+    unet = _unet(text_dim, text_encoder_2.config.projection_dim, arch)
     return StableDiffusionXLPipeline(
         vae=tiny_vae(),
         text_encoder=text_encoder,
@@ -232,12 +245,12 @@ def write_random_lora(
     return out_dir / "pytorch_lora_weights.safetensors"
 
 
-def write_tiny(out_dir: Path, seed: int = 0) -> None:
+def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     """Write the tiny pipeline, its LoRA (`lora/`) and a second VAE (`alt_vae/`) under `out_dir`."""
     out_dir = Path(out_dir)
-    pipe = build_tiny_pipeline(seed)
+    pipe = build_tiny_pipeline(seed, arch)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    log(f"tiny SDXL pipeline (seed {seed}) written to {out_dir}")
+    log(f"tiny {'SSD-1B-layout' if arch == 'ssd-1b' else 'SDXL'} pipeline (seed {seed}) written to {out_dir}")
     lora = write_random_lora(pipe.unet, out_dir / "lora", seed=seed + 1)
     log(f"random UNet LoRA written to {lora}")
     torch.manual_seed(seed + 2)

@@ -1,13 +1,17 @@
-"""The LCM denoising loop of diffusers' `StableDiffusionXLPipeline`, stage by stage, UNet outside.
+"""The denoising loop of diffusers' `StableDiffusionXLPipeline`, stage by stage, UNet outside, for
+any of the recipes' schedulers (contract/recipes.py: LCM, Euler ancestral, Euler, TCD, DDIM).
 
-Stages, as in `StableDiffusionXLPipeline.__call__` with an `LCMScheduler`:
+Stages, as in `StableDiffusionXLPipeline.__call__`:
 1. `prepare_conditioning`: the text embeddings repeated per image; with CFG the negative ones
    first (zeros when the negative prompt is empty: force_zeros_for_empty_prompt).
 2. `make_time_ids`: SDXL's micro-conditioning (original size, crop (0, 0), target size).
 3. `prepare_latents`: one CPU `torch.Generator` per image, seeded `seed + i`, draws that image's
-   initial noise; the same generator later draws that image's LCM step noise. So image i depends
-   on seed + i alone, not on what else is in the batch, and CPU and GPU draw the same numbers.
-4. `LcmDenoiser`: one request's loop as a state machine (`unet_inputs()`, then `step(noise_pred)`),
+   initial noise (scaled by the scheduler's init_noise_sigma); the same generators go to every
+   `scheduler.step`, which draws each image's step noise (LCM, Euler ancestral, TCD and DDIM with
+   eta > 0) row by row as the pipeline does. So image i depends on seed + i alone, not on what else
+   is in the batch, and CPU and GPU draw the same numbers. `eta` goes to the schedulers whose step
+   takes it, 0.0 unless the recipe sets it, as the pipeline's default.
+4. `Denoiser`: one request's loop as a state machine (`unet_inputs()`, then `step(noise_pred)`),
    so a caller can run several requests' steps in one UNet batch. `denoise` runs it to the end.
    CFG truncation (Baseten's end_cfg, off by default): with `cfg_end_fraction` f < 1, CFG runs for
    the first int(f * steps) steps only; later steps send the UNet the conditional half alone.
@@ -16,6 +20,7 @@ The VAE decode is the `vae_decoder` graph's job (scaling and pixel conversion in
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -60,12 +65,26 @@ def prepare_latents(
     return noise.to(device) * init_noise_sigma
 
 
-class LcmDenoiser:
-    """One request's denoising loop. `scheduler` is a fresh LCMScheduler (it keeps per-request state)."""
+def step_kwargs(scheduler, generators: list[torch.Generator], eta: float | None) -> dict:
+    """What the pipeline's prepare_extra_step_kwargs passes to `scheduler.step`: the generators and
+    eta (default 0.0), each only where the scheduler's step takes it."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0 if eta is None else eta
+    return kwargs
+
+
+class Denoiser:
+    """One request's denoising loop. `scheduler`: a fresh diffusers scheduler of the recipe's class
+    (it keeps per-request state); `eta`: the recipe's, for the schedulers whose step takes one."""
 
     def __init__(
         self, request: GenerationOptions, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
         scheduler, *, latent_channels: int = 4, vae_scale_factor: int = 8, cfg_end_fraction: float = 1.0,
+        eta: float | None = None,
     ):
         device, dtype = prompt_embeds.device, prompt_embeds.dtype
         self.cfg = request.do_classifier_free_guidance
@@ -84,6 +103,7 @@ class LcmDenoiser:
             self.generators, latent_channels, request.height, request.width, vae_scale_factor, dtype, device,
             scheduler.init_noise_sigma,
         )
+        self.step_kwargs = step_kwargs(scheduler, self.generators, eta)
         self.step_index = 0
 
     @property
@@ -117,7 +137,7 @@ class LcmDenoiser:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + self.guidance_scale * (text - uncond)
         t = self.timesteps[self.step_index]
-        self.latents = self.scheduler.step(noise_pred, t, self.latents, generator=self.generators, return_dict=False)[0]
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
         self.step_index += 1
 
 
@@ -134,7 +154,7 @@ def cfg_end_fraction_from_parameters(parameters: dict[str, str]) -> float:
     return value
 
 
-def denoise(unet: UNetFn, denoiser: LcmDenoiser, cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
+def denoise(unet: UNetFn, denoiser: Denoiser, cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
     """Run the loop to the end; the final latents, for the vae_decoder. `cancelled` is asked before
     each step: the loop stops at the first step where it answers True."""
     while not denoiser.done:

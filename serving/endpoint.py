@@ -34,8 +34,8 @@ INPUTS = (
     EndpointInput("prompt", "STRING", None, "UTF-8 text (required)"),
     EndpointInput("negative_prompt", "STRING", "", "used only when CFG is on; empty: zero embeddings"),
     EndpointInput("seed", "INT64", None, "image i uses seed + i; omitted: random"),
-    EndpointInput("num_inference_steps", "INT32", 4, "LCM steps"),
-    EndpointInput("guidance_scale", "FP32", 1.0, "<= 1: no CFG; > 1: CFG"),
+    EndpointInput("num_inference_steps", "INT32", 4, "denoising steps (default and range: the recipe's)"),
+    EndpointInput("guidance_scale", "FP32", 1.0, "<= 1: no CFG; > 1: CFG (default: the recipe's)"),
     EndpointInput("height", "INT32", 1024, "pixels, a multiple of 64"),
     EndpointInput("width", "INT32", 1024, "pixels, a multiple of 64"),
     EndpointInput("num_images_per_prompt", "INT32", 1, "images in the response"),
@@ -112,14 +112,21 @@ def _integer(name: str, array: np.ndarray | None, low: int, high: int, accepted:
     return int(value)
 
 
-def check_guidance(array: np.ndarray | None) -> float:
+def check_guidance(array: np.ndarray | None, default: float = DEFAULTS["guidance_scale"]) -> float:
     value = _one("guidance_scale", array)
     if value is None:
-        return DEFAULTS["guidance_scale"]
+        return default
     value = float(value)
     if not (math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
         raise InvalidInput("guidance_scale", value, f"a number from 0 to {MAX_GUIDANCE:g} (<= 1: no CFG; LCM-LoRA works best at 1-2)")
     return value
+
+
+def _steps(array: np.ndarray | None, limits: Limits) -> int:
+    """The recipe's step range and default (an omitted value gets the recipe's default)."""
+    if _one("num_inference_steps", array) is None:
+        return limits.default_steps
+    return _integer("num_inference_steps", array, limits.min_steps, limits.max_steps, limits.steps)
 
 
 def _size(name: str, array: np.ndarray | None, limits: Limits) -> int:
@@ -144,8 +151,8 @@ def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_see
                     f"an integer from 0 to 2**63 - {num_images} (image i uses seed + i)")
     return GenerationOptions(
         seed=draw_seed(RANDOM_SEED_BOUND) if seed is None else seed,
-        num_inference_steps=_integer("num_inference_steps", get("num_inference_steps"), limits.min_steps, limits.max_steps),
-        guidance_scale=check_guidance(get("guidance_scale")),
+        num_inference_steps=_steps(get("num_inference_steps"), limits),
+        guidance_scale=check_guidance(get("guidance_scale"), limits.default_guidance),
         height=_size("height", get("height"), limits),
         width=_size("width", get("width"), limits),
         num_images_per_prompt=num_images,

@@ -1,4 +1,5 @@
-"""What a user would otherwise run: diffusers' StableDiffusionXLPipeline with an LCMScheduler."""
+"""What a user would otherwise run: diffusers' StableDiffusionXLPipeline with the recipe's scheduler
+(LCMScheduler unless told), built as the model cards build it (contract/recipes.py)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,27 @@ import numpy as np
 import torch
 
 
+def recipe_scheduler(pipe, kind: str = "lcm"):
+    import diffusers
+
+    from contract.recipes import SCHEDULERS
+
+    spec = SCHEDULERS[kind]
+    return getattr(diffusers, spec.class_name).from_config(pipe.scheduler.config, **spec.overrides)
+
+
 def diffusers_images(
     pipe, prompt: str, *, seed: int, steps: int = 4, guidance: float = 1.0, negative: str = "",
-    height: int = 128, width: int = 128, num_images: int = 1,
+    height: int = 128, width: int = 128, num_images: int = 1, scheduler: str = "lcm", eta: float | None = None,
 ) -> np.ndarray:
     """uint8 [N, H, W, 3], one CPU generator per image seeded seed + i, as PIL conversion rounds."""
-    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
-    components = {**pipe.components, "scheduler": LCMScheduler.from_config(pipe.scheduler.config)}
-    lcm = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
-    lcm.set_progress_bar_config(disable=True)
+    components = {**pipe.components, "scheduler": recipe_scheduler(pipe, scheduler)}
+    reference = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    reference.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        images = lcm(
+        images = reference(
             prompt,
             negative_prompt=negative or None,  # None, not "": the empty negative prompt is zeros
             num_inference_steps=steps,
@@ -27,21 +37,26 @@ def diffusers_images(
             num_images_per_prompt=num_images,
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)],
             output_type="np",
+            **({} if eta is None else {"eta": eta}),  # the pipeline's default eta is 0.0
         ).images
     return (images * 255).round().astype(np.uint8)
 
 
 def reference_cfg_truncated(
     pipe, prompt: str, *, seed: int, steps: int, guidance: float, cfg_end_fraction: float, negative: str = "",
-    height: int = 128, width: int = 128,
+    height: int = 128, width: int = 128, scheduler: str = "lcm", eta: float | None = None,
 ) -> np.ndarray:
     """One image, written out from diffusers' parts as Baseten's end_cfg loop does: CFG for the
     first int(steps * fraction) steps, then the conditional UNet pass alone."""
-    from diffusers import LCMScheduler
+    import inspect
+
     from diffusers.utils.torch_utils import randn_tensor
 
-    scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    kind = scheduler
+    scheduler = recipe_scheduler(pipe, kind)
     scheduler.set_timesteps(steps)
+    accepted = inspect.signature(scheduler.step).parameters
+    extra = {"eta": 0.0 if eta is None else eta} if "eta" in accepted else {}
     with torch.no_grad():
         embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
             prompt, negative_prompt=negative or None, device="cpu", do_classifier_free_guidance=True
@@ -53,13 +68,14 @@ def reference_cfg_truncated(
         guided_steps = int(steps * cfg_end_fraction)
         for i, t in enumerate(scheduler.timesteps):
             if i < guided_steps:
-                noise = pipe.unet(torch.cat([latents] * 2), t, torch.cat([negative_embeds, embeds]), added_cond_kwargs={
+                noise = pipe.unet(scheduler.scale_model_input(torch.cat([latents] * 2), t), t, torch.cat([negative_embeds, embeds]), added_cond_kwargs={
                     "text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": torch.cat([time_ids] * 2)}).sample
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance * (cond - uncond)
             else:
-                noise = pipe.unet(latents, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-            latents = scheduler.step(noise, t, latents, generator=generator).prev_sample
+                noise = pipe.unet(scheduler.scale_model_input(latents, t), t, embeds,
+                                  added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            latents = scheduler.step(noise, t, latents, generator=generator, **extra).prev_sample
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
         image = pipe.image_processor.postprocess(image, output_type="np")
     return (image * 255).round().astype(np.uint8)

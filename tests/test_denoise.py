@@ -1,4 +1,5 @@
-"""The serving loop (tokenize, encode, LcmDenoiser, decode) in-process equals diffusers' LCM pipeline.
+"""The serving loop (tokenize, encode, Denoiser, decode) in-process equals diffusers' pipeline, with
+LCM and with every other scheduler of the recipes.
 
 Runs the PyTorch modules the graphs are exported from, so a mismatch here is the loop's fault, not
 the export's or Triton's.
@@ -9,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import diffusers_images, reference_cfg_truncated
+from reference import diffusers_images, recipe_scheduler, reference_cfg_truncated
+
+from contract.recipes import SCHEDULERS
 
 from export.modules import TextEncoders, UNet, VaeDecoder
-from serving.denoise import LcmDenoiser, cfg_end_fraction_from_parameters, denoise, prepare_conditioning
+from serving.denoise import Denoiser, cfg_end_fraction_from_parameters, denoise, prepare_conditioning
 from serving.endpoint import GenerationOptions
 from serving.text import PromptTokenizer, texts_to_encode
 
@@ -24,15 +27,13 @@ CASES = {
 }
 
 
-def run_loop(pipe, tiny_dir, prompt, negative, options, cfg_end_fraction=1.0):
-    from diffusers import LCMScheduler
-
+def run_loop(pipe, tiny_dir, prompt, negative, options, cfg_end_fraction=1.0, scheduler="lcm", eta=None):
     ids = PromptTokenizer(tiny_dir)(texts_to_encode(prompt, negative, options.do_classifier_free_guidance))
     with torch.no_grad():
         embeds, pooled = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)(*(torch.from_numpy(v) for v in ids.values()))
         unet = UNet(pipe.unet)
-        denoiser = LcmDenoiser(options, embeds, pooled, LCMScheduler.from_config(pipe.scheduler.config),
-                               cfg_end_fraction=cfg_end_fraction)
+        denoiser = Denoiser(options, embeds, pooled, recipe_scheduler(pipe, scheduler), cfg_end_fraction=cfg_end_fraction,
+                            eta=eta)
         latents = denoise(lambda inputs: unet(**inputs), denoiser)
         return VaeDecoder(pipe.vae)(latents).numpy()
 
@@ -47,6 +48,32 @@ def test_loop_matches_diffusers(loaded, tiny_dir, case):
     assert ours.shape == theirs.shape == (options.num_images_per_prompt, options.height, options.width, 3)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1  # fp32 rounding at .5 boundaries only
     assert ours.std() > 5
+
+
+SCHEDULER_CASES = {
+    "1 step, no CFG, 2 images": ("a photo of a cat", "", GenerationOptions(42, 1, 0.0, 128, 128, 2)),
+    "3 steps, CFG, 2 images": ("a red rose", "blurry", GenerationOptions(9, 3, 2.0, 128, 128, 2)),
+}
+
+
+@pytest.mark.parametrize("case", SCHEDULER_CASES)
+@pytest.mark.parametrize("scheduler, eta", [("lcm", None), ("euler-ancestral", None), ("euler", None), ("tcd", 0.3),
+                                            ("ddim", None), ("ddim", 0.5)])
+def test_loop_matches_diffusers_with_every_scheduler(loaded, tiny_dir, scheduler, eta, case):
+    """Same initial noise and the same step noise per image (generators seeded seed + i) as the
+    pipeline draws them, for stochastic (LCM, Euler ancestral, TCD, DDIM with eta) and deterministic steps."""
+    pipe = loaded("fp32").pipe
+    prompt, negative, options = SCHEDULER_CASES[case]
+    ours = run_loop(pipe, tiny_dir, prompt, negative, options, scheduler=scheduler, eta=eta)
+    theirs = diffusers_images(pipe, prompt, seed=options.seed, steps=options.num_inference_steps, guidance=options.guidance_scale,
+                              negative=negative, height=options.height, width=options.width,
+                              num_images=options.num_images_per_prompt, scheduler=scheduler, eta=eta)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+    # image i depends on seed + i alone: the second image is the single request with seed + 1
+    single = run_loop(pipe, tiny_dir, prompt, negative, GenerationOptions(options.seed + 1, options.num_inference_steps,
+                      options.guidance_scale, 128, 128, 1), scheduler=scheduler, eta=eta)
+    assert np.abs(single[0].astype(int) - ours[1].astype(int)).max() <= 1
+    assert SCHEDULERS[scheduler].class_name == type(recipe_scheduler(pipe, scheduler)).__name__
 
 
 def test_conditioning_puts_negative_first():
@@ -90,12 +117,22 @@ def test_cfg_truncation_matches_the_reference_loop(loaded, tiny_dir, fraction, n
         assert np.abs(full.astype(int) - ours.astype(int)).max() > 3
 
 
+@pytest.mark.parametrize("scheduler, eta", [("euler-ancestral", None), ("euler", None), ("tcd", 0.3), ("ddim", 0.5)])
+def test_cfg_truncation_with_every_scheduler(loaded, tiny_dir, scheduler, eta):
+    pipe = loaded("fp32").pipe
+    options = GenerationOptions(31, 4, 6.0, 128, 128, 1)
+    ours = run_loop(pipe, tiny_dir, "a photo of a cat", "blurry", options, cfg_end_fraction=0.5, scheduler=scheduler, eta=eta)
+    theirs = reference_cfg_truncated(pipe, "a photo of a cat", seed=31, steps=4, guidance=6.0, cfg_end_fraction=0.5,
+                                     negative="blurry", scheduler=scheduler, eta=eta)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
 def test_cfg_truncation_halves_the_unet_batch_after_the_cut(loaded, tiny_dir):
     from diffusers import LCMScheduler
 
     pipe = loaded("fp32").pipe
     embeds, pooled = torch.zeros(2, 77, 80), torch.zeros(2, 40)
-    denoiser = LcmDenoiser(GenerationOptions(1, 4, 2.0, 128, 128, 2), embeds, pooled,
+    denoiser = Denoiser(GenerationOptions(1, 4, 2.0, 128, 128, 2), embeds, pooled,
                            LCMScheduler.from_config(pipe.scheduler.config), cfg_end_fraction=0.5)
     batches = []
     while not denoiser.done:

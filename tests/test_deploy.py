@@ -342,7 +342,8 @@ def test_engine_build_writes_into_the_claim_the_servers_mount_read_only():
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
     repository = argument(server_container(objects), "--repository")
     assert f'repository="{repository}"' in script
-    assert "python3 -m export onnx --device cuda" in script and 'python3 -m export engines --onnx "$repository"' in script
+    assert "python3 -m export onnx --preset lcm-sdxl --device cuda" in script
+    assert 'python3 -m export engines --onnx "$repository"' in script
     marker = f"{repository}/.sdxl-build-complete.json"
     assert script.rstrip().splitlines()[-2].strip().endswith(f'> "{marker}"')  # written last
     wait = next(c for c in deployment_spec["initContainers"] if c["name"] == "wait-for-engines")
@@ -417,6 +418,15 @@ def test_autoscaler_targets_the_deployment_which_has_no_replicas(case, kind):
         assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in [r["name"]["as"] for r in adapter]
     else:
         assert scaler["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+
+
+def test_build_preset_choices_are_the_recipes():
+    from contract.recipes import PRESETS
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["modelRepository"]["properties"]["build"]["properties"]["preset"]["enum"] == list(PRESETS)
+    job = one(render("--set", "modelRepository.build.preset=sdxl-turbo"), "Job", "engine-build")
+    assert "python3 -m export onnx --preset sdxl-turbo --device cuda" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
 
 
 def test_adapter_rules_name_no_namespace():

@@ -114,4 +114,4 @@ def test_long_steps_print_progress(loaded, tmp_path, capsys):
     assert "[export] vae_decoder: tracing to ONNX (fp32, opset 17): done in" in err
     assert "[export] stage 1/2: vae_decoder (from vae)" in err
     assert "[export] vae_decoder: model.onnx checked, " in err
-    assert f"[export] graphs, tokenizers and scheduler_config.json (LCMScheduler) written under {tmp_path}" in err
+    assert f"[export] graphs, tokenizers and scheduler_config.json (LCMScheduler, recipe custom) written under {tmp_path}" in err

@@ -1,8 +1,11 @@
-"""`scheduler`: the LCM denoising loop, calling `unet` through BLS at every step.
+"""`scheduler`: the denoising loop, calling `unet` through BLS at every step, with the diffusers
+scheduler the export wrote (scheduler_config.json: its class and config; contract/recipes.py).
 
 Config parameters: min_size, max_size, max_images (the endpoint's limits, see contract/limits.py),
-device (cpu or cuda: where the loop's tensors live, the UNet's device), cfg_end_fraction (CFG
-truncation, see serving.denoise; 1.0, off, by default). A request that the tokenizer admitted
+the recipe (min_steps, max_steps, default_steps, default_guidance, eta, and what the model was made
+from: recipe, recipe_model, recipe_loras, recipe_unet, recipe_vae, recipe_scheduler; written by the
+export), device (cpu or cuda: where the loop's tensors live, the UNet's device), cfg_end_fraction
+(CFG truncation, see serving.denoise; 1.0, off, by default). A request that the tokenizer admitted
 brings its admission ticket: the loop takes it off the queue on start (refusing the request if it
 waited past its queue timeout) and frees it at the end (serving/admission.py).
 """
@@ -13,17 +16,18 @@ import inspect
 import os
 import time
 
+import diffusers
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-from diffusers import LCMScheduler
 
 from contract import layout
 from contract.configs import exported_interface
 from contract.limits import Limits
 from contract.networks import SCHEDULER, UNET
+from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
-from serving.denoise import LcmDenoiser, cfg_end_fraction_from_parameters, denoise
+from serving.denoise import Denoiser, cfg_end_fraction_from_parameters, denoise
 from serving.endpoint import check_options
 
 from .common import (check_graph_interface, error_response, infer, input_arrays, model_config, parameters, repository_root,
@@ -39,6 +43,7 @@ class TritonPythonModel:
         try:
             self.limits = Limits.from_parameters(params)
             self.cfg_end_fraction = cfg_end_fraction_from_parameters(params)
+            self.eta = eta_from_parameters(params)
         except ValueError as error:
             raise pb_utils.TritonModelException(f"scheduler: {error}") from None
         device = params.get("device", "cpu")
@@ -52,7 +57,10 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"scheduler: no {config_path}; run `python -m export onnx` (or `make export-tiny`) first"
             )
-        self.scheduler_config = scheduler_config(config_path.parent)
+        try:
+            self.scheduler_class, self.scheduler_config = scheduler_config(config_path.parent, params.get("recipe_scheduler"))
+        except ValueError as error:
+            raise pb_utils.TritonModelException(f"scheduler: {config_path}: {error}") from None
         check_graph_interface(args, SCHEDULER, exported_interface(repository_root(args), SCHEDULER))  # as export.json recorded it
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.run.register_loop()
@@ -90,11 +98,12 @@ class TritonPythonModel:
             self._start(ticket)
             embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), self.device)
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
-            scheduler = LCMScheduler.from_config(self.scheduler_config)
+            scheduler = self.scheduler_class.from_config(self.scheduler_config)
             self.metrics.in_flight.increment(1)
             try:
                 with torch.inference_mode():
-                    denoiser = LcmDenoiser(options, embeds, pooled, scheduler, cfg_end_fraction=self.cfg_end_fraction)
+                    denoiser = Denoiser(options, embeds, pooled, scheduler, cfg_end_fraction=self.cfg_end_fraction,
+                                        eta=self.eta)
                     latents = denoise(self._unet, denoiser, cancelled=request.is_cancelled)
             finally:
                 self.metrics.in_flight.increment(-1)
@@ -121,12 +130,33 @@ def to_triton(name: str, value: torch.Tensor):
     return pb_utils.Tensor(name, value.contiguous().numpy())
 
 
-def scheduler_config(directory) -> dict:
-    """The exported scheduler_config.json without the keys LCMScheduler does not take (diffusers
-    would warn about them on every request)."""
-    config = LCMScheduler.load_config(directory)
-    accepted = inspect.signature(LCMScheduler.__init__).parameters
-    return {key: value for key, value in config.items() if key in accepted}
+def scheduler_config(directory, expected_class: str | None) -> tuple[type, dict]:
+    """The exported scheduler's class (one of the recipes', contract/recipes.py) and its config, less
+    the keys that class does not take (diffusers would warn about them on every request).
+    `expected_class`: the recipe_scheduler parameter the export wrote beside it."""
+    config = diffusers.LCMScheduler.load_config(directory)
+    class_name = config.get("_class_name", "LCMScheduler")
+    scheduler_kind(class_name)  # ValueError naming the supported classes
+    if expected_class and expected_class != class_name:
+        raise ValueError(f"holds a {class_name}, but the config's recipe_scheduler parameter says {expected_class}: the "
+                         "configs and the export disagree; run `python -m export configs --repository REPOSITORY`")
+    cls = getattr(diffusers, class_name)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls, {key: value for key, value in config.items() if key in accepted}
+
+
+def eta_from_parameters(parameters: dict[str, str]) -> float | None:
+    """The recipe's eta (TCD's gamma, DDIM's eta); None (empty or absent): the pipeline's default 0.0."""
+    text = parameters.get("eta", "")
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"model config parameter eta={text!r}: expected empty or a number from 0 to 1")
+    return value
 
 
 def admission_ticket(request) -> str | None:

@@ -1,0 +1,175 @@
+"""The few-step recipes: which model, LoRAs, UNet and VAE an export takes, which diffusers scheduler
+the denoising loop runs, and what a request may and by default does ask of it.
+
+Shared by `export` (it resolves `--preset` / `--scheduler` and writes the recipe into the repository)
+and `serving` (the scheduler model runs the scheduler class the export wrote and checks requests
+against the recipe's step range). Pure data: no diffusers import here.
+
+Sources of the recipes: each model card (settings as the card's diffusers example uses them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SchedulerKind:
+    """A diffusers scheduler class and the config it is built with from the pipeline's own
+    scheduler config (`cls.from_config(pipeline_scheduler_config, **overrides)`)."""
+
+    class_name: str
+    overrides: dict = field(default_factory=dict)
+    # The keyword of `step` that the pipeline passes from its `eta` argument (DDIM, TCD).
+    takes_eta: bool = False
+
+
+TRAILING = {"timestep_spacing": "trailing"}
+SCHEDULERS = {
+    "lcm": SchedulerKind("LCMScheduler"),
+    "euler-ancestral": SchedulerKind("EulerAncestralDiscreteScheduler", TRAILING),  # SDXL-Turbo's card
+    "euler": SchedulerKind("EulerDiscreteScheduler", TRAILING),  # SDXL-Lightning's card
+    "tcd": SchedulerKind("TCDScheduler", TRAILING, takes_eta=True),  # TCD's card, with its eta (gamma)
+    "ddim": SchedulerKind("DDIMScheduler", TRAILING, takes_eta=True),  # Hyper-SD's card
+}
+SCHEDULER_CLASSES = {kind.class_name: name for name, kind in SCHEDULERS.items()}
+
+
+def scheduler_kind(class_name: str) -> str:
+    """The --scheduler name of a diffusers class name; ValueError naming the supported ones."""
+    if class_name not in SCHEDULER_CLASSES:
+        supported = ", ".join(f"{k.class_name} ({n})" for n, k in SCHEDULERS.items())
+        raise ValueError(f"scheduler class {class_name!r} is not one the denoising loop runs; supported: {supported}")
+    return SCHEDULER_CLASSES[class_name]
+
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to get images in a few steps. `loras`: ID_OR_PATH[:WEIGHT]; `unet`: a distilled UNet
+    that replaces the model's (a diffusers directory, a .safetensors file, or HUB_ID/FILE.safetensors)."""
+
+    name: str
+    model: str
+    scheduler: str  # a key of SCHEDULERS
+    loras: tuple[str, ...] = ()
+    unet: str | None = None
+    vae: str | None = None  # None: the model's own
+    min_steps: int = 1
+    max_steps: int = 8
+    default_steps: int = 4
+    default_guidance: float = 1.0  # <= 1: no CFG
+    eta: float | None = None  # the stochastic steps' eta (TCD's gamma); None: the scheduler's own default
+    size: int = 1024  # the resolution the recipe was trained for (height and width)
+    licence: str = ""
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"recipe {self.name}: eta {self.eta:g}: expected a number from 0 to 1")
+        if not 1 <= self.min_steps <= self.default_steps <= self.max_steps:
+            raise ValueError(f"recipe {self.name}: steps must satisfy 1 <= min {self.min_steps} <= default "
+                             f"{self.default_steps} <= max {self.max_steps}")
+
+    def as_parameters(self) -> dict[str, str]:
+        """The scheduler model's config parameters that carry this recipe (string values)."""
+        parameters = {
+            "recipe": self.name,
+            "recipe_model": self.model,
+            "recipe_loras": ",".join(self.loras),
+            "recipe_unet": self.unet or "",
+            "recipe_vae": self.vae or "",
+            "recipe_scheduler": SCHEDULERS[self.scheduler].class_name,
+            "min_steps": str(self.min_steps),
+            "max_steps": str(self.max_steps),
+            "default_steps": str(self.default_steps),
+            "default_guidance": f"{self.default_guidance:g}",
+            "eta": "" if self.eta is None else f"{self.eta:g}",
+            "recommended_size": str(self.size),
+        }
+        return parameters
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        data = json.loads(text)
+        data["loras"] = tuple(data.get("loras") or ())
+        return cls(**data)
+
+
+RECIPE_PARAMETERS = tuple(Recipe("x", "m", "lcm").as_parameters())  # the keys, in order
+
+PRESETS = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe("lcm-sdxl", SDXL_BASE, "lcm", loras=("latent-consistency/lcm-lora-sdxl:1.0",), vae=FP16_FIX_VAE,
+               min_steps=1, max_steps=8, default_steps=4, default_guidance=1.0, size=1024,
+               licence="CreativeML Open RAIL++-M (SDXL base 1.0, LCM-LoRA SDXL)"),
+        Recipe("sdxl-turbo", "stabilityai/sdxl-turbo", "euler-ancestral", vae=FP16_FIX_VAE,
+               min_steps=1, max_steps=4, default_steps=1, default_guidance=0.0, size=512,
+               licence="Stability AI non-commercial research community licence (commercial use needs Stability AI's licence)"),
+        Recipe("sdxl-lightning-4step", SDXL_BASE, "euler", unet="ByteDance/SDXL-Lightning/sdxl_lightning_4step_unet.safetensors",
+               vae=FP16_FIX_VAE, min_steps=4, max_steps=4, default_steps=4, default_guidance=0.0, size=1024,
+               licence="CreativeML Open RAIL++-M (SDXL base 1.0, SDXL-Lightning)"),
+        Recipe("ssd-1b-lcm", "segmind/SSD-1B", "lcm", loras=("latent-consistency/lcm-lora-ssd-1b:1.0",), vae=FP16_FIX_VAE,
+               min_steps=1, max_steps=8, default_steps=4, default_guidance=1.0, size=1024,
+               licence="Apache 2.0 (SSD-1B); CreativeML Open RAIL++-M (LCM-LoRA SSD-1B)"),
+        Recipe("tcd-sdxl", SDXL_BASE, "tcd", loras=("h1t/TCD-SDXL-LoRA:1.0",), vae=FP16_FIX_VAE,
+               min_steps=1, max_steps=8, default_steps=4, default_guidance=0.0, eta=0.3, size=1024,
+               licence="CreativeML Open RAIL++-M (SDXL base 1.0); TCD-SDXL-LoRA: see its model card"),
+        Recipe("hyper-sdxl-4step", SDXL_BASE, "ddim", loras=("ByteDance/Hyper-SD/Hyper-SDXL-4steps-lora.safetensors:1.0",),
+               vae=FP16_FIX_VAE, min_steps=1, max_steps=8, default_steps=4, default_guidance=0.0, size=1024,
+               licence="CreativeML Open RAIL++-M (SDXL base 1.0); Hyper-SD: see its model card"),
+    )
+}
+DEFAULT_PRESET = "lcm-sdxl"
+
+# A recipe named by --scheduler alone (with --model): the step range the served endpoint had before
+# recipes, no CFG by default, the scheduler's own eta.
+CUSTOM = "custom"
+
+
+def custom_recipe(model: str, scheduler: str, loras: tuple[str, ...] = (), unet: str | None = None,
+                  vae: str | None = None) -> Recipe:
+    return Recipe(CUSTOM, model, scheduler, loras=loras, unet=unet, vae=vae)
+
+
+def resolve(preset: str | None, *, model: str | None = None, loras: tuple[str, ...] | None = None,
+            unet: str | None = None, vae: str | None = None, scheduler: str | None = None,
+            eta: float | None = None) -> Recipe:
+    """The recipe of `--preset` with the flags given beside it overriding it. Without a preset:
+    without --model, the default preset (with any --lora added after its LoRAs); with --model, a
+    custom recipe of exactly the flags given (scheduler default lcm)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    if preset is None and model is not None:
+        recipe = custom_recipe(model, scheduler or "lcm", tuple(loras or ()), unet, vae)
+        return recipe if eta is None else replace(recipe, eta=eta)
+    base = PRESETS[preset or DEFAULT_PRESET]
+    changes: dict = {}
+    if model is not None:
+        changes["model"] = model
+    if loras:
+        changes["loras"] = tuple(loras) if preset is not None else (*base.loras, *loras)
+    if unet is not None:
+        changes["unet"] = unet
+    if vae is not None:
+        changes["vae"] = vae
+    if scheduler is not None:
+        changes["scheduler"] = scheduler
+    if eta is not None:
+        changes["eta"] = eta
+    return replace(base, **changes) if changes else base
+
+
+def read_recipe(path: Path) -> Recipe | None:
+    path = Path(path)
+    return Recipe.from_json(path.read_text()) if path.exists() else None
