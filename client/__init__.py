@@ -12,6 +12,7 @@ step count and guidance default to the served recipe's: `info()` tells which rec
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,28 @@ def _module(protocol: str):
     return module
 
 
+@contextmanager
+def _connected(url: str, protocol: str, timeout_s: float):
+    """(tritonclient client, per-call keyword arguments); any failure becomes one ClientError."""
+    from tritonclient.utils import InferenceServerException
+
+    module = _module(protocol)
+    if protocol == "http":
+        client = module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        call = dict()
+    else:
+        client = module.InferenceServerClient(url)
+        call = dict(client_timeout=timeout_s)
+    try:
+        yield client, call
+    except InferenceServerException as error:
+        raise ClientError(f"{url} ({protocol}): {error.message() or error}", error.status()) from None
+    except Exception as error:  # connection refused, DNS... from either transport
+        raise ClientError(f"{url} ({protocol}): cannot reach the server: {error}") from None
+    finally:
+        client.close()
+
+
 def _text(value) -> np.ndarray:
     return np.array([value.encode("utf-8") if isinstance(value, str) else value], dtype=np.object_)
 
@@ -90,8 +113,6 @@ def generate(
     """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure.
     queue_timeout_ms: the longest wait for a denoising slot the server may make this request wait
     (a request parameter; refused with UNAVAILABLE past it)."""
-    from tritonclient.utils import InferenceServerException
-
     module = _module(protocol)
     url = url or DEFAULT_URLS[protocol]
     inputs = build_inputs(
@@ -99,22 +120,10 @@ def generate(
         guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
     )
     outputs = [module.InferRequestedOutput("images"), module.InferRequestedOutput("seeds")]
-    if protocol == "http":
-        client = module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
-        call = dict()
-    else:
-        client = module.InferenceServerClient(url)
-        call = dict(client_timeout=timeout_s)
+    parameters = None if queue_timeout_ms is None else {"queue_timeout_ms": queue_timeout_ms}
     start = time.perf_counter()
-    try:
-        parameters = None if queue_timeout_ms is None else {"queue_timeout_ms": queue_timeout_ms}
+    with _connected(url, protocol, timeout_s) as (client, call):
         result = client.infer(MODEL, inputs, outputs=outputs, parameters=parameters, **call)
-    except InferenceServerException as error:
-        raise ClientError(f"{url} ({protocol}): {error.message() or error}", error.status()) from None
-    except Exception as error:  # connection refused, DNS... from either transport
-        raise ClientError(f"{url} ({protocol}): cannot reach the server: {error}") from None
-    finally:
-        client.close()
     seconds = time.perf_counter() - start
     return GenerationResult(result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")], seconds)
 
@@ -127,22 +136,11 @@ RECIPE_KEYS = ("recipe", "recipe_model", "recipe_loras", "recipe_unet", "recipe_
 def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0) -> dict[str, str]:
     """What the server serves: the recipe (model, LoRAs, UNet, VAE, scheduler class, step range and
     defaults), from the `scheduler` model's config parameters."""
-    from tritonclient.utils import InferenceServerException
-
-    module = _module(protocol)
     url = url or DEFAULT_URLS[protocol]
-    if protocol == "http":
-        client = module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
-    else:
-        client = module.InferenceServerClient(url)
-    try:
-        config = client.get_model_config("scheduler") if protocol == "http" else \
-            client.get_model_config("scheduler", as_json=True, client_timeout=timeout_s)["config"]
-    except InferenceServerException as error:
-        raise ClientError(f"{url} ({protocol}): {error.message() or error}", error.status()) from None
-    except Exception as error:  # connection refused, DNS... from either transport
-        raise ClientError(f"{url} ({protocol}): cannot reach the server: {error}") from None
-    finally:
-        client.close()
+    with _connected(url, protocol, timeout_s) as (client, call):
+        if protocol == "http":
+            config = client.get_model_config("scheduler", **call)
+        else:
+            config = client.get_model_config("scheduler", as_json=True, **call)["config"]
     parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
     return {key: parameters.get(key, "") for key in RECIPE_KEYS}

@@ -242,6 +242,11 @@ def set_exported_interface(path: Path, model: str, dtype: str, dims: ModelDims) 
         if name in declared and declared[name] != (want_type, graph_dims):
             raise ConfigError(f"{path}: could not set {name} to TYPE_{want_type} {graph_dims} (found {declared[name]}); "
                               f'write each tensor as {{ name: "..." data_type: TYPE_... dims: [ ... ] }} on one line')
+    return _replace_if_changed(path, text, updated)
+
+
+def _replace_if_changed(path: Path, text: str, updated: str) -> bool:
+    """Write `updated` over `path` (whose content is `text`) atomically, if it differs; True then."""
     if updated == text:
         return False
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
@@ -320,12 +325,7 @@ def set_parameters(path: Path, values: dict[str, str]) -> bool:
     wrong = {key: found.get(key) for key, value in values.items() if found.get(key) != value}
     if wrong:
         raise ConfigError(f"{path}: could not set parameters {wrong}")
-    if updated == text:
-        return False
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(updated)
-    os.replace(f.name, path)
-    return True
+    return _replace_if_changed(path, text, updated)
 
 
 def follow_recipe(repository: Path, recipe) -> list[Path]:
