@@ -23,8 +23,8 @@ from tritonclient.grpc import model_config_pb2
 
 from . import layout
 from .limits import Limits
-from .networks import (COMPUTE, DYNAMIC_DIMS, NETWORKS, SCHEDULER, ModelDims, TensorSpec, compute_tensors,
-                       model_tensors)
+from .networks import (COMPUTE, DYNAMIC_DIMS, LOOP_MODELS, NETWORKS, SCHEDULER, ModelDims, TensorSpec,
+                       compute_tensors, model_tensors)
 
 
 
@@ -96,7 +96,7 @@ PRODUCTION_DTYPE = "fp16"  # TensorRT on a GPU; the configs in git declare it, w
 # are faster and leaner in fp32, measured in benchmarks/results/scale_cpu.md. The Makefile's DTYPE
 # repeats it (a test checks that they agree).
 CPU_DTYPE = "fp32"
-EXPORTED_MODELS = (*NETWORKS, SCHEDULER)  # the models whose configs carry what the export decided
+EXPORTED_MODELS = (*NETWORKS, *LOOP_MODELS)  # the models whose configs carry what the export decided
 FIX_COMMAND = "python -m export configs --repository {repository}"
 
 Interface = dict[str, tuple[str, list[int]]]  # tensor -> (Triton type without TYPE_, dims as the graph has them, -1: any)
@@ -194,12 +194,12 @@ def exported_interface(repository: Path, model: str) -> dict[str, tuple[str, lis
         graph_file = f"{network}/{layout.VERSION}/{layout.ONNX_FILE}"
         return {name: (dtype, list(dims), graph_file) for name, (dtype, dims) in info[kind].items()} if info else {}
 
-    if model != SCHEDULER:
+    if model not in LOOP_MODELS:
         return {**recorded(model, "inputs"), **recorded(model, "outputs")}
     from .networks import TEXT_ENCODER, VAE_DECODER
 
     passed = {**recorded(TEXT_ENCODER.name, "outputs"), **recorded(VAE_DECODER.name, "inputs")}
-    return {name: passed[name] for name in model_tensors(SCHEDULER) if name in passed}
+    return {name: passed[name] for name in model_tensors(model) if name in passed}
 
 
 def repository_export(repository: Path) -> tuple[str, ModelDims] | None:
@@ -329,9 +329,10 @@ def set_parameters(path: Path, values: dict[str, str]) -> bool:
 
 
 def follow_recipe(repository: Path, recipe) -> list[Path]:
-    """Write `recipe` (contract.recipes.Recipe) into every variant of the scheduler's config: its step
-    range, defaults and what it was made from. Returns the files changed."""
-    return [path for path in config_files(repository, SCHEDULER) if set_parameters(path, recipe.as_parameters())]
+    """Write `recipe` (contract.recipes.Recipe) into every variant of the scheduler's and the
+    denoiser's configs: its step range, defaults and what it was made from. Returns the files changed."""
+    return [path for model in LOOP_MODELS for path in config_files(repository, model)
+            if set_parameters(path, recipe.as_parameters())]
 
 
 def recipe_file(repository: Path) -> Path:

@@ -168,11 +168,16 @@ SCHEDULER_GRAPH_TENSORS = {
     "latents": VAE_DECODER.tensor("latents"),
 }
 SCHEDULER = "scheduler"
+# The continuous-batching engine (serving/engine.py): the scheduler hands requests to it in its
+# engine mode; it takes and returns the same graph tensors.
+DENOISER = "denoiser"
+LOOP_MODELS = (SCHEDULER, DENOISER)
 
 
 def model_tensors(model: str) -> dict[str, TensorSpec]:
-    """The spec tensors a model's config declares: a network's own, or those the scheduler passes on."""
-    if model == SCHEDULER:
+    """The spec tensors a model's config declares: a network's own, or those the scheduler (and the
+    denoiser) pass on."""
+    if model in LOOP_MODELS:
         return dict(SCHEDULER_GRAPH_TENSORS)
     return {t.name: t for t in NETWORKS[model].inputs + NETWORKS[model].outputs}
 

@@ -100,7 +100,8 @@ def test_mismatch_is_named_with_the_fix(mismatched):
         f"declares TYPE_FP16 for sample; make the configs follow the graphs with `python -m export configs "
         f"--repository {mismatched}` (or export again with --dtype fp16)"
     )
-    assert "scheduler: the graphs were exported in fp32 (prompt_embeds is FP32 in text_encoder/1/model.onnx)" in problems[-1]
+    for loop_model, problem in zip(("scheduler", "denoiser"), problems[-2:]):
+        assert f"{loop_model}: the graphs were exported in fp32 (prompt_embeds is FP32 in text_encoder/1/model.onnx)" in problem
 
 
 def test_width_mismatch_is_named(exported, tmp_path):

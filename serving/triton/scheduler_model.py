@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from dataclasses import dataclass
 
 import diffusers
 import numpy as np
@@ -24,44 +25,75 @@ import triton_python_backend_utils as pb_utils
 from contract import layout
 from contract.configs import exported_interface
 from contract.limits import Limits
-from contract.networks import SCHEDULER, UNET
+from contract.networks import DENOISER, SCHEDULER
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.denoise import Denoiser, cfg_end_fraction_from_parameters, denoise
-from serving.endpoint import check_options
+from serving.endpoint import Cancelled, check_options
 
-from .common import (check_graph_interface, error_response, infer, input_arrays, model_config, parameters, repository_root,
-                     respond, version_dir)
+from .common import (ComponentError, check_graph_interface, error_response, input_arrays, model_config, parameters,
+                     repository_root, respond)
 from .metrics import AdmissionMetrics, SchedulerMetrics
+from .tensors import call_unet, to_torch, to_triton
 
 OPTION_INPUTS = ("seed", "num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt")
 
 
-class TritonPythonModel:
-    def initialize(self, args):
+@dataclass
+class LoopSettings:
+    """What the denoising loop needs from a model's config parameters and the exported scheduler
+    config: the scheduler's and the denoiser's alike."""
+
+    limits: Limits
+    cfg_end_fraction: float
+    eta: float | None
+    device: torch.device
+    scheduler_class: type
+    scheduler_config: dict
+
+    @classmethod
+    def load(cls, args: dict, model: str) -> "LoopSettings":
+        """TritonModelException, naming the model and the parameter, for a bad config."""
         params = parameters(model_config(args))
         try:
-            self.limits = Limits.from_parameters(params)
-            self.cfg_end_fraction = cfg_end_fraction_from_parameters(params)
-            self.eta = eta_from_parameters(params)
+            limits = Limits.from_parameters(params)
+            cfg_end_fraction = cfg_end_fraction_from_parameters(params)
+            eta = eta_from_parameters(params)
         except ValueError as error:
-            raise pb_utils.TritonModelException(f"scheduler: {error}") from None
+            raise pb_utils.TritonModelException(f"{model}: {error}") from None
         device = params.get("device", "cpu")
         if device not in ("cpu", "cuda"):
-            raise pb_utils.TritonModelException(f"scheduler: parameter device={device!r}: expected cpu or cuda")
+            raise pb_utils.TritonModelException(f"{model}: parameter device={device!r}: expected cpu or cuda")
         if device == "cuda":
             device = f"cuda:{args['model_instance_device_id']}"
-        self.device = torch.device(device)
-        config_path = version_dir(args) / layout.SCHEDULER_CONFIG_FILE
+        config_path = layout.scheduler_config_path(repository_root(args))
         if not config_path.exists():
             raise pb_utils.TritonModelException(
-                f"scheduler: no {config_path}; run `python -m export onnx` (or `make export-tiny`) first"
+                f"{model}: no {config_path}; run `python -m export onnx` (or `make export-tiny`) first"
             )
         try:
-            self.scheduler_class, self.scheduler_config = scheduler_config(config_path.parent, params.get("recipe_scheduler"))
+            scheduler_class, config = scheduler_config(config_path.parent, params.get("recipe_scheduler"))
         except ValueError as error:
-            raise pb_utils.TritonModelException(f"scheduler: {config_path}: {error}") from None
-        check_graph_interface(args, SCHEDULER, exported_interface(repository_root(args), SCHEDULER))  # as export.json recorded it
+            raise pb_utils.TritonModelException(f"{model}: {config_path}: {error}") from None
+        check_graph_interface(args, model, exported_interface(repository_root(args), model))  # as export.json recorded it
+        return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config)
+
+    def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor) -> Denoiser:
+        return Denoiser(options, embeds, pooled, self.scheduler_class.from_config(self.scheduler_config),
+                        cfg_end_fraction=self.cfg_end_fraction, eta=self.eta)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.settings = LoopSettings.load(args, SCHEDULER)
+        self.limits, self.device = self.settings.limits, self.settings.device
+        params = parameters(model_config(args))
+        # "": the loop runs here; "denoiser": the continuous-batching engine runs it (one request per
+        # instance either way: the instances are the requests in flight).
+        self.engine = params.get("engine", "")
+        if self.engine not in ("", DENOISER):
+            raise pb_utils.TritonModelException(f"scheduler: parameter engine={self.engine!r}: expected empty (the loop "
+                                                f"in this model) or {DENOISER!r} (the continuous-batching engine)")
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.run.register_loop()
         self.metrics = SchedulerMetrics(args["model_name"])
@@ -70,16 +102,22 @@ class TritonPythonModel:
     def execute(self, requests):
         return [self._respond(request) for request in requests]
 
+    def _loop_latents(self, request, options):
+        embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), self.device)
+        pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
+        with torch.inference_mode():
+            latents = denoise(self._unet, self.settings.denoiser(options, embeds, pooled), cancelled=request.is_cancelled)
+        return to_triton("latents", latents)
+
+    def _engine_latents(self, request, options):
+        embeddings = [pb_utils.get_input_tensor_by_name(request, name) for name in ("prompt_embeds", "pooled_prompt_embeds")]
+        return engine_latents(self.engine, embeddings, options, self.run)
+
     def _unet(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        tensors = []
-        for tensor in UNET.inputs:
-            value = inputs[tensor.name]
-            # timestep is [B] in the graph; Triton's config gives it dims [1] with reshape [].
-            tensors.append(to_triton(tensor.name, value.reshape(-1, 1) if tensor.name == "timestep" else value))
         start = time.perf_counter()
-        response = infer(UNET.name, tensors, UNET.output_names, self.run)
+        noise = call_unet(inputs, self.device, self.run)
         self.metrics.unet_step(time.perf_counter() - start, inputs["sample"].shape[0])
-        return to_torch(pb_utils.get_output_tensor_by_name(response, "noise_pred"), self.device)
+        return noise
 
     def _start(self, ticket: str | None) -> None:
         """Take the admission ticket off the queue (None: called without the tokenizer, e.g. directly)."""
@@ -96,38 +134,19 @@ class TritonPythonModel:
         try:
             options = check_options(input_arrays(request, OPTION_INPUTS), self.limits)
             self._start(ticket)
-            embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), self.device)
-            pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
-            scheduler = self.scheduler_class.from_config(self.scheduler_config)
             self.metrics.in_flight.increment(1)
             try:
-                with torch.inference_mode():
-                    denoiser = Denoiser(options, embeds, pooled, scheduler, cfg_end_fraction=self.cfg_end_fraction,
-                                        eta=self.eta)
-                    latents = denoise(self._unet, denoiser, cancelled=request.is_cancelled)
+                latents = self._engine_latents(request, options) if self.engine else self._loop_latents(request, options)
             finally:
                 self.metrics.in_flight.increment(-1)
             self.metrics.steps_per_request.observe(options.num_inference_steps)
-            return respond(request, {"latents": to_triton("latents", latents),
+            return respond(request, {"latents": latents,
                                      "seeds": np.asarray(options.seeds, dtype=np.int64)})
         except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
             return error_response(error, "scheduler")
         finally:
             if ticket is not None:
                 self.run.finish(ticket)  # whatever happened: its queue place or loop slot is free
-
-
-def to_torch(tensor, device: torch.device) -> torch.Tensor:
-    """A Triton tensor as a torch tensor on `device`; GPU memory is shared through DLPack, not copied."""
-    if tensor.is_cpu():
-        return torch.from_numpy(tensor.as_numpy()).to(device)
-    return torch.from_dlpack(tensor.to_dlpack()).to(device)
-
-
-def to_triton(name: str, value: torch.Tensor):
-    if value.is_cuda:
-        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
-    return pb_utils.Tensor(name, value.contiguous().numpy())
 
 
 def scheduler_config(directory, expected_class: str | None) -> tuple[type, dict]:
@@ -157,6 +176,34 @@ def eta_from_parameters(parameters: dict[str, str]) -> float | None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"model config parameter eta={text!r}: expected empty or a number from 0 to 1")
     return value
+
+
+def engine_latents(engine: str, embeddings: list, options, run):
+    """Hand one checked request to the engine model (decoupled BLS) and return its final latents,
+    a Triton tensor passed on as it came. The engine's errors keep their kind (CANCELLED stays
+    cancelled)."""
+    inputs = list(embeddings)
+    for name, value, dtype in (("seed", options.seed, np.int64), ("num_inference_steps", options.num_inference_steps, np.int32),
+                               ("guidance_scale", options.guidance_scale, np.float32), ("height", options.height, np.int32),
+                               ("width", options.width, np.int32),
+                               ("num_images_per_prompt", options.num_images_per_prompt, np.int32)):
+        inputs.append(pb_utils.Tensor(name, np.asarray([value], dtype=dtype)))
+    responses = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["latents"]).exec(
+        decoupled=True)
+    latents = None
+    for response in responses:
+        if response.has_error():
+            message = response.error().message()
+            run.report_unhealthy(message)
+            if response.error().code() == pb_utils.TritonError.CANCELLED:
+                raise Cancelled(message)
+            raise ComponentError(f"{engine}: {message}")
+        tensor = pb_utils.get_output_tensor_by_name(response, "latents")
+        if tensor is not None:
+            latents = tensor  # the last one is the final latents (earlier ones: previews)
+    if latents is None:
+        raise ComponentError(f"{engine}: no latents in its responses")
+    return latents
 
 
 def admission_ticket(request) -> str | None:

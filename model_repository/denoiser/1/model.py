@@ -1,0 +1,1 @@
+from serving.triton.denoiser_model import TritonPythonModel  # noqa: F401

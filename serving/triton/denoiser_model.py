@@ -1,0 +1,110 @@
+"""`denoiser`: the continuous-batching engine (serving/engine.py) as a decoupled Triton model.
+
+One instance (per GPU) holds every request handed to it, by the `scheduler` in its engine mode
+(parameter engine: "denoiser") or by any BLS caller, and runs the UNet once per iteration for all
+the active requests that can share a batch, admitting new ones between steps. Each request gets,
+through its response sender: with `preview_every` k > 0, the latents after every k-th step (not
+the last), then the final latents with the FINAL flag, or one error response. A request whose
+caller cancels (a gRPC stream's cancellation, or a BLS caller's) is dropped before its next step.
+
+Config parameters: the recipe's (as the scheduler's: eta, recipe_scheduler...), cfg_end_fraction,
+device, max_rows (the unet's max_batch_size: rows per UNet call).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from contract.networks import DENOISER
+from serving.admission import RunState, run_directory
+from serving.endpoint import Cancelled, check_options
+from serving.engine import IterationStats, Job, StepEngine
+
+from .common import error_response, input_arrays, model_config, parameters
+from .metrics import EngineMetrics
+from .scheduler_model import OPTION_INPUTS, LoopSettings
+from .tensors import call_unet, to_torch, to_triton
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.settings = LoopSettings.load(args, DENOISER)
+        params = parameters(model_config(args))
+        try:
+            max_rows = int(params.get("max_rows", ""))
+        except ValueError:
+            max_rows = 0
+        if max_rows < 1:
+            raise pb_utils.TritonModelException(f"denoiser: parameter max_rows={params.get('max_rows')!r}: expected the "
+                                                "unet's max_batch_size (an integer of at least 1)")
+        self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
+        self.metrics = EngineMetrics(args["model_name"])
+        self.engine = StepEngine(self._unet, max_rows, on_iteration=self._iteration_done)
+        self.thread = threading.Thread(target=self._serve, name="denoiser-engine", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with torch.inference_mode():
+            self.engine.serve_forever()
+
+    def _unet(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        start = time.perf_counter()
+        noise = call_unet(inputs, self.settings.device, self.run)
+        self.metrics.unet_call(time.perf_counter() - start, inputs["sample"].shape[0])
+        return noise
+
+    def _iteration_done(self, stats: IterationStats) -> None:
+        self.metrics.iteration(stats, self.engine.size)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.engine.submit(self._job(request, sender))
+            except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
+                sender.send(error_response(error, "denoiser"), flags=FINAL)
+        return None
+
+    def _job(self, request, sender) -> Job:
+        options = check_options(input_arrays(request, OPTION_INPUTS), self.settings.limits)
+        preview = input_arrays(request, ("preview_every",))["preview_every"]
+        every = 0 if preview is None else int(np.asarray(preview).reshape(-1)[0])
+        device = self.settings.device
+        with torch.inference_mode():  # copies: the engine uses them after execute has returned
+            embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), device, copy=True)
+            pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), device, copy=True)
+            denoiser = self.settings.denoiser(options, embeds, pooled)
+        seeds = np.asarray(options.seeds, dtype=np.int64)
+        submitted = time.monotonic()
+
+        def send(latents: torch.Tensor, step: int, flags: int = 0) -> None:
+            sender.send(pb_utils.InferenceResponse([
+                to_triton("latents", latents), pb_utils.Tensor("seeds", seeds),
+                pb_utils.Tensor("step", np.asarray([step], dtype=np.int32)),
+            ]), flags=flags)
+
+        def on_step(job: Job) -> None:
+            if job.last_served >= 0 and job.denoiser.step_index == 1:
+                self.metrics.admission_wait.observe(time.monotonic() - submitted)
+            if every > 0 and job.denoiser.step_index % every == 0 and not job.denoiser.done:
+                send(job.denoiser.latents, job.denoiser.step_index)
+
+        def on_error(error: Exception) -> None:
+            if isinstance(error, Cancelled):
+                self.metrics.cancellations.increment(1)
+            sender.send(error_response(error, "denoiser"), flags=FINAL)
+
+        return Job(denoiser, on_done=lambda latents: send(latents, options.num_inference_steps, FINAL), on_error=on_error,
+                   on_step=on_step, cancelled=sender.is_cancelled)
+
+    def finalize(self):
+        self.engine.stop()
+        self.thread.join(timeout=10)

@@ -1,0 +1,37 @@
+"""Torch <-> Triton tensors for the models that run PyTorch (scheduler, denoiser): GPU memory is
+shared through DLPack, not copied."""
+
+from __future__ import annotations
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+
+def to_torch(tensor, device: torch.device, copy: bool = False) -> torch.Tensor:
+    """A Triton tensor as a torch tensor on `device`. `copy`: one that owns its memory, for use
+    after the request is answered (a request's tensors may be freed then)."""
+    value = torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.from_dlpack(tensor.to_dlpack())
+    moved = value.to(device)
+    return moved.clone() if copy and moved.data_ptr() == value.data_ptr() else moved
+
+
+def to_triton(name: str, value: torch.Tensor):
+    if value.is_cuda:
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+    return pb_utils.Tensor(name, value.contiguous().numpy())
+
+
+def call_unet(inputs: dict[str, torch.Tensor], device: torch.device, run=None) -> torch.Tensor:
+    """One BLS call of `unet` with inputs named as contract.networks.UNET's; its noise_pred on
+    `device`. `run`: the RunState to report a not-healthy callee to."""
+    from contract.networks import UNET
+
+    from .common import infer
+
+    tensors = []
+    for tensor in UNET.inputs:
+        value = inputs[tensor.name]
+        # timestep is [B] in the graph; Triton's config gives it dims [1] with reshape [].
+        tensors.append(to_triton(tensor.name, value.reshape(-1, 1) if tensor.name == "timestep" else value))
+    response = infer(UNET.name, tensors, UNET.output_names, run)
+    return to_torch(pb_utils.get_output_tensor_by_name(response, "noise_pred"), device)
