@@ -181,10 +181,12 @@ def metrics(triton) -> str:
 
 
 def metric_value(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not exported")
+    """The sum over the metric's series (sdxl_unet_samples_total has one per model that counts it)."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") or line.startswith(name + " ")]
+    if not values:
+        raise AssertionError(f"{name} not exported")
+    return sum(values)
 
 
 def test_custom_and_standard_metrics(triton):
