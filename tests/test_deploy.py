@@ -496,7 +496,9 @@ def test_perf_analyzer_job_runs_against_the_real_server(supervised, tmp_path):
     if not os.access(perf_analyzer, os.X_OK):
         pytest.skip("perf_analyzer is not installed here (the Job runs it from NVIDIA's SDK container)")
     objects = render("--set", "perfAnalyzer.enabled=true", "--set", "perfAnalyzer.inputData=ensemble_sdxl_cpu.json",
-                     "--set", "perfAnalyzer.concurrency=[1]", "--set", "perfAnalyzer.measurementIntervalMs=2000")
+                     "--set", "perfAnalyzer.concurrency=[1]", "--set", "perfAnalyzer.measurementIntervalMs=2000",
+                     # Runs the Job's script, not a measurement: accept any stability on a busy machine.
+                     "--set", 'perfAnalyzer.extraArgs=["--stability-percentage", "999", "--max-trials", "3"]')
     job = one(objects, "Job", "load-test")["spec"]["template"]["spec"]
     assert "privileged" not in job["containers"][0]["securityContext"]
     assert job["initContainers"][0]["command"] == ["cp", "-r", "/opt/sdxl-triton/perf/.", "/perf/"]  # the image's perf/
