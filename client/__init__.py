@@ -128,11 +128,6 @@ def generate(
     return GenerationResult(result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")], seconds)
 
 
-# The scheduler model's config parameters that describe the served recipe (contract/recipes.py).
-RECIPE_KEYS = ("recipe", "recipe_model", "recipe_loras", "recipe_unet", "recipe_vae", "recipe_scheduler", "min_steps",
-               "max_steps", "default_steps", "default_guidance", "eta", "recommended_size")
-
-
 def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0) -> dict[str, str]:
     """What the server serves: the recipe (model, LoRAs, UNet, VAE, scheduler class, step range and
     defaults), from the `scheduler` model's config parameters."""
@@ -142,5 +137,7 @@ def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0
             config = client.get_model_config("scheduler", **call)
         else:
             config = client.get_model_config("scheduler", as_json=True, **call)["config"]
+    from contract.recipes import RECIPE_PARAMETERS
+
     parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
-    return {key: parameters.get(key, "") for key in RECIPE_KEYS}
+    return {key: parameters.get(key, "") for key in RECIPE_PARAMETERS}

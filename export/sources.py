@@ -68,13 +68,6 @@ class Sources:
     unet: str | None = None  # None: the model's own UNet; else a distilled one in its place
 
     @classmethod
-    def resolve(cls, model: str | None, loras: list[LoraSpec], vae: str | None, unet: str | None = None) -> "Sources":
-        """No --model: the production set, with any --lora added after the LCM-LoRA."""
-        if model is None:
-            return cls(DEFAULT_MODEL, (LoraSpec(DEFAULT_LCM_LORA, 1.0), *loras), vae or DEFAULT_VAE, unet)
-        return cls(model, tuple(loras), vae, unet)
-
-    @classmethod
     def from_recipe(cls, recipe: Recipe) -> "Sources":
         return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet)
 

@@ -129,6 +129,17 @@ def _steps(array: np.ndarray | None, limits: Limits) -> int:
     return _integer("num_inference_steps", array, limits.min_steps, limits.max_steps, limits.steps)
 
 
+def check_preview_every(array: np.ndarray | None, limits: Limits) -> int:
+    """The denoiser's `preview_every`: 0 (omitted: no previews) or a preview after every k-th step."""
+    value = _one("preview_every", array)
+    if value is None:
+        return 0
+    if not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= limits.max_steps:
+        raise InvalidInput("preview_every", value.item() if isinstance(value, np.generic) else value,
+                           f"an integer from 0 (no previews) to {limits.max_steps} (a preview after every k-th step)")
+    return int(value)
+
+
 def _size(name: str, array: np.ndarray | None, limits: Limits) -> int:
     value = _integer(name, array, limits.min_size, limits.max_size, limits.sizes)
     if value % limits.size_multiple:

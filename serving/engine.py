@@ -44,7 +44,6 @@ class Job:
     cancelled: Callable[[], bool] = lambda: False
     id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.monotonic)
-    admitted: float | None = None  # when it entered the active set
     last_served: int = -1  # the iteration that last stepped it
     ready_at: int = 0  # the iteration since which it waits for its next step
 
@@ -60,13 +59,10 @@ class Job:
 
 @dataclass
 class IterationStats:
-    """What one iteration did (for metrics and tests)."""
+    """What one iteration's UNet call held (for metrics): rows and requests, 0 when it made none."""
 
     rows: int = 0
     jobs: int = 0
-    waiting: int = 0  # active requests of this group or others that were not stepped
-    finished: int = 0
-    cancelled: int = 0
 
 
 class StepEngine:
@@ -125,9 +121,8 @@ class StepEngine:
         """Admit, retire cancelled requests, step one batch, retire finished ones."""
         stats = IterationStats()
         self._admit()
-        stats.cancelled = self._retire_cancelled()
+        self._retire_cancelled()
         batch = self._choose()
-        stats.waiting = len(self.active) - len(batch)
         if batch:
             self._step(batch, stats)
         self.iteration += 1
@@ -139,12 +134,10 @@ class StepEngine:
         with self._lock:
             while self._incoming:
                 job = self._incoming.popleft()
-                job.admitted = time.monotonic()
                 job.ready_at = self.iteration
                 self.active.append(job)
 
-    def _retire_cancelled(self) -> int:
-        gone = 0
+    def _retire_cancelled(self) -> None:
         for job in list(self.active):
             try:
                 stop = job.cancelled()
@@ -154,8 +147,6 @@ class StepEngine:
                 self.active.remove(job)
                 job.on_error(Cancelled(f"cancelled before denoising step {job.denoiser.step_index + 1} of "
                                        f"{len(job.denoiser.timesteps)}"))
-                gone += 1
-        return gone
 
     def _choose(self) -> list[Job]:
         """The group of the request ready longest, its requests in the order they became ready, up
@@ -200,5 +191,4 @@ class StepEngine:
                 continue
             if job.denoiser.done:
                 self.active.remove(job)
-                stats.finished += 1
                 job.on_done(job.denoiser.latents)

@@ -119,3 +119,13 @@ def test_prompt_size_limit():
     big = np.array([b"x" * 1_000_000], dtype=object)
     with pytest.raises(InvalidInput, match=r"^prompt: '<1000000 bytes>'"):
         check_prompts({"prompt": big})  # the default 4096
+
+
+def test_preview_every():
+    from contract.limits import Limits
+    from serving.endpoint import InvalidInput, check_preview_every
+
+    assert check_preview_every(None, Limits()) == 0 and check_preview_every(np.array([2], np.int32), Limits()) == 2
+    for bad in (np.array([-1], np.int32), np.array([9], np.int32), np.array([1.5], np.float32), np.array([1, 2], np.int32)):
+        with pytest.raises(InvalidInput, match="preview_every"):
+            check_preview_every(bad, Limits())

@@ -133,6 +133,15 @@ def test_denoiser_streams_previews_in_order_and_the_same_final_latents(engine_se
     assert not np.array_equal(previews[0][1], previews[-1][1])
 
 
+@pytest.mark.parametrize("value", [-1, 9])
+def test_bad_preview_every_is_refused_naming_it(engine_server, value):
+    import tritonclient.grpc as grpc
+
+    received, error = stream(engine_server, denoiser_inputs(grpc, steps=2, preview_every=value))
+    assert not received and error is not None
+    assert f"preview_every: {value} is not accepted; expected an integer from 0 (no previews) to 8" in str(error)
+
+
 def test_cancelled_stream_stops_its_work_and_others_go_on(engine_server):
     """8 steps at 1024x1024 (slow steps on a CPU), cancelled by the client after its second preview: the
     engine drops it before its next step (counted as a cancellation, not finished), no UNet sample

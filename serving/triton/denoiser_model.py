@@ -23,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 from contract.networks import DENOISER
 from serving.admission import RunState, run_directory
-from serving.endpoint import Cancelled, check_options
+from serving.endpoint import Cancelled, check_options, check_preview_every
 from serving.engine import IterationStats, Job, StepEngine
 
 from .common import error_response, input_arrays, model_config, parameters
@@ -56,9 +56,8 @@ class TritonPythonModel:
             self.engine.serve_forever()
 
     def _unet(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        start = time.perf_counter()
         noise = call_unet(inputs, self.settings.device, self.run)
-        self.metrics.unet_call(time.perf_counter() - start, inputs["sample"].shape[0])
+        self.metrics.unet_samples.increment(inputs["sample"].shape[0])
         return noise
 
     def _iteration_done(self, stats: IterationStats) -> None:
@@ -75,15 +74,13 @@ class TritonPythonModel:
 
     def _job(self, request, sender) -> Job:
         options = check_options(input_arrays(request, OPTION_INPUTS), self.settings.limits)
-        preview = input_arrays(request, ("preview_every",))["preview_every"]
-        every = 0 if preview is None else int(np.asarray(preview).reshape(-1)[0])
+        every = check_preview_every(input_arrays(request, ("preview_every",))["preview_every"], self.settings.limits)
         device = self.settings.device
         with torch.inference_mode():  # copies: the engine uses them after execute has returned
             embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), device, copy=True)
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), device, copy=True)
             denoiser = self.settings.denoiser(options, embeds, pooled)
         seeds = np.asarray(options.seeds, dtype=np.int64)
-        submitted = time.monotonic()
 
         def send(latents: torch.Tensor, step: int, flags: int = 0) -> None:
             sender.send(pb_utils.InferenceResponse([
@@ -92,8 +89,8 @@ class TritonPythonModel:
             ]), flags=flags)
 
         def on_step(job: Job) -> None:
-            if job.last_served >= 0 and job.denoiser.step_index == 1:
-                self.metrics.admission_wait.observe(time.monotonic() - submitted)
+            if job.denoiser.step_index == 1:
+                self.metrics.admission_wait.observe(time.monotonic() - job.submitted)
             if every > 0 and job.denoiser.step_index % every == 0 and not job.denoiser.done:
                 send(job.denoiser.latents, job.denoiser.step_index)
 

@@ -85,9 +85,6 @@ class EngineMetrics:
         self.cancellations = self._families["cancel"].Metric(labels=labels)
         self.unet_samples = self._families["samples"].Metric(labels=labels)
 
-    def unet_call(self, seconds: float, rows: int) -> None:
-        self.unet_samples.increment(rows)
-
     def iteration(self, stats, engine_size: int) -> None:
         if stats.rows:
             self.rows.observe(stats.rows)

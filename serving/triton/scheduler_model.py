@@ -29,7 +29,7 @@ from contract.networks import DENOISER, SCHEDULER
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.denoise import Denoiser, cfg_end_fraction_from_parameters, denoise
-from serving.endpoint import Cancelled, check_options
+from serving.endpoint import INPUTS, Cancelled, check_options
 
 from .common import (ComponentError, check_graph_interface, error_response, input_arrays, model_config, parameters,
                      repository_root, respond)
@@ -37,6 +37,7 @@ from .metrics import AdmissionMetrics, SchedulerMetrics
 from .tensors import call_unet, to_torch, to_triton
 
 OPTION_INPUTS = ("seed", "num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt")
+INPUT_DTYPES = {i.name: i.dtype for i in INPUTS}
 
 
 @dataclass
@@ -183,11 +184,9 @@ def engine_latents(engine: str, embeddings: list, options, run):
     a Triton tensor passed on as it came. The engine's errors keep their kind (CANCELLED stays
     cancelled)."""
     inputs = list(embeddings)
-    for name, value, dtype in (("seed", options.seed, np.int64), ("num_inference_steps", options.num_inference_steps, np.int32),
-                               ("guidance_scale", options.guidance_scale, np.float32), ("height", options.height, np.int32),
-                               ("width", options.width, np.int32),
-                               ("num_images_per_prompt", options.num_images_per_prompt, np.int32)):
-        inputs.append(pb_utils.Tensor(name, np.asarray([value], dtype=dtype)))
+    for name in OPTION_INPUTS:  # the checked values, in the endpoint's dtypes
+        dtype = pb_utils.triton_string_to_numpy("TYPE_" + INPUT_DTYPES[name])
+        inputs.append(pb_utils.Tensor(name, np.asarray([getattr(options, name)], dtype=dtype)))
     responses = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["latents"]).exec(
         decoupled=True)
     latents = None
