@@ -158,7 +158,12 @@ VAE_DECODER = NetworkSpec(
     outputs=(TensorSpec("images", "UINT8", ("batch", "image_height", "image_width", 3)),),
 )
 
-NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER)}
+# The streaming endpoint's previews: a TAESD-style AutoencoderTiny (production: madebyollin/taesdxl,
+# about 1.2 M decoder parameters against the VAE's 49 M) decoding the latents of an unfinished
+# request, with the VAE decoder's interface (same unscaling and pixel conversion inside the graph).
+PREVIEW_DECODER = NetworkSpec(name="preview_decoder", inputs=VAE_DECODER.inputs, outputs=VAE_DECODER.outputs)
+
+NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER, PREVIEW_DECODER)}
 
 # The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and
 # sends the VAE decoder its latents, so its configs declare them in the graphs' dtype too.
@@ -172,6 +177,12 @@ SCHEDULER = "scheduler"
 # engine mode; it takes and returns the same graph tensors.
 DENOISER = "denoiser"
 LOOP_MODELS = (SCHEDULER, DENOISER)
+# The streaming endpoint (serving/triton/stream_model.py): decoupled, gRPC streams only; it calls
+# tokenizer, text_encoder, denoiser, preview_decoder and vae_decoder through BLS.
+SDXL_STREAM = "sdxl_stream"
+# The models whose configs carry the recipe (contract/configs.follow_recipe): the loops check requests
+# against it, the stream endpoint checks them before any work.
+RECIPE_MODELS = (*LOOP_MODELS, SDXL_STREAM)
 
 
 def model_tensors(model: str) -> dict[str, TensorSpec]:

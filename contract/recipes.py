@@ -47,6 +47,10 @@ def scheduler_kind(class_name: str) -> str:
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+# The streaming endpoint's preview decoder (TAESD for SDXL's latent space, which every preset shares).
+# An export takes `--preview-vae`, else the model directory's preview_vae/ (the random pipelines of
+# `python -m export random` have one), else this.
+PREVIEW_VAE = "madebyollin/taesdxl"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from contract import layout
-from contract.recipes import PRESETS, SCHEDULERS
+from contract.recipes import PRESETS, PREVIEW_VAE, SCHEDULERS
 from .progress import log
 from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     random_ = commands.add_parser(
-        "random", help="write a random-weight SDXL-family pipeline (+ lora/, alt_vae/) in diffusers layout",
+        "random", help="write a random-weight SDXL-family pipeline (+ lora/, alt_vae/, preview_vae/) in diffusers layout",
         description="--arch tiny: small widths, seconds, for tests and the CPU demo. --arch ssd-1b: the same small "
                     "widths with SSD-1B's UNet layout (its transformer depths per block, no attention in the mid "
                     "block). --arch sdxl: SDXL base 1.0's exact architecture (2.57 B UNet parameters), fp16 "
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     onnx = commands.add_parser(
         "onnx",
-        help="export text_encoder, unet (LoRAs fused) and vae_decoder to ONNX",
+        help="export text_encoder, unet (LoRAs fused), vae_decoder and preview_decoder to ONNX",
         description=(
             f"--preset NAME: a published recipe ({', '.join(PRESETS)}); flags given beside it override it. "
             f"Without --preset and --model: the lcm-sdxl preset ({DEFAULT_MODEL} + {DEFAULT_LCM_LORA}, any --lora "
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--vae", help="VAE directory or hub id (a pipeline directory: its vae/)")
     onnx.add_argument("--unet", metavar="ID_OR_PATH", help="a distilled UNet in place of the model's: a diffusers UNet "
                       "directory, a .safetensors state dict, HUB_ID/FILE.safetensors (e.g. SDXL-Lightning's), or a hub id")
+    onnx.add_argument("--preview-vae", metavar="ID_OR_DIR", help="the streaming endpoint's preview decoder, an "
+                      "AutoencoderTiny (default: the model directory's preview_vae/ if it has one, else "
+                      f"{PREVIEW_VAE})")
     onnx.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="the denoising loop's scheduler (trailing timestep "
                       "spacing for all but lcm); default: the preset's, else lcm")
     onnx.add_argument("--eta", type=float, help="eta of the stochastic steps (tcd's gamma, ddim's eta); default: the preset's")
@@ -79,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     configs_ = commands.add_parser(
         "configs", help="set the configs' tensor dtypes and widths to what the repository's graphs were exported with",
         description="`onnx` does this itself; run it when graphs and configs disagree (graphs copied in, configs "
-                    "checked out again): text_encoder, unet, vae_decoder and scheduler, every variant.",
+                    "checked out again): text_encoder, unet, vae_decoder, preview_decoder, scheduler and denoiser, "
+                    "every variant; the recipe into scheduler, denoiser and sdxl_stream.",
     )
     configs_.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY,
                           help=f"model repository (default {layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/)")
@@ -170,7 +174,7 @@ def run_onnx(args) -> None:
     log(f"recipe {recipe.name}: {recipe.model}" + "".join(f" + {lora}" for lora in recipe.loras)
         + (f", UNet {recipe.unet}" if recipe.unet else "") + (f", VAE {recipe.vae}" if recipe.vae else "")
         + f", {SCHEDULERS[recipe.scheduler].class_name}")
-    paths = export_pipeline(Sources.from_recipe(recipe), args.out, args.dtype, device=args.device, recipe=recipe)
+    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae), args.out, args.dtype, device=args.device, recipe=recipe)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

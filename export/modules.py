@@ -1,4 +1,4 @@
-"""The PyTorch modules that become the three ONNX graphs, with the signatures of `networks.py`.
+"""The PyTorch modules that become the ONNX graphs, with the signatures of `networks.py`.
 
 Each wraps diffusers/transformers modules without changing their math; what diffusers' SDXL
 pipeline does around a call (hidden-state choice, latent scaling, pixel conversion) moves inside.
@@ -91,6 +91,10 @@ def build_module(name: str, pipe) -> nn.Module:
         module = UNet(pipe.unet)
     elif name == networks.VAE_DECODER.name:
         module = VaeDecoder(pipe.vae)
+    elif name == networks.PREVIEW_DECODER.name:
+        # AutoencoderTiny has the decode, scaling_factor (1.0) and [-1, 1] output of AutoencoderKL,
+        # and diffusers' pipelines decode with it the same way.
+        module = VaeDecoder(pipe.preview_vae)
     else:
         raise KeyError(f"unknown network {name!r}; known: {', '.join(networks.NETWORKS)}")
     return module.eval()

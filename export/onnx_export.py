@@ -1,4 +1,4 @@
-"""Export the three networks to ONNX and check each graph's interface against `contract/networks.py`.
+"""Export the networks to ONNX and check each graph's interface against `contract/networks.py`.
 
 TorchScript exporter (`dynamo=False`), opset 17: its fp16 graphs load in ONNX Runtime and parse in
 TensorRT; the dynamo exporter's fp16 graph did not load here (type clash).
@@ -271,6 +271,7 @@ STAGES = {
     networks.UNET.name: ("unet",),
     networks.TEXT_ENCODER.name: ("text_encoder", "text_encoder_2"),
     networks.VAE_DECODER.name: ("vae",),
+    networks.PREVIEW_DECODER.name: ("preview_vae",),
 }
 
 
@@ -350,6 +351,6 @@ def export_pipeline(
     except configs.ConfigError as error:
         raise ExportError(str(error)) from None
     if changed:
-        log(f"scheduler configs set to recipe {recipe.name} (steps {recipe.min_steps}-{recipe.max_steps}, default "
+        log(f"scheduler, denoiser and sdxl_stream configs set to recipe {recipe.name} (steps {recipe.min_steps}-{recipe.max_steps}, default "
             f"{recipe.default_steps}; guidance {recipe.default_guidance:g})")
     return {name: layout.onnx_path(repository, name) for name in ordered}

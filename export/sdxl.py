@@ -98,6 +98,21 @@ TEXT_ENCODER_2_CONFIG = {
     "hidden_act": "gelu",
 }
 
+# madebyollin/taesdxl, config.json: AutoencoderTiny's defaults (TAESD's layout) with SDXL's scaling
+# factor 1.0; the streaming endpoint's preview decoder.
+PREVIEW_VAE_CONFIG = {
+    "encoder_block_out_channels": [64, 64, 64, 64],
+    "decoder_block_out_channels": [64, 64, 64, 64],
+    "num_encoder_blocks": [1, 3, 3, 3],
+    "num_decoder_blocks": [3, 3, 3, 1],
+    "latent_channels": 4,
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "scaling_factor": 1.0,
+    "act_fn": "relu",
+    "upsampling_scaling_factor": 2,
+}
+
 # Published parameter counts (the tests build the classes on the meta device and compare).
 PARAMETERS = {
     "unet": 2_567_463_684,
@@ -176,12 +191,13 @@ def _default_dtype(dtype):
 
 def build_component(name: str, *, dtype=None, device=None, vocab_size: int = CLIP_VOCAB_SIZE):
     """One SDXL component built with its class's random init, straight in `dtype` on `device`
-    ("meta": shapes only, no memory). Names: unet, vae, alt_vae, text_encoder, text_encoder_2."""
+    ("meta": shapes only, no memory). Names: unet, vae, alt_vae, preview_vae, text_encoder, text_encoder_2."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     builders = {
+        "preview_vae": lambda: AutoencoderTiny(**PREVIEW_VAE_CONFIG),
         "unet": lambda: UNet2DConditionModel(**UNET_CONFIG),
         "vae": lambda: AutoencoderKL(**VAE_CONFIG),
         "alt_vae": lambda: AutoencoderKL(**FP16_FIX_VAE_CONFIG),
@@ -202,7 +218,7 @@ def scheduler_config() -> dict:
 
 
 def write_sdxl(out_dir: Path, seed: int = 0) -> None:
-    """Write the random-weight SDXL pipeline (fp16 safetensors), `lora/` and `alt_vae/` under `out_dir`."""
+    """Write the random-weight SDXL pipeline (fp16 safetensors), `lora/`, `alt_vae/` and `preview_vae/` under `out_dir`."""
     import torch
     from diffusers import EulerDiscreteScheduler
 
@@ -231,6 +247,9 @@ def write_sdxl(out_dir: Path, seed: int = 0) -> None:
     with step("alt_vae (the fp16-fix VAE's config): random init in fp16 and save"):
         torch.manual_seed(seed * 100 + 20)
         build_component("alt_vae", dtype=torch.float16).save_pretrained(out_dir / "alt_vae", safe_serialization=True)
+    with step("preview_vae (madebyollin/taesdxl's config): random init in fp16 and save"):
+        torch.manual_seed(seed * 100 + 30)
+        build_component("preview_vae", dtype=torch.float16).save_pretrained(out_dir / "preview_vae", safe_serialization=True)
     _write_model_index(out_dir)
     log(f"random-weight SDXL base 1.0 architecture (seed {seed}) written to {out_dir}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .progress import log, step
 
-from contract.recipes import DEFAULT_PRESET, PRESETS, Recipe
+from contract.recipes import DEFAULT_PRESET, PREVIEW_VAE, PRESETS, Recipe
 
 # The production set (the default preset, lcm-sdxl: SDXL + LCM-LoRA + fp16-fix VAE).
 DEFAULT_MODEL = PRESETS[DEFAULT_PRESET].model
@@ -26,6 +26,7 @@ DEFAULT_LCM_LORA = PRESETS[DEFAULT_PRESET].loras[0].rpartition(":")[0]
 DEFAULT_VAE = PRESETS[DEFAULT_PRESET].vae
 
 DTYPES = ("fp16", "fp32")
+PREVIEW_VAE_SUBFOLDER = "preview_vae"  # where `python -m export random` writes the preview decoder's AutoencoderTiny
 
 
 class ExportError(Exception):
@@ -66,13 +67,23 @@ class Sources:
     loras: tuple[LoraSpec, ...] = ()
     vae: str | None = None  # None: the model's own VAE
     unet: str | None = None  # None: the model's own UNet; else a distilled one in its place
+    preview_vae: str | None = None  # the preview decoder's AutoencoderTiny; None: see resolved_preview_vae
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe) -> "Sources":
-        return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet)
+    def from_recipe(cls, recipe: Recipe, preview_vae: str | None = None) -> "Sources":
+        return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet, preview_vae)
+
+    @property
+    def resolved_preview_vae(self) -> str:
+        """--preview-vae, else the model directory's preview_vae/ (random pipelines have one), else TAESDXL."""
+        if self.preview_vae is not None:
+            return self.preview_vae
+        own = Path(self.model).expanduser() / PREVIEW_VAE_SUBFOLDER
+        return str(own) if own.is_dir() else PREVIEW_VAE
 
     def describe(self) -> dict:
-        return {"model": self.model, "loras": [str(lora) for lora in self.loras], "vae": self.vae, "unet": self.unet}
+        return {"model": self.model, "loras": [str(lora) for lora in self.loras], "vae": self.vae, "unet": self.unet,
+                "preview_vae": self.resolved_preview_vae}
 
 
 @dataclass
@@ -124,8 +135,27 @@ def load_vae(source: str):
         raise _load_error("--vae", source, error) from error
 
 
+def load_preview_vae(source: str):
+    """The preview decoder's AutoencoderTiny (TAESD-style): a directory, a pipeline directory (its
+    preview_vae/), or a hub id."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    path = Path(source).expanduser()
+    subfolder = PREVIEW_VAE_SUBFOLDER if (path / "model_index.json").exists() else None
+    try:  # diffusers warns that its own saved config key block_out_channels is unexpected: silenced
+        with _diffusers_errors_only():
+            return AutoencoderTiny.from_pretrained(str(path) if path.exists() else source, subfolder=subfolder, dtype=torch.float32)
+    except Exception as error:  # hub clients raise many types; each becomes one clear message
+        raise _load_error("--preview-vae", source, error) from error
+
+
 # The pipeline's networks; each export stage loads only the ones its graph needs (export/onnx_export.py).
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+# Beside them, not a part of StableDiffusionXLPipeline: the preview decoder's AutoencoderTiny, set on
+# the loaded pipeline as `pipe.preview_vae`.
+PREVIEW_COMPONENT = "preview_vae"
+ALL_COMPONENTS = (*COMPONENTS, PREVIEW_COMPONENT)
 _LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -364,7 +394,7 @@ def model_dims(sources: Sources, pipe=None):
     return ModelDims.from_configs(tokenizer.model_max_length, text_encoder, text_encoder_2, unet, vae)
 
 
-def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", components: tuple[str, ...] = COMPONENTS) -> LoadedPipeline:
+def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", components: tuple[str, ...] = ALL_COMPONENTS) -> LoadedPipeline:
     """The pipeline to export, with `components` loaded (the others None), LoRAs fused, on `device`, in `dtype`.
 
     Memory: the networks are read in the dtype they are stored in (no converted second copy), then
@@ -376,14 +406,17 @@ def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", co
     import torch
 
     check_device(device)
-    unknown = set(components) - set(COMPONENTS)
+    unknown = set(components) - set(ALL_COMPONENTS)
     if unknown:
-        raise ValueError(f"unknown components {sorted(unknown)}; known: {', '.join(COMPONENTS)}")
+        raise ValueError(f"unknown components {sorted(unknown)}; known: {', '.join(ALL_COMPONENTS)}")
+    wants_preview = PREVIEW_COMPONENT in components
+    components = tuple(c for c in components if c != PREVIEW_COMPONENT)
     vae = None
     if sources.vae is not None and "vae" in components:
         with step(f"loading VAE {sources.vae}"):
             vae = load_vae(sources.vae)
-    what = "all components" if set(components) == set(COMPONENTS) else ", ".join(components) or "tokenizers and scheduler"
+    what = ("all components" if set(components) == set(COMPONENTS) else ", ".join(components) or "tokenizers and scheduler") + (
+        " + preview VAE" if wants_preview else "")
     unet = None
     if sources.unet is not None and "unet" in components:
         with step(f"loading UNet {sources.unet} (in place of the model's)"):
@@ -403,6 +436,10 @@ def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", co
     loras = sources.loras if any(name in _LORA_TARGETS for name in components) else ()
     unet_config = pipe.unet.config if pipe.unet is not None else (_unet_config(sources.model) if loras else None)
     adapters = apply_loras(pipe, loras, unet_config)
+    if wants_preview:  # after the model: its errors come first
+        with step(f"loading preview VAE {sources.resolved_preview_vae}"):
+            pipe.preview_vae = load_preview_vae(sources.resolved_preview_vae)  # an attribute the export reads
+        components = (*components, PREVIEW_COMPONENT)
     with _diffusers_errors_only():  # its warnings on casting to fp16 on a CPU are for running, not exporting
         for name in components:
             getattr(pipe, name).to(device=device, dtype=torch_dtype)

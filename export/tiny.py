@@ -7,7 +7,8 @@ a concatenation in the wrong order or a wrong hidden state shows up as a shape e
 
 Written in diffusers layout with `save_pretrained`, so the real loading code (`from_pretrained`,
 `load_lora_weights`, `fuse_lora`) runs on it. Next to it: a random LoRA for its UNet (`lora/`) and a
-second VAE (`alt_vae/`) that stands in for the fp16-fix VAE.
+second VAE (`alt_vae/`) that stands in for the fp16-fix VAE, and a TAESD-style AutoencoderTiny
+(`preview_vae/`) that stands in for madebyollin/taesdxl, the streaming endpoint's preview decoder.
 """
 
 from __future__ import annotations
@@ -169,6 +170,15 @@ def tiny_vae():
     )
 
 
+def tiny_preview_vae():
+    """A TAESD-style AutoencoderTiny at tiny widths: TAESD's layout (an 8x decoder of 3, 3, 3, 1 blocks
+    with nearest upsampling) with 8 channels instead of 64 and one block per level."""
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+
+
 def sdxl_scheduler():
     """SDXL base 1.0's scheduler/scheduler_config.json, less the keys this class ignores."""
     from diffusers import EulerDiscreteScheduler
@@ -246,7 +256,8 @@ def write_random_lora(
 
 
 def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
-    """Write the tiny pipeline, its LoRA (`lora/`) and a second VAE (`alt_vae/`) under `out_dir`."""
+    """Write the tiny pipeline, its LoRA (`lora/`), a second VAE (`alt_vae/`) and a preview VAE
+    (`preview_vae/`, an AutoencoderTiny) under `out_dir`."""
     out_dir = Path(out_dir)
     pipe = build_tiny_pipeline(seed, arch)
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -256,3 +267,6 @@ def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     torch.manual_seed(seed + 2)
     tiny_vae().save_pretrained(out_dir / "alt_vae", safe_serialization=True)
     log(f"alternative VAE written to {out_dir / 'alt_vae'}")
+    torch.manual_seed(seed + 3)
+    tiny_preview_vae().save_pretrained(out_dir / "preview_vae", safe_serialization=True)
+    log(f"preview VAE (AutoencoderTiny) written to {out_dir / 'preview_vae'}")

@@ -13,7 +13,7 @@ from contract import configs
 from contract.configs import (CPU_DTYPE, EXPORTED_MODELS, config_files, config_problems, declared_interface,
                               read_config)
 from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
-from contract.networks import compute_tensors
+from contract.networks import NETWORKS, compute_tensors
 from contract.recipes import RECIPE_PARAMETERS
 
 from export.cli import main
@@ -157,7 +157,7 @@ def test_export_configs_dtype_restores_the_git_configs(exported, tmp_path, capsy
     """`make clean` puts the configs back to what git holds once the graphs are gone."""
     repository = tmp_path / "repo"
     shutil.copytree(exported("fp32"), repository)  # the tiny graphs' widths, fp32
-    for name in ("text_encoder", "unet", "vae_decoder"):
+    for name in NETWORKS:
         (repository / name / "1" / "export.json").unlink()  # as make clean leaves it
     (repository / "scheduler" / "1" / "recipe.json").unlink()
     assert main(["configs", "--repository", str(repository), "--dtype", "fp16"]) == 0

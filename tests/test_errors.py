@@ -115,3 +115,15 @@ def test_long_steps_print_progress(loaded, tmp_path, capsys):
     assert "[export] stage 1/2: vae_decoder (from vae)" in err
     assert "[export] vae_decoder: model.onnx checked, " in err
     assert f"[export] graphs, tokenizers and scheduler_config.json (LCMScheduler, recipe custom) written under {tmp_path}" in err
+
+
+def test_preview_vae_is_the_flag_else_the_models_own_else_taesdxl(tiny_dir, tmp_path):
+    assert Sources(str(tiny_dir)).resolved_preview_vae == str(tiny_dir / "preview_vae")
+    assert Sources(str(tiny_dir), preview_vae="other/taesd").resolved_preview_vae == "other/taesd"
+    assert Sources("stabilityai/stable-diffusion-xl-base-1.0").resolved_preview_vae == "madebyollin/taesdxl"
+    with pytest.raises(ExportError, match=r"^--preview-vae '/no/such/taesd': no such file or directory"):
+        load_pipeline(Sources(str(tiny_dir), preview_vae="/no/such/taesd"), components=("preview_vae",))
+    with pytest.raises(ExportError, match=r"^--preview-vae .*: cannot load it"):
+        load_pipeline(Sources(str(tiny_dir), preview_vae=str(tmp_path)), components=("preview_vae",))
+    loaded = load_pipeline(Sources(str(tiny_dir), preview_vae=str(tiny_dir)), components=("preview_vae",))  # a pipeline dir
+    assert type(loaded.pipe.preview_vae).__name__ == "AutoencoderTiny" and loaded.pipe.unet is None
