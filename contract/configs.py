@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2
 
 from . import layout
 from .limits import Limits
-from .networks import (COMPUTE, DYNAMIC_DIMS, LOOP_MODELS, NETWORKS, SCHEDULER, ModelDims, TensorSpec,
+from .networks import (COMPUTE, DYNAMIC_DIMS, LOOP_MODELS, NETWORKS, RECIPE_MODELS, SCHEDULER, ModelDims, TensorSpec,
                        compute_tensors, model_tensors)
 
 
@@ -329,9 +329,10 @@ def set_parameters(path: Path, values: dict[str, str]) -> bool:
 
 
 def follow_recipe(repository: Path, recipe) -> list[Path]:
-    """Write `recipe` (contract.recipes.Recipe) into every variant of the scheduler's and the
-    denoiser's configs: its step range, defaults and what it was made from. Returns the files changed."""
-    return [path for model in LOOP_MODELS for path in config_files(repository, model)
+    """Write `recipe` (contract.recipes.Recipe) into every variant of the configs of RECIPE_MODELS
+    (scheduler, denoiser, sdxl_stream): its step range, defaults and what it was made from. Returns
+    the files changed."""
+    return [path for model in RECIPE_MODELS for path in config_files(repository, model)
             if set_parameters(path, recipe.as_parameters())]
 
 

@@ -14,6 +14,8 @@ request off the queue when a loop frees:
     <run>/running/<ticket>   in a scheduler's loop                      (scheduler renames, then removes it)
     <run>/draining           present: admit nothing (the supervisor's drain or restart)
     <run>/unhealthy/<name>   a model saw "Stub process '<name>' is not healthy" (the supervisor restarts)
+    <run>/cancelled/<ticket> its caller cancelled: the denoiser drops it before its next step
+                             (BLS requests cannot be cancelled on 2.51; sdxl_stream marks them here)
 
 The run directory belongs to one tritonserver process (`sdxl-triton-<pid>` on tmpfs), so a restart
 starts empty and the supervisor finds it from the pid. A request cancelled between the tokenizer and
@@ -109,9 +111,10 @@ class RunState:
         self.loops_dir = self.directory / "loops"
         self.unhealthy = self.directory / "unhealthy"
         self.draining_flag = self.directory / "draining"
+        self.cancelled = self.directory / "cancelled"
 
     def create(self) -> "RunState":
-        for path in (self.queued, self.running, self.unhealthy, self.loops_dir):
+        for path in (self.queued, self.running, self.unhealthy, self.loops_dir, self.cancelled):
             path.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -160,9 +163,17 @@ class RunState:
         """The request is done (or failed, or never started): its queue place or loop slot is free."""
         (self.queued / ticket).unlink(missing_ok=True)
         (self.running / ticket).unlink(missing_ok=True)
+        (self.cancelled / ticket).unlink(missing_ok=True)
+
+    def cancel(self, ticket: str) -> None:
+        """The ticket's caller cancelled: whoever runs its work stops (is_cancelled)."""
+        (self.cancelled / ticket).touch()
+
+    def is_cancelled(self, ticket: str) -> bool:
+        return (self.cancelled / ticket).exists()
 
     def register_loop(self) -> None:
-        """A scheduler instance (one loop) is up; counted while its process lives."""
+        """A scheduler or sdxl_stream instance (one request at a time) is up; counted while its process lives."""
         (self.loops_dir / str(os.getpid())).touch()
 
     def loops(self) -> int:

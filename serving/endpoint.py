@@ -41,6 +41,8 @@ INPUTS = (
     EndpointInput("num_images_per_prompt", "INT32", 1, "images in the response"),
 )
 INPUT_NAMES = tuple(i.name for i in INPUTS)
+# The non-text inputs: what check_options reads and the loops (scheduler, denoiser) take.
+OPTION_INPUTS = tuple(i.name for i in INPUTS if i.dtype != "STRING")
 DEFAULTS = {i.name: i.default for i in INPUTS}
 OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,))}
 

@@ -149,3 +149,13 @@ def test_run_directories_of_dead_servers_are_removed(tmp_path):
     (tmp_path / f"sdxl-triton-{int(dead.stdout)}").mkdir()
     (tmp_path / f"sdxl-triton-{os.getpid()}").mkdir()
     assert clean_stale_run_directories(tmp_path) == [f"sdxl-triton-{int(dead.stdout)}"]
+
+
+def test_a_cancelled_ticket_is_seen_until_it_finishes(run):
+    ticket = run.admit(AdmissionPolicy(), None)
+    run.start(ticket)
+    assert not run.is_cancelled(ticket)
+    run.cancel(ticket)  # sdxl_stream, when its client cancels: the denoiser sees it before its next step
+    assert run.is_cancelled(ticket)
+    run.finish(ticket)
+    assert not run.is_cancelled(ticket) and not any(run.cancelled.iterdir())

@@ -12,7 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.admission import Refused
-from serving.endpoint import Cancelled, InvalidInput
+from serving.endpoint import INPUTS, OPTION_INPUTS, Cancelled, InvalidInput
 
 
 class ComponentError(RuntimeError):
@@ -101,3 +101,10 @@ def error_response(error: Exception, model: str):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
     pb_utils.Logger.log_error(f"{model}: {traceback.format_exc()}")
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model}: internal error: {type(error).__name__}: {error}"))
+
+
+def option_tensors(options) -> list:
+    """A checked request's options (serving.endpoint.GenerationOptions) as Triton tensors, in the
+    endpoint's dtypes: what a BLS caller hands the denoiser."""
+    dtypes = {i.name: pb_utils.triton_string_to_numpy("TYPE_" + i.dtype) for i in INPUTS}
+    return [pb_utils.Tensor(name, np.asarray([getattr(options, name)], dtype=dtypes[name])) for name in OPTION_INPUTS]

@@ -5,7 +5,9 @@ One instance (per GPU) holds every request handed to it, by the `scheduler` in i
 the active requests that can share a batch, admitting new ones between steps. Each request gets,
 through its response sender: with `preview_every` k > 0, the latents after every k-th step (not
 the last), then the final latents with the FINAL flag, or one error response. A request whose
-caller cancels (a gRPC stream's cancellation, or a BLS caller's) is dropped before its next step.
+caller cancels is dropped before its next step: a gRPC stream's cancellation, or, for a BLS caller
+(which 2.51 cannot cancel), its `admission_ticket` marked cancelled in the run directory
+(serving/admission.py RunState.cancel).
 
 Config parameters: the recipe's (as the scheduler's: eta, recipe_scheduler...), cfg_end_fraction,
 device, max_rows (the unet's max_batch_size: rows per UNet call).
@@ -23,12 +25,12 @@ import triton_python_backend_utils as pb_utils
 
 from contract.networks import DENOISER
 from serving.admission import RunState, run_directory
-from serving.endpoint import Cancelled, check_options, check_preview_every
+from serving.endpoint import OPTION_INPUTS, Cancelled, check_options, check_preview_every
 from serving.engine import IterationStats, Job, StepEngine
 
 from .common import error_response, input_arrays, model_config, parameters
 from .metrics import EngineMetrics
-from .scheduler_model import OPTION_INPUTS, LoopSettings
+from .scheduler_model import LoopSettings, admission_ticket
 from .tensors import call_unet, to_torch, to_triton
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -81,6 +83,10 @@ class TritonPythonModel:
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), device, copy=True)
             denoiser = self.settings.denoiser(options, embeds, pooled)
         seeds = np.asarray(options.seeds, dtype=np.int64)
+        ticket = admission_ticket(request)  # a BLS caller's (sdxl_stream): it marks the ticket when its client cancels
+
+        def cancelled() -> bool:
+            return sender.is_cancelled() or (ticket is not None and self.run.is_cancelled(ticket))
 
         def send(latents: torch.Tensor, step: int, flags: int = 0) -> None:
             sender.send(pb_utils.InferenceResponse([
@@ -97,10 +103,18 @@ class TritonPythonModel:
         def on_error(error: Exception) -> None:
             if isinstance(error, Cancelled):
                 self.metrics.cancellations.increment(1)
-            sender.send(error_response(error, "denoiser"), flags=FINAL)
+            elif ticket is not None:  # its BLS caller cannot see the error: the log keeps it
+                pb_utils.Logger.log_error(f"denoiser: request failed: {error}")
+            # Measured on 2.51, for a decoupled BLS caller (those with a ticket): an error response never
+            # reaches it, one sent with the FINAL flag left its response iterator waiting forever, and one
+            # sent before the FINAL flag kept the caller's model from unloading (shutdown waited out its
+            # exit timeout). So BLS callers get the FINAL flag alone; gRPC clients get the error, then FINAL.
+            if ticket is None:
+                sender.send(error_response(error, "denoiser"))
+            sender.send(flags=FINAL)
 
         return Job(denoiser, on_done=lambda latents: send(latents, options.num_inference_steps, FINAL), on_error=on_error,
-                   on_step=on_step, cancelled=sender.is_cancelled)
+                   on_step=on_step, cancelled=cancelled)
 
     def finalize(self):
         self.engine.stop()

@@ -1,4 +1,4 @@
-"""The scheduler's and the denoiser's custom metrics, exported by Triton on its metrics port with the
+"""The scheduler's, the denoiser's and the streaming endpoint's custom metrics, exported by Triton on its metrics port with the
 standard ones.
 
 All instances of the scheduler share each metric (same name, same labels), so the figures are the
@@ -90,3 +90,24 @@ class EngineMetrics:
             self.rows.observe(stats.rows)
             self.requests.observe(stats.jobs)
         self.active.set(engine_size)
+
+
+class StreamMetrics:
+    """The streaming endpoint's: streams in flight, time to the first preview and to the final
+    images, and cancellations with the time from seeing one to the denoiser dropping the request."""
+
+    def __init__(self, model: str):
+        labels = {"model": model}
+        family = pb_utils.MetricFamily
+        self._families = {
+            "inflight": family("sdxl_stream_requests_in_flight", "Streams being denoised now", family.GAUGE),
+            "first": family("sdxl_stream_first_preview_seconds", "Time from a stream's arrival to its first preview image", family.HISTOGRAM),
+            "total": family("sdxl_stream_request_seconds", "Time from a stream's arrival to its final images", family.HISTOGRAM),
+            "cancel": family("sdxl_stream_cancellations_total", "Streams cancelled by their client while denoising", family.COUNTER),
+            "free": family("sdxl_stream_cancel_to_free_seconds", "Time from seeing a stream's cancellation to the denoiser dropping it (its batch slot free)", family.HISTOGRAM),
+        }
+        self.in_flight = self._families["inflight"].Metric(labels=labels)
+        self.first_preview = self._families["first"].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.request_seconds = self._families["total"].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.cancellations = self._families["cancel"].Metric(labels=labels)
+        self.cancel_to_free = self._families["free"].Metric(labels=labels, buckets=LATENCY_BUCKETS)

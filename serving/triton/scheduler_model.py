@@ -29,15 +29,13 @@ from contract.networks import DENOISER, SCHEDULER
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.denoise import Denoiser, cfg_end_fraction_from_parameters, denoise
-from serving.endpoint import INPUTS, Cancelled, check_options
+from serving.endpoint import OPTION_INPUTS, Cancelled, check_options
 
-from .common import (ComponentError, check_graph_interface, error_response, input_arrays, model_config, parameters,
-                     repository_root, respond)
+from .common import (ComponentError, check_graph_interface, error_response, input_arrays, model_config, option_tensors,
+                     parameters, repository_root, respond)
 from .metrics import AdmissionMetrics, SchedulerMetrics
 from .tensors import call_unet, to_torch, to_triton
 
-OPTION_INPUTS = ("seed", "num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt")
-INPUT_DTYPES = {i.name: i.dtype for i in INPUTS}
 
 
 @dataclass
@@ -112,7 +110,7 @@ class TritonPythonModel:
 
     def _engine_latents(self, request, options):
         embeddings = [pb_utils.get_input_tensor_by_name(request, name) for name in ("prompt_embeds", "pooled_prompt_embeds")]
-        return engine_latents(self.engine, embeddings, options, self.run)
+        return engine_latents(self.engine, embeddings, options, self.run, admission_ticket(request))
 
     def _unet(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()
@@ -179,14 +177,13 @@ def eta_from_parameters(parameters: dict[str, str]) -> float | None:
     return value
 
 
-def engine_latents(engine: str, embeddings: list, options, run):
+def engine_latents(engine: str, embeddings: list, options, run, ticket: str | None):
     """Hand one checked request to the engine model (decoupled BLS) and return its final latents,
-    a Triton tensor passed on as it came. The engine's errors keep their kind (CANCELLED stays
-    cancelled)."""
-    inputs = list(embeddings)
-    for name in OPTION_INPUTS:  # the checked values, in the endpoint's dtypes
-        dtype = pb_utils.triton_string_to_numpy("TYPE_" + INPUT_DTYPES[name])
-        inputs.append(pb_utils.Tensor(name, np.asarray([getattr(options, name)], dtype=dtype)))
+    a Triton tensor passed on as it came. With the request's admission ticket, the engine treats it
+    as a BLS caller's: its failure ends the responses without latents (and is in the server log)."""
+    inputs = list(embeddings) + option_tensors(options)
+    if ticket is not None:
+        inputs.append(pb_utils.Tensor(TICKET_TENSOR, np.array([ticket.encode()], dtype=object)))
     responses = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["latents"]).exec(
         decoupled=True)
     latents = None
@@ -200,8 +197,8 @@ def engine_latents(engine: str, embeddings: list, options, run):
         tensor = pb_utils.get_output_tensor_by_name(response, "latents")
         if tensor is not None:
             latents = tensor  # the last one is the final latents (earlier ones: previews)
-    if latents is None:
-        raise ComponentError(f"{engine}: no latents in its responses")
+    if latents is None:  # 2.51 drops a decoupled callee's error responses: the engine logs the error
+        raise ComponentError(f"{engine}: the request ended without its final latents (the error is in the server log)")
     return latents
 
 

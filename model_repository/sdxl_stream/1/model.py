@@ -1,0 +1,1 @@
+from serving.triton.stream_model import TritonPythonModel  # noqa: F401

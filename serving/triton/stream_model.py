@@ -1,0 +1,182 @@
+"""`sdxl_stream`: the streaming endpoint (decoupled: gRPC streams only). The inputs of `ensemble_sdxl`
+plus `preview_every`; one response per denoising step (`step`, `num_inference_steps`, `seeds`, and
+`images` on every `preview_every`-th step: a preview from the `preview_decoder`), then the final
+images with the FINAL flag, or one error response.
+
+Each request runs here synchronously, through BLS: tokenizer (texts checked, admitted or refused,
+as the ensemble's) -> text_encoder -> denoiser (the continuous-batching engine, decoupled) ->
+preview_decoder for previews -> vae_decoder for the final images. One request per instance at a
+time: the instances are the streams in flight (worker threads doing BLS crashed tritonserver 2.51,
+README "Continuous batching"). A cancelled stream (`is_cancelled`) is seen at the next step; 2.51
+cannot cancel a BLS request, so the request's admission ticket is marked cancelled in the run
+directory, which the denoiser checks before every step.
+
+Config parameters: the endpoint's limits and the recipe (as the scheduler's; a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from contract.limits import Limits
+from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECODER
+from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
+from serving.endpoint import OPTION_INPUTS, Cancelled, check_options, check_preview_every
+
+from .common import ComponentError, error_response, input_arrays, model_config, option_tensors, parameters
+from .metrics import AdmissionMetrics, StreamMetrics
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+TEXT_INPUTS = ("prompt", "negative_prompt")
+
+
+class ForwardedError(Exception):
+    """A callee's error, passed on with its code (INVALID_ARG stays INVALID_ARG)."""
+
+    def __init__(self, error):
+        super().__init__(error.message())
+        self.code = error.code()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        try:
+            self.limits = Limits.from_parameters(parameters(model_config(args)))
+        except ValueError as error:
+            raise pb_utils.TritonModelException(f"sdxl_stream: {error}") from None
+        self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
+        self.metrics = StreamMetrics(args["model_name"])
+        self.admission_metrics = AdmissionMetrics(args["model_name"])
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._stream(request, sender)
+            except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
+                self._send_final_error(sender, error)
+        return None
+
+    def _send_final_error(self, sender, error: Exception) -> None:
+        if isinstance(error, ForwardedError):
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), error.code))
+        else:
+            response = error_response(error, "sdxl_stream")
+        try:
+            sender.send(response, flags=FINAL)
+        except Exception:  # noqa: BLE001 - the client is gone (a cancelled stream): nobody to tell
+            pass
+
+    # 1. check the options before any work
+    def _check(self, request):
+        raw = input_arrays(request, (*OPTION_INPUTS, "preview_every"))
+        return check_options(raw, self.limits), check_preview_every(raw["preview_every"], self.limits)
+
+    # 2. tokenize and admit (the tokenizer checks the texts and applies the admission policy)
+    def _tokenize(self, request, options) -> tuple[list, str]:
+        texts = [t for name in TEXT_INPUTS if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
+        guidance = pb_utils.Tensor("guidance_scale", np.asarray([options.guidance_scale], dtype=np.float32))
+        response = call("tokenizer", [*texts, guidance], ["input_ids", "input_ids_2", TICKET_TENSOR], self.run,
+                        request_parameters=request.parameters())
+        ticket = pb_utils.get_output_tensor_by_name(response, TICKET_TENSOR).as_numpy().reshape(-1)[0]
+        ids = [pb_utils.get_output_tensor_by_name(response, name) for name in TEXT_ENCODER.input_names]
+        return ids, bytes(ticket).decode("ascii")
+
+    # 3. encode the texts
+    def _encode(self, ids: list) -> list:
+        response = call(TEXT_ENCODER.name, ids, TEXT_ENCODER.output_names, self.run)
+        return [pb_utils.get_output_tensor_by_name(response, name) for name in TEXT_ENCODER.output_names]
+
+    def _stream(self, request, sender) -> None:
+        start = time.monotonic()
+        options, every = self._check(request)
+        ids, ticket = self._tokenize(request, options)
+        try:
+            self._start(ticket)
+            self.metrics.in_flight.increment(1)
+            try:
+                embeddings = self._encode(ids)
+                if sender.is_cancelled():
+                    raise Cancelled("cancelled by the client before denoising")
+                self._denoise(request, sender, embeddings, options, every, ticket, start)
+            finally:
+                self.metrics.in_flight.increment(-1)
+        finally:
+            self.run.finish(ticket)  # whatever happened: its place is free
+
+    def _start(self, ticket: str) -> None:
+        try:
+            self.run.start(ticket)
+        except Refused as refusal:
+            self.admission_metrics.refused(refusal.reason)
+            raise
+
+    # 4. denoise in the engine, answering at every step; 5. decode previews and the final images
+    def _denoise(self, request, sender, embeddings, options, every: int, ticket: str, start: float) -> None:
+        steps = options.num_inference_steps
+        seeds = np.asarray(options.seeds, dtype=np.int64)
+        inputs = list(embeddings) + option_tensors(options)
+        # A response after every step, previews or not: the stream's cancellation is checked on each.
+        inputs += [pb_utils.Tensor("preview_every", np.asarray([1], dtype=np.int32)),
+                   pb_utils.Tensor(TICKET_TENSOR, np.array([ticket.encode()], dtype=object))]
+        engine = pb_utils.InferenceRequest(model_name=DENOISER, inputs=inputs, requested_output_names=["latents", "step"])
+        cancelled_at = None
+        for response in engine.exec(decoupled=True):
+            if response.has_error():  # 2.51 drops them (below); kept for releases that deliver them
+                self.run.report_unhealthy(response.error().message())
+                raise ForwardedError(response.error())
+            step_tensor = pb_utils.get_output_tensor_by_name(response, "step")
+            if step_tensor is None:  # the empty closing response of a decoupled stream
+                continue
+            step = int(step_tensor.as_numpy().reshape(-1)[0])
+            latents = pb_utils.get_output_tensor_by_name(response, "latents")
+            if cancelled_at is not None:
+                continue  # drain: the denoiser stops at its next step
+            if sender.is_cancelled():
+                cancelled_at = time.monotonic()
+                self.run.cancel(ticket)
+                continue
+            if step == steps:
+                images = call(VAE_DECODER.name, [latents], VAE_DECODER.output_names, self.run)
+                self._send(sender, step, steps, seeds, pb_utils.get_output_tensor_by_name(images, "images"), FINAL)
+                self.metrics.request_seconds.observe(time.monotonic() - start)
+                return
+            preview = None
+            if every and step % every == 0:
+                decoded = call(PREVIEW_DECODER.name, [latents], PREVIEW_DECODER.output_names, self.run)
+                preview = pb_utils.get_output_tensor_by_name(decoded, "images")
+                if step == every:
+                    self.metrics.first_preview.observe(time.monotonic() - start)
+            self._send(sender, step, steps, seeds, preview, 0)
+        # The responses ended without the final latents. A decoupled BLS caller never sees its callee's
+        # error responses on 2.51, only the empty FINAL one that follows: the denoiser logs the error.
+        if cancelled_at is not None:  # the denoiser dropped the request: its batch slot is free
+            self.metrics.cancel_to_free.observe(time.monotonic() - cancelled_at)
+            self.metrics.cancellations.increment(1)
+            raise Cancelled("cancelled by the client; the denoiser dropped the request")
+        raise ComponentError(f"{DENOISER}: the request ended without its final latents (the error is in the server log)")
+
+    @staticmethod
+    def _send(sender, step: int, steps: int, seeds: np.ndarray, images, flags: int) -> None:
+        tensors = [pb_utils.Tensor("step", np.asarray([step], dtype=np.int32)),
+                   pb_utils.Tensor("num_inference_steps", np.asarray([steps], dtype=np.int32)),
+                   pb_utils.Tensor("seeds", seeds)]
+        if images is not None:
+            tensors.append(images)
+        sender.send(pb_utils.InferenceResponse(tensors), flags=flags)
+
+
+def call(model: str, inputs: list, outputs: list[str], run: RunState, request_parameters: str | None = None):
+    """One BLS call; a failure keeps the callee's error code (INVALID_ARG, UNAVAILABLE...)."""
+    extra = {"parameters": json.loads(request_parameters)} if request_parameters and request_parameters != "{}" else {}
+    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs, **extra).exec()
+    if response.has_error():
+        run.report_unhealthy(response.error().message())
+        raise ForwardedError(response.error())
+    return response
+
