@@ -1,9 +1,12 @@
-"""A small client for `ensemble_sdxl` over HTTP or gRPC (tritonclient).
+"""A small client for `ensemble_sdxl` over HTTP or gRPC, and for `sdxl_stream` over gRPC (tritonclient).
 
     from client import generate
     result = generate("a photo of a cat", url="localhost:8000", seed=42)
     result.images   # uint8 [N, H, W, 3]
     result.seeds    # [42, ...]
+
+    for update in generate("a photo of a cat", protocol="grpc", stream=True, preview_every=1):
+        update.step, update.num_inference_steps, update.images  # a preview, or None; the last: final
 
 Only the inputs you set are sent; the server applies the endpoint's defaults to the others (the
 step count and guidance default to the served recipe's: `info()` tells which recipe that is).
@@ -11,13 +14,16 @@ step count and guidance default to the served recipe's: `info()` tells which rec
 
 from __future__ import annotations
 
+import queue
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
 MODEL = "ensemble_sdxl"
+STREAM_MODEL = "sdxl_stream"
 DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
 # name -> (Triton dtype, numpy dtype) of the optional inputs
 _OPTIONAL = {
@@ -28,6 +34,7 @@ _OPTIONAL = {
     "height": ("INT32", np.int32),
     "width": ("INT32", np.int32),
     "num_images_per_prompt": ("INT32", np.int32),
+    "preview_every": ("INT32", np.int32),  # sdxl_stream only
 }
 
 
@@ -37,6 +44,22 @@ class ClientError(RuntimeError):
     def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
         self.status = status  # the server's status: "400" over HTTP, "StatusCode.INVALID_ARGUMENT" over gRPC
+
+
+@dataclass
+class StreamUpdate:
+    """One response of `sdxl_stream`: progress after a denoising step, with a preview on every
+    `preview_every`-th step; the last one (`final`) carries the final images."""
+
+    step: int
+    num_inference_steps: int
+    images: np.ndarray | None  # uint8 [N, H, W, 3]: a preview (step < num_inference_steps) or the final images
+    seeds: list[int]
+    seconds: float  # since the request was sent
+
+    @property
+    def final(self) -> bool:
+        return self.step == self.num_inference_steps
 
 
 @dataclass
@@ -70,6 +93,8 @@ def _connected(url: str, protocol: str, timeout_s: float):
         call = dict(client_timeout=timeout_s)
     try:
         yield client, call
+    except ClientError:
+        raise
     except InferenceServerException as error:
         raise ClientError(f"{url} ({protocol}): {error.message() or error}", error.status()) from None
     except Exception as error:  # connection refused, DNS... from either transport
@@ -108,24 +133,69 @@ def generate(
     prompt: str | bytes | None, *, url: str | None = None, protocol: str = "http", seed: int | None = None,
     num_inference_steps: int | None = None, guidance_scale: float | None = None, negative_prompt: str | None = None,
     height: int | None = None, width: int | None = None, num_images_per_prompt: int | None = None,
-    timeout_s: float = 600.0, queue_timeout_ms: int | None = None,
-) -> GenerationResult:
+    timeout_s: float = 600.0, queue_timeout_ms: int | None = None, stream: bool = False, preview_every: int | None = None,
+) -> GenerationResult | Iterator[StreamUpdate]:
     """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure.
     queue_timeout_ms: the longest wait for a denoising slot the server may make this request wait
-    (a request parameter; refused with UNAVAILABLE past it)."""
-    module = _module(protocol)
+    (a request parameter; refused with UNAVAILABLE past it).
+
+    stream=True (gRPC only): the request goes to `sdxl_stream`, and an iterator of StreamUpdate is
+    returned, one per denoising step (a preview image on every `preview_every`-th step; default 0:
+    none), the last with the final images. Closing the iterator early (break) cancels the request:
+    the server stops its work at the next step."""
     url = url or DEFAULT_URLS[protocol]
     inputs = build_inputs(
         protocol, prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
     )
-    outputs = [module.InferRequestedOutput("images"), module.InferRequestedOutput("seeds")]
     parameters = None if queue_timeout_ms is None else {"queue_timeout_ms": queue_timeout_ms}
+    if stream:
+        if protocol != "grpc":
+            raise ClientError(f"stream=True: {STREAM_MODEL} answers over gRPC streams only; use protocol='grpc' (got {protocol!r})")
+        if preview_every is not None:
+            inputs += build_inputs(protocol, None, **{"preview_every": preview_every})
+        return _stream(url, inputs, parameters, timeout_s)
+    if preview_every is not None:
+        raise ClientError("preview_every is an input of the streaming endpoint: pass stream=True with it")
+    module = _module(protocol)
+    outputs = [module.InferRequestedOutput("images"), module.InferRequestedOutput("seeds")]
     start = time.perf_counter()
     with _connected(url, protocol, timeout_s) as (client, call):
         result = client.infer(MODEL, inputs, outputs=outputs, parameters=parameters, **call)
     seconds = time.perf_counter() - start
     return GenerationResult(result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")], seconds)
+
+
+def _stream(url: str, inputs: list, parameters: dict | None, timeout_s: float) -> Iterator[StreamUpdate]:
+    """StreamUpdates of one `sdxl_stream` request, as they arrive; leaving early cancels it."""
+    from tritonclient.utils import InferenceServerException
+
+    arrivals: queue.Queue = queue.Queue()
+    with _connected(url, "grpc", timeout_s) as (client, _):
+        client.start_stream(callback=lambda result, error: arrivals.put((result, error)), stream_timeout=timeout_s)
+        start = time.perf_counter()
+        finished = False
+        try:
+            client.async_stream_infer(STREAM_MODEL, inputs, parameters=parameters)
+            while not finished:
+                try:
+                    result, error = arrivals.get(timeout=timeout_s)
+                except queue.Empty:
+                    raise ClientError(f"{url} (grpc): no response from {STREAM_MODEL} in {timeout_s:g} s") from None
+                if error is not None:
+                    finished = True  # an error ends the request on the server: nothing to cancel
+                    raise ClientError(f"{url} (grpc): {error.message() if isinstance(error, InferenceServerException) else error}",
+                                      error.status() if isinstance(error, InferenceServerException) else None)
+                update = StreamUpdate(int(result.as_numpy("step")[0]), int(result.as_numpy("num_inference_steps")[0]),
+                                      result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")],
+                                      time.perf_counter() - start)
+                finished = update.final
+                yield update
+        finally:
+            # Left before the final images (break, close, no response in time): cancel the request on
+            # the server. Not after its end: a cancel that races the final response kept the model
+            # from unloading (tritonserver 2.51's shutdown then waited out its exit timeout).
+            client.stop_stream(cancel_requests=not finished)
 
 
 def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0) -> dict[str, str]:

@@ -1,4 +1,6 @@
 """python -m client "a prompt" -o out.png [options]: one PNG per image, seeds and time printed.
+python -m client "a prompt" --stream [--preview-every K]: through sdxl_stream (gRPC), a progress line per
+step and the previews written as out_step<k>.png, then the final images.
 python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance)."""
 
 from __future__ import annotations
@@ -7,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import DEFAULT_URLS, ClientError, generate, info
+from . import DEFAULT_URLS, ClientError, StreamUpdate, generate, info
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -18,12 +20,16 @@ def output_paths(out: Path, count: int) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m client", description="Generate images with ensemble_sdxl.")
+    parser = argparse.ArgumentParser(prog="python -m client", description="Generate images with ensemble_sdxl, or with sdxl_stream (--stream).")
     parser.add_argument("prompt", nargs="?", help="the prompt (required unless --info)")
     parser.add_argument("--info", action="store_true", help="print the served recipe (from the scheduler model's config) and exit")
     parser.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (numbered when several)")
     parser.add_argument("--url", help=f"HOST:PORT (default {DEFAULT_URLS['http']} for http, {DEFAULT_URLS['grpc']} for grpc)")
-    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--protocol", choices=("http", "grpc"), help="default: http; grpc with --stream (the only one it works with)")
+    parser.add_argument("--stream", action="store_true", help="stream from sdxl_stream (gRPC): a progress line per step, "
+                        "previews written as OUTPUT_step<k>.png; Ctrl-C cancels the request on the server")
+    parser.add_argument("--preview-every", type=int, dest="preview_every",
+                        help="with --stream: a preview after every k-th step (default 1; 0: progress only)")
     parser.add_argument("--seed", type=int, help="image i uses seed + i (default: random, printed)")
     parser.add_argument("--steps", type=int, dest="num_inference_steps",
                         help="denoising steps (range and default: the served recipe's, see --info; lcm-sdxl: 1-8, 4)")
@@ -40,26 +46,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from PIL import Image
-
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     if args.pop("info"):
-        return print_info(args["url"], args["protocol"])
+        return print_info(args["url"], args["protocol"] or "http")
     if args["prompt"] is None:
         parser.error("the prompt is required (or --info)")
     prompt, output, timeout = args.pop("prompt"), args.pop("output"), args.pop("timeout")
+    stream = args.pop("stream")
+    if stream:
+        if args["protocol"] == "http":
+            parser.error("--stream works over gRPC only (sdxl_stream is decoupled); drop --protocol http")
+        args["protocol"] = "grpc"
+        args["preview_every"] = 1 if args["preview_every"] is None else args["preview_every"]
+    elif args["preview_every"] is not None:
+        parser.error("--preview-every needs --stream")
+    else:
+        args["protocol"] = args["protocol"] or "http"
+        del args["preview_every"]
     try:
+        if stream:
+            return stream_to_files(generate(prompt, timeout_s=timeout, stream=True, **args), output)
         result = generate(prompt, timeout_s=timeout, **args)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    paths = output_paths(output, len(result.images))
-    for path, image, seed in zip(paths, result.images, result.seeds):
+    write_images(output, result.images, result.seeds)
+    print(f"{len(result.images)} image(s) in {result.seconds:.2f} s")
+    return 0
+
+
+def write_images(output: Path, images, seeds, quiet: bool = False) -> list[Path]:
+    from PIL import Image
+
+    paths = output_paths(output, len(images))
+    for path, image, seed in zip(paths, images, seeds):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
-        print(f"{path}  seed {seed}  {image.shape[1]}x{image.shape[0]}")
-    print(f"{len(paths)} image(s) in {result.seconds:.2f} s")
+        if not quiet:
+            print(f"{path}  seed {seed}  {image.shape[1]}x{image.shape[0]}")
+    return paths
+
+
+def stream_to_files(updates, output: Path) -> int:
+    """A progress line per step, each preview written (OUTPUT_step<k>.png), then the final images.
+    ClientError propagates; Ctrl-C closes the stream, which cancels the request on the server."""
+    update: StreamUpdate | None = None
+    try:
+        for update in updates:
+            line = f"step {update.step}/{update.num_inference_steps}  {update.seconds:6.2f} s"
+            if update.final:
+                print(line + "  final")
+                write_images(output, update.images, update.seeds)
+            elif update.images is not None:
+                preview = output.with_name(f"{output.stem}_step{update.step}{output.suffix or '.png'}")
+                paths = write_images(preview, update.images, update.seeds, quiet=True)
+                print(line + "  preview " + " ".join(map(str, paths)))
+            else:
+                print(line)
+    except KeyboardInterrupt:
+        updates.close()  # stops the stream with cancellation
+        print("cancelled", file=sys.stderr)
+        return 130
+    if update is None or not update.final:
+        print("error: the stream ended without the final images", file=sys.stderr)
+        return 1
+    print(f"{len(update.images)} image(s) in {update.seconds:.2f} s")
     return 0
 
 
