@@ -304,7 +304,8 @@ def python_models_of_production_configs() -> dict[str, int]:
 def test_shm_is_sized_from_the_python_instances_of_the_production_configs(case):
     values = chart_values(*([PRODUCTION_VALUES] if case == "production" else []))
     shm = values["sharedMemory"]
-    assert shm["pythonInstances"] == python_models_of_production_configs() == {"tokenizer": 2, "scheduler": 4, "denoiser": 1}
+    assert shm["pythonInstances"] == python_models_of_production_configs() == {"tokenizer": 2, "scheduler": 4, "denoiser": 1,
+                                                                                "sdxl_stream": 4}
     # Per instance at least what README measured: tokenizer 1 MiB, a scheduler at 1536x1536 8.7 MiB.
     assert shm["perInstanceMiB"]["tokenizer"] >= 1 and shm["perInstanceMiB"]["scheduler"] >= 8.7
     expected = math.ceil(sum(n * shm["perInstanceMiB"][m] for m, n in shm["pythonInstances"].items()) * shm["headroomFactor"]
