@@ -52,7 +52,7 @@ PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 PERF_CONCURRENCY ?= 1 2 4 8
 
 .PHONY: help install install-gpu install-deploy lock lock-deploy k8s-render export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale \
-  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine
+  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
@@ -70,6 +70,7 @@ help:
 	@echo "make bench-soak   2,000 mixed requests at concurrency 8: failures, memory growth: benchmarks/results/soak.md"
 	@echo "make bench-fuzz   the fuzz tests' request generators at length: benchmarks/results/fuzz.md"
 	@echo "make bench-engine continuous batching against the loop design (perf_analyzer, 256² and 512²): benchmarks/results/engine_cpu.md"
+	@echo "make bench-stream sdxl_stream: time to first preview, preview cost per step, cancel to slot free: benchmarks/results/stream_cpu.md"
 	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: benchmarks/results/scale_cpu.md"
 	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"
 	@echo "make gpu-wheels   download requirements/gpu-bench.txt's wheels for Python 3.12 into build/wheels (offline GPU machine)"
@@ -160,6 +161,9 @@ bench-soak: install
 # About 25 minutes on 2 cores.
 bench-engine: install | perf-analyzer-check
 	$(PY) -m benchmarks.engine
+
+bench-stream: install
+	$(PY) -m benchmarks.streaming
 
 bench-fuzz: install
 	$(PY) -m benchmarks.fuzz

@@ -20,11 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
-import shlex
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +28,9 @@ from pathlib import Path
 from contract.configs import config_files, set_parameters
 from contract.layout import REPO_ROOT
 
-from .throughput import PERF_DATA, log, per_request, perf_analyzer_binary, prepare_repository, statistics_snapshot
+from .measure import run_record, save_results
+from .throughput import (PERF_DATA, log, per_request, perf_analyzer_binary, prepare_repository, statistics_snapshot,
+                         tiny_pipeline)
 
 DESIGNS = {"loop": dict(engine="", schedulers=4), "engine": dict(engine="denoiser", schedulers=16)}
 
@@ -158,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         work = Path(tmp)
-        from export.tiny import write_tiny
-
-        tiny = work / "tiny"
-        write_tiny(tiny, seed=0)
+        tiny = tiny_pipeline(work)
         loop = prepare(work, "loop", tiny)
         rows = measure("loop", loop, args.sizes, args.concurrency, work, None)
         rates = None
@@ -170,15 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                      for size in args.sizes if any(r["size"] == size and r["concurrency"] == 8 for r in rows)}
             rows += measure("loop", loop, args.sizes, [], work, rates)
         rows += measure("engine", prepare(work, "engine", tiny), args.sizes, args.concurrency, work, rates)
-    results = {
-        "command": "python -m benchmarks.engine " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": (time.time() - started) / 60,
-        "rows": rows, "targets": targets(rows),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    save_results({**run_record("benchmarks.engine", argv, started), "rows": rows, "targets": targets(rows)}, args.out,
+                 write_table)
     return 0
 
 

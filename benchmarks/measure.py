@@ -147,3 +147,22 @@ def run(command: list[str], *, phase_pattern: str | None = None, env: dict | Non
 def directory_sizes(root: Path, pattern: str = "*") -> dict[str, int]:
     """Bytes of each file under `root` matching `pattern`, by relative path."""
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(Path(root).rglob(pattern)) if p.is_file()}
+
+
+def run_record(module: str, argv: list[str] | None, started: float) -> dict:
+    """What a benchmark's results start with: the command that reproduces them, the machine, the time taken."""
+    import platform
+    import shlex
+
+    return {"command": f"python -m {module} " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": (time.time() - started) / 60}
+
+
+def save_results(results: dict, out: Path, write_table) -> None:
+    """OUT.json, and OUT.md from write_table(results, path), which is printed."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    write_table(results, out.with_suffix(".md"))
+    print(out.with_suffix(".md").read_text())

@@ -57,6 +57,14 @@ def perf_analyzer_binary() -> str:
     return os.environ.get("PERF_ANALYZER") or (str(shared) if shared.exists() else "perf_analyzer")
 
 
+def tiny_pipeline(work: Path) -> Path:
+    """The tiny random-weight pipeline (seed 0) written under `work`."""
+    from export.tiny import write_tiny
+
+    write_tiny(work / "tiny", seed=0)
+    return work / "tiny"
+
+
 def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path, unet_delay_us: int | None = None,
                        dtype: str = CPU_DTYPE) -> Path:
     """A model repository of the tiny graphs with this repository's configs (the export sets their
