@@ -85,18 +85,28 @@ def test_not_healthy_report_restarts(supervised):
     assert generate_on(supervised).images.shape == (1, 128, 128, 3)
 
 
+def stream_on(server: SupervisorProcess, **options) -> list:
+    return list(generate("a lighthouse", url=server.grpc_url, protocol="grpc", seed=1, timeout_s=60, stream=True,
+                         preview_every=2, **{"height": 128, "width": 128, **options}))
+
+
 def test_sigterm_drains_under_load_without_losing_a_request(supervised):
+    """6 ensemble requests and 2 streams in flight (the admitted capacity, 8): every one finishes."""
     server_pid = supervised.server_pid()
     run = run_directory(server_pid)
     slow = dict(height=256, width=256, num_inference_steps=8)
     with ThreadPoolExecutor(8) as pool:
-        in_flight = [pool.submit(generate_on, supervised, **slow) for _ in range(8)]
+        in_flight = [pool.submit(generate_on, supervised, **slow) for _ in range(6)]
+        streams = [pool.submit(stream_on, supervised, **slow) for _ in range(2)]
         time.sleep(0.5)
         supervised.process.send_signal(signal.SIGTERM)
         supervised.wait(ready=False, timeout_s=5)
         refused = outcome(lambda: generate_on(supervised))
         images = [future.result().images for future in in_flight]  # raises if any was lost
+        streamed = [future.result() for future in streams]
     assert all(image.shape == (1, 256, 256, 3) for image in images)
+    for updates in streamed:
+        assert [u.step for u in updates] == list(range(1, 9)) and updates[-1].images.shape == (1, 256, 256, 3)
     assert "UNAVAILABLE" in refused and "server is draining (shutting down)" in refused, refused
     assert supervised.process.wait(timeout=120) == 0
     for pid in (server_pid, *(stub.pid for stub in stubs_of(server_pid))):
