@@ -85,6 +85,24 @@ def test_not_healthy_report_restarts(supervised):
     assert generate_on(supervised).images.shape == (1, 128, 128, 3)
 
 
+def test_a_stream_whose_denoiser_dies_ends_with_the_restart(supervised):
+    """On 2.51 a BLS caller waiting on a dead decoupled callee waits forever; the supervisor's restart
+    (its drain of restart_drain_s, 5 s, then the process group killed) ends the stream with an error."""
+    server_pid = supervised.server_pid()
+    updates = generate("a dog", url=supervised.grpc_url, protocol="grpc", seed=1, stream=True, timeout_s=120,
+                       num_inference_steps=8, height=1024, width=1024)
+    assert next(updates).step == 1
+    os.kill(next(stub for stub in stubs_of(server_pid) if stub.model == "denoiser").pid, signal.SIGKILL)
+    killed = time.monotonic()
+    with pytest.raises(ClientError):
+        list(updates)
+    print(f"stream ended {time.monotonic() - killed:.1f} s after the denoiser was killed")
+    assert time.monotonic() - killed < 60  # the client's own deadline (120 s) did not end it
+    supervised.wait(ready=True, timeout_s=120)
+    assert supervised.server_pid() != server_pid
+    assert [u.step for u in stream_on(supervised, num_inference_steps=2)] == [1, 2]
+
+
 def stream_on(server: SupervisorProcess, **options) -> list:
     return list(generate("a lighthouse", url=server.grpc_url, protocol="grpc", seed=1, timeout_s=60, stream=True,
                          preview_every=2, **{"height": 128, "width": 128, **options}))
