@@ -173,7 +173,7 @@ class RunState:
         return (self.cancelled / ticket).exists()
 
     def register_loop(self) -> None:
-        """A scheduler or sdxl_stream instance (one request at a time) is up; counted while its process lives."""
+        """A scheduler instance (one loop) is up; counted while its process lives."""
         (self.loops_dir / str(os.getpid())).touch()
 
     def loops(self) -> int:

@@ -173,3 +173,10 @@ def test_stream_checks_requests_as_the_scheduler_does(variant):
         assert stream_config[key] == scheduler[key], key
     assert read_config(REPO, "sdxl_stream", variant).model_transaction_policy.decoupled
     assert len(config_files(REPO, "sdxl_stream")) == 2
+
+
+def test_request_parameters_reach_the_admission_as_the_ensembles_do(triton):
+    """queue_timeout_ms is passed on to the tokenizer, which admits the stream (or refuses a bad value)."""
+    assert [u.step for u in stream(triton, seed=1, num_inference_steps=2, queue_timeout_ms=5000)] == [1, 2]
+    with pytest.raises(ClientError, match=r"queue_timeout_ms: -1 is not accepted; expected an integer request parameter"):
+        stream(triton, seed=1, queue_timeout_ms=-1)

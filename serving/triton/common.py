@@ -16,7 +16,12 @@ from serving.endpoint import INPUTS, OPTION_INPUTS, Cancelled, InvalidInput
 
 
 class ComponentError(RuntimeError):
-    """A BLS call failed; the request fails with the component's message."""
+    """A BLS call failed; the request fails with the component's message. `callee_error`: the
+    callee's own TritonError, for a caller that passes it on as it came (sdxl_stream)."""
+
+    def __init__(self, message: str, callee_error=None):
+        super().__init__(message)
+        self.callee_error = callee_error
 
 
 def model_config(args: dict) -> dict:
@@ -66,15 +71,17 @@ def input_arrays(request, names) -> dict[str, np.ndarray | None]:
     return arrays
 
 
-def infer(model: str, inputs: list, outputs: list[str], run=None):
+def infer(model: str, inputs: list, outputs: list[str], run=None, parameters: dict | None = None):
     """One BLS call, its error raised as ComponentError naming the model. A callee whose process
-    Triton calls "not healthy" is reported to the supervisor through `run` (a RunState)."""
-    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs).exec()
+    Triton calls "not healthy" is reported to the supervisor through `run` (a RunState).
+    `parameters`: request parameters to pass on (a client's queue_timeout_ms)."""
+    extra = {"parameters": parameters} if parameters else {}
+    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs, **extra).exec()
     if response.has_error():
         message = response.error().message()
         if run is not None:
             run.report_unhealthy(message)
-        raise ComponentError(f"{model}: {message}")
+        raise ComponentError(f"{model}: {message}", response.error())
     return response
 
 
@@ -108,3 +115,10 @@ def option_tensors(options) -> list:
     endpoint's dtypes: what a BLS caller hands the denoiser."""
     dtypes = {i.name: pb_utils.triton_string_to_numpy("TYPE_" + i.dtype) for i in INPUTS}
     return [pb_utils.Tensor(name, np.asarray([getattr(options, name)], dtype=dtypes[name])) for name in OPTION_INPUTS]
+
+
+def ticket_tensor(ticket: str):
+    """The admission ticket as the BYTES [1] tensor a loop (scheduler, denoiser) takes."""
+    from serving.admission import TICKET_TENSOR
+
+    return pb_utils.Tensor(TICKET_TENSOR, np.array([ticket.encode()], dtype=object))

@@ -32,7 +32,7 @@ from serving.denoise import Denoiser, cfg_end_fraction_from_parameters, denoise
 from serving.endpoint import OPTION_INPUTS, Cancelled, check_options
 
 from .common import (ComponentError, check_graph_interface, error_response, input_arrays, model_config, option_tensors,
-                     parameters, repository_root, respond)
+                     parameters, repository_root, respond, ticket_tensor)
 from .metrics import AdmissionMetrics, SchedulerMetrics
 from .tensors import call_unet, to_torch, to_triton
 
@@ -183,7 +183,7 @@ def engine_latents(engine: str, embeddings: list, options, run, ticket: str | No
     as a BLS caller's: its failure ends the responses without latents (and is in the server log)."""
     inputs = list(embeddings) + option_tensors(options)
     if ticket is not None:
-        inputs.append(pb_utils.Tensor(TICKET_TENSOR, np.array([ticket.encode()], dtype=object)))
+        inputs.append(ticket_tensor(ticket))
     responses = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["latents"]).exec(
         decoupled=True)
     latents = None

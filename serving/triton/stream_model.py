@@ -28,19 +28,12 @@ from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECOD
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.endpoint import OPTION_INPUTS, Cancelled, check_options, check_preview_every
 
-from .common import ComponentError, error_response, input_arrays, model_config, option_tensors, parameters
+from .common import (ComponentError, error_response, infer, input_arrays, model_config, option_tensors, parameters,
+                     ticket_tensor)
 from .metrics import AdmissionMetrics, StreamMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TEXT_INPUTS = ("prompt", "negative_prompt")
-
-
-class ForwardedError(Exception):
-    """A callee's error, passed on with its code (INVALID_ARG stays INVALID_ARG)."""
-
-    def __init__(self, error):
-        super().__init__(error.message())
-        self.code = error.code()
 
 
 class TritonPythonModel:
@@ -63,8 +56,9 @@ class TritonPythonModel:
         return None
 
     def _send_final_error(self, sender, error: Exception) -> None:
-        if isinstance(error, ForwardedError):
-            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), error.code))
+        callee = getattr(error, "callee_error", None)
+        if callee is not None:  # the callee's error as it came: INVALID_ARG stays INVALID_ARG
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(callee.message(), callee.code()))
         else:
             response = error_response(error, "sdxl_stream")
         try:
@@ -78,24 +72,25 @@ class TritonPythonModel:
         return check_options(raw, self.limits), check_preview_every(raw["preview_every"], self.limits)
 
     # 2. tokenize and admit (the tokenizer checks the texts and applies the admission policy)
-    def _tokenize(self, request, options) -> tuple[list, str]:
+    def _tokenize(self, request, options: list) -> tuple[list, str]:
         texts = [t for name in TEXT_INPUTS if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
-        guidance = pb_utils.Tensor("guidance_scale", np.asarray([options.guidance_scale], dtype=np.float32))
-        response = call("tokenizer", [*texts, guidance], ["input_ids", "input_ids_2", TICKET_TENSOR], self.run,
-                        request_parameters=request.parameters())
+        guidance = [t for t in options if t.name() == "guidance_scale"]  # the checked one: CFG or not
+        response = infer("tokenizer", texts + guidance, ["input_ids", "input_ids_2", TICKET_TENSOR], self.run,
+                         json.loads(request.parameters() or "{}"))
         ticket = pb_utils.get_output_tensor_by_name(response, TICKET_TENSOR).as_numpy().reshape(-1)[0]
         ids = [pb_utils.get_output_tensor_by_name(response, name) for name in TEXT_ENCODER.input_names]
         return ids, bytes(ticket).decode("ascii")
 
     # 3. encode the texts
     def _encode(self, ids: list) -> list:
-        response = call(TEXT_ENCODER.name, ids, TEXT_ENCODER.output_names, self.run)
+        response = infer(TEXT_ENCODER.name, ids, TEXT_ENCODER.output_names, self.run)
         return [pb_utils.get_output_tensor_by_name(response, name) for name in TEXT_ENCODER.output_names]
 
     def _stream(self, request, sender) -> None:
         start = time.monotonic()
         options, every = self._check(request)
-        ids, ticket = self._tokenize(request, options)
+        tensors = option_tensors(options)  # the checked values, for the tokenizer and the denoiser
+        ids, ticket = self._tokenize(request, tensors)
         try:
             self._start(ticket)
             self.metrics.in_flight.increment(1)
@@ -103,7 +98,7 @@ class TritonPythonModel:
                 embeddings = self._encode(ids)
                 if sender.is_cancelled():
                     raise Cancelled("cancelled by the client before denoising")
-                self._denoise(request, sender, embeddings, options, every, ticket, start)
+                self._denoise(sender, embeddings + tensors, options, every, ticket, start)
             finally:
                 self.metrics.in_flight.increment(-1)
         finally:
@@ -117,19 +112,18 @@ class TritonPythonModel:
             raise
 
     # 4. denoise in the engine, answering at every step; 5. decode previews and the final images
-    def _denoise(self, request, sender, embeddings, options, every: int, ticket: str, start: float) -> None:
+    def _denoise(self, sender, inputs: list, options, every: int, ticket: str, start: float) -> None:
+        """`inputs`: the embeddings and the option tensors."""
         steps = options.num_inference_steps
         seeds = np.asarray(options.seeds, dtype=np.int64)
-        inputs = list(embeddings) + option_tensors(options)
         # A response after every step, previews or not: the stream's cancellation is checked on each.
-        inputs += [pb_utils.Tensor("preview_every", np.asarray([1], dtype=np.int32)),
-                   pb_utils.Tensor(TICKET_TENSOR, np.array([ticket.encode()], dtype=object))]
+        inputs = inputs + [pb_utils.Tensor("preview_every", np.asarray([1], dtype=np.int32)), ticket_tensor(ticket)]
         engine = pb_utils.InferenceRequest(model_name=DENOISER, inputs=inputs, requested_output_names=["latents", "step"])
         cancelled_at = None
         for response in engine.exec(decoupled=True):
             if response.has_error():  # 2.51 drops them (below); kept for releases that deliver them
                 self.run.report_unhealthy(response.error().message())
-                raise ForwardedError(response.error())
+                raise ComponentError(f"{DENOISER}: {response.error().message()}", response.error())
             step_tensor = pb_utils.get_output_tensor_by_name(response, "step")
             if step_tensor is None:  # the empty closing response of a decoupled stream
                 continue
@@ -142,13 +136,13 @@ class TritonPythonModel:
                 self.run.cancel(ticket)
                 continue
             if step == steps:
-                images = call(VAE_DECODER.name, [latents], VAE_DECODER.output_names, self.run)
+                images = infer(VAE_DECODER.name, [latents], VAE_DECODER.output_names, self.run)
                 self._send(sender, step, steps, seeds, pb_utils.get_output_tensor_by_name(images, "images"), FINAL)
                 self.metrics.request_seconds.observe(time.monotonic() - start)
                 return
             preview = None
             if every and step % every == 0:
-                decoded = call(PREVIEW_DECODER.name, [latents], PREVIEW_DECODER.output_names, self.run)
+                decoded = infer(PREVIEW_DECODER.name, [latents], PREVIEW_DECODER.output_names, self.run)
                 preview = pb_utils.get_output_tensor_by_name(decoded, "images")
                 if step == every:
                     self.metrics.first_preview.observe(time.monotonic() - start)
@@ -169,14 +163,3 @@ class TritonPythonModel:
         if images is not None:
             tensors.append(images)
         sender.send(pb_utils.InferenceResponse(tensors), flags=flags)
-
-
-def call(model: str, inputs: list, outputs: list[str], run: RunState, request_parameters: str | None = None):
-    """One BLS call; a failure keeps the callee's error code (INVALID_ARG, UNAVAILABLE...)."""
-    extra = {"parameters": json.loads(request_parameters)} if request_parameters and request_parameters != "{}" else {}
-    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs, **extra).exec()
-    if response.has_error():
-        run.report_unhealthy(response.error().message())
-        raise ForwardedError(response.error())
-    return response
-
