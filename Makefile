@@ -3,7 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-REPOSITORY ?= model_repository
+# The servable repository the export assembles from the tracked templates (model_repository/) and
+# make serve serves; build outputs live under build/ only, so a clone stays as git has it.
+REPOSITORY ?= build/model_repository
+# Where benchmarks write their results (committed figures: benchmarks/results/; docs/benchmarks.md).
+BENCH_RESULTS ?= build/results
+export BENCH_RESULTS
 TINY_DIR ?= build/tiny
 # The CPU variant's dtype: ONNX Runtime's CPU kernels are faster and leaner in fp32 (measured:
 # benchmarks/results/scale_cpu.md). Production (make production) exports fp16 for TensorRT.
@@ -65,13 +70,13 @@ help:
 	@echo "make engines      TensorRT plans of $(REPOSITORY)/'s graphs, in place (GPU box, after make install-gpu)"
 	@echo "make production   GPU box: export SDXL + LCM-LoRA + fp16-fix VAE, build the plans, serve them"
 	@echo "make perf         perf_analyzer on ensemble_sdxl of a running server (PERF_ANALYZER, PERF_DATA, PERF_CONCURRENCY)"
-	@echo "make bench        the throughput benchmark: results in benchmarks/results/"
-	@echo "make bench-faults kill -9 of each stub, overload, drain, cancellation, /dev/shm: benchmarks/results/faults_cpu.md"
-	@echo "make bench-soak   2,000 mixed requests at concurrency 8: failures, memory growth: benchmarks/results/soak.md"
-	@echo "make bench-fuzz   the fuzz tests' request generators at length: benchmarks/results/fuzz.md"
-	@echo "make bench-engine continuous batching against the loop design (perf_analyzer, 256² and 512²): benchmarks/results/engine_cpu.md"
-	@echo "make bench-stream sdxl_stream: time to first preview, preview cost per step, cancel to slot free: benchmarks/results/stream_cpu.md"
-	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: benchmarks/results/scale_cpu.md"
+	@echo "make bench        the throughput benchmark: results in $(BENCH_RESULTS)/"
+	@echo "make bench-faults kill -9 of each stub, overload, drain, cancellation, /dev/shm: $(BENCH_RESULTS)/faults_cpu.md"
+	@echo "make bench-soak   2,000 mixed requests at concurrency 8: failures, memory growth: $(BENCH_RESULTS)/soak.md"
+	@echo "make bench-fuzz   the fuzz tests' request generators at length: $(BENCH_RESULTS)/fuzz.md"
+	@echo "make bench-engine continuous batching against the loop design (perf_analyzer, 256² and 512²): $(BENCH_RESULTS)/engine_cpu.md"
+	@echo "make bench-stream sdxl_stream: time to first preview, preview cost per step, cancel to slot free: $(BENCH_RESULTS)/stream_cpu.md"
+	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: $(BENCH_RESULTS)/scale_cpu.md"
 	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"
 	@echo "make gpu-wheels   download requirements/gpu-bench.txt's wheels for Python 3.12 into build/wheels (offline GPU machine)"
 	@echo "make install-gpu  add the GPU extras (see requirements/gpu.in; $(TRT_WHEEL)==$(TRT_VERSION), Triton $(TRITON_RELEASE))"
@@ -138,7 +143,7 @@ engines-rtx: install
 engines: install
 	$(PY) -m export engines --onnx $(REPOSITORY) --out $(REPOSITORY)
 
-# The production flow on a GPU box (see README, "Production on a GPU"): about 20 GB of downloads.
+# The production flow on a GPU box (docs/engines.md, "Production on a GPU"): about 20 GB of downloads.
 production: install
 	$(PY) -m export onnx --device cuda --out $(REPOSITORY)
 	$(PY) -m export engines --onnx $(REPOSITORY) --out $(REPOSITORY)
@@ -170,11 +175,11 @@ bench-stream: install
 bench-fuzz: install
 	$(PY) -m benchmarks.fuzz
 
-# About 35 minutes and 35 GB of disk (build/scale/) on 2 cores.
+# About 35 minutes and 35 GB of disk (build/scale/) on 2 cores; its skeleton graphs go to build/scale/ too.
 bench-scale: install
 	$(PY) -m benchmarks.scale
 
-# The GPU benchmark (README, "GPU benchmark"): results in benchmarks/results/gpu_<GPU name>.{json,md}.
+# The GPU benchmark (docs/benchmarks.md): results in $(BENCH_RESULTS)/gpu_<GPU name>.{json,md}.
 # Not behind install: the GPU machine has no network.
 bench-gpu:
 	$(BENCH_PYTHON) -m benchmarks.gpu $(GPU_BENCH_ARGS)
@@ -190,10 +195,10 @@ perf-analyzer-check:
 test: install install-deploy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Removes the export outputs and puts the configs back to the production dtype that git holds.
+# Removes every build output (build/), and the export outputs that releases before build/model_repository
+# wrote into the tracked templates (model_repository/, ignored by git).
 clean:
-	rm -rf build $(REPOSITORY)/*/1/model.onnx $(REPOSITORY)/*/1/model.onnx.data $(REPOSITORY)/*/1/export.json \
-	  $(REPOSITORY)/*/1/model.plan $(REPOSITORY)/*/1/model.plan.json \
-	  $(REPOSITORY)/tokenizer/1/tokenizer $(REPOSITORY)/tokenizer/1/tokenizer_2 $(REPOSITORY)/scheduler/1/scheduler_config.json \
-	  $(REPOSITORY)/scheduler/1/recipe.json
-	if [ -x $(PY) ]; then $(PY) -m export configs --repository $(REPOSITORY) --dtype fp16; fi
+	rm -rf build model_repository/*/1/model.onnx model_repository/*/1/model.onnx.data model_repository/*/1/export.json \
+	  model_repository/*/1/model.plan model_repository/*/1/model.plan.json \
+	  model_repository/tokenizer/1/tokenizer model_repository/tokenizer/1/tokenizer_2 \
+	  model_repository/scheduler/1/scheduler_config.json model_repository/scheduler/1/recipe.json

@@ -6,7 +6,8 @@ configs stay the one place these numbers are written. The dtype is the exception
 other way: it is a property of the export (`python -m export onnx --dtype`), recorded beside each
 graph in export.json, and `follow_exported_graphs` writes it into the configs of every model the
 exported tensors pass through (text_encoder, unet, vae_decoder and scheduler, both variants). The
-configs in git are the fp16 ones (production's default); an fp32 export changes them in place.
+configs in git (`model_repository/`, the templates) are the fp16 ones with SDXL's widths
+(production's default); an export copies them into its output repository and changes the copy.
 """
 
 from __future__ import annotations
@@ -260,11 +261,12 @@ def follow_exported_graphs(repository: Path, template: Path | None = None, dtype
     the model's widths. `dtype` must agree with the graphs when there are any; without graphs it
     sets that dtype and SDXL's widths (what git holds, for dtype fp16). Returns the files changed.
 
-    A repository without configs (an export into a new directory) first gets a copy of
-    `template`'s configs and model.py files, so that it can be served as it is.
+    `template` (an export): its configs and model.py files are first copied over the repository's,
+    so that what is served is always the templates of this checkout plus the export, never a copy
+    left by an older one.
     """
     repository = Path(repository)
-    if template is not None and Path(template).resolve() != repository.resolve() and not config_files(repository, SCHEDULER):
+    if template is not None and Path(template).resolve() != repository.resolve():
         copy_configs(template, repository)
     exported = repository_export(repository)
     if dtype is not None and exported is not None and dtype != exported[0]:

@@ -1,4 +1,12 @@
-"""Where exported files go in a Triton model repository (the default: `model_repository/`).
+"""Where exported files go in a Triton model repository (the default: `build/model_repository/`).
+
+Two directories, never the same one:
+- `model_repository/` (TEMPLATES, tracked): every model's config.pbtxt (production: fp16, SDXL's
+  widths, TensorRT plans), configs/cpu.pbtxt (the CPU variant) and the thin model.py files. No
+  command writes into it, so a clone stays as git has it whatever runs.
+- `build/model_repository/` (DEFAULT_REPOSITORY, ignored): the servable repository. `python -m export
+  onnx` copies the templates into it, writes the files below, and makes its configs follow the
+  export (dtype, widths, recipe); `make serve`, the engine build and the client's tools use it.
 
     <repo>/text_encoder/1/model.onnx       (+ model.onnx.data when the graph is over 2 GB)
     <repo>/unet/1/model.onnx               (+ model.onnx.data)
@@ -18,7 +26,8 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+TEMPLATES = REPO_ROOT / "model_repository"  # the configs and model.py files git holds
+DEFAULT_REPOSITORY = REPO_ROOT / "build" / "model_repository"  # what the export assembles and make serve serves
 VERSION = "1"
 
 ONNX_FILE = "model.onnx"

@@ -1,4 +1,4 @@
-"""`python -m export random|tiny|onnx|configs|engines ...`: see README.md for the commands and where the files go."""
+"""`python -m export random|tiny|onnx|configs|engines ...`: see docs/exporting.md for the commands and where the files go."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from .progress import log
 from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
 
 ARCHITECTURES = ("tiny", "sdxl", "ssd-1b")
+
+
+def _default_repository() -> str:
+    return f"{layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/"
 
 
 def _lora(text: str) -> LoraSpec:
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--unet and --scheduler given (else the model's own VAE and UNet, and LCM)."
         ),
     )
-    onnx.add_argument("--preset", choices=tuple(PRESETS), help="a published few-step recipe (README, \"Recipes\")")
+    onnx.add_argument("--preset", choices=tuple(PRESETS), help="a published few-step recipe (docs/exporting.md, \"Recipes\")")
     onnx.add_argument("--model", help="diffusers SDXL directory or hub id")
     onnx.add_argument("--lora", type=_lora, action="append", default=[], metavar="ID_OR_PATH[:WEIGHT]",
                       help="LoRA to fuse (directory, .safetensors file, hub id, or HUB_ID/FILE.safetensors), weight 1.0 "
@@ -78,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--dtype", choices=DTYPES, default="fp16")
     onnx.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     onnx.add_argument("--out", type=Path, default=layout.DEFAULT_REPOSITORY,
-                      help=f"model repository root (default {layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/)")
+                      help=f"model repository to assemble: the configs and model.py files of "
+                           f"{layout.TEMPLATES.relative_to(layout.REPO_ROOT)}/ (the templates) copied in, the graphs, "
+                           f"tokenizers and scheduler config written beside them (default {_default_repository()})")
     configs_ = commands.add_parser(
         "configs", help="set the configs' tensor dtypes and widths to what the repository's graphs were exported with",
         description="`onnx` does this itself; run it when graphs and configs disagree (graphs copied in, configs "
@@ -86,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "every variant; the recipe into scheduler, denoiser and sdxl_stream.",
     )
     configs_.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY,
-                          help=f"model repository (default {layout.DEFAULT_REPOSITORY.relative_to(layout.REPO_ROOT)}/)")
+                          help=f"model repository (default {_default_repository()})")
     configs_.add_argument("--dtype", choices=DTYPES, help="set this dtype (default: the graphs'); with no graphs, "
                           "e.g. to restore the fp16 configs that git holds")
     engines = commands.add_parser(
@@ -95,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Profiles default to what the repository's production configs accept (max_batch_size, the "
                     "scheduler's size limits). An engine is rebuilt only when its graph or build settings change.",
     )
-    engines.add_argument("--onnx", type=Path, default=layout.DEFAULT_REPOSITORY, help="repository holding <name>/1/model.onnx")
-    engines.add_argument("--out", type=Path, help="repository to write <name>/1/model.plan into (default: model_repository/ "
+    engines.add_argument("--onnx", type=Path, default=layout.DEFAULT_REPOSITORY,
+                         help=f"repository holding <name>/1/model.onnx (default {_default_repository()})")
+    engines.add_argument("--out", type=Path, help=f"repository to write <name>/1/model.plan into (default: {_default_repository()} "
                          "for TensorRT, build/engines-rtx/ for TensorRT-RTX)")
     engines.add_argument("--max-batch", type=int, dest="max_images", help="images per request (default: the configs', 4)")
     engines.add_argument("--min-size", type=int, help="smallest height/width in pixels (default: the scheduler's, 512)")
@@ -112,18 +119,21 @@ def run_engines(args) -> None:
     from .sources import check_writable
 
     require_builder()
+    # The limits of the configs that will serve the plans: the graphs' repository's, else the templates'.
+    configs_from = args.onnx if (args.onnx / layout.SCHEDULER_MODEL / "config.pbtxt").exists() else layout.TEMPLATES
     settings = BuildSettings.from_repository(
-        layout.DEFAULT_REPOSITORY, max_images=args.max_images, min_size=args.min_size, opt_size=args.opt_size,
+        configs_from, max_images=args.max_images, min_size=args.min_size, opt_size=args.opt_size,
         max_size=args.max_size, refittable=args.refittable or None,
     )
     out = args.out or default_engine_repository()
     check_writable(out)
     timing_cache = args.timing_cache or default_timing_cache()
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    defaults = BuildSettings.from_repository(layout.DEFAULT_REPOSITORY)
+    defaults = BuildSettings.from_repository(configs_from)
     if settings.max_images != defaults.max_images:
-        log(f"note: engines for {settings.max_images} images per request; the repository's configs say "
-            f"{defaults.max_images}: update max_batch_size in model_repository/*/config.pbtxt and the scheduler's max_images")
+        log(f"note: engines for {settings.max_images} images per request; the configs of {configs_from} say "
+            f"{defaults.max_images}: update max_batch_size in {layout.TEMPLATES.name}/*/config.pbtxt (the templates) "
+            "and the scheduler's max_images, then export again")
     for name, parsed in build_engines(args.onnx, out, settings, timing_cache=timing_cache).items():
         print(f"{name}: {layout.version_dir(out, name) / layout.ENGINE_FILE}" + ("" if parsed else " (up to date)"))
 

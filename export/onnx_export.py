@@ -340,7 +340,7 @@ def export_pipeline(
     from contract import configs  # reads Triton's config schema (tritonclient): only where configs are written
 
     try:
-        changed = configs.follow_exported_graphs(repository, layout.DEFAULT_REPOSITORY)
+        changed = configs.follow_exported_graphs(repository, layout.TEMPLATES)
     except configs.ConfigError as error:
         raise ExportError(str(error)) from None
     if changed:

@@ -12,7 +12,7 @@ import tritonclient.http as http
 from contract import configs
 from contract.configs import (CPU_DTYPE, EXPORTED_MODELS, config_files, config_problems, declared_interface,
                               read_config)
-from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
+from contract.layout import REPO_ROOT, TEMPLATES
 from contract.networks import NETWORKS, compute_tensors
 from contract.recipes import RECIPE_PARAMETERS
 
@@ -49,7 +49,7 @@ def test_export_sets_the_exported_widths(exported):
     assert declared_dims(repository, "text_encoder", "prompt_embeds") == {(-1, 77, 80)}
     assert declared_dims(repository, "unet", "text_embeds") == {(-1, 40)}
     assert declared_dims(repository, "scheduler", "pooled_prompt_embeds") == {(-1, 40)}
-    assert declared_dims(DEFAULT_REPOSITORY, "scheduler", "prompt_embeds") == {(-1, 77, 2048)}
+    assert declared_dims(TEMPLATES, "scheduler", "prompt_embeds") == {(-1, 77, 2048)}
 
 
 def test_only_the_dtype_and_widths_change(exported):
@@ -65,14 +65,14 @@ def test_only_the_dtype_and_widths_change(exported):
 
     for model in EXPORTED_MODELS:
         for path in config_files(repository, model):
-            assert normalized(path.read_text()) == normalized((DEFAULT_REPOSITORY / path.relative_to(repository)).read_text())
+            assert normalized(path.read_text()) == normalized((TEMPLATES / path.relative_to(repository)).read_text())
     # The inputs that are FP32 in every export (timestep, guidance_scale) stay so in the fp16 configs.
-    assert declared_interface(read_config(DEFAULT_REPOSITORY, "unet"))["timestep"] == ("FP32", [-1])
+    assert declared_interface(read_config(TEMPLATES, "unet"))["timestep"] == ("FP32", [-1])
 
 
 def test_configs_in_git_are_the_production_dtype():
     for model in EXPORTED_MODELS:
-        assert declared_compute(DEFAULT_REPOSITORY, model) == {configs.PRODUCTION_DTYPE.upper()}, model
+        assert declared_compute(TEMPLATES, model) == {configs.PRODUCTION_DTYPE.upper()}, model
 
 
 def test_makefile_default_is_the_cpu_dtype():
@@ -87,7 +87,7 @@ def mismatched(exported, tmp_path):
     shutil.copytree(exported("fp32"), repository)
     for model in EXPORTED_MODELS:
         for path in config_files(repository, model):
-            shutil.copy(DEFAULT_REPOSITORY / path.relative_to(repository), path)
+            shutil.copy(TEMPLATES / path.relative_to(repository), path)
     return repository
 
 
@@ -109,7 +109,7 @@ def test_width_mismatch_is_named(exported, tmp_path):
     repository = tmp_path / "repo"
     shutil.copytree(exported("fp16"), repository)
     for path in config_files(repository, "unet"):
-        shutil.copy(DEFAULT_REPOSITORY / path.relative_to(repository), path)
+        shutil.copy(TEMPLATES / path.relative_to(repository), path)
     assert config_problems(repository, "cpu") == [
         "unet: encoder_hidden_states has dims [-1, 77, 80] in unet/1/model.onnx (-1: dynamic), but unet/configs/cpu.pbtxt "
         f"declares [-1, 77, 2048] (batch first); make the configs follow the graphs with `python -m export configs "
@@ -154,17 +154,18 @@ def test_triton_fails_the_load_of_a_mismatched_model(mismatched, tmp_path):
 
 
 def test_export_configs_dtype_restores_the_git_configs(exported, tmp_path, capsys):
-    """`make clean` puts the configs back to what git holds once the graphs are gone."""
+    """`export configs --dtype fp16` puts a repository's configs back to what git holds once its
+    graphs are gone."""
     repository = tmp_path / "repo"
     shutil.copytree(exported("fp32"), repository)  # the tiny graphs' widths, fp32
     for name in NETWORKS:
-        (repository / name / "1" / "export.json").unlink()  # as make clean leaves it
+        (repository / name / "1" / "export.json").unlink()  # the graphs removed
     (repository / "scheduler" / "1" / "recipe.json").unlink()
     assert main(["configs", "--repository", str(repository), "--dtype", "fp16"]) == 0
     assert "configs declare fp16 and SDXL's widths (no exported graphs), recipe lcm-sdxl" in capsys.readouterr().out
     for model in EXPORTED_MODELS:
         for path in config_files(repository, model):
-            assert path.read_text() == (DEFAULT_REPOSITORY / path.relative_to(repository)).read_text()
+            assert path.read_text() == (TEMPLATES / path.relative_to(repository)).read_text()
 
 
 def test_export_configs_dtype_must_agree_with_the_graphs(exported, tmp_path, capsys):

@@ -182,14 +182,14 @@ def test_denoiser_config_agrees_with_the_scheduler_and_the_unet():
     """The denoiser checks requests as the scheduler does and fills the unet's batch: its limits,
     recipe and max_rows are the scheduler's and the unet's max_batch_size, in both variants."""
     from contract.configs import parameters, read_config
-    from contract.layout import DEFAULT_REPOSITORY
+    from contract.layout import TEMPLATES
     from contract.recipes import RECIPE_PARAMETERS
 
     for variant in ("production", "cpu"):
-        denoiser = read_config(DEFAULT_REPOSITORY, "denoiser", variant)
-        ours, theirs = parameters(denoiser), parameters(read_config(DEFAULT_REPOSITORY, "scheduler", variant))
+        denoiser = read_config(TEMPLATES, "denoiser", variant)
+        ours, theirs = parameters(denoiser), parameters(read_config(TEMPLATES, "scheduler", variant))
         for key in ("min_size", "max_size", "max_images", "cfg_end_fraction", "device", *RECIPE_PARAMETERS):
             assert ours[key] == theirs[key], (variant, key)
-        assert int(ours["max_rows"]) == read_config(DEFAULT_REPOSITORY, "unet", variant).max_batch_size
+        assert int(ours["max_rows"]) == read_config(TEMPLATES, "unet", variant).max_batch_size
         assert denoiser.model_transaction_policy.decoupled and len(denoiser.instance_group) == 1
         assert denoiser.instance_group[0].count == 1  # one engine: every request in one batch

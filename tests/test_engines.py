@@ -18,7 +18,7 @@ from export.engines import (ENGINE_FILE, FINGERPRINT_FILE, BuildSettings, Engine
                             graph_dims, profile_shapes, using_tensorrt_rtx)
 from contract.networks import SDXL_DIMS
 from contract.configs import read_config, scheduler_limits
-from contract.layout import DEFAULT_REPOSITORY as REPO
+from contract.layout import TEMPLATES as REPO
 
 TRT_TYPES = {"FP16": "HALF", "FP32": "FLOAT", "INT32": "INT32", "UINT8": "UINT8"}
 

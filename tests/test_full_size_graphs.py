@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from contract.configs import interface_mismatches, read_config
-from contract.layout import DEFAULT_REPOSITORY as REPO
+from contract.layout import TEMPLATES as REPO
 from contract.layout import REPO_ROOT
 from contract.networks import NETWORKS, SDXL_DIMS
 from export.onnx_export import check_graph_io, graph_interface

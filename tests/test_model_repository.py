@@ -8,7 +8,7 @@ from contract import networks
 from contract.networks import SDXL_DIMS
 from serving import endpoint
 from contract.configs import data_type, expected_dims, parameters, read_config, scheduler_limits
-from contract.layout import DEFAULT_REPOSITORY as REPO
+from contract.layout import TEMPLATES as REPO
 from serving.admission import TICKET_TENSOR
 
 VARIANTS = {"production": SDXL_DIMS, "cpu": SDXL_DIMS}  # both declare SDXL's widths in git

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from contract.configs import expected_dims, read_config
-from contract.layout import DEFAULT_REPOSITORY as REPO
+from contract.layout import TEMPLATES as REPO
 from contract.networks import NETWORKS, SDXL_DIMS, ModelDims
 from export import sdxl
 from export.cli import main

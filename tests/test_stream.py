@@ -18,7 +18,7 @@ from reference import recipe_scheduler
 
 from client import ClientError, generate
 from contract.configs import config_files, parameters, read_config
-from contract.layout import DEFAULT_REPOSITORY as REPO
+from contract.layout import TEMPLATES as REPO
 from contract.layout import REPO_ROOT
 from contract.recipes import RECIPE_PARAMETERS
 
