@@ -4,7 +4,7 @@
 
 The bundled server (2.51) has the Python backend and ensembles, no ONNX Runtime or TensorRT backend:
 the `cpu` variant serves the ONNX graphs through ONNX Runtime inside Python-backend models. On a GPU
-box, run NVIDIA's Triton container instead (see README); this module is then only a convenience.
+box, run NVIDIA's Triton container instead (docs/engines.md); this module is then only a convenience.
 The Python-backend stubs run model.py files with this interpreter's environment (the venv), and
 import this project's packages through PYTHONPATH, which this module sets.
 """
@@ -12,6 +12,7 @@ import this project's packages through PYTHONPATH, which this module sets.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -32,10 +33,32 @@ from contract.networks import NETWORKS
 from .processes import clean_stale_regions, clean_stale_run_directories
 
 VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
+ENDPOINT_MODEL = "ensemble_sdxl"
+
+# prctl(2): PR_SET_PDEATHSIG asks the kernel to signal a process when the thread that forked it
+# exits. Resolved here, in the parent: the child between fork and exec must not load libraries.
+PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 class ServerError(RuntimeError):
     pass
+
+
+def dies_with(parent_pid: int):
+    """preexec_fn for tritonserver: SIGKILL when its parent (the supervisor, a test, a benchmark)
+    dies, however it dies (SIGKILL and the OOM killer included), so that no server is left serving
+    unsupervised on the ports; its Python-backend stubs see their parent gone and exit (measured:
+    tests/test_supervisor.py). Tied to the forking thread: start servers from a thread that lives
+    as long as they do (all callers use the main thread)."""
+
+    def set_death_signal() -> None:
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return set_death_signal
 
 
 @dataclass(frozen=True)
@@ -54,7 +77,7 @@ class TritonInstall:
         if not explicit:
             raise ServerError(
                 "the production variant needs NVIDIA's tritonserver with the TensorRT backend (the bundled 2.51 server has "
-                "the Python backend only): run in the container nvcr.io/nvidia/tritonserver:<release>-py3 (README, "
+                "the Python backend only): run in the container nvcr.io/nvidia/tritonserver:<release>-py3 (docs/engines.md, "
                 "\"Production on a GPU\") or set TRITONSERVER=/path/to/tritonserver; without a GPU, use --variant cpu"
             )
         return cls(Path(explicit), None, None)
@@ -153,6 +176,7 @@ class TritonServer:
         self.process = subprocess.Popen(
             self.command(install), env=self.environment(install), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # its own process group: stop() also ends the Python-backend stubs
+            preexec_fn=dies_with(os.getpid()),
         )
         self.wait_ready(timeout_s, stop_event)
         return self
@@ -213,10 +237,19 @@ class TritonServer:
 
 
 def check_repository(repository: Path, variant: str) -> None:
-    """Refuse to start on what would fail to load, with the command that fixes it: missing TensorRT
-    plans (production), configs that disagree with the exported graphs' dtypes or widths (Triton's
-    TensorRT backend has its own terser message)."""
+    """Refuse to start on what would fail to load, with the command that fixes it: no repository or
+    no graphs (nothing exported yet), missing TensorRT plans (production), configs that disagree with
+    the exported graphs' dtypes or widths (Triton's TensorRT backend has its own terser message)."""
+    export = (f"export first: `make export-tiny` (the tiny random-weight model, CPU) or `python -m export onnx "
+              f"--out {repository}`")
+    if not (Path(repository) / ENDPOINT_MODEL / "config.pbtxt").exists():
+        raise ServerError(f"{repository}: not a model repository (no {ENDPOINT_MODEL}/config.pbtxt); {export}")
     problems = []
+    if variant == "cpu":
+        missing = [name for name in NETWORKS if not layout.onnx_path(repository, name).exists()]
+        if missing:
+            problems.append(f"no ONNX graphs ({', '.join(f'{n}/{layout.VERSION}/{layout.ONNX_FILE}' for n in missing)}) "
+                            f"in {repository}; {export}")
     if variant == "production":
         missing = [name for name in NETWORKS if not (layout.version_dir(repository, name) / layout.ENGINE_FILE).exists()]
         if missing:

@@ -41,7 +41,7 @@ from contract.layout import REPO_ROOT
 
 from .admission import RunState, run_directory
 from .processes import remove_regions, stub_problem, stubs_of
-from .server import ServerError, TritonServer, free_port
+from .server import ServerError, TritonServer, dies_with, free_port
 
 KILL_MARGIN_S = 5  # after drain + exit: what the supervisor needs to kill leftovers and exit
 
@@ -324,7 +324,7 @@ class SupervisorProcess:
                         *(f"--{name}-port={port}" for name, port in self.ports.items()), *extra_args]
         self._log = self.log_path.open("a")
         self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=dies_with(os.getpid()))
         self._server_groups: set[int] = set()
 
     @property

@@ -1,14 +1,22 @@
-"""Shared fixtures: one tiny SDXL pipeline per session, loaded and exported once per dtype."""
+"""Shared fixtures: one tiny SDXL pipeline per session, loaded and exported once per dtype; and the
+session's last check: no process it started (servers, stubs, supervisors) is left running."""
 
 from __future__ import annotations
 
 import os
+import time
 
 # Engine tests build with TensorRT-RTX, which needs no GPU (full TensorRT is not installable here).
 # Set before polygraphy is imported: it reads the variable once. Export 0 to test with TensorRT.
 os.environ.setdefault("POLYGRAPHY_USE_TENSORRT_RTX", "1")
 
-import pytest
+# Every process this session starts inherits this variable, however it is started: how the check
+# at the session's end tells its leftovers from other servers on the machine.
+SESSION_TAG = "SDXL_TRITON_TEST_SESSION"
+os.environ[SESSION_TAG] = str(os.getpid())
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
 
 from export.onnx_export import export_pipeline
 from export.sources import LoadedPipeline, LoraSpec, Sources, load_pipeline
@@ -89,3 +97,39 @@ def triton(serve):
     from contract.configs import CPU_DTYPE
 
     return serve(CPU_DTYPE)
+
+
+def _left_running() -> list[psutil.Process]:
+    left = []
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE and process.environ().get(SESSION_TAG) == str(os.getpid()):
+                left.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return left
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After every fixture's teardown: a server, stub or supervisor this session started and did not
+    stop fails the session, and is killed. Stubs exit within about 2 s of their server: wait 10 s."""
+    deadline = time.monotonic() + 10
+    while (left := _left_running()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not left:
+        return
+    described = []
+    for process in left:
+        try:
+            described.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+            process.kill()
+        except psutil.Error:
+            pass
+    writer = session.config.get_terminal_writer()
+    writer.line()
+    writer.line(
+        f"error: {len(left)} processes started by this test session were still running at its end (now killed):\n  "
+        + "\n  ".join(described), red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

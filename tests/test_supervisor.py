@@ -149,3 +149,33 @@ def test_a_busy_health_port_is_one_error_line(exported):
     assert result.returncode == 2
     assert f"[supervisor] error: cannot serve health on port {port}: Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_killed_supervisor_takes_its_server_and_stubs_with_it(exported, tmp_path):
+    """kill -9 of `python -m serving.server` (the OOM killer, a careless operator): its tritonserver
+    gets SIGKILL from the kernel (PR_SET_PDEATHSIG) and the stubs exit with it, so nothing is left
+    serving unsupervised on the ports."""
+    from contract.configs import CPU_DTYPE
+
+    server = SupervisorProcess(exported(CPU_DTYPE), tmp_path / "serve.log")
+    try:
+        server.wait(ready=True, timeout_s=300)
+        server_pid = server.server_pid()
+        pids = [server_pid, *(stub.pid for stub in stubs_of(server_pid))]
+        assert len(pids) > 1
+        server.process.kill()
+        server.process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(gone(pid) for pid in pids):
+            time.sleep(0.1)
+        left = [pid for pid in pids if not gone(pid)]
+        assert not left, f"still running after the supervisor's SIGKILL: {left}"
+    finally:
+        server.kill_everything()
