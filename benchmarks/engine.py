@@ -1,7 +1,10 @@
 """Continuous batching against the loop design, same run, same machine: ensemble_sdxl under
 perf_analyzer at several concurrencies and at a Poisson arrival rate near capacity.
 
-    python -m benchmarks.engine [--sizes 256 512] [--concurrency 1 2 4 8 16] [--out benchmarks/results/engine_cpu]
+    python -m benchmarks.engine [--sizes 256 512] [--concurrency 1 2 4 8 16] [--out build/results/engine_cpu]
+
+Results: OUT.json and OUT.md, by default under $BENCH_RESULTS, else build/results/ (ignored by git);
+BENCH_RESULTS=benchmarks/results (or --out benchmarks/results/engine_cpu) refreshes the committed ones.
 
 Designs (the tiny pipeline, CPU variant, a real tritonserver):
 - `loop`: the scheduler runs each request's loop (4 instances, the default configs); concurrent
@@ -26,9 +29,8 @@ import time
 from pathlib import Path
 
 from contract.configs import config_files, set_parameters
-from contract.layout import REPO_ROOT
 
-from .measure import run_record, save_results
+from .measure import out_help, results_path, run_record, save_results
 from .throughput import (PERF_DATA, log, per_request, perf_analyzer_binary, prepare_repository, statistics_snapshot,
                          tiny_pipeline)
 
@@ -146,12 +148,18 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--no-poisson", action="store_true", help="skip the Poisson arrival runs")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "engine_cpu")
+    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("engine_cpu"),
+                        help=out_help("engine_cpu"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
@@ -165,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                      for size in args.sizes if any(r["size"] == size and r["concurrency"] == 8 for r in rows)}
             rows += measure("loop", loop, args.sizes, [], work, rates)
         rows += measure("engine", prepare(work, "engine", tiny), args.sizes, args.concurrency, work, rates)
-    save_results({**run_record("benchmarks.engine", argv, started), "rows": rows, "targets": targets(rows)}, args.out,
-                 write_table)
+    record = run_record("benchmarks.engine", argv, started, default_out=args.out == parser.get_default("out"))
+    save_results({**record, "rows": rows, "targets": targets(rows)}, args.out, write_table)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Faults, overload, drain and cancellation on the supervised server (the CPU variant, tiny model):
-the figures behind README's "Reliability" section.
+the figures behind docs/reliability.md.
 
-    python -m benchmarks.faults [--quick]      (make bench-faults; about 10 minutes on 2 cores)
+    python -m benchmarks.faults [--quick] [--queue-bound-only] [--out build/results/faults_cpu]
+                                                (make bench-faults; about 10 minutes on 2 cores)
 
 1. Queue bound: closed-loop clients at 4x the admitted capacity (loops + max_queue_size) for each
    max_queue_size in QUEUE_SIZES: admitted p95 / unloaded p95, refusal latency, throughput. The
@@ -14,7 +15,10 @@ the figures behind README's "Reliability" section.
    on the scheduler called directly: UNet steps run after the client gave up.
 5. /dev/shm per Python-backend instance after 1024x1024 requests (2 images, CFG), and what a
    production scheduler instance holds at 4 images (computed from SDXL's shapes).
-Results: benchmarks/results/faults_cpu.{json,md}.
+Results: OUT.json and OUT.md (OUT.partial.json while it runs), by default build/results/faults_cpu.*,
+or under $BENCH_RESULTS when set; BENCH_RESULTS=benchmarks/results (or --out
+benchmarks/results/faults_cpu) refreshes the committed ones. --queue-bound-only merges into OUT.json,
+or into the committed benchmarks/results/faults_cpu.json when OUT.json does not exist.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shlex
 import signal
 import tempfile
 import threading
@@ -35,12 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.measure import existing_results, out_help, results_env, results_path
 from client import ClientError, generate
 from serving.processes import region_sizes, stubs_of
 from serving.supervisor import SupervisorProcess
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 QUEUE_SIZES = (0, 4, 8, 16)
 # The default bound: the largest whose admitted p95 at 4x overload is at most this factor of the p95
 # with no queue (max_queue_size 0, every loop busy). Each waiting place adds about a quarter of a
@@ -350,9 +354,14 @@ def export_tiny(directory: Path) -> Path:
     return repository
 
 
-def write_results(results: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "faults_cpu.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+def partial_path(out: Path) -> Path:
+    """OUT.partial.json: the figures measured so far, while the run goes on."""
+    return out.with_suffix(".json").with_name(out.with_suffix("").name + ".partial.json")
+
+
+def write_results(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     bound, lines = results["queue_bound"], []
     lines += [f"# Faults, overload and drain: CPU variant, tiny model ({results['machine']})", "",
               f"`{results['command']}`, {results['date']}, on a 2-core machine that the clients share with the server "
@@ -396,17 +405,25 @@ def write_results(results: dict) -> None:
               "`scheduler` are Python models), a scheduler instance's region must hold, for one request with CFG "
               "(fp16, SDXL widths): " + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in
                                                  shm["production_scheduler_estimate_bytes"].items()) + ".", ""]
-    (RESULTS / "faults_cpu.md").write_text("\n".join(lines))
+    out.with_suffix(".md").write_text("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short load phases (a smoke run, not for the results)")
     parser.add_argument("--queue-bound-only", action="store_true",
-                        help="only the queue bound sweep, merged into the existing results")
+                        help="only the queue bound sweep, merged into the existing results (OUT.json, else the "
+                             "committed benchmarks/results/faults_cpu.json)")
+    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("faults_cpu"),
+                        help=out_help("faults_cpu"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return run(args, default_out=args.out == parser.get_default("out"))
     finally:
         for server in Server.started:
             if server.process.poll() is None:
@@ -414,28 +431,40 @@ def main(argv: list[str] | None = None) -> int:
                 server.process.wait(timeout=300)
 
 
-def run(args) -> int:
+def run(args, default_out: bool = True) -> int:
     seconds = 8 if args.quick else 30
+    out, partial = args.out, partial_path(args.out)
+    command = results_env(default_out) + shlex.join(
+        ["python", "-m", "benchmarks.faults", *(["--quick"] if args.quick else []),
+         *([] if default_out else ["--out", str(out)])])
+    previous = None
+    if args.queue_bound_only:
+        previous = existing_results(out.with_suffix(".json"), log)
+        if previous is None:
+            log(f"error: --queue-bound-only merges into existing results: neither {out.with_suffix('.json')} nor the "
+                "committed benchmarks/results/faults_cpu.json exists; run without --queue-bound-only")
+            return 2
     with tempfile.TemporaryDirectory(prefix="faults-") as directory:
         directory = Path(directory)
         log("exporting the tiny pipeline")
         repository = export_tiny(directory)
         log_path = directory / "serve.log"
-        results = dict(command="python -m benchmarks.faults" + (" --quick" if args.quick else ""),
-                       date=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()} CPUs, {platform.machine()}")
+        results = dict(command=command, date=time.strftime("%Y-%m-%d"),
+                       machine=f"{os.cpu_count()} CPUs, {platform.machine()}")
         if args.queue_bound_only:
-            results = {**json.loads((RESULTS / "faults_cpu.json").read_text()), **results}
+            results = {**previous, **results}
         else:
             server = Server(repository, log_path)
+            partial.parent.mkdir(parents=True, exist_ok=True)
             for name, measure in (("shared_memory", shared_memory), ("cancellation", cancellation), ("kills", kills),
                                   ("drain", drain)):
                 results[name] = measure(server)
-                (RESULTS / "faults_cpu.partial.json").write_text(json.dumps(results, indent=2, default=str))
+                partial.write_text(json.dumps(results, indent=2, default=str))
         results["queue_bound"] = queue_bound(repository, log_path, seconds)
         results["queue_bound"]["command"] = results["command"] + (" --queue-bound-only" if args.queue_bound_only else "")
-    write_results(results)
-    (RESULTS / "faults_cpu.partial.json").unlink(missing_ok=True)
-    log(f"results: {RESULTS / 'faults_cpu.md'}")
+    write_results(results, out)
+    partial.unlink(missing_ok=True)
+    log(f"results: {out.with_suffix('.md')}")
     return 0
 
 

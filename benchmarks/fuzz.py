@@ -1,6 +1,6 @@
 """Property-based fuzzing of the public endpoint `ensemble_sdxl` on a real tritonserver (hypothesis).
 
-    python -m benchmarks.fuzz [--examples 3000] [--out benchmarks/results/fuzz] [--skip-crash-check]
+    python -m benchmarks.fuzz [--examples 3000] [--out build/results/fuzz] [--skip-crash-check]
 
 The generators live here and `tests/test_fuzz.py` runs them briefly against the test suite's server;
 this module runs them at length against a server of its own (the tiny SDXL exported into a temporary
@@ -26,8 +26,9 @@ tritonserver 2.51 (its HTTP frontend sizes a buffer from the JSON `shape` before
 sent during the fuzzing: the benchmark sends it last, to its own server, to show whether it still does
 (--skip-crash-check: do not).
 
-Results: benchmarks/results/fuzz.json (every count, answer seen and failure with its reproducer) and
-fuzz.md (tables).
+Results: OUT.json (every count, answer seen and failure with its reproducer) and OUT.md (tables), by
+default build/results/fuzz.{json,md}, or under $BENCH_RESULTS when set; BENCH_RESULTS=benchmarks/results
+(or --out benchmarks/results/fuzz) refreshes the committed ones.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.measure import out_help, results_env, results_path
 from contract.limits import Limits
 from serving.admission import MAX_QUEUE_TIMEOUT_MS, QUEUE_TIMEOUT_PARAMETER  # the request parameter a client may set
 from serving.endpoint import INPUTS, MAX_GUIDANCE, MODEL_NAME, SEED_MAX
@@ -1361,12 +1363,17 @@ def run_crash_check(fuzzer: Fuzzer, server) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=3000, help="examples in all, shared among the classes by WEIGHTS")
     parser.add_argument("--classes", nargs="*", default=list(WEIGHTS), choices=list(WEIGHTS))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "fuzz")
+    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("fuzz"), help=out_help("fuzz"))
     parser.add_argument("--skip-crash-check", action="store_true", help="do not send KNOWN_TRITON_CRASH at the end")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     total_weight = sum(WEIGHTS[c] for c in args.classes)
     shares = {c: max(1, round(args.examples * WEIGHTS[c] / total_weight)) for c in args.classes}
@@ -1402,7 +1409,8 @@ def main(argv: list[str] | None = None) -> int:
                 fuzzer.close()
             server.stop()
     results = {
-        "command": shlex.join(["python", "-m", "benchmarks.fuzz", *(sys.argv[1:] if argv is None else argv)]),
+        "command": results_env(args.out == parser.get_default("out"))
+                   + shlex.join(["python", "-m", "benchmarks.fuzz", *(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{os.cpu_count()} CPU cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
                    f"{platform.machine()}, no GPU",

@@ -1,7 +1,7 @@
 """SDXL + LCM on one GPU, component by component: diffusers, this project's loop, and TensorRT.
 
     python -m benchmarks.gpu [--device cuda|cpu] [--arch sdxl|tiny] [--size 1024] [--steps 4]
-                             [--batches 1 4] [--repeats 5] [--dtype fp16|fp32] [--out PATH]
+                             [--batches 1 4] [--repeats 5] [--dtype fp16|fp32] [--out PREFIX]
                              [--work DIR] [--skip-tensorrt]
 
 What it measures, with random full-size weights (SDXL base 1.0's exact configs, built on the device
@@ -19,7 +19,10 @@ by export/sdxl.py; speed does not depend on the weights' values), for batch (num
 Per setup: text encoders, UNet per step, VAE decode and end-to-end latency (median and p90 over
 --repeats runs after 2 warm-up runs), images/s and peak GPU memory; and the pixel difference
 between the loops' images (same weights, same seeds), which shows they compute the same thing.
-Writes <out>.json (every figure) and <out>.md (tables, against the published reference figures).
+Writes <out>.json (every figure) and <out>.md (tables, against the published reference figures); by
+default build/results/gpu_<GPU name>.* (gpu_cpu-smoke.* on the CPU), or under $BENCH_RESULTS when
+set; BENCH_RESULTS=benchmarks/results (or --out benchmarks/results/gpu_<GPU name>) refreshes the
+committed ones.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from benchmarks.measure import out_help, results_env, results_path
 from contract import networks
 from contract.layout import REPO_ROOT
 from contract.networks import ModelDims, NetworkSpec
@@ -85,7 +89,7 @@ class BenchError(Exception):
 # --- Command line ----------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run of the code path")
     parser.add_argument("--arch", choices=("sdxl", "tiny"), default="sdxl",
@@ -98,11 +102,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("fp16", "fp32"),
                         help="text encoders, UNet and VAE (default: fp16 on cuda, fp32 on cpu, where fp16 is "
                              "emulated); the VAE fp32 setups keep their VAE in fp32 anyway")
-    parser.add_argument("--out", type=Path, help="results prefix: writes OUT.json and OUT.md "
-                        "(default: benchmarks/results/gpu_<GPU name>, or gpu_cpu-smoke on the CPU)")
+    parser.add_argument("--out", type=Path, metavar="PREFIX",
+                        help=out_help("gpu_<GPU name>", note=", or gpu_cpu-smoke on the CPU"))
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "build" / "gpu-bench",
                         help="where the TensorRT part writes its ONNX graphs and plans (default: build/gpu-bench)")
     parser.add_argument("--skip-tensorrt", action="store_true", help="measure PyTorch only")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.size <= 0 or args.size % 64:
         parser.error(f"--size {args.size}: expected a positive multiple of 64")
@@ -128,17 +137,18 @@ def default_out(device) -> Path:
     import torch
 
     name = "cpu-smoke" if device.type == "cpu" else slug(torch.cuda.get_device_name(device))
-    return REPO_ROOT / "benchmarks" / "results" / f"gpu_{name}"
+    return results_path(f"gpu_{name}")
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def command_line(argv: list[str]) -> str:
-    """The command that reproduces the run, with the thread count when the environment set it."""
+def command_line(argv: list[str], default_out: bool = False) -> str:
+    """The command that reproduces the run, with the thread count when the environment set it, and
+    BENCH_RESULTS when it chose where the results went (`default_out`: no --out given)."""
     threads = os.environ.get("OMP_NUM_THREADS")
-    prefix = f"OMP_NUM_THREADS={shlex.quote(threads)} " if threads else ""
+    prefix = results_env(default_out) + (f"OMP_NUM_THREADS={shlex.quote(threads)} " if threads else "")
     return prefix + "python -m benchmarks.gpu" + (" " + shlex.join(argv) if argv else "")
 
 
@@ -869,7 +879,7 @@ def run(args, device, argv: list[str]) -> dict:
     requests = bench_requests(args)
     rows, images = [], {}
     report = {
-        "command": command_line(argv),
+        "command": command_line(argv, default_out=args.out is None),
         "smoke": device.type == "cpu",
         "settings": {"device": device.type, "arch": args.arch, "size": args.size, "steps": args.steps,
                      "batches": args.batches, "repeats": args.repeats, "warmup_runs": WARMUP_RUNS, "dtype": args.dtype,

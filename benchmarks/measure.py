@@ -2,21 +2,91 @@
 own high-water mark, as `/usr/bin/time -v` prints it), and the resident memory of its whole process
 tree over time, attributed to the phases its log lines announce.
 
-Linux only (reads /proc). Used by benchmarks/scale.py; no dependency beyond the standard library.
+Linux only (reads /proc). Used by benchmarks/scale.py; no dependency beyond the standard library
+and contract/layout.py (the repository root).
+
+Also where every benchmark writes its results: RESULTS_DIR, the directory named by the environment
+variable BENCH_RESULTS (a relative path is taken from the repository root), else build/results/
+(ignored by git), so that running a benchmark leaves a clone as git has it. The committed figures
+live in benchmarks/results/ (COMMITTED_RESULTS): `BENCH_RESULTS=benchmarks/results` (or a
+benchmark's `--out benchmarks/results/NAME`) writes there.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Mapping
+
+from contract.layout import REPO_ROOT
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+DEFAULT_RESULTS_DIR = REPO_ROOT / "build" / "results"  # ignored by git
+COMMITTED_RESULTS = REPO_ROOT / "benchmarks" / "results"  # the figures git holds, written only when asked
+
+
+def results_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$BENCH_RESULTS (relative: from the repository root) when set and not empty, else build/results."""
+    value = (os.environ if environ is None else environ).get("BENCH_RESULTS", "")
+    if not value:
+        return DEFAULT_RESULTS_DIR
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+RESULTS_DIR = results_dir()  # where every benchmark's results go by default
+
+
+def results_path(name: str) -> Path:
+    """RESULTS_DIR / name: a benchmark's default output (a prefix such as engine_cpu, or a file)."""
+    return RESULTS_DIR / name
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the repository root when it lies inside it, else as it is."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def out_help(name: str, writes: str = "OUT.json and OUT.md", note: str = "") -> str:
+    """The --out help line every benchmark shares; `note` follows the default."""
+    return (f"results prefix: writes {writes} (default: {shown(results_path(name))}{note}, that is "
+            f"$BENCH_RESULTS/{name}, or build/results/{name} when BENCH_RESULTS is unset; "
+            f"--out benchmarks/results/{name} or BENCH_RESULTS=benchmarks/results refreshes the committed figures)")
+
+
+def results_env(default_out: bool = True) -> str:
+    """What a recorded command needs in front of it to write where this run wrote: `BENCH_RESULTS=DIR `
+    when the output went to RESULTS_DIR by default (no --out) and BENCH_RESULTS moved it from build/results."""
+    if not default_out or RESULTS_DIR.resolve() == DEFAULT_RESULTS_DIR.resolve():
+        return ""
+    return f"BENCH_RESULTS={shlex.quote(shown(RESULTS_DIR))} "
+
+
+def existing_results(path: Path, log: Callable[[str], None]) -> dict | None:
+    """The results JSON at `path`, to merge a partial run into; when it is missing there, the committed
+    one of the same name in benchmarks/results/ (said in a log line); None when neither exists."""
+    import json
+
+    path = Path(path)
+    if path.exists():
+        return json.loads(path.read_text())
+    committed = COMMITTED_RESULTS / path.name
+    if committed.exists():
+        log(f"no {path}: merging into the committed {shown(committed)} instead (the results are written to {path})")
+        return json.loads(committed.read_text())
+    return None
 
 
 def _children(pid: int) -> list[int]:
@@ -149,12 +219,13 @@ def directory_sizes(root: Path, pattern: str = "*") -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(Path(root).rglob(pattern)) if p.is_file()}
 
 
-def run_record(module: str, argv: list[str] | None, started: float) -> dict:
-    """What a benchmark's results start with: the command that reproduces them, the machine, the time taken."""
+def run_record(module: str, argv: list[str] | None, started: float, default_out: bool = True) -> dict:
+    """What a benchmark's results start with: the command that reproduces them (with BENCH_RESULTS when
+    it chose where they went: `default_out`, no --out given), the machine, the time taken."""
     import platform
-    import shlex
 
-    return {"command": f"python -m {module} " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    argv = sys.argv[1:] if argv is None else argv
+    return {"command": results_env(default_out) + f"python -m {module}" + (" " + shlex.join(argv) if argv else ""),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": (time.time() - started) / 60}
 
 

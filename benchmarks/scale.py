@@ -1,6 +1,7 @@
 """Full-size SDXL on this machine: what export, engine build and serving cost at production size.
 
-    python -m benchmarks.scale [--work build/scale] [--out benchmarks/results/scale_cpu] [--skip STAGE ...]
+    python -m benchmarks.scale [--work build/scale] [--out build/results/scale_cpu] [--skip STAGE ...]
+                               [--skeletons DIR]
 
 Random weights with SDXL base 1.0's exact architecture (`python -m export random --arch sdxl`; no hub
 here), then every stage a user runs, each in its own process, measured as the OS reports it: wall
@@ -10,7 +11,8 @@ its process tree, per phase of its log), file sizes:
 1. `random`: the pipeline written in fp16 (+ an LCM-LoRA-shaped LoRA, + the fp16-fix VAE stand-in);
 2. `onnx-fp16`, `onnx-fp32`: `python -m export onnx` with the LoRA fused, per network; the graphs,
    loaded without their weights, are checked against the production configs' dims, and the fp16
-   ones are kept without weights under tests/data/sdxl_graphs/ for the tests to check the configs;
+   ones are kept without weights in --skeletons (default: <work>/sdxl_graphs; `--skeletons
+   tests/data/sdxl_graphs` refreshes the copies the tests check the configs against);
 3. `engines`: TensorRT-RTX engines with the production profiles (`python -m export engines`), or
    the reason they cannot build;
 4. `ort`: each network alone in ONNX Runtime (the CPU variant's runtime) in fp16 and fp32: session
@@ -22,7 +24,10 @@ its process tree, per phase of its log), file sizes:
    and size, run one component at a time (the whole fp32 pipeline would not fit beside its
    activations), against the served 4-step image: pixel differences, as the serving tests measure.
 
-Results: `<out>.json` (every figure) and `<out>.md`. About 35 minutes and 35 GB of disk on 2 cores.
+Results: `<out>.json` (every figure) and `<out>.md`, by default build/results/scale_cpu.*, or under
+$BENCH_RESULTS when set; BENCH_RESULTS=benchmarks/results (or --out benchmarks/results/scale_cpu)
+refreshes the committed ones. With --skip, the skipped stages' figures come from `<out>.json`, else
+from the committed benchmarks/results/scale_cpu.json. About 35 minutes and 35 GB of disk on 2 cores.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from contract.networks import NETWORKS, ModelDims
 PY = sys.executable
 STAGES = ("random", "onnx-fp16", "onnx-fp32", "engines", "ort", "serve", "reference")
 SIZE, SEED, PROMPT = 512, 42, "a photo of an astronaut riding a horse on the moon"
-SKELETONS = layout.REPO_ROOT / "tests" / "data" / "sdxl_graphs"
+SKELETONS = layout.REPO_ROOT / "tests" / "data" / "sdxl_graphs"  # the tests' copies: written only with --skeletons
 MEMORY_LIMIT_GIB = 20  # the issue's bound for every stage
 
 
@@ -81,7 +86,7 @@ def stage_random(work: Path) -> dict:
     return {**run.as_dict(), "sizes_mb": components}
 
 
-def stage_onnx(work: Path, dtype: str) -> dict:
+def stage_onnx(work: Path, dtype: str, skeletons: Path | None = None) -> dict:
     source, out = work / "sdxl", work / f"repo_{dtype}"
     shutil.rmtree(out, ignore_errors=True)
     run = measure.run(
@@ -93,7 +98,7 @@ def stage_onnx(work: Path, dtype: str) -> dict:
     if run.returncode == 0:
         result["configs_agree"] = check_graphs_against_configs(out)
         if dtype == "fp16":
-            keep_skeletons(out)
+            keep_skeletons(out, skeletons or work / "sdxl_graphs")
     return result
 
 
@@ -111,19 +116,20 @@ def check_graphs_against_configs(repository: Path) -> dict[str, str]:
     return verdicts
 
 
-def keep_skeletons(repository: Path) -> None:
-    """The fp16 graphs without their weights (structure, interface, initializer shapes): a few MB."""
+def keep_skeletons(repository: Path, skeletons: Path) -> None:
+    """The fp16 graphs without their weights (structure, interface, initializer shapes): a few MB, in
+    `skeletons` (SKELETONS, the tests' copies, only when asked)."""
     import onnx
 
-    SKELETONS.mkdir(parents=True, exist_ok=True)
+    skeletons.mkdir(parents=True, exist_ok=True)
     for name in NETWORKS:
         model = onnx.load(str(layout.onnx_path(repository, name)), load_external_data=False)
         for tensor in model.graph.initializer:
             tensor.ClearField("raw_data")
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
-        onnx.save_model(model, str(SKELETONS / f"{name}.onnx"))
-    log(f"graph skeletons written to {SKELETONS}")
+        onnx.save_model(model, str(skeletons / f"{name}.onnx"))
+    log(f"graph skeletons written to {skeletons}")
 
 
 def stage_engines(work: Path) -> dict:
@@ -345,18 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["reference-run"]:
         reference_run(Path(argv[1]), Path(argv[2]), argv[3])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=layout.REPO_ROOT / "build" / "scale", help="where the GBs go (about 35 GB)")
-    parser.add_argument("--out", type=Path, default=layout.REPO_ROOT / "benchmarks" / "results" / "scale_cpu")
-    parser.add_argument("--skip", nargs="*", choices=STAGES, default=[], help="stages to leave out (their inputs must exist)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    results_path = args.out.with_suffix(".json")
-    previous = json.loads(results_path.read_text()) if results_path.exists() else {}
-    stages = dict(previous.get("stages", {})) if args.skip else {}
+    previous = (measure.existing_results(args.out.with_suffix(".json"), log) or {}) if args.skip else {}
+    stages = dict(previous.get("stages", {}))
+    command = measure.results_env(args.out == parser.get_default("out")) + shlex.join(
+        ["python", "-m", "benchmarks.scale", *argv])
     runners = {
         "random": lambda: stage_random(args.work),
-        "onnx-fp16": lambda: stage_onnx(args.work, "fp16"),
+        "onnx-fp16": lambda: stage_onnx(args.work, "fp16", args.skeletons),
         "onnx-fp32": lambda: stage_onnx(args.work, "fp32"),
         "engines": lambda: stage_engines(args.work),
         "ort": lambda: stage_ort(args.work),
@@ -368,14 +372,28 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"stage {name} ...")
         stages[name] = runners[name]()
-        save(args, stages)
+        save(args, stages, command)
     log(f"wrote {args.out.with_suffix('.md')} and .json")
     return 0
 
 
-def save(args, stages: dict) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=layout.REPO_ROOT / "build" / "scale", help="where the GBs go (about 35 GB)")
+    parser.add_argument("--out", type=Path, metavar="PREFIX", default=measure.results_path("scale_cpu"),
+                        help=measure.out_help("scale_cpu"))
+    parser.add_argument("--skip", nargs="*", choices=STAGES, default=[],
+                        help="stages to leave out (their inputs must exist; their figures come from OUT.json, else "
+                             "from the committed benchmarks/results/scale_cpu.json)")
+    parser.add_argument("--skeletons", type=Path, metavar="DIR",
+                        help="where the fp16 graphs without weights go (default: WORK/sdxl_graphs; "
+                             f"{SKELETONS.relative_to(layout.REPO_ROOT)} refreshes the tests' copies)")
+    return parser
+
+
+def save(args, stages: dict, command: str) -> None:
     results = {
-        "command": shlex.join(["python", "-m", "benchmarks.scale", *sys.argv[1:]]),
+        "command": command,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
                    f"{platform.machine()}, no GPU",

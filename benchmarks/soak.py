@@ -1,6 +1,6 @@
 """Soak test: thousands of mixed requests against the supervised server, watching its memory.
 
-    python -m benchmarks.soak [--requests 2000] [--concurrency 8] [--out benchmarks/results/soak]
+    python -m benchmarks.soak [--requests 2000] [--concurrency 8] [--out build/results/soak]
 
 What it does, on the tiny pipeline (CPU variant, fp32 graphs, this repository's configs and models):
 1. exports the tiny SDXL (base + LoRA stand-in fused + alternative VAE) into a temporary model
@@ -18,7 +18,9 @@ What it does, on the tiny pipeline (CPU variant, fp32 graphs, this repository's 
    tritonserver, every Python-backend stub), the /dev/shm bytes of this server's stubs' regions and
    the count of completed requests;
 5. checks that the supervisor restarted nothing (its /metrics), stops it with SIGTERM (it must exit
-   0 within 120 s) and writes OUT.json (every figure and sample) and OUT.md (the summary).
+   0 within 120 s) and writes OUT.json (every figure and sample) and OUT.md (the summary), by default
+   under $BENCH_RESULTS, else build/results/ (ignored by git); BENCH_RESULTS=benchmarks/results (or
+   --out benchmarks/results/soak) refreshes the committed ones.
 
 Growth is the least-squares slope of RSS (and /dev/shm) over completed requests after the warm-up,
 in MiB per 1,000 requests.
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.measure import process_tree, status_kib
+from benchmarks.measure import out_help, process_tree, results_env, results_path, status_kib
 from contract.layout import REPO_ROOT
 from serving.supervisor import SupervisorProcess
 
@@ -311,14 +313,19 @@ def machine() -> dict:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests after the warm-up (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads (default %(default)s)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "soak",
-                        help="writes OUT.json and OUT.md (default %(default)s)")
+    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("soak"), help=out_help("soak"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    command = "python -m benchmarks.soak" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = results_env(args.out == parser.get_default("out")) + shlex.join(
+        ["python", "-m", "benchmarks.soak", *(argv if argv is not None else sys.argv[1:])])
     started_at = datetime.now(timezone.utc)
     run_start = time.monotonic()
     info = machine()

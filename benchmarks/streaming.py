@@ -2,7 +2,10 @@
 costs per step, what streaming costs over `ensemble_sdxl`, and how fast a cancelled stream frees its
 batch slot.
 
-    python -m benchmarks.streaming [--sizes 256 512 1024] [--repeats 20] [--out benchmarks/results/stream_cpu]
+    python -m benchmarks.streaming [--sizes 256 512 1024] [--repeats 20] [--out build/results/stream_cpu]
+
+Results: OUT.json and OUT.md, by default under $BENCH_RESULTS, else build/results/ (ignored by git);
+BENCH_RESULTS=benchmarks/results (or --out benchmarks/results/stream_cpu) refreshes the committed ones.
 
 The tiny pipeline, CPU variant, a real tritonserver with the repository's configs; one request at a
 time (gRPC), `--repeats` of each, medians reported:
@@ -28,9 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from contract.layout import REPO_ROOT
-
-from .measure import run_record, save_results
+from .measure import out_help, results_path, run_record, save_results
 from .throughput import log, prepare_repository, tiny_pipeline
 
 STEPS = 4
@@ -159,18 +160,25 @@ def write_table(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.streaming", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "stream_cpu")
+    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("stream_cpu"),
+                        help=out_help("stream_cpu"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         work = Path(tmp)
         repository = prepare_repository(work, batching=True, schedulers=4, tiny=tiny_pipeline(work))
         rows = measure(repository, args.sizes, args.repeats, work)
-    save_results({**run_record("benchmarks.streaming", argv, started), "rows": rows}, args.out, write_table)
+    record = run_record("benchmarks.streaming", argv, started, default_out=args.out == parser.get_default("out"))
+    save_results({**record, "rows": rows}, args.out, write_table)
     return 0
 
 

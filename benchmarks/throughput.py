@@ -1,6 +1,6 @@
 """Throughput and latency of ensemble_sdxl under concurrent load, with perf_analyzer, in one run.
 
-    python -m benchmarks.throughput [--concurrency 1 2 4 8 16] [--size 128] [--out benchmarks/results/throughput_cpu]
+    python -m benchmarks.throughput [--concurrency 1 2 4 8 16] [--setups SETUP ...] [--out build/results/throughput_cpu]
 
 What it does, on the tiny pipeline (CPU variant, a real tritonserver):
 1. exports the tiny SDXL into a temporary model repository with this repository's configs, in the
@@ -12,7 +12,9 @@ What it does, on the tiny pipeline (CPU variant, a real tritonserver):
    executions against its inferences (how much dynamic batching merged);
 3. runs the same requests in-process with diffusers' StableDiffusionXLPipeline + LCMScheduler on the
    same weights (fp32, what a CPU user would run, and fp16), sequentially: the baseline;
-4. writes a JSON of every figure, a Markdown table and a PNG plot.
+4. writes a JSON of every figure, a Markdown table and a PNG plot: OUT.json, OUT.md and OUT.png, by
+   default under $BENCH_RESULTS, else build/results/ (ignored by git); BENCH_RESULTS=benchmarks/results
+   (or --out benchmarks/results/throughput_cpu) refreshes the committed ones.
 perf_analyzer comes from $PERF_ANALYZER, else ../shared/tools/perf_analyzer when present, else PATH.
 """
 
@@ -34,6 +36,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks.measure import out_help, results_env, results_path
 from contract.configs import CPU_DTYPE
 from contract.layout import REPO_ROOT
 
@@ -258,13 +261,19 @@ def plot(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=24, help="requests per measurement window (at least 4 x concurrency)")
     parser.add_argument("--baseline-repeats", type=int, default=24)
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "throughput_cpu")
+    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("throughput_cpu"),
+                        help=out_help("throughput_cpu", "OUT.json, OUT.md and OUT.png"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from export.tiny import write_tiny
@@ -284,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
     scaling = {s: throughput(s, 8) / throughput(s, 1) for s in args.setups if throughput(s, 8) and throughput(s, 1)}
     results = {
-        "command": shlex.join(["python", "-m", "benchmarks.throughput", *(argv if argv is not None else sys.argv[1:])]),
+        "command": results_env(args.out == parser.get_default("out")) + shlex.join(
+            ["python", "-m", "benchmarks.throughput", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU",
         "size": json.loads(PERF_DATA.read_text())["data"][0]["height"][0],
         "served": served,
