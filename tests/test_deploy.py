@@ -306,7 +306,7 @@ def test_shm_is_sized_from_the_python_instances_of_the_production_configs(case):
     shm = values["sharedMemory"]
     assert shm["pythonInstances"] == python_models_of_production_configs() == {"tokenizer": 2, "scheduler": 4, "denoiser": 1,
                                                                                 "sdxl_stream": 4}
-    # Per instance at least what README measured: tokenizer 1 MiB, a scheduler at 1536x1536 8.7 MiB.
+    # Per instance at least what docs/reliability.md measured: tokenizer 1 MiB, a scheduler at 1536x1536 8.7 MiB.
     assert shm["perInstanceMiB"]["tokenizer"] >= 1 and shm["perInstanceMiB"]["scheduler"] >= 8.7
     expected = math.ceil(sum(n * shm["perInstanceMiB"][m] for m, n in shm["pythonInstances"].items()) * shm["headroomFactor"]
                          + shm["baseMiB"])

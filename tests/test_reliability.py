@@ -89,7 +89,7 @@ def test_oversize_texts_are_refused_before_any_work(triton, field):
 
 def test_a_deadline_stops_the_loop_of_a_directly_called_scheduler(triton):
     """Triton tells a model called directly that its gRPC client gave up (is_cancelled): the loop
-    stops at the next step. Through the ensemble it does not (README, "Reliability")."""
+    stops at the next step. Through the ensemble it does not (docs/reliability.md)."""
     import tritonclient.grpc as grpc
     from test_serving import metric_value, metrics
 

@@ -7,7 +7,7 @@ Each request runs here synchronously, through BLS: tokenizer (texts checked, adm
 as the ensemble's) -> text_encoder -> denoiser (the continuous-batching engine, decoupled) ->
 preview_decoder for previews -> vae_decoder for the final images. One request per instance at a
 time: the instances are the streams in flight (worker threads doing BLS crashed tritonserver 2.51,
-README "Continuous batching"). A cancelled stream (`is_cancelled`) is seen at the next step; 2.51
+docs/batching-and-streaming.md). A cancelled stream (`is_cancelled`) is seen at the next step; 2.51
 cannot cancel a BLS request, so the request's admission ticket is marked cancelled in the run
 directory, which the denoiser checks before every step.
 
