@@ -236,20 +236,23 @@ class TritonServer:
         self.stop()
 
 
-def check_repository(repository: Path, variant: str) -> None:
-    """Refuse to start on what would fail to load, with the command that fixes it: no repository or
-    no graphs (nothing exported yet), missing TensorRT plans (production), configs that disagree with
-    the exported graphs' dtypes or widths (Triton's TensorRT backend has its own terser message)."""
+def check_exported(repository: Path, variant: str) -> None:
+    """What `make serve` checks first: a repository the export assembled, with its graphs (cpu)."""
     export = (f"export first: `make export-tiny` (the tiny random-weight model, CPU) or `python -m export onnx "
               f"--out {repository}`")
     if not (Path(repository) / ENDPOINT_MODEL / "config.pbtxt").exists():
         raise ServerError(f"{repository}: not a model repository (no {ENDPOINT_MODEL}/config.pbtxt); {export}")
+    missing = [name for name in NETWORKS if not layout.onnx_path(repository, name).exists()]
+    if variant == "cpu" and missing:
+        raise ServerError(f"no ONNX graphs ({', '.join(f'{n}/{layout.VERSION}/{layout.ONNX_FILE}' for n in missing)}) "
+                          f"in {repository}; {export}")
+
+
+def check_repository(repository: Path, variant: str) -> None:
+    """Refuse to start on what would fail to load, with the command that fixes it: missing TensorRT
+    plans (production), configs that disagree with the exported graphs' dtypes or widths (Triton's
+    TensorRT backend has its own terser message)."""
     problems = []
-    if variant == "cpu":
-        missing = [name for name in NETWORKS if not layout.onnx_path(repository, name).exists()]
-        if missing:
-            problems.append(f"no ONNX graphs ({', '.join(f'{n}/{layout.VERSION}/{layout.ONNX_FILE}' for n in missing)}) "
-                            f"in {repository}; {export}")
     if variant == "production":
         missing = [name for name in NETWORKS if not (layout.version_dir(repository, name) / layout.ENGINE_FILE).exists()]
         if missing:
@@ -301,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     variant = auto_variant(args.repository) if args.variant == "auto" else args.variant
     try:
         install = TritonInstall.for_variant(variant)
+        check_exported(args.repository, variant)
         check_repository(args.repository, variant)
     except ServerError as error:
         print(f"error: {error}", file=sys.stderr)
