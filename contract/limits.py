@@ -26,12 +26,18 @@ class Limits:
     # tokens (about 300 bytes of English); 4 KiB leaves room for long prompts in any script, which
     # the tokenizers truncate as diffusers does, and refuses megabyte texts before any work.
     max_prompt_bytes: int = 4096
+    # Per-request LoRAs (contract/loras.py): names per request, the rank of one LoRA in the library
+    # (the engines' profiles allow max_loras x max_lora_rank stacked), and |scale|.
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    max_lora_scale: float = 4.0
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "Limits":
         """From a model config's `parameters` (string values); unknown keys are ignored."""
         values: dict = {}
-        for key in ("min_size", "max_size", "max_images", "max_prompt_bytes", "min_steps", "max_steps", "default_steps"):
+        for key in ("min_size", "max_size", "max_images", "max_prompt_bytes", "min_steps", "max_steps", "default_steps",
+                    "max_loras", "max_lora_rank"):
             if key in parameters:
                 try:
                     values[key] = int(parameters[key])
@@ -43,21 +49,35 @@ class Limits:
             except ValueError:
                 raise ValueError(f"model config parameter default_guidance={parameters['default_guidance']!r}: "
                                  "expected a number") from None
+        if "max_lora_scale" in parameters:
+            try:
+                values["max_lora_scale"] = float(parameters["max_lora_scale"])
+            except ValueError:
+                raise ValueError(f"model config parameter max_lora_scale={parameters['max_lora_scale']!r}: "
+                                 "expected a number") from None
         if parameters.get("recipe"):
             values["recipe"] = parameters["recipe"]
         limits = cls(**values)
         if not (limits.size_multiple <= limits.min_size <= limits.max_size) or limits.min_size % limits.size_multiple:
             raise ValueError(f"model config parameters min_size={limits.min_size}, max_size={limits.max_size}: "
                              f"expected multiples of {limits.size_multiple} with min_size <= max_size")
-        for key in ("max_images", "max_prompt_bytes"):
+        for key in ("max_images", "max_prompt_bytes", "max_lora_rank"):
             if getattr(limits, key) < 1:
                 raise ValueError(f"model config parameter {key}={getattr(limits, key)}: expected at least 1")
+        if limits.max_loras < 0 or not limits.max_lora_scale > 0:
+            raise ValueError(f"model config parameters max_loras={limits.max_loras}, max_lora_scale={limits.max_lora_scale:g}: "
+                             "expected max_loras >= 0 and max_lora_scale > 0")
         if not 1 <= limits.min_steps <= limits.default_steps <= limits.max_steps:
             raise ValueError(f"model config parameters min_steps={limits.min_steps}, default_steps={limits.default_steps}, "
                              f"max_steps={limits.max_steps}: expected 1 <= min_steps <= default_steps <= max_steps")
         if not 0.0 <= limits.default_guidance <= 20.0:
             raise ValueError(f"model config parameter default_guidance={limits.default_guidance:g}: expected 0 to 20")
         return limits
+
+    @property
+    def max_stacked_rank(self) -> int:
+        """The rank of one request's LoRAs stacked at most: what the engines' lora_rank profile spans."""
+        return max(1, self.max_loras * self.max_lora_rank)
 
     @property
     def steps(self) -> str:

@@ -1,4 +1,5 @@
-"""`python -m export random|tiny|onnx|configs|engines ...`: see docs/exporting.md for the commands and where the files go."""
+"""`python -m export random|tiny|onnx|configs|engines|lora ...`: see docs/exporting.md for the commands and
+where the files go, docs/loras.md for the LoRA library."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from contract import layout
+from contract import layout, loras
 from contract.recipes import PRESETS, PREVIEW_VAE, SCHEDULERS
 from .progress import log
 from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
@@ -111,7 +112,54 @@ def build_parser() -> argparse.ArgumentParser:
     engines.add_argument("--max-size", type=int, help="largest height/width in pixels (default: the scheduler's, 1536)")
     engines.add_argument("--timing-cache", type=Path, help="timing cache file, read and updated (default under build/timing-cache/)")
     engines.add_argument("--refittable", action="store_true", help="build refittable engines (weights can be swapped later)")
+
+    lora = commands.add_parser(
+        "lora", help="the repository's LoRA library: what requests name in lora_names (docs/loras.md)",
+        description="A LoRA added here is served to the next request that names it, on every instance of a running "
+                    "server, without a restart; a removed one is refused from then on.",
+    )
+    lora_commands = lora.add_subparsers(dest="lora_command", required=True)
+    repository_help = f"model repository whose library to change (default {_default_repository()}, what make serve serves)"
+    lora_add = lora_commands.add_parser(
+        "add", help="validate a LoRA and install it under NAME",
+        description="PATH: a .safetensors file or a diffusers LoRA directory, in diffusers/PEFT or kohya/A1111 format "
+                    "(lora_unet_..., lora_te1_..., lora_te2_... with alphas), read by diffusers' own loaders.")
+    lora_add.add_argument("name", metavar="NAME", help=f"the name requests use ({loras.NAME_RULE})")
+    lora_add.add_argument("path", metavar="PATH")
+    lora_add.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY, help=repository_help)
+    lora_list = lora_commands.add_parser("list", help="the library: name, rank, targets, sites, size")
+    lora_list.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY, help=repository_help)
+    lora_remove = lora_commands.add_parser("remove", help="take NAME out of the library")
+    lora_remove.add_argument("name", metavar="NAME")
+    lora_remove.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY, help=repository_help)
     return parser
+
+
+def run_lora(args) -> None:
+    from . import lora
+
+    if args.lora_command == "add":
+        from contract.limits import Limits
+
+        limits = Limits.from_parameters(_parameters(args.repository))
+        info = lora.add(args.repository, args.name, args.path, limits.max_lora_rank)
+        print(f"{info.name}: rank {info.rank}, {', '.join(info.targets)}; "
+              + ", ".join(f"{network} {count} sites" for network, count in info.networks.items())
+              + f"; {info.size_bytes / 1e6:.1f} MB in {loras.library_dir(args.repository) / info.name}")
+    elif args.lora_command == "remove":
+        lora.remove(args.repository, args.name)
+        print(f"{args.name}: removed from {loras.library_dir(args.repository)}")
+    else:
+        print(lora.listing(args.repository))
+
+
+def _parameters(repository: Path) -> dict[str, str]:
+    """The scheduler's config parameters (the limits a deployment serves with), else the templates'."""
+    from contract.configs import read_config
+
+    source = repository if (Path(repository) / layout.SCHEDULER_MODEL / "config.pbtxt").exists() else layout.TEMPLATES
+    config = read_config(source, layout.SCHEDULER_MODEL)
+    return {key: value.string_value for key, value in config.parameters.items()}
 
 
 def run_engines(args) -> None:
@@ -204,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        {"random": run_random, "tiny": run_random, "onnx": run_onnx, "configs": run_configs, "engines": run_engines}[args.command](args)
+        {"random": run_random, "tiny": run_random, "onnx": run_onnx, "configs": run_configs, "engines": run_engines,
+         "lora": run_lora}[args.command](args)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 from contract import networks
+from contract.loras import sites_of
+
+from .lora_sites import lora_branches
 
 
 class TextEncoders(nn.Module):
@@ -23,8 +26,17 @@ class TextEncoders(nn.Module):
             encoder.set_attn_implementation("eager")
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
+        self.components = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+        self.lora_sites = sites_of(networks.TEXT_ENCODER.name, self.components)
 
-    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor, lora_down=None, lora_up=None, lora_index=None):
+        """Without LoRA tensors: the encoders alone (what the pipeline computes with no LoRA)."""
+        if lora_down is None:
+            return self._encode(input_ids, input_ids_2)
+        with lora_branches(self.components, self.lora_sites, lora_down, lora_up, lora_index):
+            return self._encode(input_ids, input_ids_2)
+
+    def _encode(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor):
         # Token ids arrive as INT32 (what TensorRT and Triton clients handle everywhere); CLIP wants int64.
         hidden = self.text_encoder(input_ids.long(), output_hidden_states=True).hidden_states[-2]
         out_2 = self.text_encoder_2(input_ids_2.long(), output_hidden_states=True)
@@ -38,10 +50,16 @@ class UNet(nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
+        self.lora_sites = sites_of(networks.UNET.name, {"unet": unet})
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, lora_down=None, lora_up=None,
+                lora_index=None):
+        """Without LoRA tensors: the UNet alone."""
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        if lora_down is None:
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        with lora_branches({"unet": self.unet}, self.lora_sites, lora_down, lora_up, lora_index):
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeDecoder(nn.Module):

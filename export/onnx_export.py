@@ -26,6 +26,7 @@ import torch
 from onnx.external_data_helper import ExternalDataInfo
 
 from contract import layout, networks
+from contract.loras import LORA_NETWORKS, SITES_FILE
 from contract.networks import ModelDims, NetworkSpec
 from contract.recipes import SCHEDULERS, Recipe, custom_recipe
 
@@ -329,6 +330,8 @@ def export_pipeline(
             out_dir = layout.version_dir(staged, name)
             export_network(module, spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold)
             (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(export_info(sources, spec, dims, dtype), indent=2) + "\n")
+            if name in LORA_NETWORKS:  # the layers a LoRA may adapt, and the architecture: what `lora add` checks against
+                (out_dir / SITES_FILE).write_text(module.lora_sites.to_json())
             del module, stage
             gc.collect()  # this stage's networks go before the next stage loads its own
         log(f"stage {len(ordered) + 1}/{len(ordered) + 1}: serving files (tokenizers, scheduler config)")

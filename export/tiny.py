@@ -255,6 +255,72 @@ def write_random_lora(
     return out_dir / "pytorch_lora_weights.safetensors"
 
 
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def _random_adapter(model, config, adapter: str, generator, scale: float) -> dict:
+    """Add a PEFT adapter to `model`, fill it with N(0, scale) weights, return its state dict (the
+    model's dtype) and remove it again."""
+    from peft.utils import get_peft_model_state_dict
+
+    model.add_adapter(config, adapter_name=adapter)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if f"lora_A.{adapter}" in name or f"lora_B.{adapter}" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    state = {name: value.to(model.dtype) for name, value in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(model)  # the layers as they were, not PEFT wrappers without adapters
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    for flag in ("_hf_peft_config_loaded",):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+    return state
+
+
+def write_style_lora(
+    pipe, out_dir: Path, seed: int, *, rank: int = 4, alpha: float = 4.0, scale: float = 0.05,
+    unet_targets: list[str] = LORA_TARGET_MODULES, text_encoders: bool = True, kohya: bool = False,
+) -> Path:
+    """A random style LoRA for `pipe` (left unchanged): its UNet and, with `text_encoders`, both
+    CLIP encoders. `kohya`: written as kohya/A1111 files are (`lora_unet_...`, `lora_te1_...`,
+    `lora_te2_...` keys, `.lora_down`/`.lora_up`, one `.alpha` per layer), else diffusers/PEFT's
+    format. Either is read back through diffusers' own loaders; only this writer knows the keys."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+
+    generator = torch.Generator().manual_seed(seed)
+    unet_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(unet_targets), init_lora_weights=True)
+    states = {"unet": _random_adapter(pipe.unet, unet_config, f"style_{seed}", generator, scale)}
+    te_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TEXT_ENCODER_LORA_TARGETS, init_lora_weights=True)
+    if text_encoders:
+        for component in ("text_encoder", "text_encoder_2"):
+            states[component] = _random_adapter(getattr(pipe, component), te_config, f"style_{seed}", generator, scale)
+    out_dir = Path(out_dir)
+    if not kohya:
+        StableDiffusionXLPipeline.save_lora_weights(
+            out_dir, unet_lora_layers=states["unet"], text_encoder_lora_layers=states.get("text_encoder"),
+            text_encoder_2_lora_layers=states.get("text_encoder_2"), unet_lora_adapter_metadata=unet_config.to_dict(),
+            text_encoder_lora_adapter_metadata=te_config.to_dict() if text_encoders else None,
+            text_encoder_2_lora_adapter_metadata=te_config.to_dict() if text_encoders else None, safe_serialization=True)
+        return out_dir / "pytorch_lora_weights.safetensors"
+    from safetensors.torch import save_file
+
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    kohya_state = {}
+    for component, state in states.items():
+        for key, value in state.items():
+            module, _, part = key.removeprefix(f"{component}.").rpartition(".lora_")
+            name = prefixes[component] + module.replace(".", "_")
+            kohya_state[f"{name}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
+            kohya_state[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=value.dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_state, str(out_dir / "kohya_lora.safetensors"))
+    return out_dir / "kohya_lora.safetensors"
+
+
 def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     """Write the tiny pipeline, its LoRA (`lora/`), a second VAE (`alt_vae/`) and a preview VAE
     (`preview_vae/`, an AutoencoderTiny) under `out_dir`."""

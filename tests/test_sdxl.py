@@ -77,3 +77,16 @@ def test_unknown_arch(capsys):
     with pytest.raises(SystemExit):
         main(["random", "/tmp/unused", "--arch", "sd15"])
     assert "invalid choice: 'sd15'" in capsys.readouterr().err
+
+
+def test_lora_sites_of_sdxl():
+    """Every Linear and Conv2d of SDXL's UNet and text encoders is a LoRA site (contract/loras.py):
+    794 in the UNet (51 convolutions), 265 in the text encoders; rank 64 over all of them is the
+    published 197 M parameters of an all-layers SDXL LoRA."""
+    from contract.loras import sites_of
+
+    modules = {name: sdxl.build_component(name, device="meta") for name in ("text_encoder", "text_encoder_2", "unet")}
+    unet, text = sites_of("unet", modules), sites_of("text_encoder", modules)
+    assert (len(unet.sites), sum(s.kind == "conv" for s in unet.sites), len(text.sites)) == (794, 51, 265)
+    assert (unet.lora_in, unet.lora_out, text.lora_in, text.lora_out) == (1_593_892, 1_494_404, 452_864, 452_864)
+    assert round(64 * (unet.lora_in + unet.lora_out) / 1e6) == 198

@@ -1,0 +1,124 @@
+"""The LoRA library as the serving models use it: read a LoRA on a request's first use of its name,
+stack a request's LoRAs with their scales, and pack a batch's sets into the three LoRA tensors of a
+network (contract/loras.py has the layout).
+
+A name is looked up in the library on every request (one stat of its info file), so a LoRA added
+while the server runs is found by the next request, and a removed one is refused from then on; a
+LoRA already read stays in this process's cache, keyed by its weights' sha256, so requests that
+hold it finish with it, and a LoRA replaced under the same name is read again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from contract import loras
+from contract.loras import LORA_NETWORKS, LoraError, LoraInfo, SiteTable
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    info: LoraInfo
+    # network -> {site name: (down [rank, down_width], up [out, rank])}
+    weights: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes + u.nbytes for sites in self.weights.values() for d, u in sites.values())
+
+
+class Library:
+    """One process's view of `<repository>/loras/`, with an LRU cache of read LoRAs bounded in bytes."""
+
+    def __init__(self, repository: Path, tables: dict[str, SiteTable], dtype=np.float32, cache_bytes: int = 2 * 1024**3):
+        self.repository, self.tables, self.dtype, self.cache_bytes = Path(repository), tables, dtype, cache_bytes
+        self._cache: OrderedDict[tuple[str, str], LoadedLora] = OrderedDict()
+
+    @classmethod
+    def open(cls, repository: Path, dtype=np.float32, cache_bytes: int = 2 * 1024**3) -> "Library":
+        return cls(repository, {network: SiteTable.read(repository, network) for network in LORA_NETWORKS}, dtype,
+                   cache_bytes)
+
+    def get(self, name: str) -> LoadedLora:
+        """The LoRA installed under `name` now; LoraError naming `lora_names` when there is none."""
+        loras.check_name(name)
+        directory = loras.library_dir(self.repository) / name
+        try:
+            info = LoraInfo.read(directory)
+        except FileNotFoundError:
+            known = ", ".join(loras.installed(self.repository)) or "none"
+            raise LoraError(f"lora_names: {name!r} is not in the LoRA library (installed: {known}); add it with "
+                            f"`python -m export lora add {name} PATH`") from None
+        key = (name, info.sha256)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        lora = self._read(directory, info)
+        self._cache[key] = lora
+        while len(self._cache) > 1 and sum(item.nbytes for item in self._cache.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        return lora
+
+    def _read(self, directory: Path, info: LoraInfo) -> LoadedLora:
+        from safetensors.numpy import load_file
+
+        try:
+            tensors = load_file(str(directory / loras.WEIGHTS_FILE))
+        except FileNotFoundError:  # removed between its info and its weights
+            raise LoraError(f"lora_names: {info.name!r} was removed from the LoRA library") from None
+        weights: dict[str, dict] = {network: {} for network in self.tables}
+        owner = {name: network for network, table in self.tables.items() for name in table.by_name()}
+        for key in tensors:
+            site_name, _, part = key.rpartition(".")
+            if part != "down":
+                continue
+            network = owner.get(site_name)
+            site = self.tables[network].by_name()[site_name] if network else None
+            down, up = tensors[key], tensors.get(f"{site_name}.up")
+            if site is None or up is None or down.shape[1] != site.down_width or up.shape[0] != site.out_features:
+                raise LoraError(f"lora_names: {info.name!r} was added for another export of the model (its layer "
+                                f"{site_name} does not fit this one); remove it and add it again")
+            weights[network][site_name] = (down.astype(self.dtype, copy=False), up.astype(self.dtype, copy=False))
+        return LoadedLora(info, weights)
+
+
+def stack(table: SiteTable, parts: list[tuple[LoadedLora, float]], dtype=np.float32) -> tuple[np.ndarray, np.ndarray] | None:
+    """One request's LoRAs on one network: down [rank, lora_in] and up [lora_out, rank], the LoRAs'
+    ranks side by side, each up scaled by its request scale (diffusers' set_adapters weights). None
+    when none of them touches the network."""
+    used = [(lora, scale) for lora, scale in parts if lora.weights.get(table.network)]
+    if not used:
+        return None
+    ranks = [max(d.shape[0] for d, _ in lora.weights[table.network].values()) for lora, _ in used]
+    down = np.zeros((sum(ranks), table.lora_in), dtype)
+    up = np.zeros((table.lora_out, sum(ranks)), dtype)
+    offsets = dict(zip((s.name for s in table.sites), zip(table.down_offsets, table.up_offsets)))
+    by_name = table.by_name()
+    start = 0
+    for (lora, scale), rank in zip(used, ranks):
+        for site_name, (site_down, site_up) in lora.weights[table.network].items():
+            site, (down_at, up_at) = by_name[site_name], offsets[site_name]
+            r = site_down.shape[0]
+            down[start:start + r, down_at:down_at + site.down_width] = site_down
+            up[up_at:up_at + site.out_features, start:start + r] = site_up * np.asarray(scale, dtype)
+        start += rank
+    return down, up
+
+
+def pack(table: SiteTable, sets: list[tuple[np.ndarray, np.ndarray] | None], index: list[int],
+         dtype=np.float32) -> dict[str, np.ndarray]:
+    """A batch's LoRA tensors for one network: the distinct sets (None: no LoRA, zeros) padded to
+    the largest rank (at least 1), and each sample's set."""
+    rank = max([1] + [down.shape[0] for down, _ in (s for s in sets if s is not None)])
+    lora_down = np.zeros((len(sets), rank, table.lora_in), dtype)
+    lora_up = np.zeros((len(sets), table.lora_out, rank), dtype)
+    for i, stacked in enumerate(sets):
+        if stacked is not None:
+            down, up = stacked
+            lora_down[i, :down.shape[0]] = down
+            lora_up[i, :, :up.shape[1]] = up
+    return {"lora_down": lora_down, "lora_up": lora_up, "lora_index": np.asarray(index, np.int32)}
