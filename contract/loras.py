@@ -1,17 +1,17 @@
 """Per-request LoRAs: the sites a LoRA can touch, how their weights travel, and the library on disk.
 
-Design (measured in docs/loras.md): every LoRA's low-rank branches stay unfused and the weights are
-graph inputs, so one graph (and one engine) serves the base model and every LoRA, and a batch can
-mix them. A *site* is a layer of a network a LoRA may target: every `Linear` and `Conv2d` of the
-UNet, and of both CLIP text encoders (the `text_encoder` graph). For a batch, the weights of each
-distinct *set* of LoRAs (one request's names and scales) travel in three tensors per network:
+Design (docs/loras.md): every LoRA's low-rank branches stay unfused and the weights are graph
+inputs, so one graph (and one engine) serves the base model and every LoRA, and a batch can mix
+them. A *site* is a layer of a network a LoRA may target: every `Linear` and `Conv2d` of the UNet,
+and of both CLIP text encoders (the `text_encoder` graph). Each sample's LoRAs (its request's
+names and scales) travel in two tensors per network, batched like the graphs' other inputs (what
+Triton's dynamic batcher requires: every input's first axis is the batch):
 
-    lora_down   [sets, rank, lora_in]    every site's down matrix (A), flattened, side by side
-    lora_up     [sets, lora_out, rank]   every site's up matrix (B), scale and alpha/r folded in
-    lora_index  [batch] INT32            which set each sample of the batch uses
+    lora_down   [batch, rank, lora_in]    every site's down matrix (A), flattened, side by side
+    lora_up     [batch, lora_out, rank]   every site's up matrix (B), scale and alpha/r folded in
 
 A site reads its columns of `lora_down` and rows of `lora_up` at fixed offsets (the site table,
-`lora_sites.json` beside the graph). Stacked LoRAs concatenate along `rank`; a set with a smaller
+`lora_sites.json` beside the graph). Stacked LoRAs concatenate along `rank`; a sample with a smaller
 rank than the batch's, and a request without LoRAs, is padded with zeros, which add exactly zero.
 So a site computes `base(x) + up @ (down @ x)`, PEFT's LoRA math, for every sample at once.
 

@@ -29,11 +29,11 @@ class TextEncoders(nn.Module):
         self.components = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         self.lora_sites = sites_of(networks.TEXT_ENCODER.name, self.components)
 
-    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor, lora_down=None, lora_up=None, lora_index=None):
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor, lora_down=None, lora_up=None):
         """Without LoRA tensors: the encoders alone (what the pipeline computes with no LoRA)."""
         if lora_down is None:
             return self._encode(input_ids, input_ids_2)
-        with lora_branches(self.components, self.lora_sites, lora_down, lora_up, lora_index):
+        with lora_branches(self.components, self.lora_sites, lora_down, lora_up):
             return self._encode(input_ids, input_ids_2)
 
     def _encode(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor):
@@ -52,13 +52,12 @@ class UNet(nn.Module):
         self.unet = unet
         self.lora_sites = sites_of(networks.UNET.name, {"unet": unet})
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, lora_down=None, lora_up=None,
-                lora_index=None):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, lora_down=None, lora_up=None):
         """Without LoRA tensors: the UNet alone."""
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
         if lora_down is None:
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
-        with lora_branches({"unet": self.unet}, self.lora_sites, lora_down, lora_up, lora_index):
+        with lora_branches({"unet": self.unet}, self.lora_sites, lora_down, lora_up):
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 

@@ -1,6 +1,6 @@
 """The LoRA library as the serving models use it: read a LoRA on a request's first use of its name,
-stack a request's LoRAs with their scales, and pack a batch's sets into the three LoRA tensors of a
-network (contract/loras.py has the layout).
+stack a request's LoRAs with their scales, and pack a batch's samples into the two LoRA tensors of
+a network (contract/loras.py has the layout).
 
 A name is looked up in the library on every request (one stat of its info file), so a LoRA added
 while the server runs is found by the next request, and a removed one is refused from then on; a
@@ -109,16 +109,28 @@ def stack(table: SiteTable, parts: list[tuple[LoadedLora, float]], dtype=np.floa
     return down, up
 
 
-def pack(table: SiteTable, sets: list[tuple[np.ndarray, np.ndarray] | None], index: list[int],
+def rank_bucket(rank: int, limit: int) -> int:
+    """The rank a request's LoRA tensors are padded to: the next power of two (1 without LoRAs), so
+    that Triton's dynamic batcher, which batches requests of equal shapes only, finds peers."""
+    bucket = 1
+    while bucket < rank:
+        bucket *= 2
+    return min(bucket, max(limit, rank))
+
+
+def pack(table: SiteTable, samples: list[tuple[np.ndarray, np.ndarray] | None], rank: int | None = None,
          dtype=np.float32) -> dict[str, np.ndarray]:
-    """A batch's LoRA tensors for one network: the distinct sets (None: no LoRA, zeros) padded to
-    the largest rank (at least 1), and each sample's set."""
-    rank = max([1] + [down.shape[0] for down, _ in (s for s in sets if s is not None)])
-    lora_down = np.zeros((len(sets), rank, table.lora_in), dtype)
-    lora_up = np.zeros((len(sets), table.lora_out, rank), dtype)
-    for i, stacked in enumerate(sets):
+    """A batch's LoRA tensors for one network, one row per sample (None: no LoRA, zeros), padded to
+    `rank` (default: the largest in the batch, at least 1)."""
+    needed = max([1] + [down.shape[0] for down, _ in (s for s in samples if s is not None)])
+    rank = needed if rank is None else rank
+    if rank < needed:
+        raise ValueError(f"pack: rank {rank} is below the batch's {needed}")
+    lora_down = np.zeros((len(samples), rank, table.lora_in), dtype)
+    lora_up = np.zeros((len(samples), table.lora_out, rank), dtype)
+    for i, stacked in enumerate(samples):
         if stacked is not None:
             down, up = stacked
             lora_down[i, :down.shape[0]] = down
             lora_up[i, :, :up.shape[1]] = up
-    return {"lora_down": lora_down, "lora_up": lora_up, "lora_index": np.asarray(index, np.int32)}
+    return {"lora_down": lora_down, "lora_up": lora_up}

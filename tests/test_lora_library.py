@@ -23,7 +23,7 @@ from export import lora as library
 from export.modules import TextEncoders, UNet
 from export.sources import ExportError, load_pipeline
 from export.tiny import write_random_lora, write_style_lora
-from serving.loras import Library, pack, stack
+from serving.loras import Library, pack, rank_bucket, stack
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_RANK = 64
@@ -193,8 +193,8 @@ def diffusers_outputs(tiny_sources, files: dict, adapters: list[tuple[str, float
 
 @pytest.fixture(scope="module")
 def mixed_batch(loaded, tiny_sources, style_files, tmp_path_factory):
-    """Three sets in one batch, one sample each: a + b weighted, b alone, and no LoRA; the graphs'
-    inputs packed by the library, and diffusers' output for each sample's set on its own."""
+    """Three samples in one batch: a + b weighted, b alone, and no LoRA; the graphs' inputs packed by
+    the library, and diffusers' output for each sample's LoRAs on their own."""
     repository = tmp_path_factory.mktemp("lora_repo")
     pipe = loaded("fp32").pipe
     tables = {"unet": UNet(pipe.unet).lora_sites, "text_encoder": TextEncoders(pipe.text_encoder, pipe.text_encoder_2).lora_sites}
@@ -209,9 +209,14 @@ def mixed_batch(loaded, tiny_sources, style_files, tmp_path_factory):
     inputs = {}
     for network, table in tables.items():
         sets = [stack(table, [(reader.get(name), scale) for name, scale in request]) for request in requests]
-        inputs[network] = {k: torch.from_numpy(v) for k, v in pack(table, sets, [0, 1, 2]).items()}
+        inputs[network] = {k: torch.from_numpy(v) for k, v in pack(table, sets, rank_bucket(6, 256)).items()}
     expected = [diffusers_outputs(loaded("fp32").sources, style_files, request, unet_args, token_args) for request in requests]
     return pipe, unet_args, token_args, inputs, expected
+
+
+def test_rank_buckets():
+    assert [rank_bucket(r, 256) for r in (0, 1, 2, 3, 6, 64, 65, 256)] == [1, 1, 2, 4, 8, 64, 128, 256]
+    assert rank_bucket(300, 256) == 300  # past the limit: what it is (the request is refused elsewhere)
 
 
 def test_each_sample_of_a_mixed_batch_equals_diffusers_set_adapters(mixed_batch):
@@ -232,15 +237,15 @@ def test_each_sample_of_a_mixed_batch_equals_diffusers_set_adapters(mixed_batch)
 def test_the_unets_onnx_graph_with_lora_inputs_equals_pytorch(mixed_batch):
     pipe, unet_args, _, inputs, _ = mixed_batch
     module = UNet(pipe.unet).eval()
-    names = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "lora_down", "lora_up", "lora_index"]
+    names = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "lora_down", "lora_up"]
     args = (*unet_args, *inputs["unet"].values())
     buffer = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(module, args, buffer, dynamo=False, opset_version=17, input_names=names, output_names=["noise_pred"],
                           dynamic_axes={"sample": {0: "batch", 2: "h", 3: "w"}, "timestep": {0: "batch"},
                                         "encoder_hidden_states": {0: "batch"}, "text_embeds": {0: "batch"},
-                                        "time_ids": {0: "batch"}, "lora_down": {0: "sets", 1: "rank"},
-                                        "lora_up": {0: "sets", 2: "rank"}, "lora_index": {0: "batch"}})
+                                        "time_ids": {0: "batch"}, "lora_down": {0: "batch", 1: "rank"},
+                                        "lora_up": {0: "batch", 2: "rank"}})
         expected = module(*args)
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     got = session.run(None, {name: value.numpy() for name, value in zip(names, args)})[0]
