@@ -18,7 +18,7 @@ import queue
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -129,15 +129,28 @@ def build_inputs(protocol: str, prompt: str | bytes | None, **options) -> list:
     return inputs
 
 
+def lora_inputs(protocol: str, loras: Sequence[tuple[str, float]]) -> list:
+    """lora_names (BYTES [K]) and lora_scales (FP32 [K]) of [(name, scale)]."""
+    module = _module(protocol)
+    names = np.array([name.encode("utf-8") for name, _ in loras], dtype=np.object_)
+    scales = np.array([scale for _, scale in loras], dtype=np.float32)
+    tensors = [module.InferInput("lora_names", [len(loras)], "BYTES"), module.InferInput("lora_scales", [len(loras)], "FP32")]
+    tensors[0].set_data_from_numpy(names)
+    tensors[1].set_data_from_numpy(scales)
+    return tensors
+
+
 def generate(
     prompt: str | bytes | None, *, url: str | None = None, protocol: str = "http", seed: int | None = None,
     num_inference_steps: int | None = None, guidance_scale: float | None = None, negative_prompt: str | None = None,
     height: int | None = None, width: int | None = None, num_images_per_prompt: int | None = None,
     timeout_s: float = 600.0, queue_timeout_ms: int | None = None, stream: bool = False, preview_every: int | None = None,
+    loras: Sequence[tuple[str, float]] | None = None,
 ) -> GenerationResult | Iterator[StreamUpdate]:
     """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure.
     queue_timeout_ms: the longest wait for a denoising slot the server may make this request wait
-    (a request parameter; refused with UNAVAILABLE past it).
+    (a request parameter; refused with UNAVAILABLE past it). loras: [(name, scale)] from the
+    server's LoRA library (`python -m export lora add`), sent as lora_names and lora_scales.
 
     stream=True (gRPC only): the request goes to `sdxl_stream`, and an iterator of StreamUpdate is
     returned, one per denoising step (a preview image on every `preview_every`-th step; default 0:
@@ -148,6 +161,8 @@ def generate(
         protocol, prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
     )
+    if loras:
+        inputs += lora_inputs(protocol, loras)
     parameters = None if queue_timeout_ms is None else {"queue_timeout_ms": queue_timeout_ms}
     if stream:
         if protocol != "grpc":

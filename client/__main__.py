@@ -42,7 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
     parser.add_argument("--queue-timeout-ms", type=int, dest="queue_timeout_ms",
                         help="refuse the request (UNAVAILABLE) if it waits longer for a denoising slot (default: the server's)")
+    parser.add_argument("--lora", type=lora_spec, action="append", dest="loras", metavar="NAME[:SCALE]",
+                        help="a LoRA of the server's library (python -m export lora add), scale 1.0 unless given; repeatable")
     return parser
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """NAME[:SCALE]; the server checks the name and the scale's range."""
+    name, sep, scale = text.rpartition(":") if ":" in text else (text, "", "")
+    if not name:
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected NAME[:SCALE], e.g. watercolor:0.8")
+    try:
+        return name, float(scale) if sep else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: bad scale {scale!r}; expected a number after ':'") from None
 
 
 def main(argv: list[str] | None = None) -> int:

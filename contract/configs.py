@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2
 
 from . import layout
 from .limits import Limits
-from .networks import (COMPUTE, DYNAMIC_DIMS, LOOP_MODELS, NETWORKS, RECIPE_MODELS, SCHEDULER, ModelDims, TensorSpec,
+from .networks import (COMPUTE, DYNAMIC_DIMS, LOOP_MODELS, NETWORKS, RECIPE_MODELS, SCHEDULER, TOKENIZER, ModelDims, TensorSpec,
                        compute_tensors, model_tensors)
 
 
@@ -97,7 +97,7 @@ PRODUCTION_DTYPE = "fp16"  # TensorRT on a GPU; the configs in git declare it, w
 # are faster and leaner in fp32, measured in benchmarks/results/scale_cpu.md. The Makefile's DTYPE
 # repeats it (a test checks that they agree).
 CPU_DTYPE = "fp32"
-EXPORTED_MODELS = (*NETWORKS, *LOOP_MODELS)  # the models whose configs carry what the export decided
+EXPORTED_MODELS = (*NETWORKS, TOKENIZER, *LOOP_MODELS)  # the models whose configs carry what the export decided
 FIX_COMMAND = "python -m export configs --repository {repository}"
 
 Interface = dict[str, tuple[str, list[int]]]  # tensor -> (Triton type without TYPE_, dims as the graph has them, -1: any)
@@ -195,11 +195,14 @@ def exported_interface(repository: Path, model: str) -> dict[str, tuple[str, lis
         graph_file = f"{network}/{layout.VERSION}/{layout.ONNX_FILE}"
         return {name: (dtype, list(dims), graph_file) for name, (dtype, dims) in info[kind].items()} if info else {}
 
-    if model not in LOOP_MODELS:
-        return {**recorded(model, "inputs"), **recorded(model, "outputs")}
     from .networks import TEXT_ENCODER, VAE_DECODER
 
-    passed = {**recorded(TEXT_ENCODER.name, "outputs"), **recorded(VAE_DECODER.name, "inputs")}
+    if model == TOKENIZER:
+        passed = recorded(TEXT_ENCODER.name, "inputs")
+    elif model in LOOP_MODELS:
+        passed = {**recorded(TEXT_ENCODER.name, "outputs"), **recorded(VAE_DECODER.name, "inputs")}
+    else:
+        return {**recorded(model, "inputs"), **recorded(model, "outputs")}
     return {name: passed[name] for name in model_tensors(model) if name in passed}
 
 

@@ -15,9 +15,10 @@ A site reads its columns of `lora_down` and rows of `lora_up` at fixed offsets (
 rank than the batch's, and a request without LoRAs, is padded with zeros, which add exactly zero.
 So a site computes `base(x) + up @ (down @ x)`, PEFT's LoRA math, for every sample at once.
 
-The library: `<repository>/loras/<NAME>/` holds `lora.safetensors` (per site: `<network>/<site>.down`
-and `.up`, alpha/r folded into up) and `lora.json` (what it is). `python -m export lora add` writes
-it; the serving models read it on a request's first use of a name.
+The library: `<repository>-loras/<NAME>/`, beside the model repository (Triton fails to start on any
+directory inside it that is not a model, hidden ones included), holds `lora.safetensors` (per site:
+`<site>.down` and `.up`, alpha/r folded into up) and `lora.json` (what it is). `python -m export lora
+add` writes it; the serving models read it on a request's first use of a name.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-LIBRARY_DIR = "loras"  # under the model repository
+LIBRARY_SUFFIX = "-loras"  # the library of <repository> is the directory <repository>-loras beside it
 WEIGHTS_FILE = "lora.safetensors"
 INFO_FILE = "lora.json"
 SITES_FILE = "lora_sites.json"  # beside each LoRA-capable graph: <network>/1/lora_sites.json
@@ -152,7 +153,8 @@ def _config_json(module) -> str:
 # --- The library on disk -------------------------------------------------------------------------
 
 def library_dir(repository: Path) -> Path:
-    return Path(repository) / LIBRARY_DIR
+    repository = Path(repository).resolve()
+    return repository.with_name(repository.name + LIBRARY_SUFFIX)
 
 
 def sites_path(repository: Path, network: str) -> Path:

@@ -19,7 +19,7 @@ COMPUTE = "COMPUTE"
 
 # Dynamic axes, named after what they count. Image sizes are multiples of 64, so latent sizes are
 # multiples of 8 (the UNet downsamples latents twice more, by 4, so they must be multiples of 4).
-DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "image_height", "image_width")
+DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "image_height", "image_width", "lora_rank")
 
 # SDXL keeps its time conditioning in six numbers per sample:
 # (original_height, original_width, crop_top, crop_left, target_height, target_width).
@@ -43,15 +43,23 @@ class ModelDims:
     pooled_dim: int = 1280  # text_encoder_2's projection_dim
     latent_channels: int = 4
     vae_scale_factor: int = 8  # 2 ** (len(vae.config.block_out_channels) - 1)
+    # The LoRA inputs' widths (contract/loras.py): the sum over the network's sites of the down
+    # matrices' columns and of the up matrices' rows. SDXL: 794 UNet sites (51 convolutions), 265
+    # text-encoder sites (tests/test_sdxl.py counts them on SDXL's architecture).
+    unet_lora_in: int = 1_593_892
+    unet_lora_out: int = 1_494_404
+    text_lora_in: int = 452_864
+    text_lora_out: int = 452_864
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelDims":
         return cls.from_configs(pipe.tokenizer.model_max_length, pipe.text_encoder.config, pipe.text_encoder_2.config,
-                                pipe.unet.config, pipe.vae.config)
+                                pipe.unet.config, pipe.vae.config, lora_widths=lora_widths(pipe))
 
     @classmethod
-    def from_configs(cls, seq_len: int, text_encoder, text_encoder_2, unet, vae) -> "ModelDims":
-        """From the components' configs alone (objects or mappings), without loading any weights."""
+    def from_configs(cls, seq_len: int, text_encoder, text_encoder_2, unet, vae, lora_widths: dict | None = None) -> "ModelDims":
+        """From the components' configs alone (objects or mappings), without loading any weights;
+        `lora_widths` (see lora_widths()) from the modules, SDXL's when not given."""
 
         def get(config, key):
             return config[key] if isinstance(config, dict) else getattr(config, key)
@@ -62,6 +70,7 @@ class ModelDims:
             pooled_dim=get(text_encoder_2, "projection_dim"),
             latent_channels=get(unet, "in_channels"),
             vae_scale_factor=2 ** (len(get(vae, "block_out_channels")) - 1),
+            **(lora_widths or {}),
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -69,6 +78,20 @@ class ModelDims:
 
 
 SDXL_DIMS = ModelDims()
+
+
+def lora_widths(components) -> dict[str, int]:
+    """ModelDims' LoRA widths of a pipeline's (or any object's) unet, text_encoder and text_encoder_2
+    modules; meta modules do."""
+    from .loras import sites_of
+
+    modules = {name: getattr(components, name) for name in ("unet", "text_encoder", "text_encoder_2")}
+    unet, text = sites_of(UNET_NAME, modules), sites_of(TEXT_ENCODER_NAME, modules)
+    return {"unet_lora_in": unet.lora_in, "unet_lora_out": unet.lora_out,
+            "text_lora_in": text.lora_in, "text_lora_out": text.lora_out}
+
+
+UNET_NAME, TEXT_ENCODER_NAME = "unet", "text_encoder"
 
 
 @dataclass(frozen=True)
@@ -123,11 +146,21 @@ class NetworkSpec:
         raise KeyError(f"{self.name} has no tensor {name!r}")
 
 
+def lora_inputs(prefix: str) -> tuple[TensorSpec, ...]:
+    """Each sample's LoRA weights (contract/loras.py): every site's down and up matrices side by
+    side, the request's LoRAs stacked along the rank. No LoRA: zeros of rank 1."""
+    return (
+        TensorSpec("lora_down", COMPUTE, ("batch", "lora_rank", f"{prefix}_lora_in")),
+        TensorSpec("lora_up", COMPUTE, ("batch", f"{prefix}_lora_out", "lora_rank")),
+    )
+
+
 TEXT_ENCODER = NetworkSpec(
-    name="text_encoder",
+    name=TEXT_ENCODER_NAME,
     inputs=(
         TensorSpec("input_ids", "INT32", ("batch", "seq_len")),  # CLIP ViT-L tokens
         TensorSpec("input_ids_2", "INT32", ("batch", "seq_len")),  # OpenCLIP bigG tokens
+        *lora_inputs("text"),
     ),
     outputs=(
         TensorSpec("prompt_embeds", COMPUTE, ("batch", "seq_len", "text_dim")),
@@ -136,7 +169,7 @@ TEXT_ENCODER = NetworkSpec(
 )
 
 UNET = NetworkSpec(
-    name="unet",
+    name=UNET_NAME,
     inputs=(
         TensorSpec("sample", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),
         # One timestep per sample, so requests at different steps can share a batch. FP32 in
@@ -145,6 +178,7 @@ UNET = NetworkSpec(
         TensorSpec("encoder_hidden_states", COMPUTE, ("batch", "seq_len", "text_dim")),
         TensorSpec("text_embeds", COMPUTE, ("batch", "pooled_dim")),
         TensorSpec("time_ids", COMPUTE, ("batch", TIME_IDS_DIM)),
+        *lora_inputs("unet"),
     ),
     outputs=(
         TensorSpec("noise_pred", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),
@@ -173,6 +207,10 @@ SCHEDULER_GRAPH_TENSORS = {
     "latents": VAE_DECODER.tensor("latents"),
 }
 SCHEDULER = "scheduler"
+# The tokenizer hands the text encoder, beside the token ids, each text's LoRA weights (the
+# request's LoRAs, or zeros): its config declares them in the graphs' dtype and widths too.
+TOKENIZER = "tokenizer"
+TOKENIZER_GRAPH_TENSORS = {name: TEXT_ENCODER.tensor(name) for name in ("lora_down", "lora_up")}
 # The continuous-batching engine (serving/engine.py): the scheduler hands requests to it in its
 # engine mode; it takes and returns the same graph tensors.
 DENOISER = "denoiser"
@@ -190,6 +228,8 @@ def model_tensors(model: str) -> dict[str, TensorSpec]:
     denoiser) pass on."""
     if model in LOOP_MODELS:
         return dict(SCHEDULER_GRAPH_TENSORS)
+    if model == TOKENIZER:
+        return dict(TOKENIZER_GRAPH_TENSORS)
     return {t.name: t for t in NETWORKS[model].inputs + NETWORKS[model].outputs}
 
 

@@ -72,6 +72,10 @@ class BuildSettings:
     opt_size: int = 1024
     max_size: int = 1536
     size_multiple: int = 64
+    # The LoRA inputs' rank (contract/loras.py): 1 (no LoRA) to max_loras x max_lora_rank; tuned for
+    # one LoRA of rank 16 (published style LoRAs are mostly 8 to 64).
+    max_lora_rank: int = 256
+    opt_lora_rank: int = 16
     refittable: bool = False
 
     @classmethod
@@ -85,6 +89,7 @@ class BuildSettings:
             min_size=limits.min_size,
             max_size=limits.max_size,
             size_multiple=limits.size_multiple,
+            max_lora_rank=limits.max_stacked_rank,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -121,10 +126,12 @@ def profile_shapes(spec: NetworkSpec, dims: ModelDims, settings: BuildSettings) 
     batches = settings.batch_range(spec.name)
     sizes = (settings.min_size, settings.opt_size, settings.max_size)
     shapes = {}
+    ranks = (1, min(settings.opt_lora_rank, settings.max_lora_rank), settings.max_lora_rank)
     for tensor in spec.inputs:
         shapes[tensor.name] = tuple(
-            tensor.shape(dims, batch=b, latent_height=s // dims.vae_scale_factor, latent_width=s // dims.vae_scale_factor)
-            for b, s in zip(batches, sizes)
+            tensor.shape(dims, batch=b, latent_height=s // dims.vae_scale_factor, latent_width=s // dims.vae_scale_factor,
+                         lora_rank=r)
+            for b, s, r in zip(batches, sizes, ranks)
         )
     return shapes
 

@@ -3,10 +3,9 @@ unfused low-rank branch whose weights are graph inputs (contract/loras.py has th
 
 A site computes PEFT's LoRA output, `base(x) + up @ (down @ x)` with alpha/r and the request's
 scale folded into `up`, per sample. The slices are taken once per call, outside the layers, so a
-network carries two large inputs, not two per layer. A convolution's down step is one Conv with
-the batch's down kernels stacked as output channels (a kernel from the inputs, which ONNX Runtime
-and TensorRT run), from which each sample keeps its own channels; its up step is 1x1, a batched
-matrix product.
+network carries two large inputs, not two per layer. Everything is batched matrix products, the
+convolutions' down step included (one per kernel tap): TensorRT builds no Conv with a dynamic
+number of output channels, which a kernel of the request's rank would be.
 """
 
 from __future__ import annotations
@@ -28,18 +27,23 @@ def linear_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch
 
 
 def conv_delta(x: torch.Tensor, site: Site, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The same for a convolution site: down [batch, rank, in*kh*kw] as kernels, up [batch, out, rank]
-    as a 1x1 product. One Conv runs every sample's kernels on every sample; each keeps its own."""
-    batch, rank = down.shape[0], down.shape[1]
-    # [batch*rank, in, kh, kw]; unflatten + flatten, not reshape: the exporter then knows the kernel's
-    # spatial size, which it needs to write a Conv
-    kernel = down.unflatten(-1, (site.in_features, *site.kernel)).flatten(0, 1)
-    hidden = F.conv2d(x, kernel, None, site.stride, site.padding, site.dilation)  # [batch, batch*rank, h, w]
-    height, width = hidden.shape[2], hidden.shape[3]
-    samples = torch.arange(batch, device=x.device)
-    own = (samples[:, None] == samples[None, :]).to(hidden.dtype)  # [batch, batch]: the sample's own kernels
-    hidden = (hidden.reshape(batch, batch, rank, height * width) * own[:, :, None, None]).sum(1)  # [batch, rank, h*w]
-    return torch.bmm(up, hidden).reshape(batch, up.shape[1], height, width)
+    """The same for a convolution site: down [batch, rank, in*kh*kw] (PEFT's down convolution, its
+    kernel flattened), up [batch, out, rank] (a 1x1 convolution). The down convolution runs as a sum
+    over the kernel's taps of a shifted, strided view of x times that tap's [rank, in] matrix, all
+    batched products: TensorRT builds no Conv whose output channels (the rank) are dynamic."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = site.kernel, site.stride, site.padding, site.dilation
+    batch, channels, height, width = x.shape
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    taps = down.unflatten(-1, (site.in_features, kh * kw))  # [batch, rank, in, taps]
+    hidden = None
+    for tap in range(kh * kw):
+        i, j = divmod(tap, kw)
+        view = padded[:, :, i * dh: i * dh + (out_h - 1) * sh + 1: sh, j * dw: j * dw + (out_w - 1) * sw + 1: sw]
+        term = torch.bmm(taps[..., tap], view.reshape(batch, channels, -1))  # [batch, rank, h*w]
+        hidden = term if hidden is None else hidden + term
+    return torch.bmm(up, hidden).reshape(batch, up.shape[1], out_h, out_w)
 
 
 @contextmanager

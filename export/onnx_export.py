@@ -48,20 +48,28 @@ _ONNX_TYPES = {
 }
 # Shapes the exporter traces with. Any multiple of 8 in latent space works: the graphs keep
 # batch/height/width dynamic; these only need to avoid size-specific branches (none at these sizes).
-TRACE_SIZES = {"batch": 2, "latent_height": 16, "latent_width": 24}
+TRACE_SIZES = {"batch": 2, "latent_height": 16, "latent_width": 24, "lora_rank": 3}
+# LoRA weights of random inputs: small, as trained LoRAs' are, so that hundreds of sites keep the
+# activations (and fp16) finite.
+_LORA_INPUT_STD = 0.02
 
 
 def example_inputs(
     spec: NetworkSpec, dims: ModelDims, compute_dtype: str, *, batch: int, latent_height: int = 16,
-    latent_width: int = 16, seed: int = 0, device: str = "cpu",
+    latent_width: int = 16, lora_rank: int = 2, seed: int = 0, device: str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Random inputs of the right names, dtypes and shapes (token ids from CLIP's 256 byte tokens)."""
+    """Random inputs of the right names, dtypes and shapes (token ids from CLIP's 256 byte tokens;
+    LoRA weights of rank `lora_rank`, zero for the last sample: one without LoRAs)."""
     generator = torch.Generator().manual_seed(seed)
     inputs = {}
     for tensor in spec.inputs:
-        shape = tensor.shape(dims, batch=batch, latent_height=latent_height, latent_width=latent_width)
+        shape = tensor.shape(dims, batch=batch, latent_height=latent_height, latent_width=latent_width, lora_rank=lora_rank)
         dtype = tensor.resolved_dtype(compute_dtype)
-        if dtype == "INT32":
+        if tensor.name in ("lora_down", "lora_up"):
+            value = torch.randn(shape, generator=generator) * _LORA_INPUT_STD
+            if batch > 1:
+                value[-1] = 0
+        elif dtype == "INT32":
             value = torch.randint(0, 256, shape, generator=generator, dtype=torch.int32)
         elif tensor.name == "timestep":
             value = torch.randint(0, 1000, shape, generator=generator).float()

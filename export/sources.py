@@ -367,7 +367,7 @@ def model_dims(sources: Sources, pipe=None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from contract.networks import ModelDims
+    from contract.networks import ModelDims, lora_widths
 
     model = str(Path(sources.model).expanduser()) if Path(sources.model).expanduser().exists() else sources.model
     try:
@@ -391,7 +391,23 @@ def model_dims(sources: Sources, pipe=None):
             raise _load_error("--vae", sources.vae, error) from error
     else:
         vae = AutoencoderKL.load_config(model, subfolder="vae")
-    return ModelDims.from_configs(tokenizer.model_max_length, text_encoder, text_encoder_2, unet, vae)
+    return ModelDims.from_configs(tokenizer.model_max_length, text_encoder, text_encoder_2, unet, vae,
+                                  lora_widths=lora_widths(meta_components(text_encoder, text_encoder_2, unet)))
+
+
+def meta_components(text_encoder_config, text_encoder_2_config, unet_config):
+    """The UNet and both text encoders built on the meta device from their configs: every module
+    and shape, no memory; what the LoRA site tables are read from without the weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from types import SimpleNamespace
+
+    with torch.device("meta"):
+        return SimpleNamespace(unet=UNet2DConditionModel.from_config(unet_config),
+                               text_encoder=CLIPTextModel(text_encoder_config),
+                               text_encoder_2=CLIPTextModelWithProjection(text_encoder_2_config))
 
 
 def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", components: tuple[str, ...] = ALL_COMPONENTS) -> LoadedPipeline:

@@ -84,8 +84,10 @@ class Denoiser:
     def __init__(
         self, request: GenerationOptions, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
         scheduler, *, latent_channels: int = 4, vae_scale_factor: int = 8, cfg_end_fraction: float = 1.0,
-        eta: float | None = None,
+        eta: float | None = None, lora: dict[str, torch.Tensor] | None = None,
     ):
+        """`lora`: the request's UNet LoRA weights for one sample (lora_down [1, rank, width], lora_up
+        [1, width, rank]; serving/loras.py), sent with every row; None: a UNet without LoRA inputs."""
         device, dtype = prompt_embeds.device, prompt_embeds.dtype
         self.cfg = request.do_classifier_free_guidance
         self.guidance_scale = request.guidance_scale
@@ -104,6 +106,7 @@ class Denoiser:
             scheduler.init_noise_sigma,
         )
         self.step_kwargs = step_kwargs(scheduler, self.generators, eta)
+        self.lora = lora or {}
         self.step_index = 0
 
     @property
@@ -130,6 +133,7 @@ class Denoiser:
             "encoder_hidden_states": self.encoder_hidden_states[rows],
             "text_embeds": self.text_embeds[rows],
             "time_ids": self.time_ids[rows],
+            **{name: value.expand(self.unet_batch, -1, -1) for name, value in self.lora.items()},
         }
 
     def step(self, noise_pred: torch.Tensor) -> None:
@@ -139,6 +143,21 @@ class Denoiser:
         t = self.timesteps[self.step_index]
         self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
         self.step_index += 1
+
+
+def concat_unet_inputs(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several requests' UNet inputs as one batch: rows concatenated, the LoRA weights' rank axis
+    padded with zeros to the largest (a zero rank adds nothing)."""
+    rank = max((i["lora_down"].shape[1] for i in inputs if "lora_down" in i), default=0)
+
+    def padded(name: str, value: torch.Tensor) -> torch.Tensor:
+        if name == "lora_down" and value.shape[1] < rank:
+            return torch.nn.functional.pad(value, (0, 0, 0, rank - value.shape[1]))
+        if name == "lora_up" and value.shape[2] < rank:
+            return torch.nn.functional.pad(value, (0, rank - value.shape[2]))
+        return value
+
+    return {name: torch.cat([padded(name, i[name]) for i in inputs]) for name in inputs[0]}
 
 
 def cfg_end_fraction_from_parameters(parameters: dict[str, str]) -> float:

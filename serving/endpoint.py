@@ -40,6 +40,11 @@ INPUTS = (
     EndpointInput("width", "INT32", 1024, "pixels, a multiple of 64"),
     EndpointInput("num_images_per_prompt", "INT32", 1, "images in the response"),
 )
+# Per-request LoRAs (docs/loras.md, serving/loras.py): [K] each, K up to the scheduler's max_loras.
+LORA_INPUTS = (
+    EndpointInput("lora_names", "STRING", (), "LoRAs from the repository's library (python -m export lora add)"),
+    EndpointInput("lora_scales", "FP32", 1.0, "one weight per name (diffusers' set_adapters), default 1.0 each"),
+)
 INPUT_NAMES = tuple(i.name for i in INPUTS)
 # The non-text inputs: what check_options reads and the loops (scheduler, denoiser) take.
 OPTION_INPUTS = tuple(i.name for i in INPUTS if i.dtype != "STRING")

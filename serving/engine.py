@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .denoise import Denoiser, UNetFn
+from .denoise import Denoiser, UNetFn, concat_unet_inputs
 from .endpoint import Cancelled
 
 
@@ -167,7 +167,7 @@ class StepEngine:
 
     def _step(self, batch: list[Job], stats: IterationStats) -> None:
         inputs = [job.denoiser.unet_inputs() for job in batch]
-        feed = {name: torch.cat([i[name] for i in inputs]) for name in inputs[0]}
+        feed = concat_unet_inputs(inputs)
         stats.rows, stats.jobs = feed["sample"].shape[0], len(batch)
         try:
             noise = self.unet(feed)

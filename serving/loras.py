@@ -32,7 +32,8 @@ class LoadedLora:
 
 
 class Library:
-    """One process's view of `<repository>/loras/`, with an LRU cache of read LoRAs bounded in bytes."""
+    """One process's view of the library (`<repository>-loras/`), with an LRU cache of read LoRAs
+    bounded in bytes."""
 
     def __init__(self, repository: Path, tables: dict[str, SiteTable], dtype=np.float32, cache_bytes: int = 2 * 1024**3):
         self.repository, self.tables, self.dtype, self.cache_bytes = Path(repository), tables, dtype, cache_bytes
@@ -134,3 +135,64 @@ def pack(table: SiteTable, samples: list[tuple[np.ndarray, np.ndarray] | None], 
             lora_down[i, :down.shape[0]] = down
             lora_up[i, :, :up.shape[1]] = up
     return {"lora_down": lora_down, "lora_up": lora_up}
+
+
+def check_request(names: np.ndarray | None, scales: np.ndarray | None, max_loras: int, max_scale: float,
+                  ) -> list[tuple[str, float]]:
+    """The request inputs `lora_names` (BYTES [K]) and `lora_scales` (FP32 [K], default 1.0 each) as
+    [(name, scale)]; LoraError naming the input for anything else."""
+    if names is None or names.size == 0:
+        if scales is not None and scales.size:
+            raise LoraError(f"lora_scales: {scales.size} scales without lora_names; send one scale per name in lora_names")
+        return []
+    names = names.reshape(-1)
+    if names.size > max_loras:
+        raise LoraError(f"lora_names: {names.size} names is not accepted; expected at most {max_loras} LoRAs per request")
+    decoded = []
+    for raw in names:
+        try:
+            name = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError:
+            raise LoraError(f"lora_names: {bytes(raw)[:40]!r} is not UTF-8; expected LoRA names") from None
+        decoded.append(loras.check_name(name))
+    if len(set(decoded)) != len(decoded):
+        raise LoraError(f"lora_names: {decoded} names a LoRA twice; name each once (its scale says how much)")
+    if scales is None or scales.size == 0:
+        values = [1.0] * len(decoded)
+    else:
+        values = [float(v) for v in scales.reshape(-1)]
+        if len(values) != len(decoded):
+            raise LoraError(f"lora_scales: {len(values)} scales for {len(decoded)} names in lora_names; "
+                            "expected one scale per name")
+        values = [loras.check_scale(v, max_scale) for v in values]
+    return list(zip(decoded, values))
+
+
+class ServingLoras:
+    """What a serving model needs of the LoRAs: the library, the site tables and the graphs' dtype
+    (the export's), and the LoRA tensors of a request."""
+
+    def __init__(self, repository: Path, dtype: str, max_rank: int):
+        missing = [n for n in LORA_NETWORKS if not loras.sites_path(repository, n).exists()]
+        if missing:
+            raise LoraError(f"{repository}: no {', '.join(f'{n}/1/{loras.SITES_FILE}' for n in missing)}; these graphs "
+                            "were exported before per-request LoRAs: export again (`make export-tiny` or `python -m export onnx`)")
+        self.dtype = np.float16 if dtype == "fp16" else np.float32
+        self.library = Library.open(repository, self.dtype)
+        self.tables = self.library.tables
+        self.max_rank = max_rank  # the engines' lora_rank profile: max_loras x max_lora_rank
+
+    def load(self, request: list[tuple[str, float]]) -> list[tuple[LoadedLora, float]]:
+        """Read (or find cached) each named LoRA: what a request holds from its start to its end."""
+        return [(self.library.get(name), scale) for name, scale in request]
+
+    def tensors(self, network: str, held: list[tuple[LoadedLora, float]], rows: int) -> dict[str, np.ndarray]:
+        """`rows` copies of the request's stacked LoRAs on `network`, rank padded to its bucket."""
+        table = self.tables[network]
+        stacked = stack(table, held, self.dtype)
+        rank = 1 if stacked is None else stacked[0].shape[0]
+        if rank > self.max_rank:
+            raise LoraError(f"lora_names: the LoRAs' ranks add up to {rank}; this deployment's engines take at most "
+                            f"{self.max_rank} (max_loras x max_lora_rank)")
+        packed = pack(table, [stacked], rank_bucket(rank, self.max_rank), self.dtype)
+        return {name: np.repeat(value, rows, axis=0) for name, value in packed.items()}

@@ -11,9 +11,9 @@ import tritonclient.http as http
 
 from contract import configs
 from contract.configs import (CPU_DTYPE, EXPORTED_MODELS, config_files, config_problems, declared_interface,
-                              read_config)
+                              read_config, repository_export)
 from contract.layout import REPO_ROOT, TEMPLATES
-from contract.networks import NETWORKS, compute_tensors
+from contract.networks import NETWORKS, SDXL_DIMS, TOKENIZER, compute_tensors
 from contract.recipes import RECIPE_PARAMETERS
 
 from export.cli import main
@@ -38,7 +38,8 @@ def declared_dims(repository, model, tensor) -> set[tuple[int, ...]]:
 def test_export_sets_every_config_to_its_dtype(exported, dtype):
     repository = exported(dtype)
     for model in EXPORTED_MODELS:
-        assert len(config_files(repository, model)) == 2, model  # production and cpu variants
+        # production and cpu variants; the tokenizer (Python backend either way) has one config
+        assert len(config_files(repository, model)) == (1 if model == TOKENIZER else 2), model
         assert declared_compute(repository, model) == {dtype.upper()}, model
     assert config_problems(repository, "cpu") == config_problems(repository, "production") == []
 
@@ -55,13 +56,18 @@ def test_export_sets_the_exported_widths(exported):
 def test_only_the_dtype_and_widths_change(exported):
     """Everything else in the configs, comments included, is the repository's own."""
     repository = exported("fp32")
+    tiny = repository_export(repository)[1]
+    lora_widths = {getattr(tiny, key): getattr(SDXL_DIMS, key) for key in ("unet_lora_in", "unet_lora_out", "text_lora_in", "text_lora_out")}
 
     def normalized(text: str) -> str:
         # The recipe parameters follow the export too (contract/recipes.py); the rest must not move.
         text = "\n".join(line for line in text.splitlines()
                          if not any(f'key: "{key}"' in line for key in RECIPE_PARAMETERS))
-        return text.replace("TYPE_FP32", "TYPE_FP16").replace(", 80 ]", ", 2048 ]").replace("[ 80 ]", "[ 2048 ]") \
+        text = text.replace("TYPE_FP32", "TYPE_FP16").replace(", 80 ]", ", 2048 ]").replace("[ 80 ]", "[ 2048 ]") \
             .replace(", 40 ]", ", 1280 ]").replace("[ 40 ]", "[ 1280 ]")
+        for ours, sdxl in lora_widths.items():  # the LoRA inputs' widths: the sums over the sites
+            text = text.replace(f" {ours} ]", f" {sdxl} ]").replace(f"[ {ours},", f"[ {sdxl},").replace(f", {ours}, ", f", {sdxl}, ")
+        return text
 
     for model in EXPORTED_MODELS:
         for path in config_files(repository, model):

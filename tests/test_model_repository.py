@@ -84,15 +84,18 @@ def test_scheduler_speaks_the_graphs_tensors(variant):
     assert list(latents.dims) == expected_dims(networks.VAE_DECODER.tensor("latents"), batched=False, model=model)[0]
     options = [t for t in config.input if t.name not in ("prompt_embeds", "pooled_prompt_embeds", TICKET_TENSOR)]
     assert all(t.optional for t in options)
-    assert [t.name for t in options] == [i.name for i in endpoint.INPUTS if i.dtype != "STRING"]
+    assert [t.name for t in options] == [i.name for i in endpoint.INPUTS if i.dtype != "STRING"] + \
+        [i.name for i in endpoint.LORA_INPUTS]
 
 
 def test_ensemble_is_the_endpoint():
     config = read_config(REPO, endpoint.MODEL_NAME)
     assert config.platform == "ensemble" and config.max_batch_size == 0
-    assert [t.name for t in config.input] == list(endpoint.INPUT_NAMES)
+    assert [t.name for t in config.input] == [*endpoint.INPUT_NAMES, *(i.name for i in endpoint.LORA_INPUTS)]
     for entry, spec in zip(config.input, endpoint.INPUTS):
         assert model_config_type(entry) == "TYPE_" + spec.dtype and list(entry.dims) == [1] and entry.optional
+    for entry, spec in zip(config.input[len(endpoint.INPUTS):], endpoint.LORA_INPUTS):  # [K]: up to max_loras
+        assert model_config_type(entry) == "TYPE_" + spec.dtype and list(entry.dims) == [-1] and entry.optional
     assert {t.name: (model_config_type(t)[5:], tuple(t.dims)) for t in config.output} == endpoint.OUTPUTS
 
 
@@ -100,7 +103,7 @@ def test_ensemble_is_the_endpoint():
 def test_ensemble_steps_wire_real_tensors(variant):
     """Every step maps existing inputs/outputs of its model, and every step input is produced upstream."""
     ensemble = read_config(REPO, endpoint.MODEL_NAME)
-    available = set(endpoint.INPUT_NAMES)
+    available = {*endpoint.INPUT_NAMES, *(i.name for i in endpoint.LORA_INPUTS)}
     for step in ensemble.ensemble_scheduling.step:
         model = read_config(REPO, step.model_name, variant)
         assert set(step.input_map) <= {t.name for t in model.input}, step.model_name

@@ -13,6 +13,8 @@ import triton_python_backend_utils as pb_utils
 
 from serving.admission import Refused
 from serving.endpoint import INPUTS, OPTION_INPUTS, Cancelled, InvalidInput
+from serving.endpoint import LORA_INPUTS as endpoint_lora_inputs
+from contract.loras import LoraError
 
 
 class ComponentError(RuntimeError):
@@ -98,7 +100,7 @@ def respond(request, tensors: dict):
 def error_response(error: Exception, model: str):
     """INVALID_ARG for bad input, UNAVAILABLE for a refusal (retry later), CANCELLED for a cancelled
     request, the component's message for a failed BLS call, INTERNAL otherwise."""
-    if isinstance(error, InvalidInput):
+    if isinstance(error, (InvalidInput, LoraError)):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
     if isinstance(error, Refused):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.UNAVAILABLE))
@@ -115,6 +117,14 @@ def option_tensors(options) -> list:
     endpoint's dtypes: what a BLS caller hands the denoiser."""
     dtypes = {i.name: pb_utils.triton_string_to_numpy("TYPE_" + i.dtype) for i in INPUTS}
     return [pb_utils.Tensor(name, np.asarray([getattr(options, name)], dtype=dtypes[name])) for name in OPTION_INPUTS]
+
+
+LORA_INPUTS = tuple(i.name for i in endpoint_lora_inputs)
+
+
+def lora_tensors(request) -> list:
+    """The request's LoRA inputs as they came, to pass on to a BLS callee (which checks them)."""
+    return [t for name in LORA_INPUTS if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
 
 
 def ticket_tensor(ticket: str):

@@ -77,11 +77,12 @@ class TritonPythonModel:
     def _job(self, request, sender) -> Job:
         options = check_options(input_arrays(request, OPTION_INPUTS), self.settings.limits)
         every = check_preview_every(input_arrays(request, ("preview_every",))["preview_every"], self.settings.limits)
+        held = self.settings.held_loras(request)
         device = self.settings.device
         with torch.inference_mode():  # copies: the engine uses them after execute has returned
             embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), device, copy=True)
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), device, copy=True)
-            denoiser = self.settings.denoiser(options, embeds, pooled)
+            denoiser = self.settings.denoiser(options, embeds, pooled, held)
         seeds = np.asarray(options.seeds, dtype=np.int64)
         ticket = admission_ticket(request)  # a BLS caller's (sdxl_stream): it marks the ticket when its client cancels
 

@@ -23,16 +23,17 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from contract import layout
-from contract.configs import exported_interface
+from contract.configs import exported_interface, repository_export
 from contract.limits import Limits
-from contract.networks import DENOISER, SCHEDULER
+from contract.networks import DENOISER, SCHEDULER, UNET
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.denoise import Denoiser, cfg_end_fraction_from_parameters, denoise
 from serving.endpoint import OPTION_INPUTS, Cancelled, check_options
+from serving.loras import LoraError, ServingLoras, check_request
 
-from .common import (ComponentError, check_graph_interface, error_response, input_arrays, model_config, option_tensors,
-                     parameters, repository_root, respond, ticket_tensor)
+from .common import (LORA_INPUTS, ComponentError, check_graph_interface, error_response, input_arrays, lora_tensors,
+                     model_config, option_tensors, parameters, repository_root, respond, ticket_tensor)
 from .metrics import AdmissionMetrics, SchedulerMetrics
 from .tensors import call_unet, to_torch, to_triton
 
@@ -49,6 +50,7 @@ class LoopSettings:
     device: torch.device
     scheduler_class: type
     scheduler_config: dict
+    loras: ServingLoras
 
     @classmethod
     def load(cls, args: dict, model: str) -> "LoopSettings":
@@ -75,11 +77,24 @@ class LoopSettings:
         except ValueError as error:
             raise pb_utils.TritonModelException(f"{model}: {config_path}: {error}") from None
         check_graph_interface(args, model, exported_interface(repository_root(args), model))  # as export.json recorded it
-        return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config)
+        try:
+            exported = repository_export(repository_root(args))
+            loras = ServingLoras(repository_root(args), exported[0] if exported else "fp32", limits.max_stacked_rank)
+        except (LoraError, ValueError) as error:
+            raise pb_utils.TritonModelException(f"{model}: {error}") from None
+        return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras)
 
-    def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor) -> Denoiser:
+    def held_loras(self, request) -> list:
+        """The request's LoRAs (lora_names, lora_scales), checked and read: LoraError naming the input."""
+        raw = input_arrays(request, LORA_INPUTS)
+        named = check_request(raw["lora_names"], raw["lora_scales"], self.limits.max_loras, self.limits.max_lora_scale)
+        return self.loras.load(named)
+
+    def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor, held: list) -> Denoiser:
+        lora = {name: torch.from_numpy(value).to(self.device)
+                for name, value in self.loras.tensors(UNET.name, held, 1).items()}
         return Denoiser(options, embeds, pooled, self.scheduler_class.from_config(self.scheduler_config),
-                        cfg_end_fraction=self.cfg_end_fraction, eta=self.eta)
+                        cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora)
 
 
 class TritonPythonModel:
@@ -102,15 +117,16 @@ class TritonPythonModel:
         return [self._respond(request) for request in requests]
 
     def _loop_latents(self, request, options):
+        held = self.settings.held_loras(request)  # read once; held to the end, even if removed meanwhile
         embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), self.device)
         pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
         with torch.inference_mode():
-            latents = denoise(self._unet, self.settings.denoiser(options, embeds, pooled), cancelled=request.is_cancelled)
+            latents = denoise(self._unet, self.settings.denoiser(options, embeds, pooled, held), cancelled=request.is_cancelled)
         return to_triton("latents", latents)
 
     def _engine_latents(self, request, options):
         embeddings = [pb_utils.get_input_tensor_by_name(request, name) for name in ("prompt_embeds", "pooled_prompt_embeds")]
-        return engine_latents(self.engine, embeddings, options, self.run, admission_ticket(request))
+        return engine_latents(self.engine, embeddings + lora_tensors(request), options, self.run, admission_ticket(request))
 
     def _unet(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()

@@ -28,7 +28,7 @@ from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECOD
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.endpoint import OPTION_INPUTS, Cancelled, check_options, check_preview_every
 
-from .common import (ComponentError, error_response, infer, input_arrays, model_config, option_tensors, parameters,
+from .common import (ComponentError, error_response, infer, input_arrays, lora_tensors, model_config, option_tensors, parameters,
                      ticket_tensor)
 from .metrics import AdmissionMetrics, StreamMetrics
 
@@ -73,10 +73,11 @@ class TritonPythonModel:
 
     # 2. tokenize and admit (the tokenizer checks the texts and applies the admission policy)
     def _tokenize(self, request, options: list) -> tuple[list, str]:
+        """The text encoder's inputs (token ids and the texts' LoRA weights) and the admission ticket."""
         texts = [t for name in TEXT_INPUTS if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
         guidance = [t for t in options if t.name() == "guidance_scale"]  # the checked one: CFG or not
-        response = infer("tokenizer", texts + guidance, ["input_ids", "input_ids_2", TICKET_TENSOR], self.run,
-                         json.loads(request.parameters() or "{}"))
+        response = infer("tokenizer", texts + guidance + lora_tensors(request),
+                         [*TEXT_ENCODER.input_names, TICKET_TENSOR], self.run, json.loads(request.parameters() or "{}"))
         ticket = pb_utils.get_output_tensor_by_name(response, TICKET_TENSOR).as_numpy().reshape(-1)[0]
         ids = [pb_utils.get_output_tensor_by_name(response, name) for name in TEXT_ENCODER.input_names]
         return ids, bytes(ticket).decode("ascii")
@@ -98,7 +99,7 @@ class TritonPythonModel:
                 embeddings = self._encode(ids)
                 if sender.is_cancelled():
                     raise Cancelled("cancelled by the client before denoising")
-                self._denoise(sender, embeddings + tensors, options, every, ticket, start)
+                self._denoise(sender, embeddings + tensors + lora_tensors(request), options, every, ticket, start)
             finally:
                 self.metrics.in_flight.increment(-1)
         finally:

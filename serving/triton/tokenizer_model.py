@@ -1,6 +1,7 @@
-"""`tokenizer`: the ensemble's first step. Checks the texts, admits the request to the denoising
-queue or refuses it at once (serving/admission.py), and tokenizes the prompt (+ the negative prompt
-when CFG uses it) for both CLIP encoders.
+"""`tokenizer`: the ensemble's first step. Checks the texts and the LoRAs named, admits the request
+to the denoising queue or refuses it at once (serving/admission.py), and tokenizes the prompt (+ the
+negative prompt when CFG uses it) for both CLIP encoders, with each text's LoRA weights for them
+(serving/loras.py: the request's text-encoder LoRAs, or zeros).
 
 Config parameters: max_prompt_bytes (contract/limits.py), max_queue_size, default_queue_timeout_ms,
 ticket_ttl_s (serving/admission.py AdmissionPolicy).
@@ -16,13 +17,16 @@ import triton_python_backend_utils as pb_utils
 
 from contract.limits import Limits
 from serving.admission import TICKET_TENSOR, AdmissionPolicy, Refused, RunState, queue_timeout_s, run_directory
+from contract.configs import repository_export
+from contract.networks import TEXT_ENCODER
 from serving.endpoint import InvalidInput, check_guidance, check_prompts
+from serving.loras import LoraError, ServingLoras, check_request
 from serving.text import PromptTokenizer, texts_to_encode
 
-from .common import error_response, input_arrays, model_config, parameters, respond, version_dir
+from .common import error_response, input_arrays, model_config, parameters, repository_root, respond, version_dir
 from .metrics import AdmissionMetrics
 
-INPUTS = ("prompt", "negative_prompt", "guidance_scale")
+INPUTS = ("prompt", "negative_prompt", "guidance_scale", "lora_names", "lora_scales")
 
 
 class TritonPythonModel:
@@ -39,6 +43,11 @@ class TritonPythonModel:
         except ValueError as error:
             raise pb_utils.TritonModelException(f"tokenizer: {error}") from None
         self.tokenizer = PromptTokenizer(directory)
+        try:
+            exported = repository_export(repository_root(args))
+            self.loras = ServingLoras(repository_root(args), exported[0] if exported else "fp32", self.limits.max_stacked_rank)
+        except (LoraError, ValueError) as error:
+            raise pb_utils.TritonModelException(f"tokenizer: {error}") from None
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.metrics = AdmissionMetrics(args["model_name"])
 
@@ -50,11 +59,15 @@ class TritonPythonModel:
             raw = input_arrays(request, INPUTS)
             prompt, negative = check_prompts(raw, self.limits)
             do_cfg = check_guidance(raw["guidance_scale"]) > 1.0
+            named = check_request(raw["lora_names"], raw["lora_scales"], self.limits.max_loras, self.limits.max_lora_scale)
+            held = self.loras.load(named)  # before admission: an unknown name costs no place in the queue
             timeout = queue_timeout_s(request_parameters(request), self.policy)
             ticket = self.run.admit(self.policy, timeout)  # last: a refused request cost nothing
             self.metrics.admitted.increment(1)
-            ids = self.tokenizer(texts_to_encode(prompt, negative, do_cfg))
-            tensors = {**ids, TICKET_TENSOR: np.array([ticket.encode()], dtype=object)}
+            texts = texts_to_encode(prompt, negative, do_cfg)
+            ids = self.tokenizer(texts)
+            lora = self.loras.tensors(TEXT_ENCODER.name, held, len(texts))
+            tensors = {**ids, **lora, TICKET_TENSOR: np.array([ticket.encode()], dtype=object)}
             return respond(request, tensors)
         except Refused as refusal:
             self.metrics.refused(refusal.reason)
