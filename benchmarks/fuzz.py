@@ -60,7 +60,9 @@ from hypothesis import strategies as st
 from benchmarks.measure import out_help, results_env, results_path
 from contract.limits import Limits
 from serving.admission import MAX_QUEUE_TIMEOUT_MS, QUEUE_TIMEOUT_PARAMETER  # the request parameter a client may set
-from serving.endpoint import INPUTS, MAX_GUIDANCE, MODEL_NAME, SEED_MAX
+from serving.endpoint import INPUTS, LORA_INPUTS, MAX_GUIDANCE, MODEL_NAME, SEED_MAX
+
+ENSEMBLE_INPUTS = len(INPUTS) + len(LORA_INPUTS)  # what ensemble_sdxl's config declares
 
 TIMEOUT_S = 60  # per call: a valid request here takes well under a second; a hang is a failure
 DECLARED = {i.name: ("BYTES" if i.dtype == "STRING" else i.dtype) for i in INPUTS}  # the endpoint's inputs
@@ -689,7 +691,7 @@ def _raw_http_strategies(limits: Limits, valid) -> dict:
                 return _raw_http("json_malformed", blank + b"\x00" + rest, [triton("json_parse", "The document is empty")], note=how)
             return _raw_http("json_malformed", bytes([start]) + rest, [triton("json_parse", "Invalid value")], note=how)
         # no body and no Inference-Header-Content-Length: Triton takes it for a raw binary tensor
-        return _raw_http("json_malformed", b"", [refused("Raw request must only have 1 input (found 1) to be deduced but got 8 inputs")],
+        return _raw_http("json_malformed", b"", [refused(f"Raw request must only have 1 input (found 1) to be deduced but got {ENSEMBLE_INPUTS} inputs")],
                          note=how)
 
     classes["json_malformed"] = json_malformed
@@ -911,7 +913,7 @@ def _raw_http_strategies(limits: Limits, valid) -> dict:
         value = wrap_int32(max(-2**63, min(2**63 - 1, int(digits.group()) if digits else 0)))
         body = len(header) + len(blob)
         if value == 0:  # no JSON header: a raw binary tensor, which needs a one-input model
-            return refused("Raw request must only have 1 input (found 1) to be deduced but got 8 inputs")
+            return refused(f"Raw request must only have 1 input (found 1) to be deduced but got {ENSEMBLE_INPUTS} inputs")
         if value < 0 or value > body:
             return refused(f"inference header size should be in range (0, {body}), got: {length}")
         if value < len(header):

@@ -191,8 +191,13 @@ def build_components(arch: str, dtype, device) -> Components:
     from export.sdxl import scheduler_config
 
     modules = (build_sdxl if arch == "sdxl" else build_tiny)(dtype, device)
+    from types import SimpleNamespace
+
+    from contract.networks import lora_widths
+
     dims = ModelDims.from_configs(modules["tokenizer"].model_max_length, modules["text_encoder"].config,
-                                  modules["text_encoder_2"].config, modules["unet"].config, modules["vae"].config)
+                                  modules["text_encoder_2"].config, modules["unet"].config, modules["vae"].config,
+                                  lora_widths=lora_widths(SimpleNamespace(**modules)))
     return Components(**modules, scheduler_config=scheduler_config(), dims=dims)
 
 
@@ -388,7 +393,9 @@ class TorchNetwork:
         self.module, self.spec = module, spec
 
     def __call__(self, inputs: dict) -> dict:
-        outputs = self.module(**{name: inputs[name] for name in self.spec.input_names})
+        dtype = next(self.module.parameters()).dtype
+        feeds = {name: inputs[name].to(dtype) if name.startswith("lora_") else inputs[name] for name in self.spec.input_names}
+        outputs = self.module(**feeds)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         return dict(zip(self.spec.output_names, outputs, strict=True))
 
@@ -411,11 +418,15 @@ class ProjectLoop:
 
         ids = self.tokenizer(texts_to_encode(request.prompt, request.negative_prompt, request.cfg))
         ids = {name: torch.from_numpy(value).to(self.device) for name, value in ids.items()}
+        rows = next(iter(ids.values())).shape[0]
+        # No per-request LoRA: zeros of rank 1, what the served graphs get for such a request.
+        text_lora = self.no_lora(rows, self.dims.text_lora_in, self.dims.text_lora_out)
         with timeline.span("text_encoders"):
-            text = self.text_encoder(ids)
+            text = self.text_encoder({**ids, **text_lora})
         scheduler = LCMScheduler.from_config(self.scheduler_config)  # one per request, as the scheduler model does
         denoiser = Denoiser(request.options, text[PROMPT_EMBEDS], text[POOLED_PROMPT_EMBEDS], scheduler,
-                               latent_channels=self.dims.latent_channels, vae_scale_factor=self.dims.vae_scale_factor)
+                            latent_channels=self.dims.latent_channels, vae_scale_factor=self.dims.vae_scale_factor,
+                            lora=self.no_lora(1, self.dims.unet_lora_in, self.dims.unet_lora_out))
 
         def unet(inputs):
             with timeline.span("unet"):
@@ -424,6 +435,13 @@ class ProjectLoop:
         latents = denoise(unet, denoiser)
         with timeline.span("vae_decode"):
             return self.vae_decoder({LATENTS: latents})[IMAGES]
+
+    def no_lora(self, rows: int, width_in: int, width_out: int) -> dict:
+        import torch
+
+        dtype = torch.float32  # cast by each network to its own dtype
+        return {"lora_down": torch.zeros(rows, 1, width_in, dtype=dtype, device=self.device),
+                "lora_up": torch.zeros(rows, width_out, 1, dtype=dtype, device=self.device)}
 
 
 @contextmanager

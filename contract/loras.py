@@ -132,7 +132,13 @@ def sites_of(network: str, components: dict) -> SiteTable:
 
     sites = []
     for component in LORA_NETWORKS[network]:
+        inside_adapter = None  # a PEFT LoRA layer (diffusers' loaded adapters): it is its base layer
         for path, module in components[component].named_modules():
+            if inside_adapter is not None and path.startswith(inside_adapter + "."):
+                continue
+            inside_adapter = None
+            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+                inside_adapter, module = path, module.base_layer
             if isinstance(module, nn.Linear):
                 sites.append(Site(f"{component}.{path}", "linear", module.in_features, module.out_features))
             elif isinstance(module, nn.Conv2d):

@@ -28,21 +28,30 @@ def linear_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch
 
 def conv_delta(x: torch.Tensor, site: Site, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The same for a convolution site: down [batch, rank, in*kh*kw] (PEFT's down convolution, its
-    kernel flattened), up [batch, out, rank] (a 1x1 convolution). The down convolution runs as a sum
-    over the kernel's taps of a shifted, strided view of x times that tap's [rank, in] matrix, all
-    batched products: TensorRT builds no Conv whose output channels (the rank) are dynamic."""
+    kernel flattened), up [batch, out, rank] (a 1x1 convolution). TensorRT builds no Conv whose
+    output channels (the rank) are dynamic, so the down convolution is a batched product instead:
+    every kernel tap's [rank, in] matrix applied to x at once (rank x taps maps), then each tap's map
+    shifted into place and summed; the shifts move rank-channel maps, not x."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = site.kernel, site.stride, site.padding, site.dilation
     batch, channels, height, width = x.shape
-    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    taps = down.unflatten(-1, (site.in_features, kh * kw))  # [batch, rank, in, taps]
-    hidden = None
-    for tap in range(kh * kw):
-        i, j = divmod(tap, kw)
-        view = padded[:, :, i * dh: i * dh + (out_h - 1) * sh + 1: sh, j * dw: j * dw + (out_w - 1) * sw + 1: sw]
-        term = torch.bmm(taps[..., tap], view.reshape(batch, channels, -1))  # [batch, rank, h*w]
-        hidden = term if hidden is None else hidden + term
+    rank, taps = down.shape[1], kh * kw
+    # [batch, rank, in, taps] -> [batch, taps*rank, in]: one product for every tap
+    per_tap = down.unflatten(-1, (site.in_features, taps)).permute(0, 3, 1, 2).reshape(batch, -1, site.in_features)
+    maps = torch.bmm(per_tap, x.reshape(batch, channels, -1))  # [batch, taps*rank, h*w]
+    if taps == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0):
+        hidden = maps  # a 1x1 convolution: a linear layer over the channels
+        out_h, out_w = height, width
+    else:
+        maps = maps.reshape(batch, taps, rank, height, width)
+        maps = F.pad(maps, (pw, pw, ph, ph)) if ph or pw else maps
+        out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        hidden = None
+        for tap in range(taps):
+            i, j = divmod(tap, kw)
+            shifted = maps[:, tap, :, i * dh: i * dh + (out_h - 1) * sh + 1: sh, j * dw: j * dw + (out_w - 1) * sw + 1: sw]
+            hidden = shifted if hidden is None else hidden + shifted
+        hidden = hidden.reshape(batch, rank, -1)
     return torch.bmm(up, hidden).reshape(batch, up.shape[1], out_h, out_w)
 
 

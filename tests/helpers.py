@@ -54,3 +54,26 @@ def assert_pixels_close(actual: np.ndarray, expected: np.ndarray, dtype: str, wh
     difference = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
     assert difference.max() <= 1, f"{what}: pixels differ by up to {difference.max()} levels"
     assert difference.mean() <= PIXEL_MEAN_TOLERANCE[dtype], f"{what}: mean pixel difference {difference.mean():.3f}"
+
+
+def without_loras(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Graph inputs with the LoRA weights zero (rank 1): what a request without LoRAs sends."""
+    zeroed = dict(inputs)
+    for name in ("lora_down", "lora_up"):
+        if name in zeroed:
+            value = zeroed[name]
+            shape = (value.shape[0], 1, value.shape[2]) if name == "lora_down" else (value.shape[0], value.shape[1], 1)
+            zeroed[name] = torch.zeros(shape, dtype=value.dtype)
+    return zeroed
+
+
+def no_lora_feed(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feed` plus zero LoRA weights (rank 1) for a graph that takes them, sized from the graph."""
+    batch = next(iter(feed.values())).shape[0]
+    extra = {}
+    for graph_input in session.get_inputs():
+        if graph_input.name in ("lora_down", "lora_up") and graph_input.name not in feed:
+            dtype = np.float16 if "float16" in graph_input.type else np.float32
+            shape = [batch if i == 0 else (d if isinstance(d, int) else 1) for i, d in enumerate(graph_input.shape)]
+            extra[graph_input.name] = np.zeros(shape, dtype)
+    return {**feed, **extra}

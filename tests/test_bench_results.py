@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import engine, faults, fuzz, gpu, measure, scale, soak, streaming, throughput
+from benchmarks import engine, faults, fuzz, gpu, lora, measure, scale, soak, streaming, throughput
 from contract.layout import REPO_ROOT
 
 # Each benchmark's parser builder and its default results prefix, under RESULTS_DIR (file names as before).
-PARSERS = {engine: "engine_cpu", faults: "faults_cpu", fuzz: "fuzz", scale: "scale_cpu", soak: "soak",
+PARSERS = {engine: "engine_cpu", faults: "faults_cpu", fuzz: "fuzz", lora: "lora_cpu", scale: "scale_cpu", soak: "soak",
            streaming: "stream_cpu", throughput: "throughput_cpu"}
 
 

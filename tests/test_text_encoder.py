@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, ort_session
+from helpers import assert_close, no_lora_feed, ort_session
 
 from contract import layout
 
@@ -33,7 +33,8 @@ def test_text_encoder_matches_encode_prompt(loaded, exported, dtype, prompt):
     with torch.no_grad():
         expected, _, expected_pooled, _ = pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
     feed = {name: tokenize(repository, which, [text]) for name, which in (("input_ids", "tokenizer"), ("input_ids_2", "tokenizer_2"))}
-    actual, actual_pooled = ort_session(repository, "text_encoder").run(None, feed)
+    session = ort_session(repository, "text_encoder")
+    actual, actual_pooled = session.run(None, no_lora_feed(session, feed))
     assert_close(actual, expected.numpy(), dtype, f"prompt_embeds ({prompt})")
     assert_close(actual_pooled, expected_pooled.numpy(), dtype, f"pooled_prompt_embeds ({prompt})")
 
@@ -48,7 +49,8 @@ def test_long_prompt_is_truncated_at_77_tokens(loaded, exported):
     assert feed["input_ids"].shape == (1, 77)
     longer = LONG_PROMPT + ", with a completely different ending about cats and neon lights"
     feed_longer = {name: tokenize(repository, which, [longer]) for name, which in (("input_ids", "tokenizer"), ("input_ids_2", "tokenizer_2"))}
-    np.testing.assert_array_equal(session.run(None, feed)[0], session.run(None, feed_longer)[0])
+    np.testing.assert_array_equal(session.run(None, no_lora_feed(session, feed))[0],
+                                  session.run(None, no_lora_feed(session, feed_longer))[0])
 
 
 def test_tokenizer_2_pads_like_sdxl(exported):
