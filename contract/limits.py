@@ -43,18 +43,12 @@ class Limits:
                     values[key] = int(parameters[key])
                 except ValueError:
                     raise ValueError(f"model config parameter {key}={parameters[key]!r}: expected an integer") from None
-        if "default_guidance" in parameters:
-            try:
-                values["default_guidance"] = float(parameters["default_guidance"])
-            except ValueError:
-                raise ValueError(f"model config parameter default_guidance={parameters['default_guidance']!r}: "
-                                 "expected a number") from None
-        if "max_lora_scale" in parameters:
-            try:
-                values["max_lora_scale"] = float(parameters["max_lora_scale"])
-            except ValueError:
-                raise ValueError(f"model config parameter max_lora_scale={parameters['max_lora_scale']!r}: "
-                                 "expected a number") from None
+        for key in ("default_guidance", "max_lora_scale"):
+            if key in parameters:
+                try:
+                    values[key] = float(parameters[key])
+                except ValueError:
+                    raise ValueError(f"model config parameter {key}={parameters[key]!r}: expected a number") from None
         if parameters.get("recipe"):
             values["recipe"] = parameters["recipe"]
         limits = cls(**values)

@@ -77,3 +77,22 @@ def no_lora_feed(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             shape = [batch if i == 0 else (d if isinstance(d, int) else 1) for i, d in enumerate(graph_input.shape)]
             extra[graph_input.name] = np.zeros(shape, dtype)
     return {**feed, **extra}
+
+
+def start_engine_server(source, tmp_path_factory, name: str):
+    """A tritonserver serving a copy of the repository `source` (its LoRA library too, when it has
+    one) with the scheduler in engine mode (parameter engine: denoiser): the continuous-batching engine."""
+    import shutil
+
+    from contract.configs import config_files, set_parameters
+    from contract.loras import library_dir
+    from serving.server import TritonServer, free_port
+
+    repository = tmp_path_factory.mktemp(f"{name}_repo")
+    shutil.copytree(source, repository, dirs_exist_ok=True)
+    if library_dir(source).is_dir():
+        shutil.copytree(library_dir(source), library_dir(repository))
+    for path in config_files(repository, "scheduler"):
+        set_parameters(path, {"engine": "denoiser"})
+    log = tmp_path_factory.mktemp(name) / "tritonserver.log"
+    return TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log).start()

@@ -8,28 +8,22 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import start_engine_server
 from reference import diffusers_images
 
 from client import generate
-from contract.configs import CPU_DTYPE, config_files, set_parameters
-from serving.server import TritonServer, free_port
+from contract.configs import CPU_DTYPE
 
 
 @pytest.fixture(scope="module")
 def engine_server(exported, tmp_path_factory):
-    repository = tmp_path_factory.mktemp("engine_repo")
-    shutil.copytree(exported(CPU_DTYPE), repository, dirs_exist_ok=True)
-    for path in config_files(repository, "scheduler"):
-        set_parameters(path, {"engine": "denoiser"})
-    log = tmp_path_factory.mktemp("engine_server") / "tritonserver.log"
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log).start()
+    server = start_engine_server(exported(CPU_DTYPE), tmp_path_factory, "engine_server")
     yield server
     server.stop()
 

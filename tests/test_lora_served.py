@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import start_engine_server
 from reference import diffusers_images
 
 from client import ClientError, generate
@@ -148,20 +149,9 @@ def test_scales_must_match_the_names(triton, served_loras):
 
 @pytest.fixture(scope="module")
 def engine_server(served_loras, exported, tmp_path_factory):
-    """The continuous-batching engine (scheduler parameter engine: denoiser) on a copy of the
-    repository and its library: a server that starts with a library beside its repository."""
-    import shutil
-
-    from contract.configs import config_files, set_parameters
-    from serving.server import TritonServer, free_port
-
-    repository = tmp_path_factory.mktemp("lora_engine_repo")
-    shutil.copytree(exported(CPU_DTYPE), repository, dirs_exist_ok=True)
-    shutil.copytree(library.loras.library_dir(exported(CPU_DTYPE)), library.loras.library_dir(repository))
-    for path in config_files(repository, "scheduler"):
-        set_parameters(path, {"engine": "denoiser"})
-    log = tmp_path_factory.mktemp("lora_engine") / "tritonserver.log"
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log).start()
+    """The continuous-batching engine on a copy of the repository and its library: a server that
+    starts with a library beside its repository."""
+    server = start_engine_server(exported(CPU_DTYPE), tmp_path_factory, "lora_engine")
     yield server
     server.stop()
 
