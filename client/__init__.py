@@ -24,6 +24,7 @@ import numpy as np
 
 MODEL = "ensemble_sdxl"
 STREAM_MODEL = "sdxl_stream"
+LIBRARY_MODEL = "loras"  # the LoRA library (model_repository/loras)
 DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
 # name -> (Triton dtype, numpy dtype) of the optional inputs
 _OPTIONAL = {
@@ -226,3 +227,15 @@ def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0
 
     parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
     return {key: parameters.get(key, "") for key in RECIPE_PARAMETERS}
+
+
+def loras(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0) -> list[dict]:
+    """The server's LoRA library, what `lora_names` may name: one dict per LoRA (name, rank,
+    networks, targets, parameters, size_bytes, sha256, added), from the `loras` model."""
+    import json
+
+    url = url or DEFAULT_URLS[protocol]
+    with _connected(url, protocol, timeout_s) as (client, call):
+        result = client.infer(LIBRARY_MODEL, [], outputs=[_module(protocol).InferRequestedOutput("loras")], **call)
+    listing = result.as_numpy("loras")
+    return [json.loads(entry) for entry in (listing if listing is not None else [])]

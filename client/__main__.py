@@ -1,7 +1,8 @@
 """python -m client "a prompt" -o out.png [options]: one PNG per image, seeds and time printed.
 python -m client "a prompt" --stream [--preview-every K]: through sdxl_stream (gRPC), a progress line per
 step and the previews written as out_step<k>.png, then the final images.
-python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance)."""
+python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance) and its
+LoRA library (name, rank, targets, size: what --lora may name)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import DEFAULT_URLS, ClientError, StreamUpdate, generate, info
+from . import DEFAULT_URLS, ClientError, StreamUpdate, generate, info, loras
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -22,7 +23,7 @@ def output_paths(out: Path, count: int) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description="Generate images with ensemble_sdxl, or with sdxl_stream (--stream).")
     parser.add_argument("prompt", nargs="?", help="the prompt (required unless --info)")
-    parser.add_argument("--info", action="store_true", help="print the served recipe (from the scheduler model's config) and exit")
+    parser.add_argument("--info", action="store_true", help="print the served recipe (from the scheduler model's config) and the LoRA library, and exit")
     parser.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (numbered when several)")
     parser.add_argument("--url", help=f"HOST:PORT (default {DEFAULT_URLS['http']} for http, {DEFAULT_URLS['grpc']} for grpc)")
     parser.add_argument("--protocol", choices=("http", "grpc"), help="default: http; grpc with --stream (the only one it works with)")
@@ -131,13 +132,24 @@ def stream_to_files(updates, output: Path) -> int:
 def print_info(url: str | None, protocol: str) -> int:
     try:
         recipe = info(url, protocol)
+        library = loras(url, protocol)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     width = max(map(len, recipe))
     for key, value in recipe.items():
         print(f"{key:<{width}}  {value or '-'}")
+    print()
+    print(library_table(library))
     return 0
+
+
+def library_table(library: list[dict]) -> str:
+    from contract.loras import library_table as table
+
+    if not library:
+        return "LoRA library: empty (add one where the repository is: python -m export lora add NAME PATH)"
+    return "LoRA library (what --lora may name):\n" + table(library)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 LIBRARY_SUFFIX = "-loras"  # the library of <repository> is the directory <repository>-loras beside it
+# Set, it names the library instead (the chart: a library on the model volume or synced from a bucket);
+# the serving models inherit it from tritonserver, `python -m export lora` reads it too.
+LIBRARY_ENV = "SDXL_LORA_LIBRARY"
 WEIGHTS_FILE = "lora.safetensors"
 INFO_FILE = "lora.json"
 SITES_FILE = "lora_sites.json"  # beside each LoRA-capable graph: <network>/1/lora_sites.json
@@ -159,6 +163,8 @@ def _config_json(module) -> str:
 # --- The library on disk -------------------------------------------------------------------------
 
 def library_dir(repository: Path) -> Path:
+    if os.environ.get(LIBRARY_ENV):
+        return Path(os.environ[LIBRARY_ENV]).resolve()
     repository = Path(repository).resolve()
     return repository.with_name(repository.name + LIBRARY_SUFFIX)
 
@@ -215,3 +221,19 @@ def installed(repository: Path) -> dict[str, Path]:
 
 def describe(repository: Path) -> list[LoraInfo]:
     return [LoraInfo.read(directory) for directory in installed(repository).values()]
+
+
+def served_description(info: LoraInfo) -> dict:
+    """What a client sees of a LoRA (the `loras` model, `python -m client --info`): not its source,
+    a path on the machine that added it."""
+    return {key: value for key, value in asdict(info).items() if key != "source"}
+
+
+def library_table(entries: list[dict]) -> str:
+    """The library as a table (`lora list`, `python -m client --info`): entries as served_description gives them."""
+    rows = [("NAME", "RANK", "TARGETS", "SITES", "SIZE")]
+    for entry in entries:
+        sites = ", ".join(f"{network} {count}" for network, count in entry["networks"].items())
+        rows.append((entry["name"], str(entry["rank"]), ", ".join(entry["targets"]), sites, f"{entry['size_bytes'] / 1e6:.1f} MB"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

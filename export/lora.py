@@ -242,11 +242,7 @@ def remove(repository: Path, name: str) -> None:
 
 
 def listing(repository: Path) -> str:
-    rows = [("NAME", "RANK", "TARGETS", "SITES", "SIZE")]
-    for info in loras.describe(repository):
-        sites = ", ".join(f"{network} {count}" for network, count in info.networks.items())
-        rows.append((info.name, str(info.rank), ", ".join(info.targets), sites, f"{info.size_bytes / 1e6:.1f} MB"))
-    if len(rows) == 1:
+    described = loras.describe(repository)
+    if not described:
         return f"no LoRAs in the library of {repository} (add one: python -m export lora add NAME PATH)"
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    return loras.library_table([loras.served_description(info) for info in described])

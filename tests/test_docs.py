@@ -21,7 +21,8 @@ README_MAX_LINES = 250
 
 # This repository's modules (python -m ...), and their subcommands where they have some.
 OWN_PACKAGES = ("export", "serving", "client", "benchmarks", "deploy")
-SUBCOMMANDS = {"export": ("random", "tiny", "onnx", "configs", "engines")}
+SUBCOMMANDS = {"export": ("random", "tiny", "onnx", "configs", "engines", "lora")}
+COMMAND_GROUPS = {("export", "lora")}  # whose own subcommands (add, list, remove) carry the flags
 # deploy.* need the deployment tools' venv (make install-deploy).
 DEPLOY_PYTHON = ROOT / ".venv-deploy" / "bin" / "python"
 # Paths named in inline code that must exist when they start with one of these (build/ is written by
@@ -182,6 +183,8 @@ def python_commands(text: str) -> list[tuple[str, str | None, list[str]]]:
         words = rest.split()
         if module in SUBCOMMANDS and words and re.match(r"^[a-z][\w-]*$", words[0].rstrip(".:,)")):
             subcommand = words[0].rstrip(".:,)")
+            if (module, subcommand) in COMMAND_GROUPS and len(words) > 1 and re.match(r"^[a-z][\w-]*$", words[1]):
+                subcommand += " " + words[1]  # e.g. export lora add
         commands.append((module, subcommand, FLAG.findall(rest)))
     return commands
 
@@ -209,7 +212,7 @@ def python_for(module: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def module_help(python: str, module: str, subcommand: str | None) -> tuple[int, str]:
-    command = [python, "-m", module, *([subcommand] if subcommand else []), "--help"]
+    command = [python, "-m", module, *(subcommand.split() if subcommand else []), "--help"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     return result.returncode, result.stdout + result.stderr
 
@@ -223,6 +226,8 @@ def test_python_commands_parse():
         ("benchmarks.fuzz", None, ["--examples"])]
     assert python_commands("pip install --no-index -r x.txt; python -m pip install --upgrade y") == []
     assert python_commands(".venv/bin/python -m client \"a cat\" -o cat.png --seed 42") == [("client", None, ["--seed"])]
+    assert python_commands("python -m export lora add ink ink.safetensors --repository /models") == [
+        ("export", "lora add", ["--repository"])]
 
 
 def test_every_documented_python_command_and_flag_exists():

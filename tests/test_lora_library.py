@@ -73,6 +73,20 @@ def test_add_list_remove(repository, style_files):
     assert loras.installed(repository) == {} and library_state(repository) == []
 
 
+def test_the_library_can_live_elsewhere(repository, style_files, tmp_path, monkeypatch):
+    """SDXL_LORA_LIBRARY names the library (the chart: a directory of the model volume, or one a
+    sidecar syncs from a bucket); `lora add`, `lora list` and the serving models follow it."""
+    elsewhere = tmp_path / "volume" / "loras"
+    monkeypatch.setenv(loras.LIBRARY_ENV, str(elsewhere))
+    library.add(repository, "ink", str(style_files["b"]), MAX_RANK)
+    assert loras.installed(repository) == {"ink": elsewhere / "ink"} and (elsewhere / "ink" / loras.INFO_FILE).is_file()
+    assert not (repository.parent / (repository.name + loras.LIBRARY_SUFFIX)).exists()
+    assert Library.open(repository).get("ink").info.rank == 2
+    listed = subprocess.run([sys.executable, "-m", "export", "lora", "list", "--repository", str(repository)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.startswith("NAME") and "\nink  " in listed.stdout
+
+
 def test_kohya_and_diffusers_files_of_one_lora_install_the_same_weights(repository, style_files):
     library.add(repository, "peft", str(style_files["a"]), MAX_RANK)
     library.add(repository, "kohya", str(style_files["a_kohya"].parent), MAX_RANK)  # a directory works too

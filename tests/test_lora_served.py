@@ -13,7 +13,7 @@ import pytest
 from helpers import start_engine_server
 from reference import diffusers_images
 
-from client import ClientError, generate
+from client import ClientError, generate, loras
 from contract.configs import CPU_DTYPE
 from export import lora as library
 from export.sources import load_pipeline
@@ -92,11 +92,13 @@ def test_the_stream_serves_loras(triton, served_loras):
 def test_a_removed_lora_is_refused_and_an_added_one_served_without_a_restart(triton, served_loras, exported):
     repository = exported(CPU_DTYPE)
     library.add(repository, "ink_late", str(served_loras["ink_b"]), 64)
+    assert "ink_late" in [entry["name"] for entry in loras(triton.http_url)]
     late = ask(triton, loras=[("ink_late", 1.0)]).images
     np.testing.assert_array_equal(late, ask(triton, loras=[("ink_b", 1.0)]).images)
     library.remove(repository, "ink_late")
     with pytest.raises(ClientError, match="lora_names: 'ink_late' is not in the LoRA library"):
         ask(triton, loras=[("ink_late", 1.0)])
+    assert "ink_late" not in [entry["name"] for entry in loras(triton.grpc_url, "grpc")]
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -182,3 +184,24 @@ def test_the_client_cli_names_loras(triton, served_loras, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "client", PROMPT, "--url", triton.grpc_url, "--protocol", "grpc",
                           "--lora", "ink_a:lots"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--lora 'ink_a:lots': bad scale 'lots'" in bad.stderr
+
+
+def test_the_client_lists_the_library(triton, served_loras, exported):
+    import subprocess
+    import sys
+
+    from contract.layout import REPO_ROOT
+
+    served = {entry["name"]: entry for entry in loras(triton.grpc_url, "grpc")}
+    installed = {info.name: info for info in library.loras.describe(exported(CPU_DTYPE))}
+    assert served.keys() == installed.keys() >= {"ink_a", "ink_b"}
+    ink_b = served["ink_b"]
+    assert (ink_b["rank"], ink_b["networks"], ink_b["targets"]) == (2, {"unet": installed["ink_b"].networks["unet"]}, ["attention"])
+    assert ink_b["sha256"] == installed["ink_b"].sha256 and "source" not in ink_b  # no path of the machine that added it
+    result = subprocess.run([sys.executable, "-m", "client", "--info", "--url", triton.http_url], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("ink_")}
+    assert rows.keys() == {"ink_a", "ink_b"}
+    assert rows["ink_b"].split()[1:3] == ["2", "attention"] and rows["ink_b"].endswith(f"{ink_b['size_bytes'] / 1e6:.1f} MB")
+    assert "text_encoder" in rows["ink_a"]

@@ -1,0 +1,1 @@
+from serving.triton.library_model import TritonPythonModel  # noqa: F401
