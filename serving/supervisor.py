@@ -317,14 +317,16 @@ class SupervisorProcess:
     drive it: what the tests and the reliability benchmarks start. It and its tritonserver each have
     their own process group; kill_everything() ends both."""
 
-    def __init__(self, repository: Path, log_path: Path, variant: str = "cpu", extra_args: tuple[str, ...] = ()):
+    def __init__(self, repository: Path, log_path: Path, variant: str = "cpu", extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.ports = {name: free_port() for name in ("http", "grpc", "metrics", "health")}
         self.log_path = Path(log_path)
         self.command = [sys.executable, "-m", "serving.server", "--repository", str(repository), "--variant", variant,
                         *(f"--{name}-port={port}" for name, port in self.ports.items()), *extra_args]
         self._log = self.log_path.open("a")
         self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=dies_with(os.getpid()))
+                                        env={**os.environ, **(env or {})}, start_new_session=True,
+                                        preexec_fn=dies_with(os.getpid()))
         self._server_groups: set[int] = set()
 
     @property

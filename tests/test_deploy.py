@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -48,11 +49,15 @@ SOURCES = {
     "default": [],
     "production": ["-f", str(PRODUCTION_VALUES)],
     "pvc-cpu-keda": ["--set", "modelRepository.source=pvc", "--set", "modelRepository.persistence.existingClaim=models",
-                     "--set", "server.variant=cpu", "--set", "gpu.count=0", "--set", "autoscaling.keda.enabled=true"],
+                     "--set", "server.variant=cpu", "--set", "gpu.count=0", "--set", "autoscaling.keda.enabled=true",
+                     "--set", "loras.enabled=true"],
     "s3": ["-f", str(PRODUCTION_VALUES), "--set", "modelRepository.source=s3", "--set", "modelRepository.remote.uri=s3://models/sdxl",
-           "--set", "modelRepository.remote.existingSecret=s3-credentials", "--set", "modelRepository.remote.endpointUrl=http://minio:9000"],
+           "--set", "modelRepository.remote.existingSecret=s3-credentials", "--set", "modelRepository.remote.endpointUrl=http://minio:9000",
+           "--set", "loras.enabled=true", "--set", "loras.source=s3", "--set", "loras.remote.uri=s3://models/loras",
+           "--set", "loras.remote.existingSecret=s3-credentials", "--set", "loras.remote.endpointUrl=http://minio:9000"],
     "gcs": ["--set", "modelRepository.source=gcs", "--set", "modelRepository.remote.uri=gs://models/sdxl",
-            "--set", "modelRepository.remote.existingSecret=gcs-key", "--set", "gpu.resourceName=nvidia.com/mig-3g.40gb"],
+            "--set", "modelRepository.remote.existingSecret=gcs-key", "--set", "gpu.resourceName=nvidia.com/mig-3g.40gb",
+            "--set", "loras.enabled=true", "--set", "loras.source=gcs", "--set", "loras.remote.uri=gs://models/loras"],
 }
 
 
@@ -233,9 +238,13 @@ def test_checkov_finds_nothing_beyond_the_commented_skips(case, tmp_path):
     ("server.variant=fast", "value must be one of 'production', 'cpu'"),
     ("image.digest=latest", "/image/digest"),
     ("gpu.count=0", "gpu.count must be at least 1"),
+    ("loras.enabled=true --set modelRepository.source=s3 --set modelRepository.remote.uri=s3://m/r",
+     "loras.source=volume keeps the LoRA library on the model claim, but modelRepository.source=s3 has none"),
+    ("loras.enabled=true --set loras.source=gcs --set loras.remote.uri=s3://x", "loras.source=gcs needs loras.remote.uri as gs://"),
+    ("loras.source=disk", "value must be one of 'volume', 's3', 'gcs'"),
 ])
 def test_contradictory_values_stop_the_render_with_a_message_naming_them(setting, message):
-    result = run_render("--set", setting)
+    result = run_render(*[arg for part in setting.split(" --set ") for arg in ("--set", part)])
     assert result.returncode == 1 and message in result.stderr, result.stderr
 
 
@@ -305,7 +314,7 @@ def test_shm_is_sized_from_the_python_instances_of_the_production_configs(case):
     values = chart_values(*([PRODUCTION_VALUES] if case == "production" else []))
     shm = values["sharedMemory"]
     assert shm["pythonInstances"] == python_models_of_production_configs() == {"tokenizer": 2, "scheduler": 4, "denoiser": 1,
-                                                                                "sdxl_stream": 4}
+                                                                                "sdxl_stream": 4, "loras": 1}
     # Per instance at least what docs/reliability.md measured: tokenizer 1 MiB, a scheduler at 1536x1536 8.7 MiB.
     assert shm["perInstanceMiB"]["tokenizer"] >= 1 and shm["perInstanceMiB"]["scheduler"] >= 8.7
     expected = math.ceil(sum(n * shm["perInstanceMiB"][m] for m, n in shm["pythonInstances"].items()) * shm["headroomFactor"]
@@ -438,14 +447,52 @@ def test_adapter_rules_name_no_namespace():
     assert "<<.LabelMatchers>>" in rule["metricsQuery"]
 
 
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def lora_sync_container(objects: list[dict]) -> dict | None:
+    containers = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return next((c for c in containers if c["name"] == "lora-sync"), None)
+
+
+@pytest.mark.parametrize("case, library, sync", [
+    ("default", None, None),
+    ("pvc-cpu-keda", "/models/loras", None),
+    ("s3", "/loras/library", ["aws", "s3", "sync", "--no-progress", "--delete", "--endpoint-url", "http://minio:9000",
+                              "s3://models/loras", "/loras/staging"]),
+    ("gcs", "/loras/library", ["gcloud", "storage", "rsync", "--recursive", "--delete-unmatched-destination-objects",
+                               "gs://models/loras", "/loras/staging"]),
+])
+def test_the_servers_read_the_lora_library_that_loras_source_names(case, library, sync):
+    objects = render(*SOURCES[case])
+    server = server_container(objects)
+    assert env_of(server).get("SDXL_LORA_LIBRARY") == library
+    sidecar = lora_sync_container(objects)
+    assert (sidecar is None) == (sync is None) and bool(find(objects, "ConfigMap", "lora-sync")) == (sync is not None)
+    if library == "/models/loras":  # on the model claim, which the servers mount read-only
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in server["volumeMounts"]
+    if sync is None:
+        return
+    assert sidecar["command"] == ["/bin/sh", "/scripts/sync-loras.sh", "/loras/library", "/loras/staging", "30", *sync]
+    assert {"name": "loras", "mountPath": "/loras", "readOnly": True} in server["volumeMounts"]
+    assert {"name": "loras", "mountPath": "/loras"} in sidecar["volumeMounts"]
+    script = one(objects, "ConfigMap", "lora-sync")["data"]["sync-loras.sh"]
+    assert script == (CHART / "files" / "sync-loras.sh").read_text().rstrip("\n")
+
+
 # --- against a real supervised server ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def supervised(exported, tmp_path_factory):
+    """A supervised server whose LoRA library is SDXL_LORA_LIBRARY, as the chart sets it (empty at first)."""
     from contract.configs import CPU_DTYPE
     from serving.supervisor import SupervisorProcess
 
-    server = SupervisorProcess(exported(CPU_DTYPE), tmp_path_factory.mktemp("deploy") / "serve.log")
+    library = tmp_path_factory.mktemp("deploy_loras") / "library"
+    server = SupervisorProcess(exported(CPU_DTYPE), tmp_path_factory.mktemp("deploy") / "serve.log",
+                               env={"SDXL_LORA_LIBRARY": str(library)})
+    server.lora_library = library
     server.wait(ready=True, timeout_s=300)
     yield server
     server.process.send_signal(signal.SIGTERM)
@@ -563,3 +610,60 @@ def test_every_metric_that_dashboards_alerts_and_autoscalers_read_is_exported(su
             assert {n for n in SELECTED_NAME.findall(expr)} <= used, (source, expr)
             missing.update({name: source for name in used - exposed})
     assert not missing, f"not in the server's /metrics: {missing}"
+
+
+def test_the_lora_sync_sidecar_serves_a_lora_uploaded_to_the_store_on_every_request_after(supervised, exported, loaded,
+                                                                                          tmp_path):
+    """The chart's sidecar script (the s3 case's command, with a local directory as the bucket) against
+    the real server: an upload in progress is not served, a complete one is without a restart, and
+    one deleted from the store is refused. The store is filled as docs/kubernetes.md says: `lora
+    add` into a local library, then a copy of it to the bucket."""
+    import time
+
+    from client import ClientError, generate, loras
+    from contract.configs import CPU_DTYPE
+    from export.tiny import write_style_lora
+
+    source = write_style_lora(loaded(CPU_DTYPE).pipe, tmp_path / "ink", seed=31, scale=0.1)
+    local, store = tmp_path / "local-library", tmp_path / "bucket"
+    added = subprocess.run([sys.executable, "-m", "export", "lora", "add", "ink", str(source), "--repository",
+                            str(exported(CPU_DTYPE))], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "SDXL_LORA_LIBRARY": str(local)})
+    assert added.returncode == 0, added.stderr
+    store.mkdir()
+    command = lora_sync_container(render(*SOURCES["s3"]))["command"]
+    mirror = ["sh", "-c", 'rm -rf "$1" && cp -a "$0" "$1"', str(store), str(tmp_path / "staging")]  # the bucket's sync
+    sidecar = subprocess.Popen([command[0], str(CHART / "files" / "sync-loras.sh"), str(supervised.lora_library),
+                                str(tmp_path / "staging"), "1", *mirror], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+
+    def listed(expected: bool, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while ("ink" in [e["name"] for e in loras(supervised.http_url)]) != expected:
+            assert time.monotonic() < deadline, f"ink {'never' if expected else 'still'} listed"
+            time.sleep(0.5)
+
+    def ask(names):
+        return generate("a lighthouse", url=supervised.grpc_url, protocol="grpc", seed=3, num_inference_steps=1,
+                        height=128, width=128, loras=[(n, 1.0) for n in names]).images
+
+    try:
+        (store / "ink").mkdir()
+        shutil.copy(local / "ink" / "lora.json", store / "ink")  # an upload in progress: the weights not yet
+        weights = (local / "ink" / "lora.safetensors").read_bytes()
+        (store / "ink" / "lora.safetensors").write_bytes(weights[: len(weights) // 2])
+        time.sleep(3)
+        listed(False, 0)
+        (store / "ink" / "lora.safetensors").write_bytes(weights)
+        listed(True)
+        assert np.abs(ask(["ink"]).astype(int) - ask([]).astype(int)).mean() > 1
+        shutil.rmtree(store / "ink")
+        listed(False)
+        with pytest.raises(ClientError, match="lora_names: 'ink' is not in the LoRA library"):
+            ask(["ink"])
+    finally:
+        sidecar.terminate()
+        log = sidecar.communicate(timeout=10)[0]
+    assert sidecar.returncode == 0, log
+    assert "waiting for ink: its weights do not match its lora.json yet" in log and "installed ink" in log
+    assert "removed ink" in log

@@ -72,6 +72,15 @@ app.kubernetes.io/part-of: sdxl-triton
 {{- end }}
 {{- end }}
 
+{{/* The LoRA library the servers read (SDXL_LORA_LIBRARY), when loras.enabled. */}}
+{{- define "sdxl-triton.loraLibrary" -}}
+{{- if eq .Values.loras.source "volume" }}
+{{- printf "%s/%s" .Values.modelRepository.mountPath .Values.loras.volumePath }}
+{{- else }}
+{{- print "/loras/library" }}
+{{- end }}
+{{- end }}
+
 {{- define "sdxl-triton.claimName" -}}
 {{- default (printf "%s-models" (include "sdxl-triton.fullname" .)) .Values.modelRepository.persistence.existingClaim }}
 {{- end }}
