@@ -425,8 +425,7 @@ class ProjectLoop:
             text = self.text_encoder({**ids, **text_lora})
         scheduler = LCMScheduler.from_config(self.scheduler_config)  # one per request, as the scheduler model does
         denoiser = Denoiser(request.options, text[PROMPT_EMBEDS], text[POOLED_PROMPT_EMBEDS], scheduler,
-                            latent_channels=self.dims.latent_channels, vae_scale_factor=self.dims.vae_scale_factor,
-                            lora=self.no_lora(1, self.dims.unet_lora_in, self.dims.unet_lora_out))
+                            latent_channels=self.dims.latent_channels, vae_scale_factor=self.dims.vae_scale_factor)
 
         def unet(inputs):
             with timeline.span("unet"):

@@ -30,6 +30,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .networks import TEXT_ENCODER_NAME, UNET_LORA_NAME
+
 LIBRARY_SUFFIX = "-loras"  # the library of <repository> is the directory <repository>-loras beside it
 # Set, it names the library instead (the chart: a library on the model volume or synced from a bucket);
 # the serving models inherit it from tritonserver, `python -m export lora` reads it too.
@@ -47,6 +49,9 @@ NAME_RULE = "1 to 64 of A-Z a-z 0-9 _ . - starting with a letter or digit"
 # The networks whose graphs take LoRA inputs, and the PyTorch modules (pipeline components) each
 # graph is traced from: a site's name is `<component>.<module path>`.
 LORA_NETWORKS = {"unet": ("unet",), "text_encoder": ("text_encoder", "text_encoder_2")}
+# The model whose graph takes each one's LoRA inputs, and holds its site table: the UNet's is
+# `unet_lora`, beside the plain `unet` that batches without LoRAs run (contract/networks.py).
+LORA_GRAPHS = {"unet": UNET_LORA_NAME, "text_encoder": TEXT_ENCODER_NAME}
 
 
 class LoraError(ValueError):
@@ -170,7 +175,8 @@ def library_dir(repository: Path) -> Path:
 
 
 def sites_path(repository: Path, network: str) -> Path:
-    return Path(repository) / network / "1" / SITES_FILE
+    """The site table of `network` (a key of LORA_NETWORKS), beside the graph that takes its LoRA inputs."""
+    return Path(repository) / LORA_GRAPHS[network] / "1" / SITES_FILE
 
 
 def check_name(name: str, field: str = "lora_names") -> str:

@@ -92,6 +92,7 @@ def lora_widths(components) -> dict[str, int]:
 
 
 UNET_NAME, TEXT_ENCODER_NAME = "unet", "text_encoder"
+UNET_LORA_NAME = "unet_lora"
 
 
 @dataclass(frozen=True)
@@ -178,12 +179,16 @@ UNET = NetworkSpec(
         TensorSpec("encoder_hidden_states", COMPUTE, ("batch", "seq_len", "text_dim")),
         TensorSpec("text_embeds", COMPUTE, ("batch", "pooled_dim")),
         TensorSpec("time_ids", COMPUTE, ("batch", TIME_IDS_DIM)),
-        *lora_inputs("unet"),
     ),
     outputs=(
         TensorSpec("noise_pred", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),
     ),
 )
+
+# The same UNet (same weights, same export) with the LoRA inputs: the UNet calls of batches in which
+# a request names LoRAs run it, rows without LoRAs sending zeros; batches without any run `unet`,
+# which pays nothing for the capability (docs/loras.md: why two graphs).
+UNET_LORA = NetworkSpec(name=UNET_LORA_NAME, inputs=(*UNET.inputs, *lora_inputs("unet")), outputs=UNET.outputs)
 
 VAE_DECODER = NetworkSpec(
     name="vae_decoder",
@@ -197,7 +202,7 @@ VAE_DECODER = NetworkSpec(
 # request, with the VAE decoder's interface (same unscaling and pixel conversion inside the graph).
 PREVIEW_DECODER = NetworkSpec(name="preview_decoder", inputs=VAE_DECODER.inputs, outputs=VAE_DECODER.outputs)
 
-NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER, PREVIEW_DECODER)}
+NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER)}
 
 # The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and
 # sends the VAE decoder its latents, so its configs declare them in the graphs' dtype too.

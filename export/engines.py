@@ -112,6 +112,7 @@ class BuildSettings:
         maximum = {
             networks.TEXT_ENCODER.name: self.text_encoder_max_batch,
             networks.UNET.name: 2 * self.max_images,
+            networks.UNET_LORA.name: 2 * self.max_images,
             networks.VAE_DECODER.name: self.max_images,
             networks.PREVIEW_DECODER.name: self.max_images,
         }[network]

@@ -104,7 +104,7 @@ def build_module(name: str, pipe) -> nn.Module:
     """The module for network `name` of a loaded pipeline, in eval mode."""
     if name == networks.TEXT_ENCODER.name:
         module = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
-    elif name == networks.UNET.name:
+    elif name in (networks.UNET.name, networks.UNET_LORA.name):  # traced without, or with, the LoRA inputs
         module = UNet(pipe.unet)
     elif name == networks.VAE_DECODER.name:
         module = VaeDecoder(pipe.vae)

@@ -26,7 +26,7 @@ import torch
 from onnx.external_data_helper import ExternalDataInfo
 
 from contract import layout, networks
-from contract.loras import LORA_NETWORKS, SITES_FILE
+from contract.loras import LORA_GRAPHS, SITES_FILE
 from contract.networks import ModelDims, NetworkSpec
 from contract.recipes import SCHEDULERS, Recipe, custom_recipe
 
@@ -278,6 +278,7 @@ def export_info(sources: Sources, spec: NetworkSpec, dims: ModelDims, dtype: str
 # shows there, before minutes of other work.
 STAGES = {
     networks.UNET.name: ("unet",),
+    networks.UNET_LORA.name: ("unet",),  # the same UNet, loaded once for both graphs
     networks.TEXT_ENCODER.name: ("text_encoder", "text_encoder_2"),
     networks.VAE_DECODER.name: ("vae",),
     networks.PREVIEW_DECODER.name: ("preview_vae",),
@@ -329,19 +330,26 @@ def export_pipeline(
     preloaded = source.pipe if isinstance(source, LoadedPipeline) else None
     dims = ModelDims.from_pipeline(preloaded) if preloaded is not None else model_dims(sources)
     ordered = [name for name in STAGES if name in names]
+    stage, loaded_for = None, None
     with _staging_area(repository) as staged:
         for index, name in enumerate(ordered, 1):
             spec = networks.NETWORKS[name]
             log(f"stage {index}/{len(ordered) + 1}: {name} (from {', '.join(STAGES[name])})")
-            stage = source if preloaded is not None else load_pipeline(sources, dtype, device, components=STAGES[name])
+            if preloaded is not None:
+                stage = source
+            elif loaded_for != STAGES[name]:  # unet and unet_lora: one load for both graphs
+                stage = None
+                gc.collect()  # the previous stage's networks go before this one loads its own
+                stage, loaded_for = load_pipeline(sources, dtype, device, components=STAGES[name]), STAGES[name]
             module = build_module(name, stage.pipe)
             out_dir = layout.version_dir(staged, name)
             export_network(module, spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold)
             (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(export_info(sources, spec, dims, dtype), indent=2) + "\n")
-            if name in LORA_NETWORKS:  # the layers a LoRA may adapt, and the architecture: what `lora add` checks against
+            if name in LORA_GRAPHS.values():  # the layers a LoRA may adapt, and the architecture: what `lora add` checks against
                 (out_dir / SITES_FILE).write_text(module.lora_sites.to_json())
-            del module, stage
-            gc.collect()  # this stage's networks go before the next stage loads its own
+            del module
+            gc.collect()
+        stage = None
         log(f"stage {len(ordered) + 1}/{len(ordered) + 1}: serving files (tokenizers, scheduler config)")
         serving = source if preloaded is not None else load_pipeline(sources, dtype, device, components=())
         write_serving_files(serving.pipe, staged, recipe)

@@ -87,7 +87,7 @@ class Denoiser:
         eta: float | None = None, lora: dict[str, torch.Tensor] | None = None,
     ):
         """`lora`: the request's UNet LoRA weights for one sample (lora_down [1, rank, width], lora_up
-        [1, width, rank]; serving/loras.py), sent with every row; None: a UNet without LoRA inputs."""
+        [1, width, rank]; serving/loras.py), sent with every row; None: no LoRA (the plain `unet`)."""
         device, dtype = prompt_embeds.device, prompt_embeds.dtype
         self.cfg = request.do_classifier_free_guidance
         self.guidance_scale = request.guidance_scale
@@ -146,18 +146,25 @@ class Denoiser:
 
 
 def concat_unet_inputs(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Several requests' UNet inputs as one batch: rows concatenated, the LoRA weights' rank axis
-    padded with zeros to the largest (a zero rank adds nothing)."""
-    rank = max((i["lora_down"].shape[1] for i in inputs if "lora_down" in i), default=0)
+    """Several requests' UNet inputs as one batch: rows concatenated. When any request has LoRAs,
+    the batch carries LoRA weights (for `unet_lora`): each request's rank axis padded with zeros
+    to the largest, and zeros for the requests without (a zero rank adds nothing)."""
+    with_lora = [i for i in inputs if "lora_down" in i]
+    if not with_lora:
+        return {name: torch.cat([i[name] for i in inputs]) for name in inputs[0]}
+    rank = max(i["lora_down"].shape[1] for i in with_lora)
+    down, up = with_lora[0]["lora_down"], with_lora[0]["lora_up"]
 
-    def padded(name: str, value: torch.Tensor) -> torch.Tensor:
-        if name == "lora_down" and value.shape[1] < rank:
-            return torch.nn.functional.pad(value, (0, 0, 0, rank - value.shape[1]))
-        if name == "lora_up" and value.shape[2] < rank:
-            return torch.nn.functional.pad(value, (0, rank - value.shape[2]))
-        return value
+    def lora_of(given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rows = given["sample"].shape[0]
+        if "lora_down" not in given:
+            return {"lora_down": down.new_zeros(rows, rank, down.shape[2]), "lora_up": up.new_zeros(rows, up.shape[1], rank)}
+        pad = rank - given["lora_down"].shape[1]
+        return {"lora_down": torch.nn.functional.pad(given["lora_down"], (0, 0, 0, pad)),
+                "lora_up": torch.nn.functional.pad(given["lora_up"], (0, pad))}
 
-    return {name: torch.cat([padded(name, i[name]) for i in inputs]) for name in inputs[0]}
+    padded = [{**i, **lora_of(i)} for i in inputs]
+    return {name: torch.cat([i[name] for i in padded]) for name in padded[0]}
 
 
 def cfg_end_fraction_from_parameters(parameters: dict[str, str]) -> float:

@@ -76,6 +76,48 @@ def test_requests_joining_and_leaving_get_their_own_latents(loaded, unet_fn):
                              for o, *_ in REQUESTS)  # every step of every request, once
 
 
+def test_a_batch_carries_lora_weights_only_when_a_request_in_it_has_loras(loaded, unet_fn):
+    """A step in which no request names LoRAs runs the plain UNet (no LoRA tensors: `unet`); once a
+    request with LoRAs joins, the batch carries them (`unet_lora`): ranks padded to the largest,
+    zeros for the request without; each request still gets its latents alone."""
+    pipe = loaded("fp32").pipe
+    sites = UNet(pipe.unet).lora_sites
+    generator = torch.Generator().manual_seed(0)
+
+    def lora(rank: int) -> dict[str, torch.Tensor]:
+        return {"lora_down": torch.randn(1, rank, sites.lora_in, generator=generator) * 0.05,
+                "lora_up": torch.randn(1, sites.lora_out, rank, generator=generator) * 0.05}
+
+    loras = [None, lora(2), lora(4)]
+
+    def make(index: int) -> Denoiser:
+        options = GenerationOptions(index, 3, 1.0, 128, 128, 1)
+        embeds, pooled = embeddings(index, False)
+        return Denoiser(options, embeds, pooled, recipe_scheduler(pipe, "lcm"), lora=loras[index])
+
+    alone = [denoise(unet_fn, make(i)) for i in range(3)]
+    calls, results = [], {}
+
+    def record(inputs):
+        down, up = inputs.get("lora_down"), inputs.get("lora_up")
+        zero_rows = None if down is None else sum(int(not down[i].any() and not up[i].any()) for i in range(len(down)))
+        calls.append((inputs["sample"].shape[0], None if down is None else tuple(down.shape[:2]), zero_rows))
+        return unet_fn(inputs)
+
+    engine = StepEngine(record, max_rows=8)
+    for index in range(3):
+        engine.submit(Job(make(index), on_done=lambda latents, index=index: results.__setitem__(index, latents),
+                          on_error=lambda error: pytest.fail(str(error))))
+        if index == 0:
+            engine.run_iteration()  # the first step: that request alone
+    while engine.active or engine.size:
+        engine.run_iteration()
+    # The LoRA-free request alone, then with both others (zeros for it), then the last steps of those two.
+    assert calls == [(1, None, None), (3, (3, 4), 1), (3, (3, 4), 1), (2, (2, 4), 0)], calls
+    for index, expected in enumerate(alone):
+        assert torch.allclose(results[index], expected, atol=1e-4, rtol=1e-4), (index, (results[index] - expected).abs().max())
+
+
 def test_shapes_that_differ_never_share_a_call(loaded, unet_fn):
     pipe = loaded("fp32").pipe
     shapes = []

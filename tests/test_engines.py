@@ -52,6 +52,11 @@ def test_sdxl_profiles():
     assert unet["encoder_hidden_states"] == ((1, 77, 2048), (1, 77, 2048), (8, 77, 2048))
     assert unet["text_embeds"] == ((1, 1280), (1, 1280), (8, 1280))
     assert unet["time_ids"] == ((1, 6), (1, 6), (8, 6))
+    assert "lora_down" not in unet  # the plain UNet: batches without LoRAs
+    unet_lora = profile_shapes(networks.UNET_LORA, SDXL_DIMS, settings)
+    assert {name: unet_lora[name] for name in unet} == unet
+    assert unet_lora["lora_down"] == ((1, 1, 1593892), (1, 16, 1593892), (8, 256, 1593892))
+    assert unet_lora["lora_up"] == ((1, 1494404, 1), (1, 1494404, 16), (8, 1494404, 256))
     assert profile_shapes(networks.VAE_DECODER, SDXL_DIMS, settings)["latents"] == (
         (1, 4, 64, 64), (1, 4, 128, 128), (4, 4, 192, 192))
     assert profile_shapes(networks.TEXT_ENCODER, SDXL_DIMS, settings)["input_ids"] == ((1, 77), (1, 77), (8, 77))

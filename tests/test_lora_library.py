@@ -48,10 +48,12 @@ def repository(exported, tmp_path):
     """What `lora add` reads of an exported repository: the site tables and the export's dtype."""
     repository = tmp_path / "repo"
     for network in LORA_NETWORKS:
-        target = layout.version_dir(repository, network)
-        target.mkdir(parents=True)
-        for name in (loras.SITES_FILE, layout.EXPORT_INFO_FILE):
-            shutil.copy(layout.version_dir(exported("fp32"), network) / name, target / name)
+        target = loras.sites_path(repository, network)
+        target.parent.mkdir(parents=True)
+        shutil.copy(loras.sites_path(exported("fp32"), network), target)
+    layout.version_dir(repository, "unet").mkdir(parents=True)
+    shutil.copy(layout.version_dir(exported("fp32"), "unet") / layout.EXPORT_INFO_FILE,
+                layout.version_dir(repository, "unet") / layout.EXPORT_INFO_FILE)
     return repository
 
 
@@ -213,7 +215,7 @@ def mixed_batch(loaded, tiny_sources, style_files, tmp_path_factory):
     pipe = loaded("fp32").pipe
     tables = {"unet": UNet(pipe.unet).lora_sites, "text_encoder": TextEncoders(pipe.text_encoder, pipe.text_encoder_2).lora_sites}
     for network, table in tables.items():
-        layout.version_dir(repository, network).mkdir(parents=True)
+        loras.sites_path(repository, network).parent.mkdir(parents=True)
         loras.sites_path(repository, network).write_text(table.to_json())
     library.add(repository, "a", str(style_files["a"]), MAX_RANK)
     library.add(repository, "b", str(style_files["b"]), MAX_RANK)

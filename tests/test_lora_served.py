@@ -65,6 +65,27 @@ def test_stacked_weighted_loras_equal_diffusers(triton, served_loras, loaded, pr
     assert np.abs(served.images.astype(int) - plain.images.astype(int)).mean() > 2  # the LoRAs change the image
 
 
+def test_unet_calls_without_loras_run_the_plain_unet(triton, served_loras):
+    """unet_lora runs only the UNet calls of requests that name LoRAs (docs/loras.md, two graphs)."""
+    import tritonclient.http as httpclient
+
+    def samples() -> dict[str, int]:
+        client = httpclient.InferenceServerClient(triton.http_url)
+        try:
+            stats = client.get_inference_statistics()["model_stats"]
+        finally:
+            client.close()
+        return {s["name"]: int(s["inference_count"]) for s in stats if s["name"] in ("unet", "unet_lora")}
+
+    before = samples()
+    ask(triton)
+    plain = samples()
+    assert plain["unet"] == before["unet"] + CASE["num_inference_steps"] and plain["unet_lora"] == before["unet_lora"]
+    ask(triton, loras=[("ink_b", 1.0)])
+    named = samples()
+    assert named["unet_lora"] == plain["unet_lora"] + CASE["num_inference_steps"] and named["unet"] == plain["unet"]
+
+
 def test_a_text_encoder_lora_alone_equals_diffusers(triton, served_loras, loaded):
     served = ask(triton, loras=[("ink_a", 1.0)], width=192)
     expected = reference(loaded, served_loras, [("ink_a", 1.0)], **{**CASE, "width": 192})

@@ -18,9 +18,13 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("network", networks.NETWORKS)
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+# unet_lora in fp16 at one shape: ONNX Runtime's CPU fp16 kernels make its batch-3 case cost 25 s,
+# and the fp32 cases already cover batches that mix LoRA ranks and rows without LoRAs.
+CASES = [(dtype, network, shape) for dtype in ("fp32", "fp16") for network in networks.NETWORKS for shape in SHAPES
+         if not (network == networks.UNET_LORA.name and dtype == "fp16" and shape != "1x128x128")]
+
+
+@pytest.mark.parametrize("dtype, network, shape", CASES)
 def test_graph_matches_module(loaded, exported, dtype, network, shape):
     pipe = loaded(dtype).pipe
     spec = networks.NETWORKS[network]

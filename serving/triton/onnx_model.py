@@ -6,11 +6,15 @@ dynamic batching hands over together are concatenated along the batch axis (grou
 run as one ONNX Runtime call. Config parameters: network (default: the model's name),
 intra_op_threads (default: ONNX Runtime's choice), max_rows_per_run (default 0: all rows in one
 call; the VAE decoder's CPU config sets 1, since ONNX Runtime's peak memory grows by about 2 GiB
-per 1024x1024 image: measured, benchmarks/results/faults_cpu.md).
+per 1024x1024 image: measured, benchmarks/results/faults_cpu.md), load_session (at_start, the
+default, or first_request: `unet_lora`'s, so that a deployment whose requests name no LoRA never
+holds a second copy of the UNet's weights: 10 GiB in fp32 at SDXL's size; the graph's interface is
+still checked at load, from its structure alone).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
@@ -44,15 +48,26 @@ class TritonPythonModel:
         if not rows.isdigit():
             raise pb_utils.TritonModelException(f"{network}: parameter max_rows_per_run={rows!r}: expected a count (0: all at once)")
         self.max_rows = int(rows)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        graph_inputs = [i.name for i in self.session.get_inputs()]
+        when = params.get("load_session", "at_start")
+        if when not in ("at_start", "first_request"):
+            raise pb_utils.TritonModelException(f"{network}: parameter load_session={when!r}: expected at_start or first_request")
+        self.path, self.options, self._session = path, options, None
+        interface = self.session_interface() if when == "at_start" else graph_interface(path)
+        graph_inputs = [name for name in interface if name not in self.spec.output_names]
         if graph_inputs != self.spec.input_names:
             raise pb_utils.TritonModelException(f"{network}: {path} has inputs {graph_inputs}, expected {self.spec.input_names}")
         graph_file = f"{network}/{args['model_version']}/{layout.ONNX_FILE}"
-        check_graph_interface(args, network, {
-            t.name: (ONNX_RUNTIME_TYPES.get(t.type, t.type), [d if isinstance(d, int) else -1 for d in t.shape], graph_file)
-            for t in self.session.get_inputs() + self.session.get_outputs()
-        })
+        check_graph_interface(args, network, {name: (dtype, dims, graph_file) for name, (dtype, dims) in interface.items()})
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        if self._session is None:
+            self._session = ort.InferenceSession(str(self.path), self.options, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def session_interface(self) -> dict[str, tuple[str, list[int]]]:
+        return {t.name: (ONNX_RUNTIME_TYPES.get(t.type, t.type), [d if isinstance(d, int) else -1 for d in t.shape])
+                for t in self.session.get_inputs() + self.session.get_outputs()}
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -69,3 +84,18 @@ class TritonPythonModel:
                 for i in indices:
                     responses[i] = error_response(error, self.spec.name)
         return responses
+
+
+def graph_interface(path) -> dict[str, tuple[str, list[int]]]:
+    """The graph's inputs and outputs, as session_interface gives them, from its structure alone
+    (the weights, external data, are not read)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    from contract.networks import NUMPY_DTYPES
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {np.dtype(dtype).name: name for name, dtype in NUMPY_DTYPES.items()}
+    return {value.name: (names[tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name],
+                         [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim])
+            for value in list(graph.input) + list(graph.output)}

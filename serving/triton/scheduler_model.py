@@ -91,8 +91,8 @@ class LoopSettings:
         return self.loras.load(named)
 
     def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor, held: list) -> Denoiser:
-        lora = {name: torch.from_numpy(value).to(self.device)
-                for name, value in self.loras.tensors(UNET.name, held, 1).items()}
+        lora = {name: torch.from_numpy(value).to(self.device)  # none: the plain unet, which pays nothing for LoRAs
+                for name, value in self.loras.tensors(UNET.name, held, 1).items()} if held else None
         return Denoiser(options, embeds, pooled, self.scheduler_class.from_config(self.scheduler_config),
                         cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora)
 

@@ -22,16 +22,18 @@ def to_triton(name: str, value: torch.Tensor):
 
 
 def call_unet(inputs: dict[str, torch.Tensor], device: torch.device, run=None) -> torch.Tensor:
-    """One BLS call of `unet` with inputs named as contract.networks.UNET's; its noise_pred on
-    `device`. `run`: the RunState to report a not-healthy callee to."""
-    from contract.networks import UNET
+    """One BLS call of the UNet with inputs named as contract.networks.UNET's: `unet_lora` when they
+    carry LoRA weights, else `unet`; its noise_pred on `device`. `run`: the RunState to report a
+    not-healthy callee to."""
+    from contract.networks import UNET, UNET_LORA
 
     from .common import infer
 
+    spec = UNET_LORA if "lora_down" in inputs else UNET
     tensors = []
-    for tensor in UNET.inputs:
+    for tensor in spec.inputs:
         value = inputs[tensor.name]
         # timestep is [B] in the graph; Triton's config gives it dims [1] with reshape [].
         tensors.append(to_triton(tensor.name, value.reshape(-1, 1) if tensor.name == "timestep" else value))
-    response = infer(UNET.name, tensors, UNET.output_names, run)
+    response = infer(spec.name, tensors, spec.output_names, run)
     return to_torch(pb_utils.get_output_tensor_by_name(response, "noise_pred"), device)
