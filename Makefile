@@ -76,7 +76,7 @@ help:
 	@echo "make bench-fuzz   the fuzz tests' request generators at length: $(BENCH_RESULTS)/fuzz.md"
 	@echo "make bench-engine continuous batching against the loop design (perf_analyzer, 256² and 512²): $(BENCH_RESULTS)/engine_cpu.md"
 	@echo "make bench-stream sdxl_stream: time to first preview, preview cost per step, cancel to slot free: $(BENCH_RESULTS)/stream_cpu.md"
-	@echo "make bench-lora   per-request LoRAs: UNet step by rank vs no LoRA inputs, library costs: $(BENCH_RESULTS)/lora_cpu.md"
+	@echo "make bench-lora   per-request LoRAs: unet_lora by rank vs unet, mixed vs single-LoRA traffic, library: $(BENCH_RESULTS)/lora_cpu.md"
 	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: $(BENCH_RESULTS)/scale_cpu.md"
 	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"
 	@echo "make gpu-wheels   download requirements/gpu-bench.txt's wheels for Python 3.12 into build/wheels (offline GPU machine)"
