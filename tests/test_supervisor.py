@@ -33,8 +33,10 @@ def generate_on(server: SupervisorProcess, **options):
 def supervised(exported, tmp_path_factory):
     from contract.configs import CPU_DTYPE
 
+    library = tmp_path_factory.mktemp("supervisor_loras") / "library"
     server = SupervisorProcess(exported(CPU_DTYPE), tmp_path_factory.mktemp("supervisor") / "serve.log",
-                               extra_args=("--drain-timeout-s=60",))
+                               extra_args=("--drain-timeout-s=60",), env={"SDXL_LORA_LIBRARY": str(library)})
+    server.lora_library = library
     server.wait(ready=True, timeout_s=300)
     yield server
     server.kill_everything()  # after a failed test, what is left of both process groups
@@ -74,8 +76,16 @@ def test_killed_stub_is_found_reported_and_repaired(supervised):
     assert 'sdxl_supervisor_stub_failures_total{model="scheduler",problem="zombie"} 1' in metrics
 
 
-def test_not_healthy_report_restarts(supervised):
-    """What a model reports when Triton answers its BLS call with "Stub process ... is not healthy"."""
+def test_not_healthy_report_restarts(supervised, exported, loaded, tmp_path, monkeypatch):
+    """What a model reports when Triton answers its BLS call with "Stub process ... is not healthy".
+    The restart keeps the LoRA library: a LoRA served before it is served the same after it."""
+    from contract.configs import CPU_DTYPE
+    from export import lora as library
+    from export.tiny import write_style_lora
+
+    monkeypatch.setenv("SDXL_LORA_LIBRARY", str(supervised.lora_library))
+    library.add(exported(CPU_DTYPE), "ink", str(write_style_lora(loaded(CPU_DTYPE).pipe, tmp_path / "ink", seed=41)), 64)
+    before = generate_on(supervised, loras=[("ink", 0.8)]).images
     server_pid = supervised.server_pid()
     RunState(run_directory(server_pid)).report_unhealthy("unet: Stub process 'unet_0_0' is not healthy.")
     supervised.wait(ready=False, timeout_s=10)
@@ -83,6 +93,7 @@ def test_not_healthy_report_restarts(supervised):
     assert supervised.server_pid() != server_pid
     assert 'sdxl_supervisor_restarts_total{reason="stub_not_healthy"} 1' in supervised.get("/metrics")[1]
     assert generate_on(supervised).images.shape == (1, 128, 128, 3)
+    assert (generate_on(supervised, loras=[("ink", 0.8)]).images == before).all()
 
 
 def test_a_stream_whose_denoiser_dies_ends_with_the_restart(supervised):
