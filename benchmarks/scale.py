@@ -105,7 +105,7 @@ def stage_onnx(work: Path, dtype: str, skeletons: Path | None = None) -> dict:
 def check_graphs_against_configs(repository: Path) -> dict[str, str]:
     """Each full-size graph, loaded without its weights, against both config variants the export
     wrote: 'ok' or what differs."""
-    from export.onnx_export import graph_interface
+    from contract.configs import graph_interface
 
     verdicts = {}
     for name in NETWORKS:

@@ -101,6 +101,23 @@ EXPORTED_MODELS = (*NETWORKS, TOKENIZER, *LOOP_MODELS)  # the models whose confi
 FIX_COMMAND = "python -m export configs --repository {repository}"
 
 Interface = dict[str, tuple[str, list[int]]]  # tensor -> (Triton type without TYPE_, dims as the graph has them, -1: any)
+# Triton type name -> the name of that element type in onnx.TensorProto
+ONNX_ELEMENT_TYPES = {"FP16": "FLOAT16", "FP32": "FLOAT", "INT32": "INT32", "INT64": "INT64", "UINT8": "UINT8"}
+
+
+def graph_interface(path: Path) -> Interface:
+    """A graph's inputs and outputs, read without its weights (a full-size graph's structure is a
+    few MB): what the export checks, the CPU variant's lazily loaded models check at load, and the
+    full-size skeleton tests read."""
+    import onnx  # here, not at the top: most importers of this module never read a graph
+
+    types = {getattr(onnx.TensorProto, name): triton for triton, name in ONNX_ELEMENT_TYPES.items()}
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        value.name: (types[value.type.tensor_type.elem_type],
+                     [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim])
+        for value in list(model.graph.input) + list(model.graph.output)
+    }
 
 
 class ConfigError(ValueError):

@@ -26,6 +26,7 @@ import torch
 from onnx.external_data_helper import ExternalDataInfo
 
 from contract import layout, networks
+from contract.configs import ONNX_ELEMENT_TYPES
 from contract.loras import LORA_GRAPHS, SITES_FILE
 from contract.networks import ModelDims, NetworkSpec
 from contract.recipes import SCHEDULERS, Recipe, custom_recipe
@@ -39,13 +40,7 @@ OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
 COMPUTE_DTYPES = {"fp16": "FP16", "fp32": "FP32"}
-_ONNX_TYPES = {
-    "FP16": onnx.TensorProto.FLOAT16,
-    "FP32": onnx.TensorProto.FLOAT,
-    "INT32": onnx.TensorProto.INT32,
-    "INT64": onnx.TensorProto.INT64,
-    "UINT8": onnx.TensorProto.UINT8,
-}
+_ONNX_TYPES = {triton: getattr(onnx.TensorProto, name) for triton, name in ONNX_ELEMENT_TYPES.items()}
 # Shapes the exporter traces with. Any multiple of 8 in latent space works: the graphs keep
 # batch/height/width dynamic; these only need to avoid size-specific branches (none at these sizes).
 TRACE_SIZES = {"batch": 2, "latent_height": 16, "latent_width": 24, "lora_rank": 3}
@@ -104,18 +99,6 @@ def check_graph_io(model: onnx.ModelProto, spec: NetworkSpec, dims: ModelDims, c
                 problems.append(f"{tensor.name}: dims {list(got)}, expected {list(want)} (-1: dynamic)")
     if problems:
         raise ExportError(f"{spec.name}: exported graph does not match its spec: " + "; ".join(problems))
-
-
-def graph_interface(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """{tensor: (Triton type, dims with -1 for dynamic)} of a graph's inputs and outputs, read
-    without its weights (a full-size graph's structure is a few MB)."""
-    model = onnx.load(str(path), load_external_data=False)
-    types = {code: name for name, code in _ONNX_TYPES.items()}
-    return {
-        value.name: (types[value.type.tensor_type.elem_type],
-                     [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim])
-        for value in list(model.graph.input) + list(model.graph.output)
-    }
 
 
 def declare_output_dims(model: onnx.ModelProto, spec: NetworkSpec, dims: ModelDims) -> None:

@@ -9,11 +9,11 @@ import math
 import onnx
 import pytest
 
-from contract.configs import interface_mismatches, read_config
+from contract.configs import graph_interface, interface_mismatches, read_config
 from contract.layout import TEMPLATES as REPO
 from contract.layout import REPO_ROOT
 from contract.networks import NETWORKS, SDXL_DIMS
-from export.onnx_export import check_graph_io, graph_interface
+from export.onnx_export import check_graph_io
 from export.sdxl import PARAMETERS
 
 SKELETONS = REPO_ROOT / "tests" / "data" / "sdxl_graphs"

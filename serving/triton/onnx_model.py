@@ -14,11 +14,11 @@ still checked at load, from its structure alone).
 
 from __future__ import annotations
 
-import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from contract import layout
+from contract.configs import graph_interface
 from contract.networks import NETWORKS
 from serving.batching import group_by_shape, run_concatenated
 
@@ -85,17 +85,3 @@ class TritonPythonModel:
                     responses[i] = error_response(error, self.spec.name)
         return responses
 
-
-def graph_interface(path) -> dict[str, tuple[str, list[int]]]:
-    """The graph's inputs and outputs, as session_interface gives them, from its structure alone
-    (the weights, external data, are not read)."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    from contract.networks import NUMPY_DTYPES
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    names = {np.dtype(dtype).name: name for name, dtype in NUMPY_DTYPES.items()}
-    return {value.name: (names[tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name],
-                         [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim])
-            for value in list(graph.input) + list(graph.output)}
