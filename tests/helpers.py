@@ -56,17 +56,6 @@ def assert_pixels_close(actual: np.ndarray, expected: np.ndarray, dtype: str, wh
     assert difference.mean() <= PIXEL_MEAN_TOLERANCE[dtype], f"{what}: mean pixel difference {difference.mean():.3f}"
 
 
-def without_loras(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Graph inputs with the LoRA weights zero (rank 1): what a request without LoRAs sends."""
-    zeroed = dict(inputs)
-    for name in ("lora_down", "lora_up"):
-        if name in zeroed:
-            value = zeroed[name]
-            shape = (value.shape[0], 1, value.shape[2]) if name == "lora_down" else (value.shape[0], value.shape[1], 1)
-            zeroed[name] = torch.zeros(shape, dtype=value.dtype)
-    return zeroed
-
-
 def no_lora_feed(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`feed` plus zero LoRA weights (rank 1) for a graph that takes them, sized from the graph."""
     batch = next(iter(feed.values())).shape[0]

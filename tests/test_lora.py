@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import assert_close, ort_session, run_onnx, run_torch, without_loras
+from helpers import assert_close, ort_session, run_onnx, run_torch
 
 from contract import layout, networks
 from export.modules import UNet
@@ -20,7 +20,7 @@ SHAPE = dict(batch=2, latent_height=16, latent_width=24)
 
 def unet_inputs(pipe):
     """Without per-request LoRAs: the fused ones are in the graph's weights."""
-    return without_loras(example_inputs(networks.UNET, ModelDims.from_pipeline(pipe), "FP32", seed=3, **SHAPE))
+    return example_inputs(networks.UNET, ModelDims.from_pipeline(pipe), "FP32", seed=3, **SHAPE)
 
 
 def reference_unet(tiny_dir, loras: list[tuple[str, float]]):
