@@ -108,8 +108,12 @@ class TensorSpec:
         return NUMPY_DTYPES[self.resolved_dtype(compute_dtype)]
 
     def shape(self, model: ModelDims, **dynamic: int) -> tuple[int, ...]:
-        """Concrete shape: model symbols from `model`, dynamic ones from keyword arguments."""
+        """Concrete shape: model symbols from `model`, dynamic ones from keyword arguments (image
+        sizes, when not given, from the latent sizes: x vae_scale_factor)."""
         values = {**model.as_dict(), **dynamic}
+        for image, latent in (("image_height", "latent_height"), ("image_width", "latent_width")):
+            if image not in values and latent in values:
+                values[image] = values[latent] * model.vae_scale_factor
         return tuple(d if isinstance(d, int) else values[d] for d in self.dims)
 
     def static_dims(self, model: ModelDims) -> tuple[int, ...]:
@@ -202,7 +206,20 @@ VAE_DECODER = NetworkSpec(
 # request, with the VAE decoder's interface (same unscaling and pixel conversion inside the graph).
 PREVIEW_DECODER = NetworkSpec(name="preview_decoder", inputs=VAE_DECODER.inputs, outputs=VAE_DECODER.outputs)
 
-NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER)}
+# img2img and inpainting (serving/denoise.py): the init image's latent distribution, as diffusers'
+# `VaeImageProcessor.preprocess` + `AutoencoderKL.encode` make it, scaled as latents are (x scaling
+# factor), so that the loop draws each image's latents as mean + std * noise from that image's own
+# generator, in the pipelines' order. One image per request (the init image is shared by its images).
+VAE_ENCODER = NetworkSpec(
+    name="vae_encoder",
+    inputs=(TensorSpec("images", "UINT8", ("batch", "image_height", "image_width", 3)),),
+    outputs=(
+        TensorSpec("latent_mean", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),
+        TensorSpec("latent_std", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),
+    ),
+)
+
+NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER)}
 
 # The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and
 # sends the VAE decoder its latents, so its configs declare them in the graphs' dtype too.

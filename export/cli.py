@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     onnx = commands.add_parser(
         "onnx",
-        help="export text_encoder, unet (LoRAs fused), vae_decoder and preview_decoder to ONNX",
+        help="export text_encoder, unet (LoRAs fused), vae_decoder, vae_encoder and preview_decoder to ONNX",
         description=(
             f"--preset NAME: a published recipe ({', '.join(PRESETS)}); flags given beside it override it. "
             f"Without --preset and --model: the lcm-sdxl preset ({DEFAULT_MODEL} + {DEFAULT_LCM_LORA}, any --lora "
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     configs_ = commands.add_parser(
         "configs", help="set the configs' tensor dtypes and widths to what the repository's graphs were exported with",
         description="`onnx` does this itself; run it when graphs and configs disagree (graphs copied in, configs "
-                    "checked out again): text_encoder, unet, vae_decoder, preview_decoder, scheduler and denoiser, "
+                    "checked out again): text_encoder, unet, vae_decoder, vae_encoder, preview_decoder, scheduler and denoiser, "
                     "every variant; the recipe into scheduler, denoiser and sdxl_stream.",
     )
     configs_.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY,

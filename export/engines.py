@@ -115,6 +115,7 @@ class BuildSettings:
             networks.UNET_LORA.name: 2 * self.max_images,
             networks.VAE_DECODER.name: self.max_images,
             networks.PREVIEW_DECODER.name: self.max_images,
+            networks.VAE_ENCODER.name: self.max_images,  # one init image per request, batched across requests
         }[network]
         return 1, 1, maximum
 

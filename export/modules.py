@@ -100,14 +100,55 @@ class VaeDecoder(nn.Module):
         return (image.float() * 255).round().permute(0, 2, 3, 1).to(torch.uint8)
 
 
-def build_module(name: str, pipe) -> nn.Module:
-    """The module for network `name` of a loaded pipeline, in eval mode."""
+class VaeEncoder(nn.Module):
+    """uint8 RGB images (NHWC) to their latent distribution, exactly as the SDXL img2img and inpaint
+    pipelines' preprocess + encode: `VaeImageProcessor` (fp32 `/ 255`, then `2x - 1`), the VAE's
+    dtype, `AutoencoderKL.encode`'s DiagonalGaussianDistribution (mean, std = exp(logvar / 2), logvar
+    clamped to [-30, 20]), both scaled as the pipelines scale the sampled latents (x scaling_factor,
+    or SDXL-style latents_mean/std when the config has them). The loop samples mean + std * noise
+    from each image's generator (serving/denoise.py): scaling before the sample instead of after it
+    differs by rounding only. `dtype`: the export's (the outputs'), when a force_upcast VAE stays fp32.
+    """
+
+    def __init__(self, vae, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.vae = vae
+        self.dtype = dtype or vae.dtype
+        config = vae.config
+        self.scaling_factor = float(config.scaling_factor)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        self.has_latents_stats = mean is not None and std is not None
+        if self.has_latents_stats:
+            channels = config.latent_channels
+            self.register_buffer("latents_mean", torch.tensor(mean).view(1, channels, 1, 1), persistent=False)
+            self.register_buffer("latents_std", torch.tensor(std).view(1, channels, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor):
+        # The Cast first: TensorRT takes UINT8 only at the network's edge, straight into a Cast.
+        pixels = images.to(torch.float32).permute(0, 3, 1, 2) / 255.0
+        pixels = (2.0 * pixels - 1.0).to(self.vae.dtype)
+        distribution = self.vae.encode(pixels, return_dict=False)[0]
+        mean, std = distribution.mean, distribution.std
+        if self.has_latents_stats:
+            latents_mean, latents_std = self.latents_mean.to(mean.dtype), self.latents_std.to(mean.dtype)
+            mean = (mean - latents_mean) * self.scaling_factor / latents_std
+            std = std * self.scaling_factor / latents_std
+        else:
+            mean, std = mean * self.scaling_factor, std * self.scaling_factor
+        return mean.to(self.dtype), std.to(self.dtype)
+
+
+def build_module(name: str, pipe, dtype: torch.dtype | None = None) -> nn.Module:
+    """The module for network `name` of a loaded pipeline, in eval mode. `dtype`: the export's, for
+    the graphs whose outputs must carry it whatever their components' dtype (vae_encoder)."""
     if name == networks.TEXT_ENCODER.name:
         module = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
     elif name in (networks.UNET.name, networks.UNET_LORA.name):  # traced without, or with, the LoRA inputs
         module = UNet(pipe.unet)
     elif name == networks.VAE_DECODER.name:
         module = VaeDecoder(pipe.vae)
+    elif name == networks.VAE_ENCODER.name:
+        module = VaeEncoder(pipe.vae, dtype)
     elif name == networks.PREVIEW_DECODER.name:
         # AutoencoderTiny has the decode, scaling_factor (1.0) and [-1, 1] output of AutoencoderKL,
         # and diffusers' pipelines decode with it the same way.

@@ -64,7 +64,7 @@ def example_inputs(
             value = torch.randn(shape, generator=generator) * _LORA_INPUT_STD
             if batch > 1:
                 value[-1] = 0
-        elif dtype == "INT32":
+        elif dtype in ("INT32", "UINT8"):  # token ids; pixels
             value = torch.randint(0, 256, shape, generator=generator, dtype=torch.int32)
         elif tensor.name == "timestep":
             value = torch.randint(0, 1000, shape, generator=generator).float()
@@ -264,6 +264,7 @@ STAGES = {
     networks.UNET_LORA.name: ("unet",),  # the same UNet, loaded once for both graphs
     networks.TEXT_ENCODER.name: ("text_encoder", "text_encoder_2"),
     networks.VAE_DECODER.name: ("vae",),
+    networks.VAE_ENCODER.name: ("vae",),  # the same VAE, loaded once for both graphs
     networks.PREVIEW_DECODER.name: ("preview_vae",),
 }
 
@@ -320,11 +321,11 @@ def export_pipeline(
             log(f"stage {index}/{len(ordered) + 1}: {name} (from {', '.join(STAGES[name])})")
             if preloaded is not None:
                 stage = source
-            elif loaded_for != STAGES[name]:  # unet and unet_lora: one load for both graphs
+            elif loaded_for != STAGES[name]:  # unet and unet_lora, the VAE's decoder and encoder: one load each
                 stage = None
                 gc.collect()  # the previous stage's networks go before this one loads its own
                 stage, loaded_for = load_pipeline(sources, dtype, device, components=STAGES[name]), STAGES[name]
-            module = build_module(name, stage.pipe)
+            module = build_module(name, stage.pipe, getattr(torch, {"fp16": "float16", "fp32": "float32"}[dtype]))
             out_dir = layout.version_dir(staged, name)
             export_network(module, spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold)
             (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(export_info(sources, spec, dims, dtype), indent=2) + "\n")
