@@ -31,6 +31,9 @@ class Limits:
     max_loras: int = 4
     max_lora_rank: int = 64
     max_lora_scale: float = 4.0
+    # img2img / inpainting: the strength of a request that sends an image and no strength
+    # (Replicate's and diffusers' img2img default).
+    default_strength: float = 0.8
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "Limits":
@@ -43,7 +46,7 @@ class Limits:
                     values[key] = int(parameters[key])
                 except ValueError:
                     raise ValueError(f"model config parameter {key}={parameters[key]!r}: expected an integer") from None
-        for key in ("default_guidance", "max_lora_scale"):
+        for key in ("default_guidance", "max_lora_scale", "default_strength"):
             if key in parameters:
                 try:
                     values[key] = float(parameters[key])
@@ -64,6 +67,8 @@ class Limits:
         if not 1 <= limits.min_steps <= limits.default_steps <= limits.max_steps:
             raise ValueError(f"model config parameters min_steps={limits.min_steps}, default_steps={limits.default_steps}, "
                              f"max_steps={limits.max_steps}: expected 1 <= min_steps <= default_steps <= max_steps")
+        if not 0.0 < limits.default_strength <= 1.0:
+            raise ValueError(f"model config parameter default_strength={limits.default_strength:g}: expected a number in (0, 1]")
         if not 0.0 <= limits.default_guidance <= 20.0:
             raise ValueError(f"model config parameter default_guidance={limits.default_guidance:g}: expected 0 to 20")
         return limits

@@ -15,18 +15,28 @@ Stages, as in `StableDiffusionXLPipeline.__call__`:
    so a caller can run several requests' steps in one UNet batch. `denoise` runs it to the end.
    CFG truncation (Baseten's end_cfg, off by default): with `cfg_end_fraction` f < 1, CFG runs for
    the first int(f * steps) steps only; later steps send the UNet the conditional half alone.
-The VAE decode is the `vae_decoder` graph's job (scaling and pixel conversion included).
+5. An init image (`InitImage`: img2img, and inpainting with a mask) starts the loop part-way through
+   its schedule, as `StableDiffusionXLImg2ImgPipeline` and, for a 4-channel UNet,
+   `StableDiffusionXLInpaintPipeline` do: the last int(steps * strength) steps run, from the image's
+   latents noised to the first of them. img2img: image i's latents are drawn from generator i, then
+   its noise. Inpainting: the pipeline encodes its one init image with the first generator only
+   (then the masked image, whose latents a 4-channel UNet never reads, with it again), so image i's
+   starting latents depend on seed + 0 too; after every step the kept region is replaced by the
+   image's latents noised to the next timestep (latent blending).
+The VAE encode and decode are the `vae_encoder` and `vae_decoder` graphs' job (pixel conversion and
+scaling included).
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from contract.networks import TIME_IDS_DIM
-from .endpoint import Cancelled, GenerationOptions
+from .endpoint import Cancelled, GenerationOptions, denoising_steps
 
 UNetFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs named as networks.UNET -> noise_pred
 
@@ -56,13 +66,53 @@ def make_time_ids(height: int, width: int, dtype: torch.dtype, device) -> torch.
     return time_ids
 
 
+def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """One sample of `shape` ([1, ...]) per generator, on the CPU, as diffusers' randn_tensor draws
+    with a list of generators."""
+    return torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators]).to(device)
+
+
 def prepare_latents(
     generators: list[torch.Generator], channels: int, height: int, width: int, vae_scale_factor: int,
     dtype: torch.dtype, device, init_noise_sigma: float,
 ) -> torch.Tensor:
     shape = (1, channels, height // vae_scale_factor, width // vae_scale_factor)
-    noise = torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
-    return noise.to(device) * init_noise_sigma
+    return draw_noise(generators, shape, dtype, device) * init_noise_sigma
+
+
+@dataclass(frozen=True)
+class InitImage:
+    """What an img2img or inpainting request brings to the loop. `latent_mean`, `latent_std`: the
+    init image's latent distribution from the vae_encoder graph, [1, C, h, w], already x the VAE's
+    scaling factor; `mask`: inpainting, [1, 1, H, W] float32, 1 repaint, 0 keep (binarized)."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    strength: float
+    mask: torch.Tensor | None = None
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        """DiagonalGaussianDistribution.sample with `generator`, drawn in the distribution's dtype."""
+        eps = torch.randn(tuple(self.latent_mean.shape), generator=generator, dtype=self.latent_mean.dtype)
+        return self.latent_mean + self.latent_std * eps.to(self.latent_mean.device)
+
+
+@dataclass
+class Inpainting:
+    """Latent blending (a 4-channel UNet's inpainting): the image's latents, the noise they were
+    noised with, and the mask at latent size ([N, 1, h, w], 1 repaint)."""
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor
+
+    def blend(self, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, step_index: int) -> torch.Tensor:
+        """After step `step_index`: the kept region is the image's latents noised to the next timestep
+        (none after the last step)."""
+        kept = self.image_latents
+        if step_index < len(timesteps) - 1:
+            kept = scheduler.add_noise(kept, self.noise, timesteps[step_index + 1:step_index + 2])
+        return (1 - self.mask) * kept + self.mask * latents
 
 
 def step_kwargs(scheduler, generators: list[torch.Generator], eta: float | None) -> dict:
@@ -84,30 +134,61 @@ class Denoiser:
     def __init__(
         self, request: GenerationOptions, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
         scheduler, *, latent_channels: int = 4, vae_scale_factor: int = 8, cfg_end_fraction: float = 1.0,
-        eta: float | None = None, lora: dict[str, torch.Tensor] | None = None,
+        eta: float | None = None, lora: dict[str, torch.Tensor] | None = None, init: InitImage | None = None,
     ):
         """`lora`: the request's UNet LoRA weights for one sample (lora_down [1, rank, width], lora_up
-        [1, width, rank]; serving/loras.py), sent with every row; None: no LoRA (the plain `unet`)."""
+        [1, width, rank]; serving/loras.py), sent with every row; None: no LoRA (the plain `unet`).
+        `init`: img2img or inpainting (the request's strength is init.strength)."""
         device, dtype = prompt_embeds.device, prompt_embeds.dtype
         self.cfg = request.do_classifier_free_guidance
         self.guidance_scale = request.guidance_scale
         self.scheduler = scheduler
         scheduler.set_timesteps(request.num_inference_steps, device=device)
         self.timesteps = scheduler.timesteps
-        self.cfg_steps = int(len(self.timesteps) * cfg_end_fraction) if self.cfg else 0
         self.generators = make_generators(request.seeds)
         self.encoder_hidden_states, self.text_embeds = prepare_conditioning(
             prompt_embeds, pooled_prompt_embeds, request.num_images_per_prompt, self.cfg
         )
         rows = self.encoder_hidden_states.shape[0]
         self.time_ids = make_time_ids(request.height, request.width, dtype, device).repeat(rows, 1)
-        self.latents = prepare_latents(
-            self.generators, latent_channels, request.height, request.width, vae_scale_factor, dtype, device,
-            scheduler.init_noise_sigma,
-        )
+        self.start_index, self.inpainting = 0, None
+        if init is None:
+            self.latents = prepare_latents(
+                self.generators, latent_channels, request.height, request.width, vae_scale_factor, dtype, device,
+                scheduler.init_noise_sigma,
+            )
+        else:
+            self.latents = self._latents_from_image(init, dtype)
+        # CFG truncation counts the steps that run (an init image's request runs the last ones).
+        self.cfg_steps = self.start_index + int((len(self.timesteps) - self.start_index) * cfg_end_fraction) if self.cfg else 0
         self.step_kwargs = step_kwargs(scheduler, self.generators, eta)
         self.lora = lora or {}
-        self.step_index = 0
+        self.step_index = self.start_index
+
+    def _latents_from_image(self, init: InitImage, dtype: torch.dtype) -> torch.Tensor:
+        """The pipelines' get_timesteps + prepare_latents (+ the inpaint pipeline's mask latents)."""
+        steps = len(self.timesteps) // self.scheduler.order
+        self.start_index = (steps - denoising_steps(steps, init.strength)) * self.scheduler.order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(self.start_index)
+        count, shape, device = len(self.generators), tuple(init.latent_mean.shape), init.latent_mean.device
+        latent_timestep = self.timesteps[self.start_index:self.start_index + 1].repeat(count)
+        if init.mask is None:  # img2img: each image's generator draws its latents, then its noise
+            image_latents = torch.cat([init.sample(g) for g in self.generators]).to(dtype)
+            noise = draw_noise(self.generators, shape, dtype, device)
+            return self.scheduler.add_noise(image_latents, noise, latent_timestep)
+        image_latents = init.sample(self.generators[0]).to(dtype).repeat(count, 1, 1, 1)
+        noise = draw_noise(self.generators, shape, dtype, device)
+        torch.randn(shape, generator=self.generators[0], dtype=init.latent_mean.dtype)  # the masked image's encode
+        mask = torch.nn.functional.interpolate(init.mask, size=shape[2:]).to(device=device, dtype=dtype)
+        self.inpainting = Inpainting(image_latents, noise, mask.repeat(count, 1, 1, 1))
+        if init.strength == 1.0:  # the pipeline's is_strength_max: pure noise
+            return noise * self.scheduler.init_noise_sigma
+        return self.scheduler.add_noise(image_latents, noise, latent_timestep)
+
+    @property
+    def steps_done(self) -> int:
+        return self.step_index - self.start_index
 
     @property
     def done(self) -> bool:
@@ -142,6 +223,8 @@ class Denoiser:
             noise_pred = uncond + self.guidance_scale * (text - uncond)
         t = self.timesteps[self.step_index]
         self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        if self.inpainting is not None:
+            self.latents = self.inpainting.blend(self.scheduler, self.latents, self.timesteps, self.step_index)
         self.step_index += 1
 
 

@@ -28,6 +28,7 @@ class EndpointInput:
     dtype: str  # Triton type name as in config.pbtxt, without TYPE_
     default: object  # None: required (prompt) or drawn per request (seed)
     meaning: str
+    dims: tuple[int, ...] = (1,)  # as config.pbtxt declares them (-1: any)
 
 
 INPUTS = (
@@ -42,12 +43,21 @@ INPUTS = (
 )
 # Per-request LoRAs (docs/loras.md, serving/loras.py): [K] each, K up to the scheduler's max_loras.
 LORA_INPUTS = (
-    EndpointInput("lora_names", "STRING", (), "LoRAs from the repository's library (python -m export lora add)"),
-    EndpointInput("lora_scales", "FP32", 1.0, "one weight per name (diffusers' set_adapters), default 1.0 each"),
+    EndpointInput("lora_names", "STRING", (), "LoRAs from the repository's library (python -m export lora add)", (-1,)),
+    EndpointInput("lora_scales", "FP32", 1.0, "one weight per name (diffusers' set_adapters), default 1.0 each", (-1,)),
 )
+# img2img and inpainting (serving/denoise.py; docs/img2img.md): the image's size is the output's.
+IMAGE_INPUTS = (
+    EndpointInput("image", "UINT8", None, "init image, RGB [H, W, 3]: img2img, or inpainting with a mask", (-1, -1, 3)),
+    EndpointInput("strength", "FP32", 0.8, "(0, 1]: the part of the schedule that runs (default: the deployment's)"),
+    EndpointInput("mask", "UINT8", None, "inpainting, [H, W]: 255 repaint, 0 keep (binarized at 128)", (-1, -1)),
+)
+IMAGE_INPUT_NAMES = tuple(i.name for i in IMAGE_INPUTS)
 INPUT_NAMES = tuple(i.name for i in INPUTS)
 # The non-text inputs: what check_options reads and the loops (scheduler, denoiser) take.
 OPTION_INPUTS = tuple(i.name for i in INPUTS if i.dtype != "STRING")
+# What check_options reads: the options and the image inputs (the image gives the size).
+CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES)
 DEFAULTS = {i.name: i.default for i in INPUTS}
 OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,))}
 
@@ -73,10 +83,18 @@ class GenerationOptions:
     height: int
     width: int
     num_images_per_prompt: int
+    # img2img / inpainting: the part of the schedule that runs; None: text-to-image (no image).
+    strength: float | None = None
+    inpainting: bool = False  # a mask came with the image
 
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > 1.0
+
+    @property
+    def denoising_steps(self) -> int:
+        """The UNet steps this request runs: all of them, or the last int(steps * strength) of them."""
+        return self.num_inference_steps if self.strength is None else denoising_steps(self.num_inference_steps, self.strength)
 
     @property
     def seeds(self) -> list[int]:
@@ -154,6 +172,66 @@ def _size(name: str, array: np.ndarray | None, limits: Limits) -> int:
     return value
 
 
+def denoising_steps(steps: int, strength: float) -> int:
+    """Steps an init image's request runs, as diffusers' img2img and inpaint pipelines count them
+    (`get_timesteps`): the last min(int(steps * strength), steps) of the schedule."""
+    return min(int(steps * strength), steps)
+
+
+def check_image(array: np.ndarray | None, limits: Limits) -> tuple[int, int] | None:
+    """The init image's (height, width); None without one."""
+    if array is None:
+        return None
+    array = np.asarray(array)
+    accepted = f"an RGB image, UINT8 [H, W, 3], H and W each {limits.sizes}"
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise InvalidInput("image", f"<{array.dtype} {list(array.shape)}>", accepted)
+    height, width = array.shape[:2]
+    if not all(limits.min_size <= side <= limits.max_size and side % limits.size_multiple == 0 for side in (height, width)):
+        raise InvalidInput("image", f"<{height}x{width} pixels>", accepted)
+    return int(height), int(width)
+
+
+def _image_size(name: str, array: np.ndarray | None, image_side: int) -> int:
+    """height or width of a request with an image: the image's, or an equal value sent beside it."""
+    value = _one(name, array)
+    if value is not None and (not isinstance(value, (int, np.integer)) or int(value) != image_side):
+        raise InvalidInput(name, value.item() if isinstance(value, np.generic) else value,
+                           f"{image_side} (the image's {name}) or no {name}: the image's size is the output's")
+    return image_side
+
+
+def check_strength(array: np.ndarray | None, steps: int, image: bool, limits: Limits) -> float | None:
+    """The strength of a request with an image (None without one); it must leave at least one step."""
+    value = _one("strength", array)
+    if not image:
+        if value is not None:
+            raise InvalidInput("strength", float(value), "no strength without an image (strength applies to img2img and inpainting)")
+        return None
+    shown = "" if value is not None else " (the default)"
+    value = limits.default_strength if value is None else float(value)
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise InvalidInput("strength", value, "a number in (0, 1]: the part of the schedule that runs (1: all of it)")
+    if denoising_steps(steps, value) < 1:
+        raise InvalidInput("strength", f"{value:g}{shown} with num_inference_steps {steps}",
+                           f"a strength of at least {1 / steps:g} for {steps} step(s): int(steps * strength) steps run, "
+                           "and at least one must")
+    return value
+
+
+def check_mask(array: np.ndarray | None, image_size: tuple[int, int] | None) -> bool:
+    """Whether the request inpaints: a mask the image's size (255 repaint, 0 keep)."""
+    if array is None:
+        return False
+    array = np.asarray(array)
+    if image_size is None:
+        raise InvalidInput("mask", f"<{array.dtype} {list(array.shape)}>", "a mask only with an image (inpainting needs both)")
+    if array.dtype != np.uint8 or tuple(array.shape) != image_size:
+        raise InvalidInput("mask", f"<{array.dtype} {list(array.shape)}>",
+                           f"UINT8 [{image_size[0]}, {image_size[1]}], the image's height and width (255 repaint, 0 keep)")
+    return True
+
+
 def check_prompts(raw: Mapping[str, np.ndarray | None], limits: Limits = Limits()) -> tuple[str, str]:
     """(prompt, negative_prompt) of one request; the prompt is required. Sizes first: an oversize
     text is refused before it is decoded or tokenized."""
@@ -167,11 +245,19 @@ def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_see
     num_images = _integer("num_images_per_prompt", get("num_images_per_prompt"), 1, limits.max_images)
     seed = _integer("seed", get("seed"), 0, SEED_MAX - (num_images - 1),
                     f"an integer from 0 to 2**63 - {num_images} (image i uses seed + i)")
+    image = check_image(get("image"), limits)
+    if image is None:
+        height, width = _size("height", get("height"), limits), _size("width", get("width"), limits)
+    else:
+        height, width = _image_size("height", get("height"), image[0]), _image_size("width", get("width"), image[1])
+    steps = _steps(get("num_inference_steps"), limits)
     return GenerationOptions(
         seed=draw_seed(RANDOM_SEED_BOUND) if seed is None else seed,
-        num_inference_steps=_steps(get("num_inference_steps"), limits),
+        num_inference_steps=steps,
         guidance_scale=check_guidance(get("guidance_scale"), limits.default_guidance),
-        height=_size("height", get("height"), limits),
-        width=_size("width", get("width"), limits),
+        height=height,
+        width=width,
         num_images_per_prompt=num_images,
+        strength=check_strength(get("strength"), steps, image is not None, limits),
+        inpainting=check_mask(get("mask"), image),
     )

@@ -42,6 +42,48 @@ def diffusers_images(
     return (images * 255).round().astype(np.uint8)
 
 
+def diffusers_from_image(
+    pipe, prompt: str, *, image: np.ndarray, seed: int, steps: int, strength: float, mask: np.ndarray | None = None,
+    guidance: float = 1.0, negative: str = "", num_images: int = 1, scheduler: str = "lcm", eta: float | None = None,
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] from diffusers' StableDiffusionXLImg2ImgPipeline, or with a mask its
+    StableDiffusionXLInpaintPipeline, given the image (and mask) as PIL images, as an application would."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    cls = StableDiffusionXLImg2ImgPipeline if mask is None else StableDiffusionXLInpaintPipeline
+    components = {**pipe.components, "scheduler": recipe_scheduler(pipe, scheduler)}
+    reference = cls(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    reference.set_progress_bar_config(disable=True)
+    height, width = image.shape[:2]
+    extra = {} if mask is None else {"mask_image": Image.fromarray(mask, mode="L"), "height": height, "width": width}
+    with torch.no_grad():
+        images = reference(
+            prompt, image=Image.fromarray(image, mode="RGB"), strength=strength, negative_prompt=negative or None,
+            num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=num_images,
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)], output_type="np",
+            **extra, **({} if eta is None else {"eta": eta}),
+        ).images
+    return (images * 255).round().astype(np.uint8)
+
+
+def sample_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth RGB picture with an edge (what an init image looks like to a VAE), uint8 [H, W, 3]."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    rng = np.random.default_rng(seed)
+    red, green = 255 * (0.5 + 0.5 * np.sin(6 * x + rng.uniform(0, 3))), 255 * y
+    blue = np.where(x + y > 0.8, 220.0, 30.0)
+    return np.stack([red, green, blue], axis=-1).round().astype(np.uint8)
+
+
+def sample_mask(height: int, width: int) -> np.ndarray:
+    """Repaint a centred rectangle (255), keep the rest (0), with a few grey values either side of 128."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 255
+    mask[0, :4] = (127, 128, 200, 60)
+    return mask
+
+
 def reference_cfg_truncated(
     pipe, prompt: str, *, seed: int, steps: int, guidance: float, cfg_end_fraction: float, negative: str = "",
     height: int = 128, width: int = 128, scheduler: str = "lcm", eta: float | None = None,

@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from reference import diffusers_images
+from reference import diffusers_from_image, diffusers_images, sample_image, sample_mask
 
 from client import ClientError, generate, info
 from client.__main__ import main as client_main
@@ -81,6 +81,31 @@ def test_each_scheduler_served_matches_diffusers(scheduler_server, loaded, case)
                                 scheduler=kind, eta=recipe.eta)
     assert_close(result.images, expected)
     assert result.seeds == [spec["seed"], spec["seed"] + 1]
+
+
+IMAGE_CASES = {  # (protocol, steps, strength, guidance, images, height, width)
+    "http, CFG, 2 images, non-square": ("http", 4, 0.5, 2.0, 2, 128, 192),
+    "grpc, no CFG, 1 image": ("grpc", 3, 1.0, 0.0, 1, 192, 128),
+}
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES)
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_img2img_and_inpainting_served_match_diffusers(scheduler_server, loaded, kind, case):
+    """The image's size is the output's (no height/width sent); the mask makes it inpainting."""
+    scheduler, recipe, server = scheduler_server
+    protocol, steps, strength, guidance, images, height, width = IMAGE_CASES[case]
+    image = sample_image(height, width, seed=steps)
+    mask = sample_mask(height, width) if kind == "inpaint" else None
+    negative = "blurry" if guidance > 1 else ""
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    result = generate("a cat on a sofa", url=url, protocol=protocol, seed=31, num_inference_steps=steps, guidance_scale=guidance,
+                      negative_prompt=negative or None, num_images_per_prompt=images, image=image, strength=strength, mask=mask)
+    expected = diffusers_from_image(loaded(CPU_DTYPE).pipe, "a cat on a sofa", image=image, mask=mask, seed=31, steps=steps,
+                                    strength=strength, guidance=guidance, negative=negative, num_images=images,
+                                    scheduler=scheduler, eta=recipe.eta)
+    assert_close(result.images, expected)
+    assert result.seeds == [31 + i for i in range(images)]
 
 
 def test_concurrent_requests_batch_in_the_unet_and_each_equals_its_own_run(scheduler_server):

@@ -12,7 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.admission import Refused
-from serving.endpoint import INPUTS, OPTION_INPUTS, Cancelled, InvalidInput
+from serving.endpoint import IMAGE_INPUT_NAMES, INPUTS, OPTION_INPUTS, Cancelled, InvalidInput
 from serving.endpoint import LORA_INPUTS as endpoint_lora_inputs
 from contract.loras import LoraError
 
@@ -124,7 +124,17 @@ LORA_INPUTS = tuple(i.name for i in endpoint_lora_inputs)
 
 def lora_tensors(request) -> list:
     """The request's LoRA inputs as they came, to pass on to a BLS callee (which checks them)."""
-    return [t for name in LORA_INPUTS if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
+    return passed_on(request, LORA_INPUTS)
+
+
+def image_tensors(request) -> list:
+    """The request's image, strength and mask as they came, to pass on to a BLS callee (the denoiser,
+    which encodes the image)."""
+    return passed_on(request, IMAGE_INPUT_NAMES)
+
+
+def passed_on(request, names) -> list:
+    return [t for name in names if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
 
 
 def ticket_tensor(ticket: str):

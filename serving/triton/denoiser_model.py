@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils
 
 from contract.networks import DENOISER
 from serving.admission import RunState, run_directory
-from serving.endpoint import OPTION_INPUTS, Cancelled, check_options, check_preview_every
+from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
 from serving.engine import IterationStats, Job, StepEngine
 
 from .common import error_response, input_arrays, model_config, parameters
@@ -75,14 +75,16 @@ class TritonPythonModel:
         return None
 
     def _job(self, request, sender) -> Job:
-        options = check_options(input_arrays(request, OPTION_INPUTS), self.settings.limits)
-        every = check_preview_every(input_arrays(request, ("preview_every",))["preview_every"], self.settings.limits)
+        raw = input_arrays(request, (*CHECKED_INPUTS, "preview_every"))
+        options = check_options(raw, self.settings.limits)
+        every = check_preview_every(raw["preview_every"], self.settings.limits)
         held = self.settings.held_loras(request)
         device = self.settings.device
         with torch.inference_mode():  # copies: the engine uses them after execute has returned
             embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), device, copy=True)
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), device, copy=True)
-            denoiser = self.settings.denoiser(options, embeds, pooled, held)
+            init = self.settings.init_image(raw, options, self.run)  # the image encoded before the request joins
+            denoiser = self.settings.denoiser(options, embeds, pooled, held, init)
         seeds = np.asarray(options.seeds, dtype=np.int64)
         ticket = admission_ticket(request)  # a BLS caller's (sdxl_stream): it marks the ticket when its client cancels
 
@@ -96,7 +98,7 @@ class TritonPythonModel:
             ]), flags=flags)
 
         def on_step(job: Job) -> None:
-            if job.denoiser.step_index == 1:
+            if job.denoiser.steps_done == 1:
                 self.metrics.admission_wait.observe(time.monotonic() - job.submitted)
             if every > 0 and job.denoiser.step_index % every == 0 and not job.denoiser.done:
                 send(job.denoiser.latents, job.denoiser.step_index)

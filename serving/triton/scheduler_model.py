@@ -25,15 +25,15 @@ import triton_python_backend_utils as pb_utils
 from contract import layout
 from contract.configs import exported_interface, repository_export
 from contract.limits import Limits
-from contract.networks import DENOISER, SCHEDULER, UNET
+from contract.networks import DENOISER, SCHEDULER, UNET, VAE_ENCODER
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
-from serving.denoise import Denoiser, cfg_end_fraction_from_parameters, denoise
-from serving.endpoint import OPTION_INPUTS, Cancelled, check_options
+from serving.denoise import Denoiser, InitImage, cfg_end_fraction_from_parameters, denoise
+from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options
 from serving.loras import LoraError, ServingLoras, check_request
 
-from .common import (LORA_INPUTS, ComponentError, check_graph_interface, error_response, input_arrays, lora_tensors,
-                     model_config, option_tensors, parameters, repository_root, respond, ticket_tensor)
+from .common import (LORA_INPUTS, ComponentError, check_graph_interface, error_response, image_tensors, infer, input_arrays,
+                     lora_tensors, model_config, option_tensors, parameters, repository_root, respond, ticket_tensor)
 from .metrics import AdmissionMetrics, SchedulerMetrics
 from .tensors import call_unet, to_torch, to_triton
 
@@ -90,11 +90,25 @@ class LoopSettings:
         named = check_request(raw["lora_names"], raw["lora_scales"], self.limits.max_loras, self.limits.max_lora_scale)
         return self.loras.load(named)
 
-    def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor, held: list) -> Denoiser:
+    def init_image(self, raw: dict, options, run) -> InitImage | None:
+        """An img2img or inpainting request's image encoded by `vae_encoder` (BLS), and its mask;
+        None for text-to-image. `raw`: the request's checked inputs (check_options read them)."""
+        if options.strength is None:
+            return None
+        response = infer(VAE_ENCODER.name, [pb_utils.Tensor("images", np.ascontiguousarray(raw["image"])[None])],
+                         VAE_ENCODER.output_names, run)
+        mean, std = (to_torch(pb_utils.get_output_tensor_by_name(response, name), self.device, copy=True)
+                     for name in VAE_ENCODER.output_names)
+        mask = None
+        if options.inpainting:  # binarized as diffusers' mask processor does: value / 255 >= 0.5
+            mask = torch.from_numpy((raw["mask"] >= 128).astype(np.float32))[None, None].to(self.device)
+        return InitImage(mean, std, options.strength, mask)
+
+    def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor, held: list, init: InitImage | None = None) -> Denoiser:
         lora = {name: torch.from_numpy(value).to(self.device)  # none: the plain unet, which pays nothing for LoRAs
                 for name, value in self.loras.tensors(UNET.name, held, 1).items()} if held else None
         return Denoiser(options, embeds, pooled, self.scheduler_class.from_config(self.scheduler_config),
-                        cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora)
+                        cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora, init=init)
 
 
 class TritonPythonModel:
@@ -116,17 +130,19 @@ class TritonPythonModel:
     def execute(self, requests):
         return [self._respond(request) for request in requests]
 
-    def _loop_latents(self, request, options):
+    def _loop_latents(self, request, raw, options):
         held = self.settings.held_loras(request)  # read once; held to the end, even if removed meanwhile
         embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), self.device)
         pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
         with torch.inference_mode():
-            latents = denoise(self._unet, self.settings.denoiser(options, embeds, pooled, held), cancelled=request.is_cancelled)
+            init = self.settings.init_image(raw, options, self.run)
+            latents = denoise(self._unet, self.settings.denoiser(options, embeds, pooled, held, init), cancelled=request.is_cancelled)
         return to_triton("latents", latents)
 
-    def _engine_latents(self, request, options):
+    def _engine_latents(self, request, raw, options):
         embeddings = [pb_utils.get_input_tensor_by_name(request, name) for name in ("prompt_embeds", "pooled_prompt_embeds")]
-        return engine_latents(self.engine, embeddings + lora_tensors(request), options, self.run, admission_ticket(request))
+        return engine_latents(self.engine, embeddings + lora_tensors(request) + image_tensors(request), options, self.run,
+                              admission_ticket(request))
 
     def _unet(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()
@@ -147,14 +163,15 @@ class TritonPythonModel:
     def _respond(self, request):
         ticket = admission_ticket(request)
         try:
-            options = check_options(input_arrays(request, OPTION_INPUTS), self.limits)
+            raw = input_arrays(request, CHECKED_INPUTS)
+            options = check_options(raw, self.limits)
             self._start(ticket)
             self.metrics.in_flight.increment(1)
             try:
-                latents = self._engine_latents(request, options) if self.engine else self._loop_latents(request, options)
+                latents = self._engine_latents(request, raw, options) if self.engine else self._loop_latents(request, raw, options)
             finally:
                 self.metrics.in_flight.increment(-1)
-            self.metrics.steps_per_request.observe(options.num_inference_steps)
+            self.metrics.steps_per_request.observe(options.denoising_steps)
             return respond(request, {"latents": latents,
                                      "seeds": np.asarray(options.seeds, dtype=np.int64)})
         except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others

@@ -26,10 +26,10 @@ import triton_python_backend_utils as pb_utils
 from contract.limits import Limits
 from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECODER
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
-from serving.endpoint import OPTION_INPUTS, Cancelled, check_options, check_preview_every
+from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
 
-from .common import (ComponentError, error_response, infer, input_arrays, lora_tensors, model_config, option_tensors, parameters,
-                     ticket_tensor)
+from .common import (ComponentError, error_response, image_tensors, infer, input_arrays, lora_tensors, model_config,
+                     option_tensors, parameters, ticket_tensor)
 from .metrics import AdmissionMetrics, StreamMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -68,7 +68,7 @@ class TritonPythonModel:
 
     # 1. check the options before any work
     def _check(self, request):
-        raw = input_arrays(request, (*OPTION_INPUTS, "preview_every"))
+        raw = input_arrays(request, (*CHECKED_INPUTS, "preview_every"))
         return check_options(raw, self.limits), check_preview_every(raw["preview_every"], self.limits)
 
     # 2. tokenize and admit (the tokenizer checks the texts and applies the admission policy)
@@ -99,7 +99,8 @@ class TritonPythonModel:
                 embeddings = self._encode(ids)
                 if sender.is_cancelled():
                     raise Cancelled("cancelled by the client before denoising")
-                self._denoise(sender, embeddings + tensors + lora_tensors(request), options, every, ticket, start)
+                self._denoise(sender, embeddings + tensors + lora_tensors(request) + image_tensors(request), options, every,
+                              ticket, start)
             finally:
                 self.metrics.in_flight.increment(-1)
         finally:
