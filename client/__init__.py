@@ -8,6 +8,9 @@
     for update in generate("a photo of a cat", protocol="grpc", stream=True, preview_every=1):
         update.step, update.num_inference_steps, update.images  # a preview, or None; the last: final
 
+    generate("a watercolor", image="photo.png", strength=0.6)             # img2img
+    generate("a red sofa", image="room.png", mask="sofa_mask.png")        # inpainting (255: repaint)
+
 Only the inputs you set are sent; the server applies the endpoint's defaults to the others (the
 step count and guidance default to the served recipe's: `info()` tells which recipe that is).
 """
@@ -18,6 +21,7 @@ import queue
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -141,17 +145,50 @@ def lora_inputs(protocol: str, loras: Sequence[tuple[str, float]]) -> list:
     return tensors
 
 
+def load_image(value, mode: str) -> np.ndarray:
+    """An image input as the endpoint takes it: a path or PIL image converted to `mode` ("RGB":
+    uint8 [H, W, 3]; "L": uint8 [H, W]), or an array sent as it is (the server checks it)."""
+    if isinstance(value, np.ndarray):
+        return value
+    from PIL import Image
+
+    if isinstance(value, (str, Path)):
+        try:
+            with Image.open(value) as opened:
+                return np.asarray(opened.convert(mode))
+        except (OSError, ValueError) as error:
+            raise ClientError(f"{value}: cannot read the image: {error}") from None
+    return np.asarray(value.convert(mode))
+
+
+def image_inputs(protocol: str, image=None, strength: float | None = None, mask=None) -> list:
+    """image (UINT8 [H, W, 3]), strength (FP32 [1]) and mask (UINT8 [H, W]), those that are given."""
+    module = _module(protocol)
+    arrays = {"image": (None if image is None else load_image(image, "RGB"), "UINT8"),
+              "strength": (None if strength is None else np.array([strength], dtype=np.float32), "FP32"),
+              "mask": (None if mask is None else load_image(mask, "L"), "UINT8")}
+    tensors = []
+    for name, (array, triton_dtype) in arrays.items():
+        if array is not None:
+            tensors.append(module.InferInput(name, list(array.shape), triton_dtype))
+            tensors[-1].set_data_from_numpy(np.ascontiguousarray(array))
+    return tensors
+
+
 def generate(
     prompt: str | bytes | None, *, url: str | None = None, protocol: str = "http", seed: int | None = None,
     num_inference_steps: int | None = None, guidance_scale: float | None = None, negative_prompt: str | None = None,
     height: int | None = None, width: int | None = None, num_images_per_prompt: int | None = None,
     timeout_s: float = 600.0, queue_timeout_ms: int | None = None, stream: bool = False, preview_every: int | None = None,
-    loras: Sequence[tuple[str, float]] | None = None,
+    loras: Sequence[tuple[str, float]] | None = None, image=None, strength: float | None = None, mask=None,
 ) -> GenerationResult | Iterator[StreamUpdate]:
     """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure.
     queue_timeout_ms: the longest wait for a denoising slot the server may make this request wait
     (a request parameter; refused with UNAVAILABLE past it). loras: [(name, scale)] from the
     server's LoRA library (`python -m export lora add`), sent as lora_names and lora_scales.
+    image: img2img's init image (a path, a PIL image or uint8 [H, W, 3]; its size is the output's),
+    strength: the part of the schedule that runs (default: the server's, 0.8), mask: inpainting
+    (a path, a PIL image or uint8 [H, W]; 255 repaint, 0 keep).
 
     stream=True (gRPC only): the request goes to `sdxl_stream`, and an iterator of StreamUpdate is
     returned, one per denoising step (a preview image on every `preview_every`-th step; default 0:
@@ -164,6 +201,7 @@ def generate(
     )
     if loras:
         inputs += lora_inputs(protocol, loras)
+    inputs += image_inputs(protocol, image, strength, mask)
     parameters = None if queue_timeout_ms is None else {"queue_timeout_ms": queue_timeout_ms}
     if stream:
         if protocol != "grpc":

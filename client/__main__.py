@@ -1,6 +1,8 @@
 """python -m client "a prompt" -o out.png [options]: one PNG per image, seeds and time printed.
 python -m client "a prompt" --stream [--preview-every K]: through sdxl_stream (gRPC), a progress line per
 step and the previews written as out_step<k>.png, then the final images.
+python -m client "a prompt" --image in.png [--strength S] [--mask mask.png]: img2img, or inpainting with a mask
+(white: repaint, black: keep); the output has the image's size.
 python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance) and its
 LoRA library (name, rank, targets, size: what --lora may name)."""
 
@@ -43,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
     parser.add_argument("--queue-timeout-ms", type=int, dest="queue_timeout_ms",
                         help="refuse the request (UNAVAILABLE) if it waits longer for a denoising slot (default: the server's)")
+    parser.add_argument("--image", type=Path, help="img2img: the init image (any format PIL reads; its size, "
+                        "multiples of 64, is the output's)")
+    parser.add_argument("--strength", type=float, help="with --image: the part of the schedule that runs, in (0, 1] "
+                        "(default: the server's, 0.8); int(steps * strength) steps run")
+    parser.add_argument("--mask", type=Path, help="with --image: inpainting; white (>= 128) repaints, black keeps "
+                        "(greyscale, the image's size)")
     parser.add_argument("--lora", type=lora_spec, action="append", dest="loras", metavar="NAME[:SCALE]",
                         help="a LoRA of the server's library (python -m export lora add), scale 1.0 unless given; repeatable")
     return parser
