@@ -162,16 +162,20 @@ def load_image(value, mode: str) -> np.ndarray:
 
 
 def image_inputs(protocol: str, image=None, strength: float | None = None, mask=None) -> list:
-    """image (UINT8 [H, W, 3]), strength (FP32 [1]) and mask (UINT8 [H, W]), those that are given."""
+    """image (UINT8 [H, W, 3]), strength (FP32 [1]) and mask (UINT8 [H, W]), those that are given.
+    An array goes as its own dtype: the server answers one of another type, naming the input."""
+    from tritonclient.utils import np_to_triton_dtype
+
     module = _module(protocol)
-    arrays = {"image": (None if image is None else load_image(image, "RGB"), "UINT8"),
-              "strength": (None if strength is None else np.array([strength], dtype=np.float32), "FP32"),
-              "mask": (None if mask is None else load_image(mask, "L"), "UINT8")}
+    arrays = {"image": None if image is None else load_image(image, "RGB"),
+              "strength": None if strength is None else np.array([strength], dtype=np.float32),
+              "mask": None if mask is None else load_image(mask, "L")}
     tensors = []
-    for name, (array, triton_dtype) in arrays.items():
+    for name, array in arrays.items():
         if array is not None:
-            tensors.append(module.InferInput(name, list(array.shape), triton_dtype))
-            tensors[-1].set_data_from_numpy(np.ascontiguousarray(array))
+            array = np.ascontiguousarray(array)
+            tensors.append(module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
+            tensors[-1].set_data_from_numpy(array)
     return tensors
 
 
