@@ -6,6 +6,8 @@ pipeline does around a call (hidden-state choice, latent scaling, pixel conversi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -61,18 +63,65 @@ class UNet(nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
-class VaeDecoder(nn.Module):
-    """Latents to displayable uint8 RGB (NHWC), exactly as the SDXL pipeline's decode + postprocess.
+class ChunkedSelfAttention:
+    """diffusers' AttnProcessor2_0 for the VAE's self-attention (its mid-blocks: one head over every
+    latent pixel), the queries taken in `chunks` slices one after another. Each query's scores,
+    softmax and output are the same numbers; a graph run holds 1/chunks of the [pixels x pixels]
+    score matrix at a time: at 1536x1536, 340 MB in fp32 instead of 5.4 GB (twice: scores and
+    softmax), which ONNX Runtime kept whole and the OOM killer ended. Scaling as the exporter lowers
+    scaled_dot_product_attention (q and k each by head_dim ** -0.25: fp16 stays finite). The pixel
+    count must be a multiple of `chunks`: latents of images in multiples of 64 are (8 x 8 | h x w)."""
 
-    Inside the graph: unscaling (`/ scaling_factor`, or SDXL-style latents_mean/std when the VAE
-    config has them), decode, `VaeImageProcessor.denormalize` in the VAE's dtype, then fp32
-    `* 255`, round half to even (numpy's and ONNX's Round) and uint8. Sound because every step is
-    elementwise and exact in fp32; it sends 1 byte per pixel channel instead of 2-4 between
-    models, and the endpoint's `images` come straight out of the graph.
+    def __init__(self, chunks: int = 16):
+        self.chunks = chunks
 
-    A VAE whose config says `force_upcast` (the original SDXL VAE overflows in fp16) decodes in
-    fp32 whatever the input dtype, as diffusers does: keep it in fp32 with `vae.to(torch.float32)`.
-    """
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None \
+                or hidden_states.ndim != 4 or attn.norm_q is not None or attn.norm_k is not None:
+            raise NotImplementedError("ChunkedSelfAttention: only the VAE's plain self-attention over a feature map")
+        residual = hidden_states
+        batch, channel, height, width = hidden_states.shape
+        hidden = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden = attn.group_norm(hidden.transpose(1, 2)).transpose(1, 2)
+        query, key, value = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(tensor):  # [B, N, heads * d] -> [B, heads, N, d]
+            return tensor.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        scale = head_dim ** -0.25
+        keys = (heads(key) * scale).transpose(-1, -2)
+        values = heads(value)
+        queries = (heads(query) * scale).reshape(batch, attn.heads, self.chunks, -1, head_dim)
+        slices = [torch.softmax(queries[:, :, i] @ keys, dim=-1) @ values for i in range(self.chunks)]
+        hidden = torch.cat(slices, dim=2).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden = attn.to_out[1](attn.to_out[0](hidden))
+        hidden = hidden.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden = hidden + residual
+        return hidden / attn.rescale_output_factor
+
+
+@contextmanager
+def chunked_attention(vae):
+    """The VAE's attention processors swapped for ChunkedSelfAttention while the graph is traced
+    (or the module runs), restored after: the pipeline's VAE is left as it was."""
+    saved = getattr(vae, "attn_processors", None)
+    if not saved:  # AutoencoderTiny: no attention
+        yield
+        return
+    vae.set_attn_processor(ChunkedSelfAttention())
+    try:
+        yield
+    finally:
+        vae.set_attn_processor(saved)
+
+
+class _VaeGraph(nn.Module):
+    """A VAE and how its latents are scaled: x scaling_factor, or SDXL-style latents_mean/std when
+    its config has them (as diffusers' pipelines do on both sides). Its attention runs chunked
+    (ChunkedSelfAttention)."""
 
     def __init__(self, vae):
         super().__init__()
@@ -86,6 +135,20 @@ class VaeDecoder(nn.Module):
             self.register_buffer("latents_mean", torch.tensor(mean).view(1, channels, 1, 1), persistent=False)
             self.register_buffer("latents_std", torch.tensor(std).view(1, channels, 1, 1), persistent=False)
 
+
+class VaeDecoder(_VaeGraph):
+    """Latents to displayable uint8 RGB (NHWC), exactly as the SDXL pipeline's decode + postprocess.
+
+    Inside the graph: unscaling (`/ scaling_factor`, or SDXL-style latents_mean/std when the VAE
+    config has them), decode, `VaeImageProcessor.denormalize` in the VAE's dtype, then fp32
+    `* 255`, round half to even (numpy's and ONNX's Round) and uint8. Sound because every step is
+    elementwise and exact in fp32; it sends 1 byte per pixel channel instead of 2-4 between
+    models, and the endpoint's `images` come straight out of the graph.
+
+    A VAE whose config says `force_upcast` (the original SDXL VAE overflows in fp16) decodes in
+    fp32 whatever the input dtype, as diffusers does: keep it in fp32 with `vae.to(torch.float32)`.
+    """
+
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(self.vae.dtype)
         if self.has_latents_stats:
@@ -93,14 +156,15 @@ class VaeDecoder(nn.Module):
             latents = latents * std / self.scaling_factor + mean
         else:
             latents = latents / self.scaling_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
+        with chunked_attention(self.vae):
+            image = self.vae.decode(latents, return_dict=False)[0]
         image = (image * 0.5 + 0.5).clamp(0, 1)
         # NHWC before the cast: TensorRT accepts UINT8 only at the network's edge, so the Cast to
         # uint8 must produce the output itself.
         return (image.float() * 255).round().permute(0, 2, 3, 1).to(torch.uint8)
 
 
-class VaeEncoder(nn.Module):
+class VaeEncoder(_VaeGraph):
     """uint8 RGB images (NHWC) to their latent distribution, exactly as the SDXL img2img and inpaint
     pipelines' preprocess + encode: `VaeImageProcessor` (fp32 `/ 255`, then `2x - 1`), the VAE's
     dtype, `AutoencoderKL.encode`'s DiagonalGaussianDistribution (mean, std = exp(logvar / 2), logvar
@@ -111,23 +175,15 @@ class VaeEncoder(nn.Module):
     """
 
     def __init__(self, vae, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.vae = vae
+        super().__init__(vae)
         self.dtype = dtype or vae.dtype
-        config = vae.config
-        self.scaling_factor = float(config.scaling_factor)
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        self.has_latents_stats = mean is not None and std is not None
-        if self.has_latents_stats:
-            channels = config.latent_channels
-            self.register_buffer("latents_mean", torch.tensor(mean).view(1, channels, 1, 1), persistent=False)
-            self.register_buffer("latents_std", torch.tensor(std).view(1, channels, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor):
         # The Cast first: TensorRT takes UINT8 only at the network's edge, straight into a Cast.
         pixels = images.to(torch.float32).permute(0, 3, 1, 2) / 255.0
         pixels = (2.0 * pixels - 1.0).to(self.vae.dtype)
-        distribution = self.vae.encode(pixels, return_dict=False)[0]
+        with chunked_attention(self.vae):
+            distribution = self.vae.encode(pixels, return_dict=False)[0]
         mean, std = distribution.mean, distribution.std
         if self.has_latents_stats:
             latents_mean, latents_std = self.latents_mean.to(mean.dtype), self.latents_std.to(mean.dtype)
