@@ -9,11 +9,15 @@ call; the VAE decoder's CPU config sets 1, since ONNX Runtime's peak memory grow
 per 1024x1024 image: measured, benchmarks/results/faults_cpu.md), load_session (at_start, the
 default, or first_request: `unet_lora`'s, so that a deployment whose requests name no LoRA never
 holds a second copy of the UNet's weights: 10 GiB in fp32 at SDXL's size; the graph's interface is
-still checked at load, from its structure alone).
+still checked at load, from its structure alone), max_input_elements_per_run (default 0: no bound;
+the UNet's CPU config bounds the rows of a call by their size: its attention's memory grows with
+rows x pixels squared, and 4 rows at 1536x1536 were killed by the OOM killer), memory_arena (on, the default, or off: the VAE
+graphs', whose attention at 1536x1536 makes one run's intermediates several GiB).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
@@ -48,6 +52,17 @@ class TritonPythonModel:
         if not rows.isdigit():
             raise pb_utils.TritonModelException(f"{network}: parameter max_rows_per_run={rows!r}: expected a count (0: all at once)")
         self.max_rows = int(rows)
+        elements = params.get("max_input_elements_per_run", "0")
+        if not elements.isdigit():
+            raise pb_utils.TritonModelException(f"{network}: parameter max_input_elements_per_run={elements!r}: expected a "
+                                                "count (0: no bound)")
+        self.max_elements = int(elements)
+        arena = params.get("memory_arena", "on")
+        if arena not in ("on", "off"):
+            raise pb_utils.TritonModelException(f"{network}: parameter memory_arena={arena!r}: expected on or off")
+        # off: ONNX Runtime frees each intermediate instead of keeping its arena at the largest run's
+        # size (the VAE encoder at 1536x1536 in fp32: 15.5 GiB peak with it, 10.7 GiB without).
+        options.enable_cpu_mem_arena = arena == "on"
         when = params.get("load_session", "at_start")
         if when not in ("at_start", "first_request"):
             raise pb_utils.TritonModelException(f"{network}: parameter load_session={when!r}: expected at_start or first_request")
@@ -69,14 +84,24 @@ class TritonPythonModel:
         return {t.name: (ONNX_RUNTIME_TYPES.get(t.type, t.type), [d if isinstance(d, int) else -1 for d in t.shape])
                 for t in self.session.get_inputs() + self.session.get_outputs()}
 
+    def rows_per_run(self, inputs: dict) -> int:
+        """Rows one ONNX Runtime call may hold (0: all): max_rows_per_run, and as many rows as keep
+        the first input within max_input_elements_per_run (at least one)."""
+        if not self.max_elements:
+            return self.max_rows
+        per_row = int(np.prod(inputs[self.spec.input_names[0]].shape[1:]))
+        fitting = max(1, self.max_elements // max(per_row, 1))
+        return min(fitting, self.max_rows) if self.max_rows else fitting
+
     def execute(self, requests):
         responses = [None] * len(requests)
         arrays = [input_arrays(request, self.spec.input_names) for request in requests]
         for indices in group_by_shape(arrays, self.spec.input_names):
             try:
+                group = [arrays[i] for i in indices]
                 outputs = run_concatenated(
                     lambda feed: self.session.run(self.spec.output_names, feed),
-                    [arrays[i] for i in indices], self.spec.input_names, self.spec.output_names, self.max_rows,
+                    group, self.spec.input_names, self.spec.output_names, self.rows_per_run(group[0]),
                 )
                 for i, per_request in zip(indices, outputs):
                     responses[i] = respond(requests[i], per_request)
