@@ -85,3 +85,12 @@ def start_engine_server(source, tmp_path_factory, name: str):
         set_parameters(path, {"engine": "denoiser"})
     log = tmp_path_factory.mktemp(name) / "tritonserver.log"
     return TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log).start()
+
+
+def metric(server, name: str) -> float:
+    """The sum over a Prometheus metric's labelled series on a running server's metrics port."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import start_engine_server
+from helpers import metric, start_engine_server
 from reference import diffusers_images
 
 from client import generate
@@ -32,12 +32,6 @@ def ask(server, protocol="grpc", **options):
     url = server.grpc_url if protocol == "grpc" else server.http_url
     return generate(options.pop("prompt", "a lighthouse"), url=url, protocol=protocol,
                     **{"height": 128, "width": 128, **options})
-
-
-def metric(server, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:
-        text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

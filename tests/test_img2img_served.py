@@ -6,12 +6,11 @@ client's --image/--strength/--mask. (Parity with diffusers for every scheduler: 
 
 from __future__ import annotations
 
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import start_engine_server
+from helpers import metric, start_engine_server
 from reference import sample_image, sample_mask
 
 from client import ClientError, generate
@@ -26,12 +25,6 @@ def engine_server(exported, tmp_path_factory):
     server = start_engine_server(exported(CPU_DTYPE), tmp_path_factory, "img2img_engine")
     yield server
     server.stop()
-
-
-def metric(server, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:
-        text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def ask(server, protocol="grpc", **options):

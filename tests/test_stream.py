@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from helpers import metric
 from reference import recipe_scheduler
 
 from client import ClientError, generate
@@ -25,12 +26,6 @@ from contract.recipes import RECIPE_PARAMETERS
 
 def stream(server, prompt="a lighthouse", **options):
     return list(generate(prompt, url=server.grpc_url, protocol="grpc", stream=True, **{"height": 128, "width": 128, **options}))
-
-
-def metric(server, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:
-        text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def test_a_response_per_step_in_order_and_the_final_images_are_the_ensembles(triton):
