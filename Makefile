@@ -51,13 +51,14 @@ BENCH_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 # make perf: perf_analyzer against a running server (make serve); native where it works.
 PERF_ANALYZER ?= $(if $(wildcard ../shared/tools/perf_analyzer),../shared/tools/perf_analyzer,perf_analyzer)
+# Text-to-image by default; perf/img2img_cpu.json, perf/inpaint_cpu.json (and make perf-data's 1024² ones) for images.
 PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 # Up to the admitted capacity of the default configs (4 loops + max_queue_size 4): past it the server
 # refuses requests by design (UNAVAILABLE), which perf_analyzer counts as errors and stops on.
 PERF_CONCURRENCY ?= 1 2 4 8
 
 .PHONY: help install install-gpu install-deploy lock lock-deploy k8s-render export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale \
-  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora
+  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img perf-data
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
@@ -70,12 +71,15 @@ help:
 	@echo "make engines      TensorRT plans of $(REPOSITORY)/'s graphs, in place (GPU box, after make install-gpu)"
 	@echo "make production   GPU box: export SDXL + LCM-LoRA + fp16-fix VAE, build the plans, serve them"
 	@echo "make perf         perf_analyzer on ensemble_sdxl of a running server (PERF_ANALYZER, PERF_DATA, PERF_CONCURRENCY)"
+	@echo "make perf-data    img2img and inpainting perf data at 1024² -> build/perf/ (128² ones: perf/)"
 	@echo "make bench        the throughput benchmark: results in $(BENCH_RESULTS)/"
 	@echo "make bench-faults kill -9 of each stub, overload, drain, cancellation, /dev/shm: $(BENCH_RESULTS)/faults_cpu.md"
 	@echo "make bench-soak   2,000 mixed requests at concurrency 8: failures, memory growth: $(BENCH_RESULTS)/soak.md"
 	@echo "make bench-fuzz   the fuzz tests' request generators at length: $(BENCH_RESULTS)/fuzz.md"
 	@echo "make bench-engine continuous batching against the loop design (perf_analyzer, 256² and 512²): $(BENCH_RESULTS)/engine_cpu.md"
 	@echo "make bench-stream sdxl_stream: time to first preview, preview cost per step, cancel to slot free: $(BENCH_RESULTS)/stream_cpu.md"
+	@echo "make bench-painting real-time painting: 512² img2img frames in sequence over gRPC, fps, time outside the networks: $(BENCH_RESULTS)/painting_cpu.md"
+	@echo "make bench-img2img img2img memory: SDXL's VAE graphs at full size to 1536², the tiny server at 1536² x 4: $(BENCH_RESULTS)/img2img_cpu.md"
 	@echo "make bench-lora   per-request LoRAs: unet_lora by rank vs unet, mixed vs single-LoRA traffic, library: $(BENCH_RESULTS)/lora_cpu.md"
 	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: $(BENCH_RESULTS)/scale_cpu.md"
 	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"
@@ -156,6 +160,10 @@ perf: | perf-analyzer-check
 	    --concurrency-range $$c --measurement-interval 5000 --percentile 95 || exit 1; \
 	done
 
+# perf_analyzer data for img2img and inpainting at production size (4 MB each of base64: not committed).
+perf-data: install
+	$(PY) -m benchmarks.perf_data --size 1024 --out build/perf
+
 bench: install | perf-analyzer-check
 	$(PY) -m pip install --quiet -r requirements/bench.in
 	$(PY) -m benchmarks.throughput
@@ -172,6 +180,12 @@ bench-engine: install | perf-analyzer-check
 
 bench-stream: install
 	$(PY) -m benchmarks.streaming
+
+bench-painting: install
+	$(PY) -m benchmarks.painting
+
+bench-img2img: install
+	$(PY) -m benchmarks.img2img
 
 bench-fuzz: install
 	$(PY) -m benchmarks.fuzz

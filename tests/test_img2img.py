@@ -130,6 +130,27 @@ def test_engine_steps_the_three_kinds_in_one_unet_call(loaded):
         assert torch.allclose(latents, alone[index], atol=1e-4, rtol=1e-4), (index, (latents - alone[index]).abs().max())
 
 
+def test_vae_graphs_attention_in_slices_equals_diffusers_and_leaves_the_vae_as_it_was(loaded):
+    """The VAE modules run their attention in query slices (what the graphs hold, so that 1536x1536
+    fits in memory): the same numbers as diffusers' own attention, and the pipeline's VAE keeps its
+    processors (the diffusers references of every parity test run the original)."""
+    vae = loaded("fp32").pipe.vae
+    before = {name: type(processor) for name, processor in vae.attn_processors.items()}
+    assert before and "ChunkedSelfAttention" not in {t.__name__ for t in before.values()}
+    images = torch.from_numpy(sample_image(128, 192))[None]
+    with torch.no_grad():
+        mean, std = VaeEncoder(vae)(images)
+        pixels = 2 * (images.permute(0, 3, 1, 2).float() / 255) - 1
+        expected = vae.encode(pixels).latent_dist
+        decoded = VaeDecoder(vae)(mean)
+        reference = vae.decode(mean / vae.config.scaling_factor).sample
+    assert torch.allclose(mean, expected.mean * vae.config.scaling_factor, atol=1e-6)
+    assert torch.allclose(std, expected.std * vae.config.scaling_factor, atol=1e-6)
+    reference = ((reference * 0.5 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).to(torch.uint8)
+    assert (decoded.int() - reference.int()).abs().max() <= 1
+    assert {name: type(processor) for name, processor in vae.attn_processors.items()} == before
+
+
 # --- the endpoint's checks ----------------------------------------------------------------------
 
 LIMITS = Limits(min_size=128, max_size=512)
