@@ -60,9 +60,9 @@ from hypothesis import strategies as st
 from benchmarks.measure import out_help, results_env, results_path
 from contract.limits import Limits
 from serving.admission import MAX_QUEUE_TIMEOUT_MS, QUEUE_TIMEOUT_PARAMETER  # the request parameter a client may set
-from serving.endpoint import IMAGE_INPUTS, INPUTS, LORA_INPUTS, MAX_GUIDANCE, MODEL_NAME, SEED_MAX
+from serving.endpoint import ENDPOINT_INPUTS, INPUTS, MAX_GUIDANCE, MODEL_NAME, SEED_MAX
 
-ENSEMBLE_INPUTS = len(INPUTS) + len(LORA_INPUTS) + len(IMAGE_INPUTS)  # what ensemble_sdxl's config declares
+ENSEMBLE_INPUTS = len(ENDPOINT_INPUTS)  # what ensemble_sdxl's config declares
 
 TIMEOUT_S = 60  # per call: a valid request here takes well under a second; a hang is a failure
 DECLARED = {i.name: ("BYTES" if i.dtype == "STRING" else i.dtype) for i in INPUTS}  # the endpoint's inputs

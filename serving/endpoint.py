@@ -53,13 +53,25 @@ IMAGE_INPUTS = (
     EndpointInput("mask", "UINT8", None, "inpainting, [H, W]: 255 repaint, 0 keep (binarized at 128)", (-1, -1)),
 )
 IMAGE_INPUT_NAMES = tuple(i.name for i in IMAGE_INPUTS)
+# What leaves the server (serving/outputs.py; docs/outputs.md): files instead of raw pixels, and
+# SDXL's invisible watermark. Checked with the other options, before any work; applied at the end.
+OUTPUT_FORMATS = ("raw", "png", "jpeg", "webp")
+OUTPUT_INPUTS = (
+    EndpointInput("output_format", "STRING", "raw", "raw (the images output only), png, jpeg or webp (encoded_images)"),
+    EndpointInput("output_quality", "INT32", 90, "1 to 100: JPEG and WebP quality"),
+    EndpointInput("apply_watermark", "BOOL", None, "SDXL's invisible watermark (default: the deployment's)"),
+)
+OUTPUT_INPUT_NAMES = tuple(i.name for i in OUTPUT_INPUTS)
+ENDPOINT_INPUTS = (*INPUTS, *LORA_INPUTS, *IMAGE_INPUTS, *OUTPUT_INPUTS)  # ensemble_sdxl's, in its config's order
 INPUT_NAMES = tuple(i.name for i in INPUTS)
 # The non-text inputs: what check_options reads and the loops (scheduler, denoiser) take.
 OPTION_INPUTS = tuple(i.name for i in INPUTS if i.dtype != "STRING")
-# What check_options reads: the options and the image inputs (the image gives the size).
-CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES)
-DEFAULTS = {i.name: i.default for i in INPUTS}
-OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,))}
+# What check_options reads: the options, the image inputs (the image gives the size) and the output's.
+CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES, *OUTPUT_INPUT_NAMES)
+DEFAULTS = {i.name: i.default for i in (*INPUTS, *OUTPUT_INPUTS)}
+OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,)), "encoded_images": ("STRING", (-1,))}
+# invisible-watermark's dwtDct needs 256x256 pixels; diffusers skips images under 256 wide.
+WATERMARK_MIN_SIDE = 256
 
 
 class InvalidInput(ValueError):
@@ -71,6 +83,20 @@ class InvalidInput(ValueError):
 
 class Cancelled(RuntimeError):
     """The request was cancelled (a client's cancel or deadline) while the server worked on it."""
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the final images leave the server: `format` raw or a file format, `quality` for JPEG and
+    WebP, `watermark` SDXL's invisible watermark (None: the deployment's setting)."""
+
+    format: str = "raw"
+    quality: int = 90
+    watermark: bool | None = None
+
+    @property
+    def encoded(self) -> bool:
+        return self.format != "raw"
 
 
 @dataclass(frozen=True)
@@ -86,6 +112,7 @@ class GenerationOptions:
     # img2img / inpainting: the part of the schedule that runs; None: text-to-image (no image).
     strength: float | None = None
     inpainting: bool = False  # a mask came with the image
+    output: OutputOptions = OutputOptions()
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -232,6 +259,31 @@ def check_mask(array: np.ndarray | None, image_size: tuple[int, int] | None) -> 
     return True
 
 
+def check_output(raw: Mapping[str, np.ndarray | None], size: tuple[int, int] | None = None) -> OutputOptions:
+    """output_format, output_quality and apply_watermark of one request; `size` (height, width): the
+    watermark is refused where diffusers' watermarker would fail (at least 256 wide but under
+    256x256 pixels), and skipped, as diffusers does, under 256 wide."""
+    value = _one("output_format", raw.get("output_format"))
+    fmt = DEFAULTS["output_format"]
+    if value is not None:
+        text = bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, np.bytes_)) else value
+        if not isinstance(text, str) or text.lower() not in OUTPUT_FORMATS:
+            raise InvalidInput("output_format", text, f"one of {', '.join(OUTPUT_FORMATS)} (BYTES, shape [1])")
+        fmt = text.lower()
+    quality = _integer("output_quality", raw.get("output_quality"), 1, 100,
+                       "an integer from 1 to 100 (JPEG and WebP quality; default 90)")
+    watermark = _one("apply_watermark", raw.get("apply_watermark"))
+    if watermark is not None and not isinstance(watermark, (bool, np.bool_)):
+        raise InvalidInput("apply_watermark", watermark.item() if isinstance(watermark, np.generic) else watermark,
+                           "true or false (BOOL, shape [1])")
+    watermark = None if watermark is None else bool(watermark)
+    if watermark and size is not None and size[1] >= WATERMARK_MIN_SIDE and size[0] * size[1] < WATERMARK_MIN_SIDE**2:
+        raise InvalidInput("apply_watermark", f"true for {size[0]}x{size[1]} images",
+                           f"images of at least {WATERMARK_MIN_SIDE}x{WATERMARK_MIN_SIDE} pixels for the watermark "
+                           f"(under {WATERMARK_MIN_SIDE} wide it is skipped, as diffusers does)")
+    return OutputOptions(fmt, quality, watermark)
+
+
 def check_prompts(raw: Mapping[str, np.ndarray | None], limits: Limits = Limits()) -> tuple[str, str]:
     """(prompt, negative_prompt) of one request; the prompt is required. Sizes first: an oversize
     text is refused before it is decoded or tokenized."""
@@ -260,4 +312,5 @@ def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_see
         num_images_per_prompt=num_images,
         strength=check_strength(get("strength"), steps, image is not None, limits),
         inpainting=check_mask(get("mask"), image),
+        output=check_output(raw, (height, width)),
     )

@@ -85,13 +85,13 @@ def test_scheduler_speaks_the_graphs_tensors(variant):
     options = [t for t in config.input if t.name not in ("prompt_embeds", "pooled_prompt_embeds", TICKET_TENSOR)]
     assert all(t.optional for t in options)
     assert [t.name for t in options] == [i.name for i in endpoint.INPUTS if i.dtype != "STRING"] + \
-        [i.name for i in (*endpoint.LORA_INPUTS, *endpoint.IMAGE_INPUTS)]
+        [i.name for i in (*endpoint.LORA_INPUTS, *endpoint.IMAGE_INPUTS, *endpoint.OUTPUT_INPUTS)]
 
 
 def test_ensemble_is_the_endpoint():
     config = read_config(REPO, endpoint.MODEL_NAME)
     assert config.platform == "ensemble" and config.max_batch_size == 0
-    declared = (*endpoint.INPUTS, *endpoint.LORA_INPUTS, *endpoint.IMAGE_INPUTS)
+    declared = endpoint.ENDPOINT_INPUTS
     assert [t.name for t in config.input] == [i.name for i in declared]
     for entry, spec in zip(config.input, declared):  # LoRAs: [K], up to max_loras; image [H, W, 3], mask [H, W]
         assert model_config_type(entry) == "TYPE_" + spec.dtype and tuple(entry.dims) == spec.dims and entry.optional
@@ -102,7 +102,7 @@ def test_ensemble_is_the_endpoint():
 def test_ensemble_steps_wire_real_tensors(variant):
     """Every step maps existing inputs/outputs of its model, and every step input is produced upstream."""
     ensemble = read_config(REPO, endpoint.MODEL_NAME)
-    available = {*endpoint.INPUT_NAMES, *(i.name for i in (*endpoint.LORA_INPUTS, *endpoint.IMAGE_INPUTS))}
+    available = {i.name for i in endpoint.ENDPOINT_INPUTS}
     for step in ensemble.ensemble_scheduling.step:
         model = read_config(REPO, step.model_name, variant)
         assert set(step.input_map) <= {t.name for t in model.input}, step.model_name

@@ -1,7 +1,8 @@
 """`sdxl_stream`: the streaming endpoint (decoupled: gRPC streams only). The inputs of `ensemble_sdxl`
 plus `preview_every`; one response per denoising step (`step`, `num_inference_steps`, `seeds`, and
 `images` on every `preview_every`-th step: a preview from the `preview_decoder`), then the final
-images with the FINAL flag, or one error response.
+images (watermarked and encoded as `ensemble_sdxl`'s postprocess does, serving/outputs.py) with the
+FINAL flag, or one error response. Only the outputs the client asked for are sent.
 
 Each request runs here synchronously, through BLS: tokenizer (texts checked, admitted or refused,
 as the ensemble's) -> text_encoder -> denoiser (the continuous-batching engine, decoupled) ->
@@ -11,7 +12,8 @@ docs/batching-and-streaming.md). A cancelled stream (`is_cancelled`) is seen at 
 cannot cancel a BLS request, so the request's admission ticket is marked cancelled in the run
 directory, which the denoiser checks before every step.
 
-Config parameters: the endpoint's limits and the recipe (as the scheduler's; a test keeps them equal).
+Config parameters: the endpoint's limits and the recipe (as the scheduler's; a test keeps them equal),
+apply_watermark (as postprocess's).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from contract.limits import Limits
 from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECODER
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
+from serving.outputs import Finisher, parse_watermark_setting
 
 from .common import (ComponentError, error_response, image_tensors, infer, input_arrays, lora_tensors, model_config,
                      option_tensors, parameters, ticket_tensor)
@@ -38,8 +41,10 @@ TEXT_INPUTS = ("prompt", "negative_prompt")
 
 class TritonPythonModel:
     def initialize(self, args):
+        settings = parameters(model_config(args))
         try:
-            self.limits = Limits.from_parameters(parameters(model_config(args)))
+            self.limits = Limits.from_parameters(settings)
+            self.finisher = Finisher(parse_watermark_setting(settings.get("apply_watermark", ""), "sdxl_stream"))
         except ValueError as error:
             raise pb_utils.TritonModelException(f"sdxl_stream: {error}") from None
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
@@ -100,7 +105,7 @@ class TritonPythonModel:
                 if sender.is_cancelled():
                     raise Cancelled("cancelled by the client before denoising")
                 self._denoise(sender, embeddings + tensors + lora_tensors(request) + image_tensors(request), options, every,
-                              ticket, start)
+                              ticket, start, set(request.requested_output_names()))
             finally:
                 self.metrics.in_flight.increment(-1)
         finally:
@@ -114,8 +119,9 @@ class TritonPythonModel:
             raise
 
     # 4. denoise in the engine, answering at every step; 5. decode previews and the final images
-    def _denoise(self, sender, inputs: list, options, every: int, ticket: str, start: float) -> None:
-        """`inputs`: the embeddings and the option tensors."""
+    def _denoise(self, sender, inputs: list, options, every: int, ticket: str, start: float, wanted: set) -> None:
+        """`inputs`: the embeddings and the option tensors; `wanted`: the outputs the client asked for
+        (images: previews and final pixels; encoded_images: the final files)."""
         steps = options.num_inference_steps
         seeds = np.asarray(options.seeds, dtype=np.int64)
         # A response after every step, previews or not: the stream's cancellation is checked on each.
@@ -138,8 +144,9 @@ class TritonPythonModel:
                 self.run.cancel(ticket)
                 continue
             if step == steps:
-                images = infer(VAE_DECODER.name, [latents], VAE_DECODER.output_names, self.run)
-                self._send(sender, step, steps, seeds, pb_utils.get_output_tensor_by_name(images, "images"), FINAL)
+                decoded = infer(VAE_DECODER.name, [latents], VAE_DECODER.output_names, self.run)
+                images = pb_utils.get_output_tensor_by_name(decoded, "images")
+                self._send(sender, step, steps, seeds, *self._finish(images, options, wanted), FINAL)
                 self.metrics.request_seconds.observe(time.monotonic() - start)
                 return
             preview = None
@@ -148,7 +155,7 @@ class TritonPythonModel:
                 preview = pb_utils.get_output_tensor_by_name(decoded, "images")
                 if step == every:
                     self.metrics.first_preview.observe(time.monotonic() - start)
-            self._send(sender, step, steps, seeds, preview, 0)
+            self._send(sender, step, steps, seeds, preview if "images" in wanted else None, None, 0)
         # The responses ended without the final latents. A decoupled BLS caller never sees its callee's
         # error responses on 2.51, only the empty FINAL one that follows: the denoiser logs the error.
         if cancelled_at is not None:  # the denoiser dropped the request: its batch slot is free
@@ -157,11 +164,21 @@ class TritonPythonModel:
             raise Cancelled("cancelled by the client; the denoiser dropped the request")
         raise ComponentError(f"{DENOISER}: the request ended without its final latents (the error is in the server log)")
 
+    # 6. the final images as the request asks: watermarked, encoded (serving/outputs.py)
+    def _finish(self, images, options, wanted) -> tuple:
+        """(images or None, encoded_images or None) for the final response, each only if asked for."""
+        if not options.output.encoded and not self.finisher.watermarks(options.output):
+            return (images if "images" in wanted else None), None
+        finished, files = self.finisher.finish(images.as_numpy(), options.output)
+        if files is not None:  # the files replace the pixels, as in ensemble_sdxl: images [0, H, W, 3]
+            finished = finished[:0]
+        return (pb_utils.Tensor("images", finished) if "images" in wanted else None,
+                pb_utils.Tensor("encoded_images", np.asarray(files, dtype=object)) if files and "encoded_images" in wanted else None)
+
     @staticmethod
-    def _send(sender, step: int, steps: int, seeds: np.ndarray, images, flags: int) -> None:
+    def _send(sender, step: int, steps: int, seeds: np.ndarray, images, encoded, flags: int) -> None:
         tensors = [pb_utils.Tensor("step", np.asarray([step], dtype=np.int32)),
                    pb_utils.Tensor("num_inference_steps", np.asarray([steps], dtype=np.int32)),
                    pb_utils.Tensor("seeds", seeds)]
-        if images is not None:
-            tensors.append(images)
+        tensors += [tensor for tensor in (images, encoded) if tensor is not None]
         sender.send(pb_utils.InferenceResponse(tensors), flags=flags)

@@ -1,0 +1,1 @@
+from serving.triton.postprocess_model import TritonPythonModel  # noqa: F401
