@@ -10,6 +10,7 @@
 
     generate("a watercolor", image="photo.png", strength=0.6)             # img2img
     generate("a red sofa", image="room.png", mask="sofa_mask.png")        # inpainting (255: repaint)
+    generate("a cat", output_format="jpeg").encoded_images                # [bytes]: one JPEG file per image
 
 Only the inputs you set are sent; the server applies the endpoint's defaults to the others (the
 step count and guidance default to the served recipe's: `info()` tells which recipe that is).
@@ -40,7 +41,12 @@ _OPTIONAL = {
     "width": ("INT32", np.int32),
     "num_images_per_prompt": ("INT32", np.int32),
     "preview_every": ("INT32", np.int32),  # sdxl_stream only
+    "output_format": ("BYTES", np.object_),
+    "output_quality": ("INT32", np.int32),
+    "apply_watermark": ("BOOL", np.bool_),
 }
+# What a file name's extension asks the server for (output_format).
+FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 class ClientError(RuntimeError):
@@ -61,6 +67,7 @@ class StreamUpdate:
     images: np.ndarray | None  # uint8 [N, H, W, 3]: a preview (step < num_inference_steps) or the final images
     seeds: list[int]
     seconds: float  # since the request was sent
+    encoded_images: list[bytes] | None = None  # the final files, with an output_format
 
     @property
     def final(self) -> bool:
@@ -69,9 +76,10 @@ class StreamUpdate:
 
 @dataclass
 class GenerationResult:
-    images: np.ndarray  # uint8 [N, H, W, 3], RGB
+    images: np.ndarray | None  # uint8 [N, H, W, 3], RGB; None with an output_format (not sent)
     seeds: list[int]
     seconds: float  # request round trip, as the client saw it
+    encoded_images: list[bytes] | None = None  # one PNG, JPEG or WebP file per image, with an output_format
 
 
 def _module(protocol: str):
@@ -185,6 +193,7 @@ def generate(
     height: int | None = None, width: int | None = None, num_images_per_prompt: int | None = None,
     timeout_s: float = 600.0, queue_timeout_ms: int | None = None, stream: bool = False, preview_every: int | None = None,
     loras: Sequence[tuple[str, float]] | None = None, image=None, strength: float | None = None, mask=None,
+    output_format: str | None = None, output_quality: int | None = None, apply_watermark: bool | None = None,
 ) -> GenerationResult | Iterator[StreamUpdate]:
     """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure.
     queue_timeout_ms: the longest wait for a denoising slot the server may make this request wait
@@ -192,7 +201,10 @@ def generate(
     server's LoRA library (`python -m export lora add`), sent as lora_names and lora_scales.
     image: img2img's init image (a path, a PIL image or uint8 [H, W, 3]; its size is the output's),
     strength: the part of the schedule that runs (default: the server's, 0.8), mask: inpainting
-    (a path, a PIL image or uint8 [H, W]; 255 repaint, 0 keep).
+    (a path, a PIL image or uint8 [H, W]; 255 repaint, 0 keep). output_format: png, jpeg or webp:
+    the images come as files (`encoded_images`; the raw pixels are not sent), output_quality: 1 to
+    100 for JPEG and WebP (server default 90), apply_watermark: SDXL's invisible watermark (default:
+    the server's setting).
 
     stream=True (gRPC only): the request goes to `sdxl_stream`, and an iterator of StreamUpdate is
     returned, one per denoising step (a preview image on every `preview_every`-th step; default 0:
@@ -202,7 +214,9 @@ def generate(
     inputs = build_inputs(
         protocol, prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+        output_format=output_format, output_quality=output_quality, apply_watermark=apply_watermark,
     )
+    encoded = output_format is not None and output_format != "raw"
     if loras:
         inputs += lora_inputs(protocol, loras)
     inputs += image_inputs(protocol, image, strength, mask)
@@ -216,12 +230,17 @@ def generate(
     if preview_every is not None:
         raise ClientError("preview_every is an input of the streaming endpoint: pass stream=True with it")
     module = _module(protocol)
-    outputs = [module.InferRequestedOutput("images"), module.InferRequestedOutput("seeds")]
+    outputs = [module.InferRequestedOutput(name) for name in ("encoded_images" if encoded else "images", "seeds")]
     start = time.perf_counter()
     with _connected(url, protocol, timeout_s) as (client, call):
         result = client.infer(MODEL, inputs, outputs=outputs, parameters=parameters, **call)
     seconds = time.perf_counter() - start
-    return GenerationResult(result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")], seconds)
+    return GenerationResult(result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")], seconds,
+                            _files(result.as_numpy("encoded_images")))
+
+
+def _files(array: np.ndarray | None) -> list[bytes] | None:
+    return None if array is None else [bytes(item) for item in array.reshape(-1)]
 
 
 def _stream(url: str, inputs: list, parameters: dict | None, timeout_s: float) -> Iterator[StreamUpdate]:
@@ -246,7 +265,7 @@ def _stream(url: str, inputs: list, parameters: dict | None, timeout_s: float) -
                                       error.status() if isinstance(error, InferenceServerException) else None)
                 update = StreamUpdate(int(result.as_numpy("step")[0]), int(result.as_numpy("num_inference_steps")[0]),
                                       result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")],
-                                      time.perf_counter() - start)
+                                      time.perf_counter() - start, _files(result.as_numpy("encoded_images")))
                 finished = update.final
                 yield update
         finally:

@@ -1,4 +1,6 @@
-"""python -m client "a prompt" -o out.png [options]: one PNG per image, seeds and time printed.
+"""python -m client "a prompt" -o out.png [options]: one file per image, seeds and time printed. The server
+encodes them in the format of -o's extension (.png, .jpg/.jpeg, .webp; --quality for JPEG and WebP) and
+sends only the files.
 python -m client "a prompt" --stream [--preview-every K]: through sdxl_stream (gRPC), a progress line per
 step and the previews written as out_step<k>.png, then the final images.
 python -m client "a prompt" --image in.png [--strength S] [--mask mask.png]: img2img, or inpainting with a mask
@@ -12,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import DEFAULT_URLS, ClientError, StreamUpdate, generate, info, loras
+from . import DEFAULT_URLS, FORMATS_BY_SUFFIX, ClientError, StreamUpdate, generate, info, loras
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -26,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description="Generate images with ensemble_sdxl, or with sdxl_stream (--stream).")
     parser.add_argument("prompt", nargs="?", help="the prompt (required unless --info)")
     parser.add_argument("--info", action="store_true", help="print the served recipe (from the scheduler model's config) and the LoRA library, and exit")
-    parser.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (numbered when several)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("out.png"),
+                        help="file path, numbered when several; its extension (.png, .jpg, .jpeg, .webp) is the format the server encodes")
+    parser.add_argument("--quality", type=int, dest="output_quality", help="JPEG and WebP quality, 1 to 100 (server default 90)")
+    parser.add_argument("--watermark", action=argparse.BooleanOptionalAction, dest="apply_watermark",
+                        help="SDXL's invisible watermark on or off (default: the server's setting)")
     parser.add_argument("--url", help=f"HOST:PORT (default {DEFAULT_URLS['http']} for http, {DEFAULT_URLS['grpc']} for grpc)")
     parser.add_argument("--protocol", choices=("http", "grpc"), help="default: http; grpc with --stream (the only one it works with)")
     parser.add_argument("--stream", action="store_true", help="stream from sdxl_stream (gRPC): a progress line per step, "
@@ -75,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if args["prompt"] is None:
         parser.error("the prompt is required (or --info)")
     prompt, output, timeout = args.pop("prompt"), args.pop("output"), args.pop("timeout")
+    args["output_format"] = FORMATS_BY_SUFFIX.get(output.suffix.lower())
+    if args["output_format"] is None:
+        parser.error(f"-o {output}: the extension names the format; expected one of {', '.join(FORMATS_BY_SUFFIX)}")
     stream = args.pop("stream")
     if stream:
         if args["protocol"] == "http":
@@ -93,20 +102,32 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    write_images(output, result.images, result.seeds)
-    print(f"{len(result.images)} image(s) in {result.seconds:.2f} s")
+    write_files(output, result.encoded_images, result.seeds)
+    print(f"{len(result.encoded_images)} image(s) in {result.seconds:.2f} s")
     return 0
 
 
-def write_images(output: Path, images, seeds, quiet: bool = False) -> list[Path]:
+def write_files(output: Path, files: list[bytes], seeds) -> list[Path]:
+    """The server's encoded images as they came, a line each: path, seed, size, bytes."""
+    from PIL import Image
+
+    paths = output_paths(output, len(files))
+    for path, data, seed in zip(paths, files, seeds):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        with Image.open(path) as image:
+            print(f"{path}  seed {seed}  {image.width}x{image.height}  {len(data):,} bytes")
+    return paths
+
+
+def write_images(output: Path, images, seeds) -> list[Path]:
+    """Raw pixels (the stream's previews), encoded here by the extension."""
     from PIL import Image
 
     paths = output_paths(output, len(images))
-    for path, image, seed in zip(paths, images, seeds):
+    for path, image in zip(paths, images):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
-        if not quiet:
-            print(f"{path}  seed {seed}  {image.shape[1]}x{image.shape[0]}")
     return paths
 
 
@@ -119,10 +140,10 @@ def stream_to_files(updates, output: Path) -> int:
             line = f"step {update.step}/{update.num_inference_steps}  {update.seconds:6.2f} s"
             if update.final:
                 print(line + "  final")
-                write_images(output, update.images, update.seeds)
+                write_files(output, update.encoded_images, update.seeds)
             elif update.images is not None:
                 preview = output.with_name(f"{output.stem}_step{update.step}{output.suffix or '.png'}")
-                paths = write_images(preview, update.images, update.seeds, quiet=True)
+                paths = write_images(preview, update.images, update.seeds)
                 print(line + "  preview " + " ".join(map(str, paths)))
             else:
                 print(line)
@@ -133,7 +154,7 @@ def stream_to_files(updates, output: Path) -> int:
     if update is None or not update.final:
         print("error: the stream ended without the final images", file=sys.stderr)
         return 1
-    print(f"{len(update.images)} image(s) in {update.seconds:.2f} s")
+    print(f"{len(update.encoded_images)} image(s) in {update.seconds:.2f} s")
     return 0
 
 
