@@ -314,9 +314,11 @@ def test_shm_is_sized_from_the_python_instances_of_the_production_configs(case):
     values = chart_values(*([PRODUCTION_VALUES] if case == "production" else []))
     shm = values["sharedMemory"]
     assert shm["pythonInstances"] == python_models_of_production_configs() == {"tokenizer": 2, "scheduler": 4, "denoiser": 1,
-                                                                                "sdxl_stream": 4, "loras": 1}
-    # Per instance at least what docs/reliability.md measured: tokenizer 1 MiB, a scheduler at 1536x1536 8.7 MiB.
+                                                                                "sdxl_stream": 4, "loras": 1, "postprocess": 2}
+    # Per instance at least what docs/reliability.md measured: tokenizer 1 MiB, a scheduler at 1536x1536 8.7 MiB;
+    # postprocess receives 4 images of 1536x1536 (27 MiB) and returns them or their files.
     assert shm["perInstanceMiB"]["tokenizer"] >= 1 and shm["perInstanceMiB"]["scheduler"] >= 8.7
+    assert shm["perInstanceMiB"]["postprocess"] >= 2 * 4 * 1536 * 1536 * 3 / 2**20
     expected = math.ceil(sum(n * shm["perInstanceMiB"][m] for m, n in shm["pythonInstances"].items()) * shm["headroomFactor"]
                          + shm["baseMiB"])
     volumes = {v["name"]: v for v in one(render(*SOURCES[case]), "Deployment")["spec"]["template"]["spec"]["volumes"]}
