@@ -51,14 +51,15 @@ BENCH_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 # make perf: perf_analyzer against a running server (make serve); native where it works.
 PERF_ANALYZER ?= $(if $(wildcard ../shared/tools/perf_analyzer),../shared/tools/perf_analyzer,perf_analyzer)
-# Text-to-image by default; perf/img2img_cpu.json, perf/inpaint_cpu.json (and make perf-data's 1024² ones) for images.
+# Text-to-image by default; perf/img2img_cpu.json, perf/inpaint_cpu.json (and make perf-data's 1024² ones) for images;
+# perf/ensemble_sdxl_jpeg_cpu.json (and _1024) for JPEG responses.
 PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 # Up to the admitted capacity of the default configs (4 loops + max_queue_size 4): past it the server
 # refuses requests by design (UNAVAILABLE), which perf_analyzer counts as errors and stops on.
 PERF_CONCURRENCY ?= 1 2 4 8
 
 .PHONY: help install install-gpu install-deploy lock lock-deploy k8s-render export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale \
-  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img perf-data
+  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img bench-outputs perf-data
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
@@ -80,6 +81,7 @@ help:
 	@echo "make bench-stream sdxl_stream: time to first preview, preview cost per step, cancel to slot free: $(BENCH_RESULTS)/stream_cpu.md"
 	@echo "make bench-painting real-time painting: 512² img2img frames in sequence over gRPC, fps, time outside the networks: $(BENCH_RESULTS)/painting_cpu.md"
 	@echo "make bench-img2img img2img memory: SDXL's VAE graphs at full size to 1536², the tiny server at 1536² x 4: $(BENCH_RESULTS)/img2img_cpu.md"
+	@echo "make bench-outputs PNG/JPEG/WebP and the watermark per image, raw vs JPEG responses over gRPC and HTTP: $(BENCH_RESULTS)/outputs_cpu.md"
 	@echo "make bench-lora   per-request LoRAs: unet_lora by rank vs unet, mixed vs single-LoRA traffic, library: $(BENCH_RESULTS)/lora_cpu.md"
 	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: $(BENCH_RESULTS)/scale_cpu.md"
 	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"
@@ -186,6 +188,9 @@ bench-painting: install
 
 bench-img2img: install
 	$(PY) -m benchmarks.img2img
+
+bench-outputs: install
+	$(PY) -m benchmarks.outputs
 
 bench-fuzz: install
 	$(PY) -m benchmarks.fuzz

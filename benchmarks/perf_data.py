@@ -1,8 +1,10 @@
 """perf_analyzer input data for img2img and inpainting: the text-to-image requests of
 perf/ensemble_sdxl_cpu.json (four prompts of different lengths, CFG on half), each with an init
-image (base64, as perf_analyzer takes binary tensors), a strength, and for inpainting a mask.
+image (base64, as perf_analyzer takes binary tensors), a strength, and for inpainting a mask; and
+the text-to-image requests with `output_format: jpeg` (the files replace the pixels in the response).
 
-    python -m benchmarks.perf_data [--size 128] [--out perf]      # perf/img2img_cpu.json, perf/inpaint_cpu.json
+    python -m benchmarks.perf_data [--size 128] [--out perf]      # perf/img2img_cpu.json, perf/inpaint_cpu.json,
+                                                                  # perf/ensemble_sdxl_jpeg_{cpu,1024}.json
     python -m benchmarks.perf_data --size 1024 --out build/perf   # build/perf/img2img_1024.json, inpaint_1024.json
 
 The 128² files are committed (tests/test_perf_data.py checks they are what this writes); the 1024²
@@ -56,6 +58,11 @@ def entries(size: int, inpainting: bool) -> list[dict]:
     return data
 
 
+def jpeg_entries(text_data: Path) -> list[dict]:
+    """The text-to-image requests of `text_data`, answered as JPEG files (quality 90)."""
+    return [{**entry, "output_format": ["jpeg"], "output_quality": [90]} for entry in json.loads(text_data.read_text())["data"]]
+
+
 def file_name(kind: str, size: int) -> str:
     return f"{kind}_{'cpu' if size == 128 else size}.json"
 
@@ -67,6 +74,11 @@ def write(out: Path, size: int) -> list[Path]:
         path = out / file_name(kind, size)
         path.write_text(json.dumps({"data": entries(size, inpainting)}, indent=1) + "\n")
         paths.append(path)
+    if size == 128:  # JPEG answers to the committed text requests, both sizes (small files)
+        for name in ("cpu", "1024"):
+            path = out / f"ensemble_sdxl_jpeg_{name}.json"
+            path.write_text(json.dumps({"data": jpeg_entries(TEXT_DATA.with_name(f"ensemble_sdxl_{name}.json"))}, indent=1) + "\n")
+            paths.append(path)
     return paths
 
 

@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 
 from benchmarks.perf_data import entries as image_entries
+from benchmarks.perf_data import jpeg_entries
 from contract.limits import Limits
-from serving.endpoint import IMAGE_INPUTS, INPUTS, check_options, check_prompts
+from serving.endpoint import IMAGE_INPUTS, INPUTS, OUTPUT_INPUTS, check_options, check_prompts
 
 PERF = Path(__file__).resolve().parent.parent / "perf"
 DTYPES = {"STRING": object, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}
 CPU, PRODUCTION = Limits(min_size=128), Limits()
 FILES = {"ensemble_sdxl_cpu.json": (CPU, ()), "ensemble_sdxl_1024.json": (PRODUCTION, ()),
-         "img2img_cpu.json": (CPU, ("image", "strength")), "inpaint_cpu.json": (CPU, ("image", "strength", "mask"))}
+         "img2img_cpu.json": (CPU, ("image", "strength")), "inpaint_cpu.json": (CPU, ("image", "strength", "mask")),
+         "ensemble_sdxl_jpeg_cpu.json": (CPU, ("output_format", "output_quality")),
+         "ensemble_sdxl_jpeg_1024.json": (PRODUCTION, ("output_format", "output_quality"))}
 
 
 def request_arrays(entry: dict, declared) -> dict:
@@ -38,7 +41,7 @@ def request_arrays(entry: dict, declared) -> dict:
 @pytest.mark.parametrize("name", FILES)
 def test_every_entry_is_a_valid_request(name):
     limits, image_inputs = FILES[name]
-    declared = [*INPUTS, *(i for i in IMAGE_INPUTS if i.name in image_inputs)]
+    declared = [*INPUTS, *(i for i in (*IMAGE_INPUTS, *OUTPUT_INPUTS) if i.name in image_inputs)]
     entries = json.loads((PERF / name).read_text())["data"]
     assert len(entries) >= 4
     for entry in entries:
@@ -47,6 +50,7 @@ def test_every_entry_is_a_valid_request(name):
         check_prompts(raw)
         options = check_options(raw, limits)
         assert (options.strength is not None, options.inpainting) == ("image" in image_inputs, "mask" in image_inputs)
+        assert options.output.format == ("jpeg" if "output_format" in image_inputs else "raw")
     assert {e["guidance_scale"][0] > 1 for e in entries} == {True, False}, "CFG and non-CFG requests both"
     assert len({len(e["prompt"][0]) for e in entries}) == len(entries), "prompts of different lengths"
 
@@ -57,7 +61,13 @@ def test_image_data_is_what_the_generator_writes(kind):
     assert committed == image_entries(128, inpainting=kind == "inpaint")
 
 
-@pytest.mark.parametrize("data", ["ensemble_sdxl_cpu.json", "inpaint_cpu.json"])
+@pytest.mark.parametrize("size", ["cpu", "1024"])
+def test_jpeg_data_is_what_the_generator_writes(size):
+    committed = json.loads((PERF / f"ensemble_sdxl_jpeg_{size}.json").read_text())["data"]
+    assert committed == jpeg_entries(PERF / f"ensemble_sdxl_{size}.json")
+
+
+@pytest.mark.parametrize("data", ["ensemble_sdxl_cpu.json", "inpaint_cpu.json", "ensemble_sdxl_jpeg_cpu.json"])
 def test_perf_analyzer_runs_the_cpu_data(triton, tmp_path, data):
     from benchmarks.throughput import perf_analyzer_binary
 

@@ -1,0 +1,150 @@
+"""What files instead of raw pixels cost and save: per image, and per request over gRPC and HTTP.
+
+    python -m benchmarks.outputs [--repeats 5] [--requests 5] [--out build/results/outputs_cpu]
+
+Results: OUT.json and OUT.md, by default under $BENCH_RESULTS, else build/results/ (ignored by git);
+BENCH_RESULTS=benchmarks/results refreshes the committed ones.
+
+1. `per_image`: serving/outputs.py's encoders (Pillow: libjpeg-turbo, libwebp, zlib) and SDXL's
+   watermark, on one core, at 512x512 and 1024x1024: median seconds of `repeats` runs and bytes, on
+   two images: `photo-like` (smooth gradients and discs: closer to what SDXL makes) and `noise` (the
+   tiny random model's output, the worst case for every codec). PNG at zlib levels 1 (served) and 6
+   (Pillow's default); JPEG and WebP at quality 90 (the default) and 75.
+2. `served`: the tiny pipeline on a real tritonserver (CPU variant): one 4-image 1024x1024 request,
+   1 step, raw pixels against JPEG (quality 90), over gRPC and HTTP; the median of `requests` round
+   trips each and the response's size. The tiny model's 1-step images are noise, so the JPEG bytes
+   are its worst case; the time saved is the transfer's and the client's decoding of the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .measure import out_help, results_path, run_record, save_results
+from .throughput import log, prepare_repository, tiny_pipeline
+
+SIZES = (512, 1024)
+SETTINGS = (("png", "level 1 (served)", {"compress_level": 1}), ("png", "level 6", {"compress_level": 6}),
+            ("jpeg", "quality 90 (default)", {"quality": 90}), ("jpeg", "quality 75", {"quality": 75}),
+            ("webp", "quality 90 (default)", {"quality": 90}), ("webp", "quality 75", {"quality": 75}))
+SERVED_SIZE, SERVED_IMAGES = 1024, 4
+
+
+def photo_like(size: int) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size] / size
+    image = np.stack([np.sin(6 * x + 3 * y), np.cos(5 * x - 4 * y), np.sin(7 * (x + y))], -1)
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        cy, cx, r = rng.uniform(0, 1, 3)
+        image[(y - cy) ** 2 + (x - cx) ** 2 < (0.15 * r) ** 2] = rng.uniform(-1, 1, 3)
+    image += rng.normal(0, 0.02, image.shape)  # a little sensor-like grain
+    return ((np.clip(image, -1, 1) * 0.5 + 0.5) * 255).round().astype(np.uint8)
+
+
+def timed(function, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def per_image(repeats: int) -> list[dict]:
+    import io
+
+    from PIL import Image
+
+    from serving.outputs import PILLOW_FORMATS, Watermarker
+
+    watermarker, rows = Watermarker(), []
+    for size in SIZES:
+        images = {"photo-like": photo_like(size),
+                  "noise": np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)}
+        for kind, image in images.items():
+            for fmt, setting, options in SETTINGS:
+                def encode():
+                    buffer = io.BytesIO()
+                    Image.fromarray(image).save(buffer, PILLOW_FORMATS[fmt], **options)
+                    return buffer.getvalue()
+                seconds, data = timed(encode, repeats)
+                rows.append({"size": size, "image": kind, "format": fmt, "setting": setting,
+                             "ms": round(seconds * 1e3, 1), "bytes": len(data), "of_raw": round(len(data) / image.nbytes, 3)})
+                log(f"{size} {kind} {fmt} {setting}: {rows[-1]}")
+            seconds, _ = timed(lambda: watermarker.apply(image[None]), repeats)
+            rows.append({"size": size, "image": kind, "format": "watermark", "setting": "dwtDct", "ms": round(seconds * 1e3, 1),
+                         "bytes": None, "of_raw": None})
+    return rows
+
+
+def served(work: Path, requests: int) -> list[dict]:
+    from client import generate
+    from serving.server import TritonServer, free_port
+
+    repository = prepare_repository(work, batching=True, schedulers=4, tiny=tiny_pipeline(work))
+    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / "tritonserver.log").start()
+    rows = []
+    try:
+        for protocol in ("grpc", "http"):
+            url = server.grpc_url if protocol == "grpc" else server.http_url
+            for fmt in ("raw", "jpeg"):
+                def ask():
+                    return generate("a harbour at dusk", url=url, protocol=protocol, seed=3, num_inference_steps=1,
+                                    height=SERVED_SIZE, width=SERVED_SIZE, num_images_per_prompt=SERVED_IMAGES,
+                                    output_format=None if fmt == "raw" else fmt)
+                ask()  # warm-up: the first request at this size
+                seconds, result = timed(ask, requests)
+                sent = result.images.nbytes if fmt == "raw" else sum(map(len, result.encoded_images))
+                rows.append({"protocol": protocol, "format": fmt, "seconds": round(seconds, 3), "response_bytes": sent})
+                log(f"served {protocol} {fmt}: {rows[-1]}")
+    finally:
+        server.stop()
+    return rows
+
+
+def write_table(results: dict, path: Path) -> None:
+    lines = ["# Encoded images: time and bytes", "",
+             f"`{results['command']}`, {results['machine']}, {results['minutes']:.1f} min. See benchmarks/outputs.py.", "",
+             f"## Per image (one core, median of {results['repeats']})", "",
+             "| size | image | format | setting | ms | bytes | of raw |", "|---|---|---|---|---|---|---|"]
+    for row in results["per_image"]:
+        size = f"{row['bytes']:,}" if row["bytes"] is not None else "-"
+        share = f"{row['of_raw']:.1%}" if row["of_raw"] is not None else "-"
+        lines.append(f"| {row['size']}x{row['size']} | {row['image']} | {row['format']} | {row['setting']} | {row['ms']} | {size} | {share} |")
+    lines += ["", f"## Served: one request of {SERVED_IMAGES} images at {SERVED_SIZE}x{SERVED_SIZE}, 1 step, tiny model "
+              f"(median of {results['requests']})", "",
+              "| protocol | output | seconds | response bytes (images) |", "|---|---|---|---|"]
+    for row in results["served"]:
+        lines.append(f"| {row['protocol']} | {row['format']} | {row['seconds']} | {row['response_bytes']:,} |")
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.outputs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="runs per encoding measure (median; default 5)")
+    parser.add_argument("--requests", type=int, default=5, help="served requests per row (median; default 5)")
+    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("outputs_cpu"), help=out_help("outputs_cpu"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.time()
+    results = {"repeats": args.repeats, "requests": args.requests, "per_image": per_image(args.repeats)}
+    with tempfile.TemporaryDirectory(prefix="bench-outputs-") as tmp:
+        results["served"] = served(Path(tmp), args.requests)
+    results = {**run_record("benchmarks.outputs", argv, started, default_out=args.out == parser.get_default("out")), **results}
+    save_results(results, args.out, write_table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
