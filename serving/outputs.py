@@ -73,7 +73,9 @@ class Finisher:
 
     def __init__(self, default_watermark: bool = False):
         self.default_watermark = default_watermark
-        self._watermarker: Watermarker | None = None
+        # invisible-watermark imports PyTorch (its rivaGan method): about 2 s and 200 MB per process.
+        # Paid at load where the deployment watermarks every image; else by the first request that asks.
+        self._watermarker: Watermarker | None = Watermarker() if default_watermark else None
 
     def watermarks(self, options: OutputOptions) -> bool:
         return self.default_watermark if options.watermark is None else options.watermark
