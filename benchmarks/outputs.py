@@ -11,9 +11,10 @@ BENCH_RESULTS=benchmarks/results refreshes the committed ones.
    tiny random model's output, the worst case for every codec). PNG at zlib levels 1 (served) and 6
    (Pillow's default); JPEG and WebP at quality 90 (the default) and 75.
 2. `served`: the tiny pipeline on a real tritonserver (CPU variant): one 4-image 1024x1024 request,
-   1 step, raw pixels against JPEG (quality 90), over gRPC and HTTP; the median of `requests` round
-   trips each and the response's size. The tiny model's 1-step images are noise, so the JPEG bytes
-   are its worst case; the time saved is the transfer's and the client's decoding of the protocol.
+   1 step, raw pixels against JPEG (quality 90), over gRPC and HTTP, alternating; the median of
+   `requests` round trips each, the response's size, and the `postprocess` step's own time per request (Triton's
+   statistics). The tiny model's 1-step images are noise, so the JPEG bytes are its worst case; the
+   time saved is the transfer's and the client's decoding of the protocol.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .measure import out_help, results_path, run_record, save_results
-from .throughput import log, prepare_repository, tiny_pipeline
+from .throughput import log, prepare_repository, statistics_snapshot, tiny_pipeline
 
 SIZES = (512, 1024)
 SETTINGS = (("png", "level 1 (served)", {"compress_level": 1}), ("png", "level 6", {"compress_level": 6}),
@@ -93,15 +94,30 @@ def served(work: Path, requests: int) -> list[dict]:
     try:
         for protocol in ("grpc", "http"):
             url = server.grpc_url if protocol == "grpc" else server.http_url
-            for fmt in ("raw", "jpeg"):
-                def ask():
-                    return generate("a harbour at dusk", url=url, protocol=protocol, seed=3, num_inference_steps=1,
-                                    height=SERVED_SIZE, width=SERVED_SIZE, num_images_per_prompt=SERVED_IMAGES,
-                                    output_format=None if fmt == "raw" else fmt)
-                ask()  # warm-up: the first request at this size
-                seconds, result = timed(ask, requests)
-                sent = result.images.nbytes if fmt == "raw" else sum(map(len, result.encoded_images))
-                rows.append({"protocol": protocol, "format": fmt, "seconds": round(seconds, 3), "response_bytes": sent})
+
+            def ask(fmt):
+                return generate("a harbour at dusk", url=url, protocol=protocol, seed=3, num_inference_steps=1,
+                                height=SERVED_SIZE, width=SERVED_SIZE, num_images_per_prompt=SERVED_IMAGES,
+                                output_format=None if fmt == "raw" else fmt)
+            times, steps_ns, sent = {"raw": [], "jpeg": []}, {"raw": 0, "jpeg": 0}, {}
+            for fmt in times:
+                ask(fmt)  # warm-up: the first request at this size
+            for _ in range(requests):  # raw and JPEG alternate, so that drift on the machine hits both alike
+                for fmt in times:
+                    before = statistics_snapshot(server.http_url)["postprocess"]["inference_stats"]
+                    start = time.perf_counter()
+                    result = ask(fmt)
+                    times[fmt].append(time.perf_counter() - start)
+                    after = statistics_snapshot(server.http_url)["postprocess"]["inference_stats"]
+                    # The postprocess step's own time (Triton's statistics: queue, inputs, execute, outputs):
+                    # for raw pixels, what the passthrough adds to every request.
+                    steps_ns[fmt] += sum(after[key]["ns"] - before[key]["ns"]
+                                         for key in ("queue", "compute_input", "compute_infer", "compute_output"))
+                    sent[fmt] = result.images.nbytes if fmt == "raw" else sum(map(len, result.encoded_images))
+            for fmt in times:
+                rows.append({"protocol": protocol, "format": fmt, "seconds": round(statistics.median(times[fmt]), 3),
+                             "spread": [round(min(times[fmt]), 3), round(max(times[fmt]), 3)], "response_bytes": sent[fmt],
+                             "postprocess_ms": round(steps_ns[fmt] / 1e6 / requests, 1)})
                 log(f"served {protocol} {fmt}: {rows[-1]}")
     finally:
         server.stop()
@@ -119,9 +135,14 @@ def write_table(results: dict, path: Path) -> None:
         lines.append(f"| {row['size']}x{row['size']} | {row['image']} | {row['format']} | {row['setting']} | {row['ms']} | {size} | {share} |")
     lines += ["", f"## Served: one request of {SERVED_IMAGES} images at {SERVED_SIZE}x{SERVED_SIZE}, 1 step, tiny model "
               f"(median of {results['requests']})", "",
-              "| protocol | output | seconds | response bytes (images) |", "|---|---|---|---|"]
+              "| protocol | output | seconds (median) | min to max | response bytes (images) | postprocess step, ms |",
+              "|---|---|---|---|---|---|"]
     for row in results["served"]:
-        lines.append(f"| {row['protocol']} | {row['format']} | {row['seconds']} | {row['response_bytes']:,} |")
+        lines.append(f"| {row['protocol']} | {row['format']} | {row['seconds']} | {row['spread'][0]} to {row['spread'][1]} | "
+                     f"{row['response_bytes']:,} | {row['postprocess_ms']} |")
+    lines += ["", "postprocess step: Triton's statistics for the `postprocess` model per request (queue, "
+              "compute_input, compute_infer, compute_output): for raw pixels, what the ensemble's last step "
+              "adds to every request; for JPEG, the encoding of the 4 images too."]
     lines.append("")
     path.write_text("\n".join(lines))
 
@@ -129,7 +150,7 @@ def write_table(results: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.outputs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs per encoding measure (median; default 5)")
-    parser.add_argument("--requests", type=int, default=5, help="served requests per row (median; default 5)")
+    parser.add_argument("--requests", type=int, default=8, help="served requests per row, raw and JPEG alternating (median; default 8)")
     parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("outputs_cpu"), help=out_help("outputs_cpu"))
     return parser
 
