@@ -1,7 +1,8 @@
 """perf_analyzer input data for img2img and inpainting: the text-to-image requests of
 perf/ensemble_sdxl_cpu.json (four prompts of different lengths, CFG on half), each with an init
 image (base64, as perf_analyzer takes binary tensors), a strength, and for inpainting a mask; and
-the text-to-image requests with `output_format: jpeg` (the files replace the pixels in the response).
+the text-to-image requests with `output_format: jpeg` (perf_analyzer, asking for every output, gets
+the pixels and the files).
 
     python -m benchmarks.perf_data [--size 128] [--out perf]      # perf/img2img_cpu.json, perf/inpaint_cpu.json,
                                                                   # perf/ensemble_sdxl_jpeg_{cpu,1024}.json

@@ -29,6 +29,20 @@ def decoded(files: list[bytes]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in files])
 
 
+def both_outputs(server, protocol: str, fmt: str):
+    """tritonclient's result of one 2-image CASE request asking for images and encoded_images."""
+    from client import _module, build_inputs
+
+    module = _module(protocol)
+    options = {k: v for k, v in CASE.items() if k != "prompt"}
+    inputs = build_inputs(protocol, CASE["prompt"], num_images_per_prompt=2, output_format=fmt, **options)
+    client = module.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url)
+    try:
+        return client.infer("ensemble_sdxl", inputs, outputs=[module.InferRequestedOutput(n) for n in ("images", "encoded_images")])
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="module")
 def raw(triton):
     """The raw images of CASE with two images, as every test compares against them."""
@@ -41,6 +55,8 @@ def test_png_is_the_raw_images_and_jpeg_webp_are_close(triton, raw, protocol):
     assert png.images is None and len(png.encoded_images) == 2  # only the files were asked for
     assert all(data[:8] == b"\x89PNG\r\n\x1a\n" for data in png.encoded_images)
     assert np.array_equal(decoded(png.encoded_images), raw)
+    both = both_outputs(triton, protocol, "png")  # one request asking for both: the file is its own pixels
+    assert np.array_equal(decoded(both.as_numpy("encoded_images").tolist()), both.as_numpy("images"))
     for fmt in ("jpeg", "webp"):
         files = ask(triton, protocol, num_images_per_prompt=2, output_format=fmt, output_quality=95).encoded_images
         difference = np.abs(decoded(files).astype(int) - raw.astype(int))
@@ -65,11 +81,11 @@ def test_only_encoded_images_asked_for_sends_no_raw_pixels(triton, protocol):
     assert [output["name"] for output in response["outputs"]] == ["encoded_images"]
     assert result.as_numpy("images") is None and result.as_numpy("encoded_images").shape == (1,)
     client = module.InferenceServerClient(triton.grpc_url if protocol == "grpc" else triton.http_url)
-    try:  # every output asked for (perf_analyzer's way): the pixels come empty
+    try:  # every output asked for (no outputs named: perf_analyzer's way): the pixels and their file
         everything = client.infer("ensemble_sdxl", inputs)
     finally:
         client.close()
-    assert everything.as_numpy("images").shape == (0, 128, 128, 3) and everything.as_numpy("encoded_images").shape == (1,)
+    assert everything.as_numpy("images").shape == (1, 128, 128, 3) and everything.as_numpy("encoded_images").shape == (1,)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -94,7 +110,7 @@ def test_stream_final_images_finished_as_the_ensembles(triton, raw):
     assert updates[0].encoded_images is None and updates[0].images.shape == (2, 256, 256, 3)  # the preview: raw pixels
     final = updates[-1]
     assert np.array_equal(decoded(final.encoded_images), diffusers_watermark(raw))
-    assert final.images.shape == (0, 256, 256, 3)  # asked for every output: the files replace the pixels
+    assert np.array_equal(final.images, diffusers_watermark(raw))  # asked for every output: both
     plain = list(ask(triton, stream=True, num_images_per_prompt=2, apply_watermark=True))[-1]
     assert plain.encoded_images is None and np.array_equal(plain.images, diffusers_watermark(raw))
 

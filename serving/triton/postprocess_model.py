@@ -38,8 +38,5 @@ class TritonPythonModel:
         if not options.encoded and not self.finisher.watermarks(options):
             return respond(request, {"images": images, "encoded_images": np.empty(0, dtype=object)})
         finished, files = self.finisher.finish(images.as_numpy(), options)
-        if files is None:
-            return respond(request, {"images": finished, "encoded_images": np.empty(0, dtype=object)})
-        # The files replace the pixels: `images` comes back empty, [0, H, W, 3], to a client that asks
-        # for every output (perf_analyzer does) as to one that asks for encoded_images only.
-        return respond(request, {"images": finished[:0], "encoded_images": np.asarray(files, dtype=object)})
+        # Both outputs: Triton sends the client those it asked for (only encoded_images: no pixels).
+        return respond(request, {"images": finished, "encoded_images": np.asarray(files or [], dtype=object)})

@@ -170,8 +170,6 @@ class TritonPythonModel:
         if not options.output.encoded and not self.finisher.watermarks(options.output):
             return (images if "images" in wanted else None), None
         finished, files = self.finisher.finish(images.as_numpy(), options.output)
-        if files is not None:  # the files replace the pixels, as in ensemble_sdxl: images [0, H, W, 3]
-            finished = finished[:0]
         return (pb_utils.Tensor("images", finished) if "images" in wanted else None,
                 pb_utils.Tensor("encoded_images", np.asarray(files, dtype=object)) if files and "encoded_images" in wanted else None)
 
