@@ -258,6 +258,42 @@ class Supervisor:
             time.sleep(0.1)
         return False
 
+    # A loop frees its admission ticket when it hands the latents on; the ensemble's vae_decoder and
+    # postprocess steps follow, and a stopping tritonserver refuses them as new requests. Wait until
+    # Triton's count of finished requests of the models past the loop holds still for this long: a
+    # tail step longer than that (a CPU variant decoding 1536x1536 images) is not waited for.
+    TAIL_QUIET_S = 1.0
+    TAIL_MODELS = ("ensemble_sdxl", "vae_decoder", "postprocess")
+
+    def _finished_requests(self) -> int | None:
+        """Requests the tail models finished (success + failure), from Triton's statistics; None if unknown."""
+        import json
+
+        total = 0
+        try:
+            for model in self.TAIL_MODELS:
+                with urllib.request.urlopen(f"http://{self.server.http_url}/v2/models/{model}/stats", timeout=2) as response:
+                    for stats in json.load(response)["model_stats"]:
+                        inference = stats["inference_stats"]
+                        total += inference["success"]["count"] + inference["fail"]["count"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return total
+
+    def _wait_for_tails(self, deadline: float) -> bool:
+        """True once no request finished in the tail models for TAIL_QUIET_S (or they cannot be asked)."""
+        last, quiet_since = self._finished_requests(), time.monotonic()
+        while time.monotonic() < deadline and not self._hurry.is_set():
+            if last is None:
+                return True
+            time.sleep(0.1)
+            now = self._finished_requests()
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+            elif time.monotonic() - quiet_since >= self.TAIL_QUIET_S:
+                return True
+        return False
+
     def _kill(self) -> None:
         """SIGKILL the whole process group: a server with a dead stub would wait out its exit timeout.
         Its shared-memory regions go too (too young for the start's stale-region sweep)."""
@@ -275,6 +311,8 @@ class Supervisor:
                  f"(at most {self.timing.drain_timeout_s:.0f} s)")
         start = time.monotonic()
         drained = self._wait_for_loops(self.timing.drain_timeout_s, include_queued=True)
+        if drained:  # the loops are done; their requests may still be in the ensemble's last steps
+            drained = self._wait_for_tails(start + self.timing.drain_timeout_s)
         self.log(f"drain {'done' if drained else 'timed out'} in {time.monotonic() - start:.1f} s; stopping tritonserver")
         self.server.stop(timeout_s=self.timing.exit_timeout_s)
         self.run_state.remove()
