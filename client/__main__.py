@@ -120,7 +120,7 @@ def write_files(output: Path, files: list[bytes], seeds) -> list[Path]:
     return paths
 
 
-def write_images(output: Path, images, seeds) -> list[Path]:
+def write_images(output: Path, images) -> list[Path]:
     """Raw pixels (the stream's previews), encoded here by the extension."""
     from PIL import Image
 
@@ -143,7 +143,7 @@ def stream_to_files(updates, output: Path) -> int:
                 write_files(output, update.encoded_images, update.seeds)
             elif update.images is not None:
                 preview = output.with_name(f"{output.stem}_step{update.step}{output.suffix or '.png'}")
-                paths = write_images(preview, update.images, update.seeds)
+                paths = write_images(preview, update.images)
                 print(line + "  preview " + " ".join(map(str, paths)))
             else:
                 print(line)

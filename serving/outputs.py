@@ -29,7 +29,6 @@ WATERMARK_METHOD = "dwtDct"
 # benchmarks/outputs.py measured what the higher levels save on SDXL-sized images.
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 PNG_COMPRESS_LEVEL = 1
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class Watermarker:
@@ -79,6 +78,10 @@ class Finisher:
 
     def watermarks(self, options: OutputOptions) -> bool:
         return self.default_watermark if options.watermark is None else options.watermark
+
+    def changes(self, options: OutputOptions) -> bool:
+        """Whether finish() does anything: else the endpoint passes the decoder's tensor on as it came."""
+        return options.encoded or self.watermarks(options)
 
     def finish(self, images: np.ndarray, options: OutputOptions) -> tuple[np.ndarray, list[bytes] | None]:
         if self.watermarks(options):

@@ -35,7 +35,7 @@ class TritonPythonModel:
     def _finish(self, request):
         images = pb_utils.get_input_tensor_by_name(request, "images")
         options = check_output(input_arrays(request, OUTPUT_INPUT_NAMES))
-        if not options.encoded and not self.finisher.watermarks(options):
+        if not self.finisher.changes(options):
             return respond(request, {"images": images, "encoded_images": np.empty(0, dtype=object)})
         finished, files = self.finisher.finish(images.as_numpy(), options)
         # Both outputs: Triton sends the client those it asked for (only encoded_images: no pixels).

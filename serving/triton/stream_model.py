@@ -167,7 +167,7 @@ class TritonPythonModel:
     # 6. the final images as the request asks: watermarked, encoded (serving/outputs.py)
     def _finish(self, images, options, wanted) -> tuple:
         """(images or None, encoded_images or None) for the final response, each only if asked for."""
-        if not options.output.encoded and not self.finisher.watermarks(options.output):
+        if not self.finisher.changes(options.output):
             return (images if "images" in wanted else None), None
         finished, files = self.finisher.finish(images.as_numpy(), options.output)
         return (pb_utils.Tensor("images", finished) if "images" in wanted else None,
