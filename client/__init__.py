@@ -11,6 +11,7 @@
     generate("a watercolor", image="photo.png", strength=0.6)             # img2img
     generate("a red sofa", image="room.png", mask="sofa_mask.png")        # inpainting (255: repaint)
     generate("a cat", output_format="jpeg").encoded_images                # [bytes]: one JPEG file per image
+    generate("a cat").nsfw_detected    # [bool] per image where the server runs the safety checker, else None
 
 Only the inputs you set are sent; the server applies the endpoint's defaults to the others (the
 step count and guidance default to the served recipe's: `info()` tells which recipe that is).
@@ -68,6 +69,7 @@ class StreamUpdate:
     seeds: list[int]
     seconds: float  # since the request was sent
     encoded_images: list[bytes] | None = None  # the final files, with an output_format
+    nsfw_detected: list[bool] | None = None  # with the final images: the safety checker's flags, where the server runs it
 
     @property
     def final(self) -> bool:
@@ -80,6 +82,9 @@ class GenerationResult:
     seeds: list[int]
     seconds: float  # request round trip, as the client saw it
     encoded_images: list[bytes] | None = None  # one PNG, JPEG or WebP file per image, with an output_format
+    # The safety checker's flag per image; None where the server runs no checker (its deployment's
+    # choice: docs/outputs.md). Under the "black" policy a flagged image is black.
+    nsfw_detected: list[bool] | None = None
 
 
 def _module(protocol: str):
@@ -230,17 +235,22 @@ def generate(
     if preview_every is not None:
         raise ClientError("preview_every is an input of the streaming endpoint: pass stream=True with it")
     module = _module(protocol)
-    outputs = [module.InferRequestedOutput(name) for name in ("encoded_images" if encoded else "images", "seeds")]
+    outputs = [module.InferRequestedOutput(name) for name in ("encoded_images" if encoded else "images", "seeds", "nsfw_detected")]
     start = time.perf_counter()
     with _connected(url, protocol, timeout_s) as (client, call):
         result = client.infer(MODEL, inputs, outputs=outputs, parameters=parameters, **call)
     seconds = time.perf_counter() - start
     return GenerationResult(result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")], seconds,
-                            _files(result.as_numpy("encoded_images")))
+                            _files(result.as_numpy("encoded_images")), _flags(result.as_numpy("nsfw_detected")))
 
 
 def _files(array: np.ndarray | None) -> list[bytes] | None:
     return None if array is None else [bytes(item) for item in array.reshape(-1)]
+
+
+def _flags(array: np.ndarray | None) -> list[bool] | None:
+    """nsfw_detected as a list; None when absent or empty (the server runs no safety checker)."""
+    return None if array is None or array.size == 0 else [bool(flag) for flag in array.reshape(-1)]
 
 
 def _stream(url: str, inputs: list, parameters: dict | None, timeout_s: float) -> Iterator[StreamUpdate]:
@@ -265,7 +275,8 @@ def _stream(url: str, inputs: list, parameters: dict | None, timeout_s: float) -
                                       error.status() if isinstance(error, InferenceServerException) else None)
                 update = StreamUpdate(int(result.as_numpy("step")[0]), int(result.as_numpy("num_inference_steps")[0]),
                                       result.as_numpy("images"), [int(s) for s in result.as_numpy("seeds")],
-                                      time.perf_counter() - start, _files(result.as_numpy("encoded_images")))
+                                      time.perf_counter() - start, _files(result.as_numpy("encoded_images")),
+                                      _flags(result.as_numpy("nsfw_detected")))
                 finished = update.final
                 yield update
         finally:

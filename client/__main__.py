@@ -102,21 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    write_files(output, result.encoded_images, result.seeds)
+    write_files(output, result.encoded_images, result.seeds, result.nsfw_detected)
     print(f"{len(result.encoded_images)} image(s) in {result.seconds:.2f} s")
     return 0
 
 
-def write_files(output: Path, files: list[bytes], seeds) -> list[Path]:
-    """The server's encoded images as they came, a line each: path, seed, size, bytes."""
+def write_files(output: Path, files: list[bytes], seeds, nsfw_detected: list[bool] | None = None) -> list[Path]:
+    """The server's encoded images as they came, a line each: path, seed, size, bytes, and the safety
+    checker's verdict where the server runs one."""
     from PIL import Image
 
     paths = output_paths(output, len(files))
-    for path, data, seed in zip(paths, files, seeds):
+    verdicts = [("  nsfw detected" if flag else "  safety check passed") for flag in nsfw_detected] if nsfw_detected else [""] * len(files)
+    for path, data, seed, verdict in zip(paths, files, seeds, verdicts):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         with Image.open(path) as image:
-            print(f"{path}  seed {seed}  {image.width}x{image.height}  {len(data):,} bytes")
+            print(f"{path}  seed {seed}  {image.width}x{image.height}  {len(data):,} bytes{verdict}")
     return paths
 
 
@@ -140,7 +142,7 @@ def stream_to_files(updates, output: Path) -> int:
             line = f"step {update.step}/{update.num_inference_steps}  {update.seconds:6.2f} s"
             if update.final:
                 print(line + "  final")
-                write_files(output, update.encoded_images, update.seeds)
+                write_files(output, update.encoded_images, update.seeds, update.nsfw_detected)
             elif update.images is not None:
                 preview = output.with_name(f"{output.stem}_step{update.step}{output.suffix or '.png'}")
                 paths = write_images(preview, update.images)

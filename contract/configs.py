@@ -76,7 +76,8 @@ def expected_dims(tensor: TensorSpec, batched: bool, model: ModelDims) -> tuple[
 
 # What `python -m export onnx` / `engines` write into a repository, as opposed to what git tracks.
 EXPORT_OUTPUTS = {layout.ONNX_FILE, layout.ONNX_DATA_FILE, layout.ENGINE_FILE, layout.FINGERPRINT_FILE,
-                  layout.EXPORT_INFO_FILE, layout.SCHEDULER_CONFIG_FILE, layout.RECIPE_FILE, "lora_sites.json", "__pycache__"}
+                  layout.EXPORT_INFO_FILE, layout.SCHEDULER_CONFIG_FILE, layout.RECIPE_FILE, "lora_sites.json", "__pycache__",
+                  layout.SAFETY_THRESHOLDS_FILE, layout.SAFETY_PREPROCESSOR_FILE}
 
 
 def copy_configs(source: Path, target: Path) -> None:

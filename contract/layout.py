@@ -16,6 +16,7 @@ Two directories, never the same one:
     <repo>/tokenizer/1/tokenizer_2/        OpenCLIP bigG tokenizer files
     <repo>/scheduler/1/scheduler_config.json   the recipe's diffusers scheduler (class and config)
     <repo>/scheduler/1/recipe.json             the recipe (model, LoRAs, UNet, scheduler, steps, guidance)
+    <repo>/safety_checker/1/thresholds.json, preprocessor_config.json   its scoring and preprocessing
 
 Version directory `1` holds both the ONNX graph (served by the CPU variant through ONNX Runtime) and
 the TensorRT plan built from it (`model.plan`, served by the production configs).
@@ -39,6 +40,8 @@ TOKENIZER_MODEL = "tokenizer"
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
 SCHEDULER_MODEL = "scheduler"
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
+SAFETY_THRESHOLDS_FILE = "thresholds.json"  # beside the safety checker's graph: its concepts' thresholds
+SAFETY_PREPROCESSOR_FILE = "preprocessor_config.json"  # and its CLIP image processor's config
 RECIPE_FILE = "recipe.json"  # the recipe the export followed (contract/recipes.py), beside the scheduler config
 
 

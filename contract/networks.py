@@ -219,7 +219,25 @@ VAE_ENCODER = NetworkSpec(
     ),
 )
 
-NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER)}
+# The safety checker (serving/safety.py): diffusers' StableDiffusionSafetyChecker (CLIP ViT-L/14's vision
+# tower, a projection, and the embeddings of 17 concepts and 3 "special care" ones), up to its cosine
+# distances. The image preprocessing (CLIPImageProcessor: PIL bicubic resize, center crop, CLIP's
+# normalization) and the scoring (thresholds, 3-decimal rounding, the special-care adjustment) run in
+# Python, as diffusers runs them, so the flags are diffusers'. Pixel values arrive in FP32 in every
+# export (the graph casts them, as the pipelines do with `.to(dtype)`); the distances leave in FP32
+# (diffusers casts them to float before scoring).
+SAFETY_IMAGE_SIZE = 224  # CompVis/stable-diffusion-safety-checker: preprocessor crop_size, vision image_size
+SAFETY_CONCEPTS, SAFETY_SPECIAL_CARE = 17, 3  # StableDiffusionSafetyChecker's concept_embeds, special_care_embeds
+SAFETY_CHECKER = NetworkSpec(
+    name="safety_checker",
+    inputs=(TensorSpec("pixel_values", "FP32", ("batch", 3, SAFETY_IMAGE_SIZE, SAFETY_IMAGE_SIZE)),),
+    outputs=(
+        TensorSpec("concept_distances", "FP32", ("batch", SAFETY_CONCEPTS)),
+        TensorSpec("special_care_distances", "FP32", ("batch", SAFETY_SPECIAL_CARE)),
+    ),
+)
+
+NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER, SAFETY_CHECKER)}
 
 # The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and
 # sends the VAE decoder its latents, so its configs declare them in the graphs' dtype too.

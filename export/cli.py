@@ -11,7 +11,7 @@ from pathlib import Path
 from contract import layout, loras
 from contract.recipes import PRESETS, PREVIEW_VAE, SCHEDULERS
 from .progress import log
-from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
+from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_SAFETY_CHECKER, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
 
 ARCHITECTURES = ("tiny", "sdxl", "ssd-1b")
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     random_ = commands.add_parser(
-        "random", help="write a random-weight SDXL-family pipeline (+ lora/, alt_vae/, preview_vae/) in diffusers layout",
+        "random", help="write a random-weight SDXL-family pipeline (+ lora/, alt_vae/, preview_vae/, safety_checker/) in diffusers layout",
         description="--arch tiny: small widths, seconds, for tests and the CPU demo. --arch ssd-1b: the same small "
                     "widths with SSD-1B's UNet layout (its transformer depths per block, no attention in the mid "
                     "block). --arch sdxl: SDXL base 1.0's exact architecture (2.57 B UNet parameters), fp16 "
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     onnx = commands.add_parser(
         "onnx",
-        help="export text_encoder, unet (LoRAs fused), vae_decoder, vae_encoder and preview_decoder to ONNX",
+        help="export text_encoder, unet (LoRAs fused), vae_decoder, vae_encoder, preview_decoder and safety_checker to ONNX",
         description=(
             f"--preset NAME: a published recipe ({', '.join(PRESETS)}); flags given beside it override it. "
             f"Without --preset and --model: the lcm-sdxl preset ({DEFAULT_MODEL} + {DEFAULT_LCM_LORA}, any --lora "
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--preview-vae", metavar="ID_OR_DIR", help="the streaming endpoint's preview decoder, an "
                       "AutoencoderTiny (default: the model directory's preview_vae/ if it has one, else "
                       f"{PREVIEW_VAE})")
+    onnx.add_argument("--safety-checker", metavar="ID_OR_DIR", help="the safety checker (diffusers' "
+                      "StableDiffusionSafetyChecker and its preprocessor_config.json; the deployment switches it on: "
+                      "docs/outputs.md) (default: the model directory's safety_checker/ if it has one, else "
+                      f"{DEFAULT_SAFETY_CHECKER})")
     onnx.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="the denoising loop's scheduler (trailing timestep "
                       "spacing for all but lcm); default: the preset's, else lcm")
     onnx.add_argument("--eta", type=float, help="eta of the stochastic steps (tcd's gamma, ddim's eta); default: the preset's")
@@ -232,7 +236,7 @@ def run_onnx(args) -> None:
     log(f"recipe {recipe.name}: {recipe.model}" + "".join(f" + {lora}" for lora in recipe.loras)
         + (f", UNet {recipe.unet}" if recipe.unet else "") + (f", VAE {recipe.vae}" if recipe.vae else "")
         + f", {SCHEDULERS[recipe.scheduler].class_name}")
-    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae), args.out, args.dtype, device=args.device, recipe=recipe)
+    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker), args.out, args.dtype, device=args.device, recipe=recipe)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

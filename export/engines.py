@@ -116,6 +116,7 @@ class BuildSettings:
             networks.VAE_DECODER.name: self.max_images,
             networks.PREVIEW_DECODER.name: self.max_images,
             networks.VAE_ENCODER.name: self.max_images,  # one init image per request, batched across requests
+            networks.SAFETY_CHECKER.name: self.max_images,  # a request's final images
         }[network]
         return 1, 1, maximum
 

@@ -194,6 +194,25 @@ class VaeEncoder(_VaeGraph):
         return mean.to(self.dtype), std.to(self.dtype)
 
 
+class SafetyCheckerGraph(nn.Module):
+    """diffusers' StableDiffusionSafetyChecker.forward up to its cosine distances: CLIP's pooled vision
+    output, the visual projection, then the cosine of the image embedding with each concept's and each
+    special-care concept's embedding, cast to fp32 as diffusers casts them before scoring. The scoring
+    (thresholds, rounding, the special-care adjustment: serving/safety.py) stays outside the graph."""
+
+    def __init__(self, checker):
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, pixel_values: torch.Tensor):
+        checker = self.checker
+        pooled = checker.vision_model(pixel_values.to(checker.dtype))[1]
+        embeds = nn.functional.normalize(checker.visual_projection(pooled))
+        concept = embeds @ nn.functional.normalize(checker.concept_embeds).t()
+        special = embeds @ nn.functional.normalize(checker.special_care_embeds).t()
+        return concept.float(), special.float()
+
+
 def build_module(name: str, pipe, dtype: torch.dtype | None = None) -> nn.Module:
     """The module for network `name` of a loaded pipeline, in eval mode. `dtype`: the export's, for
     the graphs whose outputs must carry it whatever their components' dtype (vae_encoder)."""
@@ -209,6 +228,8 @@ def build_module(name: str, pipe, dtype: torch.dtype | None = None) -> nn.Module
         # AutoencoderTiny has the decode, scaling_factor (1.0) and [-1, 1] output of AutoencoderKL,
         # and diffusers' pipelines decode with it the same way.
         module = VaeDecoder(pipe.preview_vae)
+    elif name == networks.SAFETY_CHECKER.name:
+        module = SafetyCheckerGraph(pipe.safety_checker)
     else:
         raise KeyError(f"unknown network {name!r}; known: {', '.join(networks.NETWORKS)}")
     return module.eval()

@@ -266,7 +266,21 @@ STAGES = {
     networks.VAE_DECODER.name: ("vae",),
     networks.VAE_ENCODER.name: ("vae",),  # the same VAE, loaded once for both graphs
     networks.PREVIEW_DECODER.name: ("preview_vae",),
+    networks.SAFETY_CHECKER.name: ("safety_checker",),
 }
+
+
+def write_safety_checker_files(pipe, out_dir: Path) -> None:
+    """Beside the checker's graph, what its scoring and preprocessing read (serving/safety.py): the
+    concepts' thresholds as diffusers reads them (`.item()` of the fp32 weights: Python floats) and
+    the image processor's config."""
+    from contract.layout import SAFETY_PREPROCESSOR_FILE, SAFETY_THRESHOLDS_FILE
+
+    checker = pipe.safety_checker
+    thresholds = {"concept": [w.item() for w in checker.concept_embeds_weights.float()],
+                  "special_care": [w.item() for w in checker.special_care_embeds_weights.float()]}
+    (out_dir / SAFETY_THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=2) + "\n")
+    pipe.feature_extractor.to_json_file(out_dir / SAFETY_PREPROCESSOR_FILE)
 
 
 @contextmanager
@@ -331,6 +345,8 @@ def export_pipeline(
             (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(export_info(sources, spec, dims, dtype), indent=2) + "\n")
             if name in LORA_GRAPHS.values():  # the layers a LoRA may adapt, and the architecture: what `lora add` checks against
                 (out_dir / SITES_FILE).write_text(module.lora_sites.to_json())
+            if name == networks.SAFETY_CHECKER.name:
+                write_safety_checker_files(stage.pipe, out_dir)
             del module
             gc.collect()
         stage = None

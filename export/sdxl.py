@@ -10,7 +10,8 @@ they measure memory and time, which do not depend on the values.
 Written component by component, each built straight in fp16 and freed once saved, so memory never
 holds more than the largest component (the UNet, about 5.1 GB). Beside it, as `python -m export tiny`
 does: `lora/`, a random LoRA with the LCM-LoRA SDXL's rank and target modules (196.75 M parameters,
-the published 197 M), and `alt_vae/`, a VAE with the fp16-fix VAE's config (force_upcast off).
+the published 197 M), `alt_vae/`, a VAE with the fp16-fix VAE's config (force_upcast off), and
+`safety_checker/`, CompVis's safety checker architecture (export/safety_checker.py).
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def scheduler_config() -> dict:
 
 
 def write_sdxl(out_dir: Path, seed: int = 0) -> None:
-    """Write the random-weight SDXL pipeline (fp16 safetensors), `lora/`, `alt_vae/` and `preview_vae/` under `out_dir`."""
+    """Write the random-weight SDXL pipeline (fp16 safetensors), `lora/`, `alt_vae/`, `preview_vae/` and
+    `safety_checker/` under `out_dir`."""
     import torch
     from diffusers import EulerDiscreteScheduler
 
@@ -250,6 +252,12 @@ def write_sdxl(out_dir: Path, seed: int = 0) -> None:
     with step("preview_vae (madebyollin/taesdxl's config): random init in fp16 and save"):
         torch.manual_seed(seed * 100 + 30)
         build_component("preview_vae", dtype=torch.float16).save_pretrained(out_dir / "preview_vae", safe_serialization=True)
+    with step("safety_checker (CompVis/stable-diffusion-safety-checker's config): random init and save in fp16"):
+        from .safety_checker import build_safety_checker, image_processor, write_safety_checker
+        from .sources import SAFETY_CHECKER_SUBFOLDER
+
+        write_safety_checker(out_dir / SAFETY_CHECKER_SUBFOLDER, build_safety_checker(full_size=True, seed=seed * 100 + 40).half(),
+                             image_processor())
     _write_model_index(out_dir)
     log(f"random-weight SDXL base 1.0 architecture (seed {seed}) written to {out_dir}")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .progress import log, step
 
+from contract.networks import SAFETY_IMAGE_SIZE
 from contract.recipes import DEFAULT_PRESET, PREVIEW_VAE, PRESETS, Recipe
 
 # The production set (the default preset, lcm-sdxl: SDXL + LCM-LoRA + fp16-fix VAE).
@@ -27,6 +28,11 @@ DEFAULT_VAE = PRESETS[DEFAULT_PRESET].vae
 
 DTYPES = ("fp16", "fp32")
 PREVIEW_VAE_SUBFOLDER = "preview_vae"  # where `python -m export random` writes the preview decoder's AutoencoderTiny
+# The safety checker diffusers' Stable Diffusion pipelines load (their feature_extractor is its
+# preprocessor_config.json, in the same repository); `python -m export random` writes a random one
+# of its architecture into the model directory's safety_checker/.
+DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
+SAFETY_CHECKER_SUBFOLDER = "safety_checker"
 
 
 class ExportError(Exception):
@@ -68,22 +74,33 @@ class Sources:
     vae: str | None = None  # None: the model's own VAE
     unet: str | None = None  # None: the model's own UNet; else a distilled one in its place
     preview_vae: str | None = None  # the preview decoder's AutoencoderTiny; None: see resolved_preview_vae
+    safety_checker: str | None = None  # StableDiffusionSafetyChecker + its preprocessor; None: see resolved_safety_checker
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, preview_vae: str | None = None) -> "Sources":
-        return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet, preview_vae)
+    def from_recipe(cls, recipe: Recipe, preview_vae: str | None = None, safety_checker: str | None = None) -> "Sources":
+        return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet, preview_vae,
+                   safety_checker)
+
+    def _own_or(self, given: str | None, subfolder: str, default: str) -> str:
+        """The flag's value, else the model directory's `subfolder` (random pipelines have one), else `default`."""
+        if given is not None:
+            return given
+        own = Path(self.model).expanduser() / subfolder
+        return str(own) if own.is_dir() else default
+
+    @property
+    def resolved_safety_checker(self) -> str:
+        """--safety-checker, else the model directory's safety_checker/, else CompVis's."""
+        return self._own_or(self.safety_checker, SAFETY_CHECKER_SUBFOLDER, DEFAULT_SAFETY_CHECKER)
 
     @property
     def resolved_preview_vae(self) -> str:
         """--preview-vae, else the model directory's preview_vae/ (random pipelines have one), else TAESDXL."""
-        if self.preview_vae is not None:
-            return self.preview_vae
-        own = Path(self.model).expanduser() / PREVIEW_VAE_SUBFOLDER
-        return str(own) if own.is_dir() else PREVIEW_VAE
+        return self._own_or(self.preview_vae, PREVIEW_VAE_SUBFOLDER, PREVIEW_VAE)
 
     def describe(self) -> dict:
         return {"model": self.model, "loras": [str(lora) for lora in self.loras], "vae": self.vae, "unet": self.unet,
-                "preview_vae": self.resolved_preview_vae}
+                "preview_vae": self.resolved_preview_vae, "safety_checker": self.resolved_safety_checker}
 
 
 @dataclass
@@ -150,12 +167,41 @@ def load_preview_vae(source: str):
         raise _load_error("--preview-vae", source, error) from error
 
 
+def load_safety_checker(source: str):
+    """(StableDiffusionSafetyChecker, its CLIP image processor): a checker directory or hub id holding
+    both (as CompVis's does), or a pipeline directory (its safety_checker/ and feature_extractor/)."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessorPil
+
+    path = Path(source).expanduser()
+    pipeline = (path / "model_index.json").exists()
+    location = str(path) if path.exists() else source
+    try:
+        checker = StableDiffusionSafetyChecker.from_pretrained(
+            location, dtype=torch.float32, **({"subfolder": SAFETY_CHECKER_SUBFOLDER} if pipeline else {}))
+        # The PIL image processor (CLIP's own bicubic resize): what CLIPImageProcessor falls back to
+        # without torchvision, and what the server runs.
+        processor = CLIPImageProcessorPil.from_pretrained(location, **({"subfolder": "feature_extractor"} if pipeline else {}))
+    except Exception as error:  # hub clients raise many types; each becomes one clear message
+        raise _load_error("--safety-checker", source, error) from error
+    size = checker.config.vision_config.image_size
+    crop = processor.crop_size["height"], processor.crop_size["width"]
+    if size != SAFETY_IMAGE_SIZE or crop != (SAFETY_IMAGE_SIZE, SAFETY_IMAGE_SIZE):
+        raise ExportError(f"--safety-checker {source!r}: images of {size} px and a {crop[0]}x{crop[1]} crop; the "
+                          f"safety_checker network takes {SAFETY_IMAGE_SIZE}x{SAFETY_IMAGE_SIZE} (CLIP ViT-L/14's)")
+    return checker, processor
+
+
 # The pipeline's networks; each export stage loads only the ones its graph needs (export/onnx_export.py).
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 # Beside them, not a part of StableDiffusionXLPipeline: the preview decoder's AutoencoderTiny, set on
-# the loaded pipeline as `pipe.preview_vae`.
+# the loaded pipeline as `pipe.preview_vae`; the safety checker and its image processor, as
+# `pipe.safety_checker` and `pipe.feature_extractor` (the names diffusers' SD pipelines give them).
 PREVIEW_COMPONENT = "preview_vae"
-ALL_COMPONENTS = (*COMPONENTS, PREVIEW_COMPONENT)
+SAFETY_COMPONENT = "safety_checker"
+SIDE_COMPONENTS = (PREVIEW_COMPONENT, SAFETY_COMPONENT)
+ALL_COMPONENTS = (*COMPONENTS, *SIDE_COMPONENTS)
 _LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -425,14 +471,14 @@ def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", co
     unknown = set(components) - set(ALL_COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; known: {', '.join(ALL_COMPONENTS)}")
-    wants_preview = PREVIEW_COMPONENT in components
-    components = tuple(c for c in components if c != PREVIEW_COMPONENT)
+    wants_preview, wants_checker = PREVIEW_COMPONENT in components, SAFETY_COMPONENT in components
+    components = tuple(c for c in components if c not in SIDE_COMPONENTS)
     vae = None
     if sources.vae is not None and "vae" in components:
         with step(f"loading VAE {sources.vae}"):
             vae = load_vae(sources.vae)
     what = ("all components" if set(components) == set(COMPONENTS) else ", ".join(components) or "tokenizers and scheduler") + (
-        " + preview VAE" if wants_preview else "")
+        " + preview VAE" if wants_preview else "") + (" + safety checker" if wants_checker else "")
     unet = None
     if sources.unet is not None and "unet" in components:
         with step(f"loading UNet {sources.unet} (in place of the model's)"):
@@ -456,6 +502,10 @@ def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", co
         with step(f"loading preview VAE {sources.resolved_preview_vae}"):
             pipe.preview_vae = load_preview_vae(sources.resolved_preview_vae)  # an attribute the export reads
         components = (*components, PREVIEW_COMPONENT)
+    if wants_checker:
+        with step(f"loading safety checker {sources.resolved_safety_checker}"):
+            pipe.safety_checker, pipe.feature_extractor = load_safety_checker(sources.resolved_safety_checker)
+        components = (*components, SAFETY_COMPONENT)
     with _diffusers_errors_only():  # its warnings on casting to fp16 on a CPU are for running, not exporting
         for name in components:
             getattr(pipe, name).to(device=device, dtype=torch_dtype)

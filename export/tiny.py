@@ -8,7 +8,8 @@ a concatenation in the wrong order or a wrong hidden state shows up as a shape e
 Written in diffusers layout with `save_pretrained`, so the real loading code (`from_pretrained`,
 `load_lora_weights`, `fuse_lora`) runs on it. Next to it: a random LoRA for its UNet (`lora/`) and a
 second VAE (`alt_vae/`) that stands in for the fp16-fix VAE, and a TAESD-style AutoencoderTiny
-(`preview_vae/`) that stands in for madebyollin/taesdxl, the streaming endpoint's preview decoder.
+(`preview_vae/`) that stands in for madebyollin/taesdxl, the streaming endpoint's preview decoder,
+and a safety checker of StableDiffusionSafetyChecker's architecture (`safety_checker/`).
 """
 
 from __future__ import annotations
@@ -322,8 +323,12 @@ def write_style_lora(
 
 
 def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
-    """Write the tiny pipeline, its LoRA (`lora/`), a second VAE (`alt_vae/`) and a preview VAE
-    (`preview_vae/`, an AutoencoderTiny) under `out_dir`."""
+    """Write the tiny pipeline, its LoRA (`lora/`), a second VAE (`alt_vae/`), a preview VAE
+    (`preview_vae/`, an AutoencoderTiny) and a safety checker calibrated on the pipeline's images
+    (`safety_checker/`, export/safety_checker.py) under `out_dir`."""
+    from .safety_checker import build_safety_checker, calibrate, image_processor, pipeline_images, write_safety_checker
+    from .sources import SAFETY_CHECKER_SUBFOLDER
+
     out_dir = Path(out_dir)
     pipe = build_tiny_pipeline(seed, arch)
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -336,3 +341,6 @@ def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     torch.manual_seed(seed + 3)
     tiny_preview_vae().save_pretrained(out_dir / "preview_vae", safe_serialization=True)
     log(f"preview VAE (AutoencoderTiny) written to {out_dir / 'preview_vae'}")
+    checker, processor = build_safety_checker(full_size=False, seed=seed + 4), image_processor()
+    calibrate(checker, processor, pipeline_images(pipe, out_dir / "lora", out_dir / "alt_vae"))
+    write_safety_checker(out_dir / SAFETY_CHECKER_SUBFOLDER, checker, processor)

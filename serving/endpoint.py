@@ -69,7 +69,8 @@ OPTION_INPUTS = tuple(i.name for i in INPUTS if i.dtype != "STRING")
 # What check_options reads: the options, the image inputs (the image gives the size) and the output's.
 CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES, *OUTPUT_INPUT_NAMES)
 DEFAULTS = {i.name: i.default for i in (*INPUTS, *OUTPUT_INPUTS)}
-OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,)), "encoded_images": ("STRING", (-1,))}
+OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,)), "encoded_images": ("STRING", (-1,)),
+           "nsfw_detected": ("BOOL", (-1,))}
 # invisible-watermark's dwtDct needs 256x256 pixels; diffusers skips images under 256 wide.
 WATERMARK_MIN_SIDE = 256
 

@@ -1,4 +1,5 @@
-"""The final images on their way out: SDXL's invisible watermark, then one file per image.
+"""The final images on their way out: the safety checker's flags, SDXL's invisible watermark, black
+where the policy blacks flagged images out, then one file per image.
 
 Both endpoints finish their images here (the `postprocess` model of `ensemble_sdxl`, and
 `sdxl_stream` in its own process), so a request's bytes do not depend on the endpoint.
@@ -18,6 +19,7 @@ import os
 import numpy as np
 
 from serving.endpoint import WATERMARK_MIN_SIDE, OutputOptions
+from serving.safety import POLICIES, SafetyChecker
 
 # Stability AI's generative-models (scripts/demo/streamlit_helpers.py), as diffusers copies it
 # (pipelines/stable_diffusion_xl/watermark.py): 48 bits.
@@ -67,11 +69,16 @@ def encode_image(image: np.ndarray, fmt: str, quality: int) -> bytes:
 
 
 class Finisher:
-    """What an endpoint does to its final images: `finish(images, options)` -> (images, files or None).
-    `default_watermark`: the deployment's setting, for a request that does not say."""
+    """What an endpoint does to its final images: `finish(images, options)` -> (images, files or None,
+    nsfw flags or None). `default_watermark`: the deployment's setting, for a request that does not
+    say. `safety`: the deployment's safety checker (None: off) and `distances`, the function that runs
+    its graph (pixel values -> concept and special-care distances: a BLS call to `safety_checker`)."""
 
-    def __init__(self, default_watermark: bool = False):
+    def __init__(self, default_watermark: bool = False, safety: SafetyChecker | None = None, distances=None):
+        if (safety is None) != (distances is None):
+            raise ValueError("internal: a safety checker needs the function that runs its graph, and only it")
         self.default_watermark = default_watermark
+        self.safety, self.distances = safety, distances
         # invisible-watermark imports PyTorch (its rivaGan method): about 2 s and 200 MB per process.
         # Paid at load where the deployment watermarks every image; else by the first request that asks.
         self._watermarker: Watermarker | None = Watermarker() if default_watermark else None
@@ -81,28 +88,43 @@ class Finisher:
 
     def changes(self, options: OutputOptions) -> bool:
         """Whether finish() does anything: else the endpoint passes the decoder's tensor on as it came."""
-        return options.encoded or self.watermarks(options)
+        return options.encoded or self.watermarks(options) or self.safety is not None
 
-    def finish(self, images: np.ndarray, options: OutputOptions) -> tuple[np.ndarray, list[bytes] | None]:
+    def finish(self, images: np.ndarray, options: OutputOptions) -> tuple[np.ndarray, list[bytes] | None, np.ndarray | None]:
+        # 1. check the images as decoded (diffusers checks before its watermark, which SDXL adds after)
+        flags = self.safety.flags(*self.distances(self.safety.pixel_values(images))) if self.safety else None
+        # 2. watermark, 3. black out what the policy blacks out (black stays black), 4. encode
         if self.watermarks(options):
             if self._watermarker is None:
                 self._watermarker = Watermarker()
             images = self._watermarker.apply(images)
-        if not options.encoded:
-            return images, None
-        return images, [encode_image(image, options.format, options.quality) for image in images]
+        if flags is not None:
+            images = self.safety.blackout(images, flags)
+        files = [encode_image(image, options.format, options.quality) for image in images] if options.encoded else None
+        return images, files, flags
 
 
-# The deployment's setting from the environment (the Helm chart's outputs.applyWatermark): it wins over
-# the models' config parameter, so one value sets both endpoints of a repository built elsewhere.
+# The deployment's settings from the environment (the Helm chart's outputs.applyWatermark and
+# outputs.safetyChecker): each wins over its config parameter in postprocess and sdxl_stream, so one
+# value sets both endpoints of a repository built elsewhere.
 WATERMARK_ENV = "SDXL_APPLY_WATERMARK"
+SAFETY_ENV = "SDXL_SAFETY_CHECKER"
+
+
+def deployment_setting(env: str, parameter: str, value: str, accepted: tuple[str, ...], default: str, model: str) -> str:
+    """$`env` when set, else the config parameter's `value` (empty: `default`), one of `accepted`."""
+    source, value = (f"${env}", os.environ[env]) if os.environ.get(env) else (f"parameter {parameter}", value)
+    setting = (value or default).strip().lower()
+    if setting not in accepted:
+        raise ValueError(f"{model}: {source}={value!r}: expected {', '.join(accepted[:-1])} or {accepted[-1]}")
+    return setting
 
 
 def parse_watermark_setting(value: str, model: str) -> bool:
-    """The deployment's watermark setting: $SDXL_APPLY_WATERMARK when set, else the model config's
-    `apply_watermark` parameter (`value`); true or false (empty: false)."""
-    source, value = (f"${WATERMARK_ENV}", os.environ[WATERMARK_ENV]) if os.environ.get(WATERMARK_ENV) else ("parameter apply_watermark", value)
-    setting = (value or "false").strip().lower()
-    if setting not in ("true", "false"):
-        raise ValueError(f"{model}: {source}={value!r}: expected true or false")
-    return setting == "true"
+    """The deployment's watermark setting: true or false (empty: false)."""
+    return deployment_setting(WATERMARK_ENV, "apply_watermark", value, ("true", "false"), "false", model) == "true"
+
+
+def parse_safety_setting(value: str, model: str) -> str:
+    """The deployment's safety checker policy: off, flag or black (empty: off)."""
+    return deployment_setting(SAFETY_ENV, "safety_checker", value, POLICIES, "off", model)

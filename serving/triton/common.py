@@ -112,6 +112,29 @@ def error_response(error: Exception, model: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model}: internal error: {type(error).__name__}: {error}"))
 
 
+def endpoint_finisher(args: dict, model: str, run=None):
+    """The endpoint's serving.outputs.Finisher as its config parameters (or the environment) set it:
+    the deployment's watermark, and its safety checker, whose graph runs through BLS. A bad setting or
+    a checker's missing files raise ValueError: the model's load fails."""
+    from contract.layout import version_dir as model_version_dir
+    from contract.networks import SAFETY_CHECKER
+    from serving.outputs import Finisher, parse_safety_setting, parse_watermark_setting
+    from serving.safety import SafetyChecker
+
+    settings = parameters(model_config(args))
+    watermark = parse_watermark_setting(settings.get("apply_watermark", ""), model)
+    policy = parse_safety_setting(settings.get("safety_checker", ""), model)
+    if policy == "off":
+        return Finisher(watermark)
+
+    def distances(pixel_values: np.ndarray) -> tuple:
+        response = infer(SAFETY_CHECKER.name, [pb_utils.Tensor("pixel_values", pixel_values)], SAFETY_CHECKER.output_names, run)
+        return tuple(pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in SAFETY_CHECKER.output_names)
+
+    checker = SafetyChecker(model_version_dir(repository_root(args), SAFETY_CHECKER.name), policy)
+    return Finisher(watermark, checker, distances)
+
+
 def option_tensors(options) -> list:
     """A checked request's options (serving.endpoint.GenerationOptions) as Triton tensors, in the
     endpoint's dtypes: what a BLS caller hands the denoiser."""

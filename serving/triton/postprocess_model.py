@@ -1,7 +1,9 @@
-"""`postprocess`: the last step of `ensemble_sdxl`. The final images, watermarked where the request
-or the deployment asks, and encoded where `output_format` asks (serving/outputs.py).
+"""`postprocess`: the last step of `ensemble_sdxl`. The final images checked by the safety checker
+where the deployment runs it, watermarked where the request or the deployment asks, encoded where
+`output_format` asks (serving/outputs.py, serving/safety.py).
 
-Config parameters: apply_watermark (true or false: the deployment's setting).
+Config parameters: apply_watermark (true or false) and safety_checker (off, flag or black): the
+deployment's settings ($SDXL_APPLY_WATERMARK and $SDXL_SAFETY_CHECKER win).
 """
 
 from __future__ import annotations
@@ -10,18 +12,18 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.endpoint import OUTPUT_INPUT_NAMES, check_output
-from serving.outputs import Finisher, parse_watermark_setting
 
-from .common import error_response, input_arrays, model_config, parameters, respond
+from .common import endpoint_finisher, error_response, input_arrays, respond
+
+NOT_CHECKED = np.empty(0, dtype=bool)  # nsfw_detected where the deployment runs no safety checker
 
 
 class TritonPythonModel:
     def initialize(self, args):
         try:
-            watermark = parse_watermark_setting(parameters(model_config(args)).get("apply_watermark", ""), "postprocess")
+            self.finisher = endpoint_finisher(args, "postprocess")
         except ValueError as error:
             raise pb_utils.TritonModelException(str(error)) from None
-        self.finisher = Finisher(default_watermark=watermark)
 
     def execute(self, requests):
         responses = []
@@ -36,7 +38,8 @@ class TritonPythonModel:
         images = pb_utils.get_input_tensor_by_name(request, "images")
         options = check_output(input_arrays(request, OUTPUT_INPUT_NAMES))
         if not self.finisher.changes(options):
-            return respond(request, {"images": images, "encoded_images": np.empty(0, dtype=object)})
-        finished, files = self.finisher.finish(images.as_numpy(), options)
-        # Both outputs: Triton sends the client those it asked for (only encoded_images: no pixels).
-        return respond(request, {"images": finished, "encoded_images": np.asarray(files or [], dtype=object)})
+            return respond(request, {"images": images, "encoded_images": np.empty(0, dtype=object), "nsfw_detected": NOT_CHECKED})
+        finished, files, flags = self.finisher.finish(images.as_numpy(), options)
+        # Every output: Triton sends the client those it asked for (only encoded_images: no pixels).
+        return respond(request, {"images": finished, "encoded_images": np.asarray(files or [], dtype=object),
+                                 "nsfw_detected": NOT_CHECKED if flags is None else flags})

@@ -1,7 +1,7 @@
 """`sdxl_stream`: the streaming endpoint (decoupled: gRPC streams only). The inputs of `ensemble_sdxl`
 plus `preview_every`; one response per denoising step (`step`, `num_inference_steps`, `seeds`, and
 `images` on every `preview_every`-th step: a preview from the `preview_decoder`), then the final
-images (watermarked and encoded as `ensemble_sdxl`'s postprocess does, serving/outputs.py) with the
+images (checked, watermarked and encoded as `ensemble_sdxl`'s postprocess does, serving/outputs.py) with the
 FINAL flag, or one error response. Only the outputs the client asked for are sent.
 
 Each request runs here synchronously, through BLS: tokenizer (texts checked, admitted or refused,
@@ -13,7 +13,7 @@ cannot cancel a BLS request, so the request's admission ticket is marked cancell
 directory, which the denoiser checks before every step.
 
 Config parameters: the endpoint's limits and the recipe (as the scheduler's; a test keeps them equal),
-apply_watermark (as postprocess's).
+apply_watermark and safety_checker (as postprocess's).
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from contract.limits import Limits
 from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECODER
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
-from serving.outputs import Finisher, parse_watermark_setting
 
-from .common import (ComponentError, error_response, image_tensors, infer, input_arrays, lora_tensors, model_config,
-                     option_tensors, parameters, ticket_tensor)
+from .common import (ComponentError, endpoint_finisher, error_response, image_tensors, infer, input_arrays, lora_tensors,
+                     model_config, option_tensors, parameters, ticket_tensor)
 from .metrics import AdmissionMetrics, StreamMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -41,13 +40,13 @@ TEXT_INPUTS = ("prompt", "negative_prompt")
 
 class TritonPythonModel:
     def initialize(self, args):
-        settings = parameters(model_config(args))
-        try:
-            self.limits = Limits.from_parameters(settings)
-            self.finisher = Finisher(parse_watermark_setting(settings.get("apply_watermark", ""), "sdxl_stream"))
-        except ValueError as error:
-            raise pb_utils.TritonModelException(f"sdxl_stream: {error}") from None
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
+        try:
+            self.limits = Limits.from_parameters(parameters(model_config(args)))
+            self.finisher = endpoint_finisher(args, "sdxl_stream", self.run)
+        except ValueError as error:
+            message = str(error)
+            raise pb_utils.TritonModelException(message if message.startswith("sdxl_stream") else f"sdxl_stream: {message}") from None
         self.metrics = StreamMetrics(args["model_name"])
         self.admission_metrics = AdmissionMetrics(args["model_name"])
 
@@ -146,7 +145,7 @@ class TritonPythonModel:
             if step == steps:
                 decoded = infer(VAE_DECODER.name, [latents], VAE_DECODER.output_names, self.run)
                 images = pb_utils.get_output_tensor_by_name(decoded, "images")
-                self._send(sender, step, steps, seeds, *self._finish(images, options, wanted), FINAL)
+                self._send(sender, step, steps, seeds, self._finish(images, options, wanted), FINAL)
                 self.metrics.request_seconds.observe(time.monotonic() - start)
                 return
             preview = None
@@ -155,7 +154,7 @@ class TritonPythonModel:
                 preview = pb_utils.get_output_tensor_by_name(decoded, "images")
                 if step == every:
                     self.metrics.first_preview.observe(time.monotonic() - start)
-            self._send(sender, step, steps, seeds, preview if "images" in wanted else None, None, 0)
+            self._send(sender, step, steps, seeds, [preview if "images" in wanted else None], 0)
         # The responses ended without the final latents. A decoupled BLS caller never sees its callee's
         # error responses on 2.51, only the empty FINAL one that follows: the denoiser logs the error.
         if cancelled_at is not None:  # the denoiser dropped the request: its batch slot is free
@@ -164,19 +163,20 @@ class TritonPythonModel:
             raise Cancelled("cancelled by the client; the denoiser dropped the request")
         raise ComponentError(f"{DENOISER}: the request ended without its final latents (the error is in the server log)")
 
-    # 6. the final images as the request asks: watermarked, encoded (serving/outputs.py)
-    def _finish(self, images, options, wanted) -> tuple:
-        """(images or None, encoded_images or None) for the final response, each only if asked for."""
+    # 6. the final images as the request asks: checked, watermarked, encoded (serving/outputs.py)
+    def _finish(self, images, options, wanted) -> list:
+        """The final response's images, encoded_images and nsfw_detected, each if there is one and it was asked for."""
         if not self.finisher.changes(options.output):
-            return (images if "images" in wanted else None), None
-        finished, files = self.finisher.finish(images.as_numpy(), options.output)
-        return (pb_utils.Tensor("images", finished) if "images" in wanted else None,
-                pb_utils.Tensor("encoded_images", np.asarray(files, dtype=object)) if files and "encoded_images" in wanted else None)
+            return [images if "images" in wanted else None]
+        finished, files, flags = self.finisher.finish(images.as_numpy(), options.output)
+        outputs = {"images": finished, "encoded_images": None if files is None else np.asarray(files, dtype=object),
+                   "nsfw_detected": flags}
+        return [pb_utils.Tensor(name, value) for name, value in outputs.items() if value is not None and name in wanted]
 
     @staticmethod
-    def _send(sender, step: int, steps: int, seeds: np.ndarray, images, encoded, flags: int) -> None:
+    def _send(sender, step: int, steps: int, seeds: np.ndarray, outputs: list, flags: int) -> None:
         tensors = [pb_utils.Tensor("step", np.asarray([step], dtype=np.int32)),
                    pb_utils.Tensor("num_inference_steps", np.asarray([steps], dtype=np.int32)),
                    pb_utils.Tensor("seeds", seeds)]
-        tensors += [tensor for tensor in (images, encoded) if tensor is not None]
+        tensors += [tensor for tensor in outputs if tensor is not None]
         sender.send(pb_utils.InferenceResponse(tensors), flags=flags)
