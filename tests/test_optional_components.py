@@ -51,7 +51,8 @@ def test_production_variant_needs_nvidias_tritonserver(tmp_path, monkeypatch):
 def test_production_variant_needs_the_plans(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONSERVER", "/bin/false")  # found; never started: the check comes first
     with pytest.raises(ServerError, match=r"^no TensorRT plans \(text_encoder/1/model.plan, unet/1/model.plan, unet_lora/1/model.plan, "
-                                          r"vae_decoder/1/model.plan, preview_decoder/1/model.plan, vae_encoder/1/model.plan\) in .*: "
+                                          r"vae_decoder/1/model.plan, preview_decoder/1/model.plan, vae_encoder/1/model.plan, "
+                                          r"safety_checker/1/model.plan\) in .*: "
                                           r"build them with `make engines`"):
         TritonServer(tmp_path, "production").start()
 

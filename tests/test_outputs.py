@@ -84,9 +84,9 @@ def test_finisher_applies_the_deployments_setting_unless_the_request_says(monkey
     assert np.array_equal(on.finish(images, OutputOptions())[0], marked)
     assert np.array_equal(on.finish(images, OutputOptions(watermark=False))[0], images)
     assert np.array_equal(off.finish(images, OutputOptions(watermark=True))[0], marked)
-    finished, files = off.finish(images, OutputOptions())
-    assert finished is images and files is None  # raw, no watermark: untouched
-    finished, files = off.finish(images, OutputOptions("png", 90, True))
+    finished, files, flags = off.finish(images, OutputOptions())
+    assert finished is images and files is None and flags is None  # raw, no watermark: untouched
+    finished, files, _ = off.finish(images, OutputOptions("png", 90, True))
     assert len(files) == 1 and np.array_equal(np.asarray(Image.open(io.BytesIO(files[0]))), marked[0])
     assert parse_watermark_setting("", "postprocess") is False and parse_watermark_setting("True", "postprocess") is True
     with pytest.raises(ValueError, match=r"^postprocess: parameter apply_watermark='yes': expected true or false$"):
