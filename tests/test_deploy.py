@@ -242,6 +242,7 @@ def test_checkov_finds_nothing_beyond_the_commented_skips(case, tmp_path):
      "loras.source=volume keeps the LoRA library on the model claim, but modelRepository.source=s3 has none"),
     ("loras.enabled=true --set loras.source=gcs --set loras.remote.uri=s3://x", "loras.source=gcs needs loras.remote.uri as gs://"),
     ("loras.source=disk", "value must be one of 'volume', 's3', 'gcs'"),
+    ("outputs.safetyChecker.policy=blur", "value must be one of 'flag', 'black'"),
 ])
 def test_contradictory_values_stop_the_render_with_a_message_naming_them(setting, message):
     result = run_render(*[arg for part in setting.split(" --set ") for arg in ("--set", part)])
@@ -449,6 +450,16 @@ def test_adapter_rules_name_no_namespace():
     rule = yaml.safe_load(text)["rules"]["custom"][0]
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     assert "<<.LabelMatchers>>" in rule["metricsQuery"]
+
+
+def test_output_settings_reach_both_endpoints_as_environment():
+    """outputs.* become the variables postprocess and sdxl_stream read (they win over the configs)."""
+    default = env_of(server_container(render()))
+    assert default["SDXL_APPLY_WATERMARK"] == "false" and default["SDXL_SAFETY_CHECKER"] == "off"
+    chosen = env_of(server_container(render("--set", "outputs.safetyChecker.enabled=true", "--set", "outputs.applyWatermark=true")))
+    assert chosen["SDXL_APPLY_WATERMARK"] == "true" and chosen["SDXL_SAFETY_CHECKER"] == "black"
+    flag = env_of(server_container(render("--set", "outputs.safetyChecker.enabled=true", "--set", "outputs.safetyChecker.policy=flag")))
+    assert flag["SDXL_SAFETY_CHECKER"] == "flag"
 
 
 def env_of(container: dict) -> dict[str, str]:
