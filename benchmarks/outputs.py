@@ -15,6 +15,10 @@ BENCH_RESULTS=benchmarks/results refreshes the committed ones.
    `requests` round trips each, the response's size, and the `postprocess` step's own time per request (Triton's
    statistics). The tiny model's 1-step images are noise, so the JPEG bytes are its worst case; the
    time saved is the transfer's and the client's decoding of the protocol.
+3. `safety_checker`: the safety checker's parts on this machine: the preprocessing (serving/safety.py,
+   per image at 512x512 and 1024x1024, one core) and the graph in ONNX Runtime (fp32, the CPU
+   variant's) at 1 and 4 images, for the tiny checker and for CompVis's architecture (CLIP ViT-L/14's
+   vision tower, random weights: the time does not depend on them), each exported here.
 """
 
 from __future__ import annotations
@@ -124,6 +128,38 @@ def served(work: Path, requests: int) -> list[dict]:
     return rows
 
 
+def safety_checker(work: Path, repeats: int) -> list[dict]:
+    import onnxruntime as ort
+
+    from contract.networks import SAFETY_CHECKER, SDXL_DIMS
+    from export.modules import SafetyCheckerGraph
+    from export.onnx_export import export_network
+    from export.safety_checker import build_safety_checker, image_processor
+    from serving.safety import ClipPreprocessor
+
+    preprocess, rows = ClipPreprocessor(image_processor().to_dict(), "CLIPImageProcessor defaults"), []
+    for size in SIZES:
+        image = photo_like(size)
+        seconds, _ = timed(lambda: preprocess(image), repeats)
+        rows.append({"part": "preprocessing", "checker": "-", "size": f"{size}x{size}", "images": 1, "ms": round(seconds * 1e3, 1)})
+        log(f"safety checker: {rows[-1]}")
+    for name, full_size in (("tiny", False), ("CompVis architecture (CLIP ViT-L/14)", True)):
+        module = SafetyCheckerGraph(build_safety_checker(full_size=full_size, seed=0)).eval()
+        parameters = sum(p.numel() for p in module.parameters())
+        graph = export_network(module, SAFETY_CHECKER, SDXL_DIMS, "fp32", work / f"safety_{int(full_size)}")
+        del module
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        for images in (1, 4):
+            pixels = np.random.default_rng(0).standard_normal((images, 3, 224, 224), dtype=np.float32)
+            session.run(None, {"pixel_values": pixels})  # warm-up
+            seconds, _ = timed(lambda: session.run(None, {"pixel_values": pixels}), repeats)
+            rows.append({"part": "graph (ONNX Runtime, fp32)", "checker": f"{name}, {parameters / 1e6:.1f} M parameters",
+                         "size": "224x224", "images": images, "ms": round(seconds * 1e3, 1)})
+            log(f"safety checker: {rows[-1]}")
+        del session
+    return rows
+
+
 def write_table(results: dict, path: Path) -> None:
     lines = ["# Encoded images: time and bytes", "",
              f"`{results['command']}`, {results['machine']}, {results['minutes']:.1f} min. See benchmarks/outputs.py.", "",
@@ -143,6 +179,10 @@ def write_table(results: dict, path: Path) -> None:
     lines += ["", "postprocess step: Triton's statistics for the `postprocess` model per request (queue, "
               "compute_input, compute_infer, compute_output): for raw pixels, what the ensemble's last step "
               "adds to every request; for JPEG, the encoding of the 4 images too."]
+    lines += ["", f"## Safety checker (median of {results['repeats']})", "",
+              "| part | checker | input | images | ms |", "|---|---|---|---|---|"]
+    for row in results.get("safety_checker", []):
+        lines.append(f"| {row['part']} | {row['checker']} | {row['size']} | {row['images']} | {row['ms']} |")
     lines.append("")
     path.write_text("\n".join(lines))
 
@@ -162,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"repeats": args.repeats, "requests": args.requests, "per_image": per_image(args.repeats)}
     with tempfile.TemporaryDirectory(prefix="bench-outputs-") as tmp:
         results["served"] = served(Path(tmp), args.requests)
+        results["safety_checker"] = safety_checker(Path(tmp), args.repeats)
     results = {**run_record("benchmarks.outputs", argv, started, default_out=args.out == parser.get_default("out")), **results}
     save_results(results, args.out, write_table)
     return 0
