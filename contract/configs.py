@@ -355,8 +355,12 @@ def follow_recipe(repository: Path, recipe) -> list[Path]:
     """Write `recipe` (contract.recipes.Recipe) into every variant of the configs of RECIPE_MODELS
     (scheduler, denoiser, sdxl_stream): its step range, defaults and what it was made from. Returns
     the files changed."""
+    values = recipe.as_parameters()
+    saved = layout.scheduler_config_path(repository)
+    if not values["recipe_scheduler"] and saved.exists():  # the model's own: the class the export wrote
+        values["recipe_scheduler"] = json.loads(saved.read_text()).get("_class_name", "")
     return [path for model in RECIPE_MODELS for path in config_files(repository, model)
-            if set_parameters(path, recipe.as_parameters())]
+            if set_parameters(path, values)]
 
 
 def recipe_file(repository: Path) -> Path:

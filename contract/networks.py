@@ -259,8 +259,9 @@ LOOP_MODELS = (SCHEDULER, DENOISER)
 # tokenizer, text_encoder, denoiser, preview_decoder and vae_decoder through BLS.
 SDXL_STREAM = "sdxl_stream"
 # The models whose configs carry the recipe (contract/configs.follow_recipe): the loops check requests
-# against it, the stream endpoint checks them before any work.
-RECIPE_MODELS = (*LOOP_MODELS, SDXL_STREAM)
+# against it, the stream endpoint checks them before any work, the tokenizer encodes the negative
+# prompt when the recipe's default guidance means CFG.
+RECIPE_MODELS = (*LOOP_MODELS, SDXL_STREAM, TOKENIZER)
 
 
 def model_tensors(model: str) -> dict[str, TensorSpec]:

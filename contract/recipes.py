@@ -1,4 +1,4 @@
-"""The few-step recipes: which model, LoRAs, UNet and VAE an export takes, which diffusers scheduler
+"""The recipes (few-step ones, and SDXL's standard one): which model, LoRAs, UNet and VAE an export takes, which diffusers scheduler
 the denoising loop runs, and what a request may and by default does ask of it.
 
 Shared by `export` (it resolves `--preset` / `--scheduler` and writes the recipe into the repository)
@@ -18,9 +18,10 @@ from pathlib import Path
 @dataclass(frozen=True)
 class SchedulerKind:
     """A diffusers scheduler class and the config it is built with from the pipeline's own
-    scheduler config (`cls.from_config(pipeline_scheduler_config, **overrides)`)."""
+    scheduler config (`cls.from_config(pipeline_scheduler_config, **overrides)`). No class: the
+    pipeline's own scheduler, class and config as its scheduler_config.json has them."""
 
-    class_name: str
+    class_name: str | None
     overrides: dict = field(default_factory=dict)
     # The keyword of `step` that the pipeline passes from its `eta` argument (DDIM, TCD).
     takes_eta: bool = False
@@ -33,14 +34,17 @@ SCHEDULERS = {
     "euler": SchedulerKind("EulerDiscreteScheduler", TRAILING),  # SDXL-Lightning's card
     "tcd": SchedulerKind("TCDScheduler", TRAILING, takes_eta=True),  # TCD's card, with its eta (gamma)
     "ddim": SchedulerKind("DDIMScheduler", TRAILING, takes_eta=True),  # Hyper-SD's card
+    # The model's own: SDXL base 1.0's scheduler_config.json is an EulerDiscreteScheduler with
+    # "leading" spacing, what its model card's diffusers example runs (and most fine-tunes ship).
+    "model": SchedulerKind(None),
 }
-SCHEDULER_CLASSES = {kind.class_name: name for name, kind in SCHEDULERS.items()}
+SCHEDULER_CLASSES = {kind.class_name: name for name, kind in SCHEDULERS.items() if kind.class_name}
 
 
 def scheduler_kind(class_name: str) -> str:
     """The --scheduler name of a diffusers class name; ValueError naming the supported ones."""
     if class_name not in SCHEDULER_CLASSES:
-        supported = ", ".join(f"{k.class_name} ({n})" for n, k in SCHEDULERS.items())
+        supported = ", ".join(f"{c} ({n})" for c, n in SCHEDULER_CLASSES.items())
         raise ValueError(f"scheduler class {class_name!r} is not one the denoising loop runs; supported: {supported}")
     return SCHEDULER_CLASSES[class_name]
 
@@ -89,7 +93,9 @@ class Recipe:
             "recipe_loras": ",".join(self.loras),
             "recipe_unet": self.unet or "",
             "recipe_vae": self.vae or "",
-            "recipe_scheduler": SCHEDULERS[self.scheduler].class_name,
+            # The model's own scheduler: its class is known once the export has read the model
+            # (contract/configs.follow_recipe fills it in from the scheduler config it wrote).
+            "recipe_scheduler": SCHEDULERS[self.scheduler].class_name or "",
             "min_steps": str(self.min_steps),
             "max_steps": str(self.max_steps),
             "default_steps": str(self.default_steps),
@@ -132,6 +138,11 @@ PRESETS = {
         Recipe("hyper-sdxl-4step", SDXL_BASE, "ddim", loras=("ByteDance/Hyper-SD/Hyper-SDXL-4steps-lora.safetensors:1.0",),
                vae=FP16_FIX_VAE, min_steps=1, max_steps=8, default_steps=4, default_guidance=0.0, size=1024,
                licence="CreativeML Open RAIL++-M (SDXL base 1.0); Hyper-SD: see its model card"),
+        # The standard recipe, not a few-step one: the model's own scheduler (SDXL base 1.0: Euler,
+        # leading spacing), 20 steps of 1 to 50, guidance 5.0 (the base model card's example: 20 to
+        # 50 steps; fine-tunes are mostly run with 20 to 30 and CFG 5 to 7).
+        Recipe("sdxl-base", SDXL_BASE, "model", vae=FP16_FIX_VAE, min_steps=1, max_steps=50, default_steps=20,
+               default_guidance=5.0, size=1024, licence="CreativeML Open RAIL++-M (SDXL base 1.0)"),
     )
 }
 DEFAULT_PRESET = "lcm-sdxl"

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "docs/outputs.md) (default: the model directory's safety_checker/ if it has one, else "
                       f"{DEFAULT_SAFETY_CHECKER})")
     onnx.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="the denoising loop's scheduler (trailing timestep "
-                      "spacing for all but lcm); default: the preset's, else lcm")
+                      "spacing for all but lcm; model: the model's own, class and config as its scheduler_config.json "
+                      "has them); default: the preset's, else lcm")
     onnx.add_argument("--eta", type=float, help="eta of the stochastic steps (tcd's gamma, ddim's eta); default: the preset's")
     onnx.add_argument("--dtype", choices=DTYPES, default="fp16")
     onnx.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "configs", help="set the configs' tensor dtypes and widths to what the repository's graphs were exported with",
         description="`onnx` does this itself; run it when graphs and configs disagree (graphs copied in, configs "
                     "checked out again): text_encoder, unet, vae_decoder, vae_encoder, preview_decoder, scheduler and denoiser, "
-                    "every variant; the recipe into scheduler, denoiser and sdxl_stream.",
+                    "every variant; the recipe into scheduler, denoiser, sdxl_stream and tokenizer.",
     )
     configs_.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY,
                           help=f"model repository (default {_default_repository()})")
@@ -235,7 +236,7 @@ def run_onnx(args) -> None:
     recipe = resolve_recipe(args)
     log(f"recipe {recipe.name}: {recipe.model}" + "".join(f" + {lora}" for lora in recipe.loras)
         + (f", UNet {recipe.unet}" if recipe.unet else "") + (f", VAE {recipe.vae}" if recipe.vae else "")
-        + f", {SCHEDULERS[recipe.scheduler].class_name}")
+        + ", " + (SCHEDULERS[recipe.scheduler].class_name or "the model's own scheduler"))
     paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker), args.out, args.dtype, device=args.device, recipe=recipe)
     for name, path in paths.items():
         print(f"{name}: {path}")

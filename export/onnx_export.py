@@ -224,11 +224,24 @@ def _publish(staged: Path, out_dir: Path) -> None:
 
 def recipe_scheduler(recipe: Recipe, pipeline_scheduler_config):
     """The recipe's diffusers scheduler, built from the pipeline's own scheduler config as the model
-    cards do (`Class.from_config(pipe.scheduler.config, timestep_spacing="trailing")`)."""
+    cards do (`Class.from_config(pipe.scheduler.config, timestep_spacing="trailing")`); the model's
+    own (kind `model`): the config's class, unchanged, if the loop runs it."""
     import diffusers
 
+    from contract.recipes import scheduler_kind
+
     kind = SCHEDULERS[recipe.scheduler]
-    return getattr(diffusers, kind.class_name).from_config(pipeline_scheduler_config, **kind.overrides)
+    class_name = kind.class_name or pipeline_scheduler_config.get("_class_name", "")
+    try:
+        scheduler_kind(class_name)
+    except ValueError as error:
+        raise ExportError(f"--scheduler {recipe.scheduler}: the model's {error}; choose one with --scheduler") from None
+    return getattr(diffusers, class_name).from_config(pipeline_scheduler_config, **kind.overrides)
+
+
+def scheduler_class(repository: Path) -> str:
+    """The class of the scheduler config a repository holds."""
+    return json.loads(layout.scheduler_config_path(repository).read_text()).get("_class_name", "")
 
 
 def write_serving_files(pipe, repository: Path, recipe: Recipe) -> None:
@@ -354,7 +367,7 @@ def export_pipeline(
         serving = source if preloaded is not None else load_pipeline(sources, dtype, device, components=())
         write_serving_files(serving.pipe, staged, recipe)
         _publish_repository(staged, repository, tuple(ordered))
-    log(f"graphs, tokenizers and {layout.SCHEDULER_CONFIG_FILE} ({SCHEDULERS[recipe.scheduler].class_name}, "
+    log(f"graphs, tokenizers and {layout.SCHEDULER_CONFIG_FILE} ({scheduler_class(repository)}, "
         f"recipe {recipe.name}) written under {repository}")
     from contract import configs  # reads Triton's config schema (tritonclient): only where configs are written
 
@@ -370,6 +383,6 @@ def export_pipeline(
     except configs.ConfigError as error:
         raise ExportError(str(error)) from None
     if changed:
-        log(f"scheduler, denoiser and sdxl_stream configs set to recipe {recipe.name} (steps {recipe.min_steps}-{recipe.max_steps}, default "
+        log(f"scheduler, denoiser, sdxl_stream and tokenizer configs set to recipe {recipe.name} (steps {recipe.min_steps}-{recipe.max_steps}, default "
             f"{recipe.default_steps}; guidance {recipe.default_guidance:g})")
     return {name: layout.onnx_path(repository, name) for name in ordered}

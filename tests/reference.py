@@ -13,7 +13,8 @@ def recipe_scheduler(pipe, kind: str = "lcm"):
     from contract.recipes import SCHEDULERS
 
     spec = SCHEDULERS[kind]
-    return getattr(diffusers, spec.class_name).from_config(pipe.scheduler.config, **spec.overrides)
+    class_name = spec.class_name or pipe.scheduler.config["_class_name"]  # `model`: the pipeline's own
+    return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **spec.overrides)
 
 
 def diffusers_images(

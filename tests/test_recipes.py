@@ -52,6 +52,7 @@ def ask(server, case: dict, **extra):
 
 SERVED = {  # recipe kind -> (eta, step range and defaults of the custom recipe served)
     "euler-ancestral": None, "euler": None, "tcd": 0.3, "ddim": None, "lcm": None,
+    "model": None,  # the tiny pipeline's own: SDXL base's EulerDiscreteScheduler, leading spacing (sdxl-base's)
 }
 
 
@@ -139,11 +140,39 @@ def test_client_info_reports_the_recipe(scheduler_server, capsys):
     kind, recipe, server = scheduler_server
     served = info(server.grpc_url, "grpc")
     assert served == {**info(server.http_url, "http")}
-    assert served["recipe"] == recipe.name and served["recipe_scheduler"] == SCHEDULERS[kind].class_name
+    scheduler_class = SCHEDULERS[kind].class_name or "EulerDiscreteScheduler"  # model: the tiny pipeline's own
+    assert served["recipe"] == recipe.name and served["recipe_scheduler"] == scheduler_class
     assert served["default_steps"] == "2" and served["max_steps"] == "6" and served["recipe_model"] == recipe.model
     assert client_main(["--info", "--url", server.http_url]) == 0
     out = capsys.readouterr().out
-    assert f"recipe_scheduler  {SCHEDULERS[kind].class_name}" in out and f"recipe            {recipe.name}" in out
+    assert f"recipe_scheduler  {scheduler_class}" in out and f"recipe            {recipe.name}" in out
+
+
+# --- the standard recipe, sdxl-base ----------------------------------------------------------------
+
+def test_sdxl_base_defaults_served_match_diffusers(exported, loaded, tmp_path_factory):
+    """`sdxl-base` with the tiny sources in place of the hub's: a request that sends neither steps nor
+    guidance runs 20 Euler (leading) steps with CFG 5.0, equal to diffusers' pipeline with the model's
+    own scheduler, over HTTP and gRPC; the recipe's range 1 to 50 is the endpoint's."""
+    from dataclasses import replace
+
+    repository = tmp_path_factory.mktemp("recipe_sdxl_base")
+    shutil.copytree(exported(CPU_DTYPE), repository, dirs_exist_ok=True)
+    sources = loaded(CPU_DTYPE).sources
+    recipe = replace(PRESETS["sdxl-base"], model=sources.model, vae=sources.vae, loras=tuple(str(lora) for lora in sources.loras))
+    export_pipeline(loaded(CPU_DTYPE), repository, CPU_DTYPE, names=(), recipe=recipe)
+    assert parameters(read_config(repository, "scheduler", "cpu"))["recipe_scheduler"] == "EulerDiscreteScheduler"
+    expected = diffusers_images(loaded(CPU_DTYPE).pipe, "a lighthouse", seed=5, steps=20, guidance=5.0, negative="blurry",
+                                num_images=2, height=128, width=192, scheduler="model")
+    with serve(repository, tmp_path_factory) as server:
+        for protocol in ("http", "grpc"):
+            url = server.grpc_url if protocol == "grpc" else server.http_url
+            result = generate("a lighthouse", url=url, protocol=protocol, seed=5, negative_prompt="blurry", height=128, width=192,
+                              num_images_per_prompt=2)
+            assert_close(result.images, expected)
+        with pytest.raises(ClientError, match=r"num_inference_steps: 51 is not accepted; expected an integer from 1 to 50 "
+                                              r"\(recipe sdxl-base\)"):
+            generate("a lighthouse", url=server.http_url, num_inference_steps=51, height=128, width=128)
 
 
 # --- SSD-1B's layout, through --preset ssd-1b-lcm ------------------------------------------------

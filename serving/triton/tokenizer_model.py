@@ -58,7 +58,8 @@ class TritonPythonModel:
         try:
             raw = input_arrays(request, INPUTS)
             prompt, negative = check_prompts(raw, self.limits)
-            do_cfg = check_guidance(raw["guidance_scale"]) > 1.0
+            # An omitted guidance_scale is the recipe's default, as the loop will read it (sdxl-base: CFG 5.0).
+            do_cfg = check_guidance(raw["guidance_scale"], self.limits.default_guidance) > 1.0
             named = check_request(raw["lora_names"], raw["lora_scales"], self.limits.max_loras, self.limits.max_lora_scale)
             held = self.loras.load(named)  # before admission: an unknown name costs no place in the queue
             timeout = queue_timeout_s(request_parameters(request), self.policy)
