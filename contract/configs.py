@@ -353,12 +353,11 @@ def set_parameters(path: Path, values: dict[str, str]) -> bool:
 
 def follow_recipe(repository: Path, recipe) -> list[Path]:
     """Write `recipe` (contract.recipes.Recipe) into every variant of the configs of RECIPE_MODELS
-    (scheduler, denoiser, sdxl_stream): its step range, defaults and what it was made from. Returns
-    the files changed."""
+    (scheduler, denoiser, sdxl_stream, tokenizer): its step range, defaults and what it was made from.
+    Returns the files changed."""
     values = recipe.as_parameters()
-    saved = layout.scheduler_config_path(repository)
-    if not values["recipe_scheduler"] and saved.exists():  # the model's own: the class the export wrote
-        values["recipe_scheduler"] = json.loads(saved.read_text()).get("_class_name", "")
+    if not values["recipe_scheduler"]:  # the model's own: the class the export wrote
+        values["recipe_scheduler"] = layout.scheduler_class(repository)
     return [path for model in RECIPE_MODELS for path in config_files(repository, model)
             if set_parameters(path, values)]
 

@@ -24,6 +24,7 @@ the TensorRT plan built from it (`model.plan`, served by the production configs)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +60,9 @@ def tokenizer_dir(repository: Path, which: str) -> Path:
 
 def scheduler_config_path(repository: Path) -> Path:
     return version_dir(repository, SCHEDULER_MODEL) / SCHEDULER_CONFIG_FILE
+
+
+def scheduler_class(repository: Path) -> str:
+    """The class of the scheduler config a repository holds ("" when it holds none)."""
+    path = scheduler_config_path(repository)
+    return json.loads(path.read_text()).get("_class_name", "") if path.exists() else ""

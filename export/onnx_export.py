@@ -239,11 +239,6 @@ def recipe_scheduler(recipe: Recipe, pipeline_scheduler_config):
     return getattr(diffusers, class_name).from_config(pipeline_scheduler_config, **kind.overrides)
 
 
-def scheduler_class(repository: Path) -> str:
-    """The class of the scheduler config a repository holds."""
-    return json.loads(layout.scheduler_config_path(repository).read_text()).get("_class_name", "")
-
-
 def write_serving_files(pipe, repository: Path, recipe: Recipe) -> None:
     """Tokenizers, the recipe's scheduler config and the recipe, where the tokenizer and scheduler
     models read them."""
@@ -367,7 +362,7 @@ def export_pipeline(
         serving = source if preloaded is not None else load_pipeline(sources, dtype, device, components=())
         write_serving_files(serving.pipe, staged, recipe)
         _publish_repository(staged, repository, tuple(ordered))
-    log(f"graphs, tokenizers and {layout.SCHEDULER_CONFIG_FILE} ({scheduler_class(repository)}, "
+    log(f"graphs, tokenizers and {layout.SCHEDULER_CONFIG_FILE} ({layout.scheduler_class(repository)}, "
         f"recipe {recipe.name}) written under {repository}")
     from contract import configs  # reads Triton's config schema (tritonclient): only where configs are written
 

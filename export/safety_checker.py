@@ -85,7 +85,8 @@ def calibrate(checker, processor, images: np.ndarray) -> None:
 
 def pipeline_images(pipe, lora_dir: Path, vae_dir: Path) -> np.ndarray:
     """Eight 128x128 images of the tiny pipeline as the demo serves it (LoRA fused, the alternative
-    VAE, LCM, 2 steps): what the tiny checker is calibrated on."""
+    VAE, LCM, 2 steps): what the tiny checker is calibrated on. Changes `pipe` so (write_tiny has
+    saved it already)."""
     import torch
     from diffusers import AutoencoderKL, LCMScheduler
 

@@ -40,13 +40,15 @@ TEXT_INPUTS = ("prompt", "negative_prompt")
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         try:
             self.limits = Limits.from_parameters(parameters(model_config(args)))
+        except ValueError as error:
+            raise pb_utils.TritonModelException(f"sdxl_stream: {error}") from None
+        self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
+        try:  # its errors name the model already
             self.finisher = endpoint_finisher(args, "sdxl_stream", self.run)
         except ValueError as error:
-            message = str(error)
-            raise pb_utils.TritonModelException(message if message.startswith("sdxl_stream") else f"sdxl_stream: {message}") from None
+            raise pb_utils.TritonModelException(str(error)) from None
         self.metrics = StreamMetrics(args["model_name"])
         self.admission_metrics = AdmissionMetrics(args["model_name"])
 
