@@ -94,7 +94,7 @@ def stage_onnx(work: Path, dtype: str, skeletons: Path | None = None) -> dict:
          "--dtype", dtype, "--out", str(out)],
         env=environment(), phase_pattern=r"\[export\] stage \d+/\d+: (\w+)", log_path=work / f"onnx-{dtype}.log",
     )
-    result = {**run.as_dict(), "sizes_mb": {n: sizes_mb(layout.version_dir(out, n), "model.onnx*") for n in NETWORKS}}
+    result = {**run.as_dict(), "sizes_mb": {n: sizes_mb(layout.version_dir(out, n), "model.onnx*") for n in layout.served_networks(out)}}
     if run.returncode == 0:
         result["configs_agree"] = check_graphs_against_configs(out)
         if dtype == "fp16":
@@ -108,7 +108,7 @@ def check_graphs_against_configs(repository: Path) -> dict[str, str]:
     from contract.configs import graph_interface
 
     verdicts = {}
-    for name in NETWORKS:
+    for name in layout.served_networks(repository):
         interface = graph_interface(layout.onnx_path(repository, name))
         problems = [f"{variant}: {problem}" for variant in ("production", "cpu")
                     for problem in interface_mismatches(read_config(repository, name, variant), interface)]
@@ -122,7 +122,7 @@ def keep_skeletons(repository: Path, skeletons: Path) -> None:
     import onnx
 
     skeletons.mkdir(parents=True, exist_ok=True)
-    for name in NETWORKS:
+    for name in layout.served_networks(repository):  # the refiner's: python -m benchmarks.refiner
         model = onnx.load(str(layout.onnx_path(repository, name)), load_external_data=False)
         for tensor in model.graph.initializer:
             tensor.ClearField("raw_data")
@@ -141,7 +141,7 @@ def stage_engines(work: Path) -> dict:
         log_path=work / "engines.log",
     )
     result = {**run.as_dict(), "builder": "TensorRT-RTX (ahead of time, no GPU)",
-              "sizes_mb": {n: sizes_mb(layout.version_dir(out, n), layout.ENGINE_FILE) for n in NETWORKS}}
+              "sizes_mb": {n: sizes_mb(layout.version_dir(out, n), layout.ENGINE_FILE) for n in layout.served_networks(work / "repo_fp16")}}
     if run.returncode:
         result["reason"] = [line for line in run.log.splitlines() if line.startswith("error:") or "[E]" in line][-3:]
     return result
@@ -150,7 +150,7 @@ def stage_engines(work: Path) -> dict:
 def stage_ort(work: Path) -> dict:
     results = {}
     for dtype in ("fp32", "fp16"):
-        for name in NETWORKS:
+        for name in layout.served_networks(work / f"repo_{dtype}"):
             run = measure.run([PY, "-m", "benchmarks.scale", "ort-run", str(work / f"repo_{dtype}"), name, dtype],
                               env=environment(), log_path=work / f"ort-{name}-{dtype}.log", echo=False)
             figures = json.loads(run.log.strip().splitlines()[-1]) if run.returncode == 0 else {"error": run.log[-500:]}

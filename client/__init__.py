@@ -45,6 +45,7 @@ _OPTIONAL = {
     "output_format": ("BYTES", np.object_),
     "output_quality": ("INT32", np.int32),
     "apply_watermark": ("BOOL", np.bool_),
+    "high_noise_frac": ("FP32", np.float32),
 }
 # What a file name's extension asks the server for (output_format).
 FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -199,6 +200,7 @@ def generate(
     timeout_s: float = 600.0, queue_timeout_ms: int | None = None, stream: bool = False, preview_every: int | None = None,
     loras: Sequence[tuple[str, float]] | None = None, image=None, strength: float | None = None, mask=None,
     output_format: str | None = None, output_quality: int | None = None, apply_watermark: bool | None = None,
+    high_noise_frac: float | None = None,
 ) -> GenerationResult | Iterator[StreamUpdate]:
     """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure.
     queue_timeout_ms: the longest wait for a denoising slot the server may make this request wait
@@ -209,7 +211,8 @@ def generate(
     (a path, a PIL image or uint8 [H, W]; 255 repaint, 0 keep). output_format: png, jpeg or webp:
     the images come as files (`encoded_images`; the raw pixels are not sent), output_quality: 1 to
     100 for JPEG and WebP (server default 90), apply_watermark: SDXL's invisible watermark (default:
-    the server's setting).
+    the server's setting). high_noise_frac: where a served refiner takes over, in (0, 1] (default: the
+    recipe's, 0.8 for sdxl-base-refiner; 1.0: the base alone).
 
     stream=True (gRPC only): the request goes to `sdxl_stream`, and an iterator of StreamUpdate is
     returned, one per denoising step (a preview image on every `preview_every`-th step; default 0:
@@ -220,6 +223,7 @@ def generate(
         protocol, prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
         output_format=output_format, output_quality=output_quality, apply_watermark=apply_watermark,
+        high_noise_frac=high_noise_frac,
     )
     encoded = output_format is not None and output_format != "raw"
     if loras:

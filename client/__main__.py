@@ -5,8 +5,9 @@ python -m client "a prompt" --stream [--preview-every K]: through sdxl_stream (g
 step and the previews written as out_step<k>.png, then the final images.
 python -m client "a prompt" --image in.png [--strength S] [--mask mask.png]: img2img, or inpainting with a mask
 (white: repaint, black: keep); the output has the image's size.
-python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance) and its
-LoRA library (name, rank, targets, size: what --lora may name)."""
+python -m client "a prompt" --high-noise-frac F: where the served refiner (recipe sdxl-base-refiner) takes over.
+python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance, the
+refiner and its hand-off) and its LoRA library (name, rank, targets, size: what --lora may name)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the server's, 0.8); int(steps * strength) steps run")
     parser.add_argument("--mask", type=Path, help="with --image: inpainting; white (>= 128) repaints, black keeps "
                         "(greyscale, the image's size)")
+    parser.add_argument("--high-noise-frac", type=float, dest="high_noise_frac",
+                        help="where the served refiner takes over, in (0, 1] (default: the recipe's, 0.8 for "
+                             "sdxl-base-refiner; 1: the base alone); see --info")
     parser.add_argument("--lora", type=lora_spec, action="append", dest="loras", metavar="NAME[:SCALE]",
                         help="a LoRA of the server's library (python -m export lora add), scale 1.0 unless given; repeatable")
     return parser

@@ -62,6 +62,13 @@ def scheduler_config_path(repository: Path) -> Path:
     return version_dir(repository, SCHEDULER_MODEL) / SCHEDULER_CONFIG_FILE
 
 
+def served_networks(repository: Path) -> tuple[str, ...]:
+    """The networks a repository serves: the refiner's only where the export put its model there."""
+    from .networks import REFINER_UNET_NAME, served_networks as networks_of
+
+    return networks_of((Path(repository) / REFINER_UNET_NAME).is_dir())
+
+
 def scheduler_class(repository: Path) -> str:
     """The class of the scheduler config a repository holds ("" when it holds none)."""
     path = scheduler_config_path(repository)

@@ -34,6 +34,9 @@ class Limits:
     # img2img / inpainting: the strength of a request that sends an image and no strength
     # (Replicate's and diffusers' img2img default).
     default_strength: float = 0.8
+    # The recipe's refiner hand-off (contract/recipes.py): the high_noise_frac of a request that sends
+    # none; None: the deployment serves no refiner (a request's high_noise_frac is refused).
+    default_high_noise_frac: float | None = None
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "Limits":
@@ -54,6 +57,12 @@ class Limits:
                     raise ValueError(f"model config parameter {key}={parameters[key]!r}: expected a number") from None
         if parameters.get("recipe"):
             values["recipe"] = parameters["recipe"]
+        if parameters.get("high_noise_frac"):
+            try:
+                values["default_high_noise_frac"] = float(parameters["high_noise_frac"])
+            except ValueError:
+                raise ValueError(f"model config parameter high_noise_frac={parameters['high_noise_frac']!r}: expected "
+                                 "empty (no refiner) or a number in (0, 1]") from None
         limits = cls(**values)
         if not (limits.size_multiple <= limits.min_size <= limits.max_size) or limits.min_size % limits.size_multiple:
             raise ValueError(f"model config parameters min_size={limits.min_size}, max_size={limits.max_size}: "
@@ -69,6 +78,9 @@ class Limits:
                              f"max_steps={limits.max_steps}: expected 1 <= min_steps <= default_steps <= max_steps")
         if not 0.0 < limits.default_strength <= 1.0:
             raise ValueError(f"model config parameter default_strength={limits.default_strength:g}: expected a number in (0, 1]")
+        frac = limits.default_high_noise_frac
+        if frac is not None and not 0.0 < frac <= 1.0:
+            raise ValueError(f"model config parameter high_noise_frac={frac:g}: expected empty (no refiner) or a number in (0, 1]")
         if not 0.0 <= limits.default_guidance <= 20.0:
             raise ValueError(f"model config parameter default_guidance={limits.default_guidance:g}: expected 0 to 20")
         return limits
@@ -81,6 +93,10 @@ class Limits:
     @property
     def steps(self) -> str:
         return f"an integer from {self.min_steps} to {self.max_steps} (recipe {self.recipe})"
+
+    @property
+    def has_refiner(self) -> bool:
+        return self.default_high_noise_frac is not None
 
     @property
     def sizes(self) -> str:

@@ -24,6 +24,9 @@ DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "image_height", "image
 # SDXL keeps its time conditioning in six numbers per sample:
 # (original_height, original_width, crop_top, crop_left, target_height, target_width).
 TIME_IDS_DIM = 6
+# The SDXL refiner's in five: (original_height, original_width, crop_top, crop_left, aesthetic_score)
+# (StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score, as the refiner's model_index.json sets it).
+REFINER_TIME_IDS_DIM = 5
 
 NUMPY_DTYPES = {
     "FP16": np.float16,
@@ -41,6 +44,9 @@ class ModelDims:
     seq_len: int = 77  # CLIP tokenizers' model_max_length
     text_dim: int = 2048  # 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG) penultimate hidden states
     pooled_dim: int = 1280  # text_encoder_2's projection_dim
+    # The refiner's text conditioning: text_encoder_2's (OpenCLIP bigG's) penultimate hidden states alone,
+    # the last refiner_text_dim columns of the text encoder's prompt_embeds (no second encode).
+    refiner_text_dim: int = 1280
     latent_channels: int = 4
     vae_scale_factor: int = 8  # 2 ** (len(vae.config.block_out_channels) - 1)
     # The LoRA inputs' widths (contract/loras.py): the sum over the network's sites of the down
@@ -68,6 +74,7 @@ class ModelDims:
             seq_len=int(seq_len),
             text_dim=get(text_encoder, "hidden_size") + get(text_encoder_2, "hidden_size"),
             pooled_dim=get(text_encoder_2, "projection_dim"),
+            refiner_text_dim=get(text_encoder_2, "hidden_size"),
             latent_channels=get(unet, "in_channels"),
             vae_scale_factor=2 ** (len(get(vae, "block_out_channels")) - 1),
             **(lora_widths or {}),
@@ -93,6 +100,7 @@ def lora_widths(components) -> dict[str, int]:
 
 UNET_NAME, TEXT_ENCODER_NAME = "unet", "text_encoder"
 UNET_LORA_NAME = "unet_lora"
+REFINER_UNET_NAME = "refiner_unet"
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,21 @@ UNET = NetworkSpec(
 # which pays nothing for the capability (docs/loras.md: why two graphs).
 UNET_LORA = NetworkSpec(name=UNET_LORA_NAME, inputs=(*UNET.inputs, *lora_inputs("unet")), outputs=UNET.outputs)
 
+# The SDXL refiner's UNet (recipe sdxl-base-refiner: the expert ensemble's last steps, serving/denoise.py):
+# SDXL's UNet interface with the bigG-only text conditioning and five time ids. Served only by the
+# repositories whose recipe has a refiner (OPTIONAL_NETWORKS); no LoRA inputs (SDXL LoRAs adapt the base).
+REFINER_UNET = NetworkSpec(
+    name=REFINER_UNET_NAME,
+    inputs=(
+        TensorSpec("sample", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),
+        TensorSpec("timestep", "FP32", ("batch",)),
+        TensorSpec("encoder_hidden_states", COMPUTE, ("batch", "seq_len", "refiner_text_dim")),
+        TensorSpec("text_embeds", COMPUTE, ("batch", "pooled_dim")),
+        TensorSpec("time_ids", COMPUTE, ("batch", REFINER_TIME_IDS_DIM)),
+    ),
+    outputs=UNET.outputs,
+)
+
 VAE_DECODER = NetworkSpec(
     name="vae_decoder",
     inputs=(TensorSpec("latents", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),),
@@ -237,7 +260,16 @@ SAFETY_CHECKER = NetworkSpec(
     ),
 )
 
-NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER, SAFETY_CHECKER)}
+NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER, SAFETY_CHECKER,
+                                 REFINER_UNET)}
+# Networks a repository holds only when its recipe asks for them: an export without a refiner
+# writes no refiner_unet model (a model without its graph would fail the server's start).
+OPTIONAL_NETWORKS = (REFINER_UNET_NAME,)
+
+
+def served_networks(has_refiner: bool) -> tuple[str, ...]:
+    """The networks a repository serves: every one, less the refiner's when its recipe has none."""
+    return tuple(name for name in NETWORKS if has_refiner or name not in OPTIONAL_NETWORKS)
 
 # The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and
 # sends the VAE decoder its latents, so its configs declare them in the graphs' dtype too.

@@ -50,6 +50,10 @@ def scheduler_kind(class_name: str) -> str:
 
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
+# Where the base hands the schedule over to the refiner: diffusers' expert-ensemble example and
+# Replicate's SDXL API (`high_noise_frac`, expert_ensemble_refiner) both default to 0.8.
+DEFAULT_HIGH_NOISE_FRAC = 0.8
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 # The streaming endpoint's preview decoder (TAESD for SDXL's latent space, which every preset shares).
 # An export takes `--preview-vae`, else the model directory's preview_vae/ (the random pipelines of
@@ -75,12 +79,21 @@ class Recipe:
     eta: float | None = None  # the stochastic steps' eta (TCD's gamma); None: the scheduler's own default
     size: int = 1024  # the resolution the recipe was trained for (height and width)
     licence: str = ""
+    # The SDXL refiner (a pipeline directory or hub id: its unet/) that runs the last part of the
+    # schedule, and the default fraction the base runs before it (a request's high_noise_frac).
+    refiner: str | None = None
+    high_noise_frac: float | None = None
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"recipe {self.name}: eta {self.eta:g}: expected a number from 0 to 1")
+        if (self.refiner is None) != (self.high_noise_frac is None):
+            raise ValueError(f"recipe {self.name}: a refiner and its high_noise_frac go together (refiner "
+                             f"{self.refiner!r}, high_noise_frac {self.high_noise_frac!r})")
+        if self.high_noise_frac is not None and not 0.0 < self.high_noise_frac <= 1.0:
+            raise ValueError(f"recipe {self.name}: high_noise_frac {self.high_noise_frac:g}: expected a number in (0, 1]")
         if not 1 <= self.min_steps <= self.default_steps <= self.max_steps:
             raise ValueError(f"recipe {self.name}: steps must satisfy 1 <= min {self.min_steps} <= default "
                              f"{self.default_steps} <= max {self.max_steps}")
@@ -102,6 +115,9 @@ class Recipe:
             "default_guidance": f"{self.default_guidance:g}",
             "eta": "" if self.eta is None else f"{self.eta:g}",
             "recommended_size": str(self.size),
+            # Empty: no refiner (the loop refuses a request's high_noise_frac).
+            "recipe_refiner": self.refiner or "",
+            "high_noise_frac": "" if self.high_noise_frac is None else f"{self.high_noise_frac:g}",
         }
         return parameters
 
@@ -143,6 +159,11 @@ PRESETS = {
         # 50 steps; fine-tunes are mostly run with 20 to 30 and CFG 5 to 7).
         Recipe("sdxl-base", SDXL_BASE, "model", vae=FP16_FIX_VAE, min_steps=1, max_steps=50, default_steps=20,
                default_guidance=5.0, size=1024, licence="CreativeML Open RAIL++-M (SDXL base 1.0)"),
+        # The same with SDXL's refiner for the last 20% of the schedule (the base model card's "ensemble
+        # of experts" and its diffusers example: denoising_end / denoising_start 0.8).
+        Recipe("sdxl-base-refiner", SDXL_BASE, "model", vae=FP16_FIX_VAE, min_steps=1, max_steps=50, default_steps=20,
+               default_guidance=5.0, size=1024, refiner=SDXL_REFINER, high_noise_frac=DEFAULT_HIGH_NOISE_FRAC,
+               licence="CreativeML Open RAIL++-M (SDXL base 1.0, SDXL refiner 1.0)"),
     )
 }
 DEFAULT_PRESET = "lcm-sdxl"
@@ -159,14 +180,16 @@ def custom_recipe(model: str, scheduler: str, loras: tuple[str, ...] = (), unet:
 
 def resolve(preset: str | None, *, model: str | None = None, loras: tuple[str, ...] | None = None,
             unet: str | None = None, vae: str | None = None, scheduler: str | None = None,
-            eta: float | None = None) -> Recipe:
+            eta: float | None = None, refiner: str | None = None) -> Recipe:
     """The recipe of `--preset` with the flags given beside it overriding it. Without a preset:
     without --model, the default preset (with any --lora added after its LoRAs); with --model, a
-    custom recipe of exactly the flags given (scheduler default lcm)."""
+    custom recipe of exactly the flags given (scheduler default lcm). `refiner`: a refiner in place
+    of the preset's, or added (hand-off at DEFAULT_HIGH_NOISE_FRAC)."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    with_refiner = {} if refiner is None else {"refiner": refiner, "high_noise_frac": DEFAULT_HIGH_NOISE_FRAC}
     if preset is None and model is not None:
-        recipe = custom_recipe(model, scheduler or "lcm", tuple(loras or ()), unet, vae)
+        recipe = replace(custom_recipe(model, scheduler or "lcm", tuple(loras or ()), unet, vae), **with_refiner)
         return recipe if eta is None else replace(recipe, eta=eta)
     base = PRESETS[preset or DEFAULT_PRESET]
     changes: dict = {}
@@ -182,6 +205,8 @@ def resolve(preset: str | None, *, model: str | None = None, loras: tuple[str, .
         changes["scheduler"] = scheduler
     if eta is not None:
         changes["eta"] = eta
+    if refiner is not None:
+        changes.update(refiner=refiner, high_noise_frac=base.high_noise_frac or DEFAULT_HIGH_NOISE_FRAC)
     return replace(base, **changes) if changes else base
 
 

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 from contract import layout, loras
-from contract.recipes import PRESETS, PREVIEW_VAE, SCHEDULERS
+from contract.recipes import PRESETS, PREVIEW_VAE, SCHEDULERS, SDXL_REFINER
 from .progress import log
-from .sources import DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_SAFETY_CHECKER, DEFAULT_VAE, DTYPES, ExportError, LoraSpec, Sources
+from .sources import (DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_SAFETY_CHECKER, DEFAULT_VAE, DTYPES, REFINER_SUBFOLDER, ExportError,
+                      LoraSpec, Sources)
 
 ARCHITECTURES = ("tiny", "sdxl", "ssd-1b")
 
@@ -42,11 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     random_ = commands.add_parser(
-        "random", help="write a random-weight SDXL-family pipeline (+ lora/, alt_vae/, preview_vae/, safety_checker/) in diffusers layout",
+        "random", help="write a random-weight SDXL-family pipeline (+ lora/, alt_vae/, preview_vae/, safety_checker/, refiner/) in diffusers layout",
         description="--arch tiny: small widths, seconds, for tests and the CPU demo. --arch ssd-1b: the same small "
                     "widths with SSD-1B's UNet layout (its transformer depths per block, no attention in the mid "
                     "block). --arch sdxl: SDXL base 1.0's exact architecture (2.57 B UNet parameters), fp16 "
-                    "safetensors, about 7.4 GB on disk, for measuring full-size export, engines and serving without the hub.",
+                    "safetensors, about 7.4 GB on disk (+ 4.5 GB for the refiner/ UNet), for measuring full-size export, engines and serving "
+                    "without the hub.",
     )
     random_.add_argument("out_dir", type=Path)
     random_.add_argument("--arch", choices=ARCHITECTURES, default="tiny", help="tiny (default), ssd-1b or sdxl")
@@ -81,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "StableDiffusionSafetyChecker and its preprocessor_config.json; the deployment switches it on: "
                       "docs/outputs.md) (default: the model directory's safety_checker/ if it has one, else "
                       f"{DEFAULT_SAFETY_CHECKER})")
+    onnx.add_argument("--refiner", metavar="ID_OR_DIR", help="the SDXL refiner that finishes each image (a pipeline "
+                      "directory or hub id: its unet/; or a UNet directory), exported as refiner_unet; requests' "
+                      "high_noise_frac says where it takes over (default: the preset's; with --preset sdxl-base-refiner, "
+                      f"the model directory's {REFINER_SUBFOLDER}/ if it has one, else {SDXL_REFINER})")
     onnx.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="the denoising loop's scheduler (trailing timestep "
                       "spacing for all but lcm; model: the model's own, class and config as its scheduler_config.json "
                       "has them); default: the preset's, else lcm")
@@ -236,21 +242,29 @@ def run_onnx(args) -> None:
     recipe = resolve_recipe(args)
     log(f"recipe {recipe.name}: {recipe.model}" + "".join(f" + {lora}" for lora in recipe.loras)
         + (f", UNet {recipe.unet}" if recipe.unet else "") + (f", VAE {recipe.vae}" if recipe.vae else "")
-        + ", " + (SCHEDULERS[recipe.scheduler].class_name or "the model's own scheduler"))
+        + ", " + (SCHEDULERS[recipe.scheduler].class_name or "the model's own scheduler")
+        + (f", refiner {recipe.refiner} from {recipe.high_noise_frac:g} of the schedule" if recipe.refiner else ""))
     paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker), args.out, args.dtype, device=args.device, recipe=recipe)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
 
 def resolve_recipe(args):
-    """--preset with the flags beside it; see contract.recipes.resolve."""
+    """--preset with the flags beside it; see contract.recipes.resolve. A recipe's refiner, when
+    --refiner is not given: the model directory's refiner/ if it has one (random pipelines do)."""
+    from dataclasses import replace
+
     from contract.recipes import resolve
 
     try:
-        return resolve(args.preset, model=args.model, loras=tuple(str(lora) for lora in args.lora) or None, unet=args.unet,
-                       vae=args.vae, scheduler=args.scheduler, eta=args.eta)
+        recipe = resolve(args.preset, model=args.model, loras=tuple(str(lora) for lora in args.lora) or None, unet=args.unet,
+                         vae=args.vae, scheduler=args.scheduler, eta=args.eta, refiner=args.refiner)
     except ValueError as error:
         raise ExportError(str(error)) from None
+    own = Path(recipe.model).expanduser() / REFINER_SUBFOLDER
+    if recipe.refiner is not None and args.refiner is None and own.is_dir():
+        recipe = replace(recipe, refiner=str(own))
+    return recipe
 
 
 def main(argv: list[str] | None = None) -> int:

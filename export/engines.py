@@ -113,6 +113,7 @@ class BuildSettings:
             networks.TEXT_ENCODER.name: self.text_encoder_max_batch,
             networks.UNET.name: 2 * self.max_images,
             networks.UNET_LORA.name: 2 * self.max_images,
+            networks.REFINER_UNET.name: 2 * self.max_images,  # the UNet's rows, for the steps after the hand-off
             networks.VAE_DECODER.name: self.max_images,
             networks.PREVIEW_DECODER.name: self.max_images,
             networks.VAE_ENCODER.name: self.max_images,  # one init image per request, batched across requests
@@ -258,11 +259,13 @@ def graph_dims(onnx_dir: Path) -> ModelDims:
 
 def build_engines(
     onnx_repository: Path, out_repository: Path, settings: BuildSettings, *, timing_cache: Path | None = None,
-    names: tuple[str, ...] = tuple(networks.NETWORKS),
+    names: tuple[str, ...] | None = None,
 ) -> dict[str, ParsedNetwork | None]:
-    """Engines for the named networks, from `<onnx>/<name>/1/model.onnx` to `<out>/<name>/1/model.plan`."""
+    """Engines for the named networks (default: those the repository serves), from
+    `<onnx>/<name>/1/model.onnx` to `<out>/<name>/1/model.plan`."""
     log(f"builder: {require_builder()}")
     results = {}
+    names = layout.served_networks(onnx_repository) if names is None else names
     for name in names:
         spec = networks.NETWORKS[name]
         onnx_dir = layout.version_dir(onnx_repository, name)

@@ -49,10 +49,11 @@ class TextEncoders(nn.Module):
 class UNet(nn.Module):
     """The UNet with SDXL's added conditioning as plain inputs and one timestep per sample."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, lora: bool = True):
+        """`lora`: read the UNet's LoRA sites (the refiner's UNet takes no LoRA inputs)."""
         super().__init__()
         self.unet = unet
-        self.lora_sites = sites_of(networks.UNET.name, {"unet": unet})
+        self.lora_sites = sites_of(networks.UNET.name, {"unet": unet}) if lora else None
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, lora_down=None, lora_up=None):
         """Without LoRA tensors: the UNet alone."""
@@ -220,6 +221,8 @@ def build_module(name: str, pipe, dtype: torch.dtype | None = None) -> nn.Module
         module = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
     elif name in (networks.UNET.name, networks.UNET_LORA.name):  # traced without, or with, the LoRA inputs
         module = UNet(pipe.unet)
+    elif name == networks.REFINER_UNET.name:  # the same wrapper: five time ids, bigG-only text
+        module = UNet(pipe.refiner_unet, lora=False)
     elif name == networks.VAE_DECODER.name:
         module = VaeDecoder(pipe.vae)
     elif name == networks.VAE_ENCODER.name:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+from dataclasses import replace
 import shutil
 import tempfile
 import warnings
@@ -29,7 +30,7 @@ from contract import layout, networks
 from contract.configs import ONNX_ELEMENT_TYPES
 from contract.loras import LORA_GRAPHS, SITES_FILE
 from contract.networks import ModelDims, NetworkSpec
-from contract.recipes import SCHEDULERS, Recipe, custom_recipe
+from contract.recipes import DEFAULT_HIGH_NOISE_FRAC, SCHEDULERS, Recipe, custom_recipe
 
 from .modules import build_module
 from .progress import log, step
@@ -68,9 +69,11 @@ def example_inputs(
             value = torch.randint(0, 256, shape, generator=generator, dtype=torch.int32)
         elif tensor.name == "timestep":
             value = torch.randint(0, 1000, shape, generator=generator).float()
-        elif tensor.name == "time_ids":
+        elif tensor.name == "time_ids":  # SDXL's sizes; the refiner's with an aesthetic score last
             size = torch.tensor([latent_height, latent_width] * 3, dtype=torch.float32) * dims.vae_scale_factor
-            value = size.expand(shape).clone()
+            value = size[:shape[1]].expand(shape).clone()
+            if shape[1] == networks.REFINER_TIME_IDS_DIM:
+                value[:, -1] = 6.0
         else:
             value = torch.randn(shape, generator=generator)
         inputs[tensor.name] = value.to(device=device, dtype=getattr(torch, np.dtype(tensor.numpy_dtype(compute_dtype)).name))
@@ -275,6 +278,7 @@ STAGES = {
     networks.VAE_ENCODER.name: ("vae",),  # the same VAE, loaded once for both graphs
     networks.PREVIEW_DECODER.name: ("preview_vae",),
     networks.SAFETY_CHECKER.name: ("safety_checker",),
+    networks.REFINER_UNET.name: ("refiner_unet",),
 }
 
 
@@ -317,7 +321,7 @@ def _publish_repository(staged: Path, repository: Path, names: tuple[str, ...]) 
 
 def export_pipeline(
     source: Sources | LoadedPipeline, repository: Path, dtype: str, *, device: str = "cpu",
-    names: tuple[str, ...] = tuple(networks.NETWORKS), external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    names: tuple[str, ...] | None = None, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     recipe: Recipe | None = None,
 ) -> dict[str, Path]:
     """Export the named networks and the serving files into a model repository, and set the configs
@@ -326,13 +330,20 @@ def export_pipeline(
     `source`: what to load, one stage at a time (Sources), or a pipeline already in memory with
     every component (LoadedPipeline: tests, which reuse one pipeline for many exports).
     `recipe`: the scheduler and request defaults to serve with (default: LCM, as a custom recipe of
-    these sources).
+    these sources). `names`: the networks to export (default: every one the recipe serves; the refiner's
+    only with a refiner, and a repository whose recipe has none keeps no refiner_unet model).
     """
     repository = Path(repository)
     check_writable(repository)
     sources = source.sources if isinstance(source, LoadedPipeline) else source
     if recipe is None:
         recipe = custom_recipe(sources.model, "lcm", tuple(str(lora) for lora in sources.loras), sources.unet, sources.vae)
+        if sources.refiner is not None:
+            recipe = replace(recipe, refiner=sources.refiner, high_noise_frac=DEFAULT_HIGH_NOISE_FRAC)
+    if recipe.refiner != sources.refiner:
+        raise ValueError(f"recipe {recipe.name} has refiner {recipe.refiner!r}, the sources {sources.refiner!r}")
+    if names is None:
+        names = networks.served_networks(recipe.refiner is not None)
     preloaded = source.pipe if isinstance(source, LoadedPipeline) else None
     dims = ModelDims.from_pipeline(preloaded) if preloaded is not None else model_dims(sources)
     ordered = [name for name in STAGES if name in names]
@@ -370,6 +381,9 @@ def export_pipeline(
         changed = configs.follow_exported_graphs(repository, layout.TEMPLATES)
     except configs.ConfigError as error:
         raise ExportError(str(error)) from None
+    if recipe.refiner is None:  # the templates' refiner_unet, and any earlier export's: this recipe serves none
+        shutil.rmtree(repository / networks.REFINER_UNET.name, ignore_errors=True)
+        changed = [path for path in changed if path.exists()]
     if changed:
         log(f"configs set to the export ({dtype}; text {dims.text_dim}, pooled {dims.pooled_dim} wide): "
             + ", ".join(str(p.relative_to(repository)) for p in changed))

@@ -10,8 +10,9 @@ they measure memory and time, which do not depend on the values.
 Written component by component, each built straight in fp16 and freed once saved, so memory never
 holds more than the largest component (the UNet, about 5.1 GB). Beside it, as `python -m export tiny`
 does: `lora/`, a random LoRA with the LCM-LoRA SDXL's rank and target modules (196.75 M parameters,
-the published 197 M), `alt_vae/`, a VAE with the fp16-fix VAE's config (force_upcast off), and
-`safety_checker/`, CompVis's safety checker architecture (export/safety_checker.py).
+the published 197 M), `alt_vae/`, a VAE with the fp16-fix VAE's config (force_upcast off),
+`safety_checker/`, CompVis's safety checker architecture (export/safety_checker.py), and `refiner/`,
+the SDXL refiner's UNet (2.26 B parameters, about 4.5 GB in fp16).
 """
 
 from __future__ import annotations
@@ -45,6 +46,31 @@ UNET_CONFIG = {
     "norm_eps": 1e-05,
     "act_fn": "silu",
 }
+
+# stabilityai/stable-diffusion-xl-refiner-1.0, unet/config.json: four levels of 384 to 1536 channels,
+# four transformer blocks per attention block, text_encoder_2's 1280-wide hidden states alone, five
+# time ids (the aesthetic score last). 2,259,526,660 parameters, counted on the meta device.
+REFINER_UNET_CONFIG = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [384, 768, 1536, 1536],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": 4,
+    "attention_head_dim": [6, 12, 24, 24],
+    "cross_attention_dim": 1280,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2560,  # 5 time ids x 256 + 1280 pooled
+    "norm_num_groups": 32,
+    "norm_eps": 1e-05,
+    "act_fn": "silu",
+}
+REFINER_UNET_PARAMETERS = 2_259_526_660
 
 # stabilityai/stable-diffusion-xl-base-1.0, vae/config.json
 VAE_CONFIG = {
@@ -192,7 +218,7 @@ def _default_dtype(dtype):
 
 def build_component(name: str, *, dtype=None, device=None, vocab_size: int = CLIP_VOCAB_SIZE):
     """One SDXL component built with its class's random init, straight in `dtype` on `device`
-    ("meta": shapes only, no memory). Names: unet, vae, alt_vae, preview_vae, text_encoder, text_encoder_2."""
+    ("meta": shapes only, no memory). Names: unet, refiner_unet, vae, alt_vae, preview_vae, text_encoder, text_encoder_2."""
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -200,6 +226,7 @@ def build_component(name: str, *, dtype=None, device=None, vocab_size: int = CLI
     builders = {
         "preview_vae": lambda: AutoencoderTiny(**PREVIEW_VAE_CONFIG),
         "unet": lambda: UNet2DConditionModel(**UNET_CONFIG),
+        "refiner_unet": lambda: UNet2DConditionModel(**REFINER_UNET_CONFIG),
         "vae": lambda: AutoencoderKL(**VAE_CONFIG),
         "alt_vae": lambda: AutoencoderKL(**FP16_FIX_VAE_CONFIG),
         "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**{**TEXT_ENCODER_CONFIG, "vocab_size": vocab_size})),
@@ -219,8 +246,8 @@ def scheduler_config() -> dict:
 
 
 def write_sdxl(out_dir: Path, seed: int = 0) -> None:
-    """Write the random-weight SDXL pipeline (fp16 safetensors), `lora/`, `alt_vae/`, `preview_vae/` and
-    `safety_checker/` under `out_dir`."""
+    """Write the random-weight SDXL pipeline (fp16 safetensors), `lora/`, `alt_vae/`, `preview_vae/`,
+    `safety_checker/` and `refiner/` (the SDXL refiner's UNet) under `out_dir`."""
     import torch
     from diffusers import EulerDiscreteScheduler
 
@@ -258,6 +285,12 @@ def write_sdxl(out_dir: Path, seed: int = 0) -> None:
 
         write_safety_checker(out_dir / SAFETY_CHECKER_SUBFOLDER, build_safety_checker(full_size=True, seed=seed * 100 + 40).half(),
                              image_processor())
+    with step("refiner (stabilityai/stable-diffusion-xl-refiner-1.0's UNet config): random init in fp16 and save"):
+        from .sources import REFINER_SUBFOLDER
+
+        torch.manual_seed(seed * 100 + 50)
+        build_component("refiner_unet", dtype=torch.float16).save_pretrained(out_dir / REFINER_SUBFOLDER, safe_serialization=True)
+        gc.collect()
     _write_model_index(out_dir)
     log(f"random-weight SDXL base 1.0 architecture (seed {seed}) written to {out_dir}")
 

@@ -33,6 +33,9 @@ PREVIEW_VAE_SUBFOLDER = "preview_vae"  # where `python -m export random` writes 
 # of its architecture into the model directory's safety_checker/.
 DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 SAFETY_CHECKER_SUBFOLDER = "safety_checker"
+# Where `python -m export random` writes its SDXL-refiner-shaped UNet; a recipe with a refiner takes
+# the model directory's refiner/ when --refiner is not given (export/cli.py).
+REFINER_SUBFOLDER = "refiner"
 
 
 class ExportError(Exception):
@@ -75,11 +78,12 @@ class Sources:
     unet: str | None = None  # None: the model's own UNet; else a distilled one in its place
     preview_vae: str | None = None  # the preview decoder's AutoencoderTiny; None: see resolved_preview_vae
     safety_checker: str | None = None  # StableDiffusionSafetyChecker + its preprocessor; None: see resolved_safety_checker
+    refiner: str | None = None  # the SDXL refiner (a pipeline directory or hub id: its unet/; or a UNet directory); None: none
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, preview_vae: str | None = None, safety_checker: str | None = None) -> "Sources":
         return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet, preview_vae,
-                   safety_checker)
+                   safety_checker, recipe.refiner)
 
     def _own_or(self, given: str | None, subfolder: str, default: str) -> str:
         """The flag's value, else the model directory's `subfolder` (random pipelines have one), else `default`."""
@@ -100,7 +104,7 @@ class Sources:
 
     def describe(self) -> dict:
         return {"model": self.model, "loras": [str(lora) for lora in self.loras], "vae": self.vae, "unet": self.unet,
-                "preview_vae": self.resolved_preview_vae, "safety_checker": self.resolved_safety_checker}
+                "preview_vae": self.resolved_preview_vae, "safety_checker": self.resolved_safety_checker, "refiner": self.refiner}
 
 
 @dataclass
@@ -193,6 +197,44 @@ def load_safety_checker(source: str):
     return checker, processor
 
 
+def load_refiner(source: str, dims=None):
+    """The SDXL refiner's UNet: a pipeline directory or hub id (its unet/), or a UNet directory. With
+    `dims` (contract.networks.ModelDims of the base), checked to take the base's latents and its
+    text_encoder_2 conditioning with aesthetic-score time ids, as SDXL's refiner does."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    path = Path(source).expanduser()
+    location = str(path) if path.exists() else source
+    subfolder = None if path.is_dir() and (path / "config.json").exists() else "unet"
+    try:
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, torch_dtype=torch.float32)
+    except Exception as error:  # hub clients raise many types; each becomes one clear message
+        raise _load_error("--refiner", source, error) from error
+    if dims is not None:
+        check_refiner(unet.config, dims, source)
+    return unet
+
+
+def check_refiner(config, dims, source: str) -> None:
+    """ExportError unless the refiner UNet's config fits the base (`dims`) as SDXL's refiner does."""
+    from contract.networks import REFINER_TIME_IDS_DIM
+
+    time_dim = config.addition_time_embed_dim or 0
+    wanted = {
+        "in_channels": dims.latent_channels,
+        "cross_attention_dim": dims.refiner_text_dim,
+        "addition_embed_type": "text_time",
+        "projection_class_embeddings_input_dim": REFINER_TIME_IDS_DIM * time_dim + dims.pooled_dim,
+    }
+    wrong = {key: getattr(config, key, None) for key, value in wanted.items() if getattr(config, key, None) != value}
+    if wrong:
+        found = ", ".join(f"{key} {value!r} (expected {wanted[key]!r})" for key, value in wrong.items())
+        raise ExportError(f"--refiner {source!r}: not an SDXL refiner for this model: {found}; a refiner takes the base's "
+                          f"latents, text_encoder_2's {dims.refiner_text_dim}-wide hidden states and {REFINER_TIME_IDS_DIM} time "
+                          "ids with the aesthetic score (stabilityai/stable-diffusion-xl-refiner-1.0's unet/)")
+
+
 # The pipeline's networks; each export stage loads only the ones its graph needs (export/onnx_export.py).
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 # Beside them, not a part of StableDiffusionXLPipeline: the preview decoder's AutoencoderTiny, set on
@@ -200,7 +242,8 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 # `pipe.safety_checker` and `pipe.feature_extractor` (the names diffusers' SD pipelines give them).
 PREVIEW_COMPONENT = "preview_vae"
 SAFETY_COMPONENT = "safety_checker"
-SIDE_COMPONENTS = (PREVIEW_COMPONENT, SAFETY_COMPONENT)
+REFINER_COMPONENT = "refiner_unet"  # the refiner's UNet, as `pipe.refiner_unet`, when the sources have a refiner
+SIDE_COMPONENTS = (PREVIEW_COMPONENT, SAFETY_COMPONENT, REFINER_COMPONENT)
 ALL_COMPONENTS = (*COMPONENTS, *SIDE_COMPONENTS)
 _LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -456,7 +499,7 @@ def meta_components(text_encoder_config, text_encoder_2_config, unet_config):
                                text_encoder_2=CLIPTextModelWithProjection(text_encoder_2_config))
 
 
-def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", components: tuple[str, ...] = ALL_COMPONENTS) -> LoadedPipeline:
+def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", components: tuple[str, ...] | None = None) -> LoadedPipeline:
     """The pipeline to export, with `components` loaded (the others None), LoRAs fused, on `device`, in `dtype`.
 
     Memory: the networks are read in the dtype they are stored in (no converted second copy), then
@@ -468,17 +511,23 @@ def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", co
     import torch
 
     check_device(device)
+    if components is None:  # every one the sources have
+        components = tuple(c for c in ALL_COMPONENTS if c != REFINER_COMPONENT or sources.refiner is not None)
     unknown = set(components) - set(ALL_COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; known: {', '.join(ALL_COMPONENTS)}")
     wants_preview, wants_checker = PREVIEW_COMPONENT in components, SAFETY_COMPONENT in components
+    wants_refiner = REFINER_COMPONENT in components
+    if wants_refiner and sources.refiner is None:
+        raise ValueError("the refiner_unet component needs sources with a refiner (Sources.refiner)")
     components = tuple(c for c in components if c not in SIDE_COMPONENTS)
     vae = None
     if sources.vae is not None and "vae" in components:
         with step(f"loading VAE {sources.vae}"):
             vae = load_vae(sources.vae)
     what = ("all components" if set(components) == set(COMPONENTS) else ", ".join(components) or "tokenizers and scheduler") + (
-        " + preview VAE" if wants_preview else "") + (" + safety checker" if wants_checker else "")
+        " + preview VAE" if wants_preview else "") + (" + safety checker" if wants_checker else "") + (
+        " + refiner" if wants_refiner else "")
     unet = None
     if sources.unet is not None and "unet" in components:
         with step(f"loading UNet {sources.unet} (in place of the model's)"):
@@ -506,6 +555,10 @@ def load_pipeline(sources: Sources, dtype: str = "fp32", device: str = "cpu", co
         with step(f"loading safety checker {sources.resolved_safety_checker}"):
             pipe.safety_checker, pipe.feature_extractor = load_safety_checker(sources.resolved_safety_checker)
         components = (*components, SAFETY_COMPONENT)
+    if wants_refiner:
+        with step(f"loading refiner {sources.refiner}"):
+            pipe.refiner_unet = load_refiner(sources.refiner, model_dims(sources, pipe))
+        components = (*components, REFINER_COMPONENT)
     with _diffusers_errors_only():  # its warnings on casting to fp16 on a CPU are for running, not exporting
         for name in components:
             getattr(pipe, name).to(device=device, dtype=torch_dtype)

@@ -9,7 +9,8 @@ Written in diffusers layout with `save_pretrained`, so the real loading code (`f
 `load_lora_weights`, `fuse_lora`) runs on it. Next to it: a random LoRA for its UNet (`lora/`) and a
 second VAE (`alt_vae/`) that stands in for the fp16-fix VAE, and a TAESD-style AutoencoderTiny
 (`preview_vae/`) that stands in for madebyollin/taesdxl, the streaming endpoint's preview decoder,
-and a safety checker of StableDiffusionSafetyChecker's architecture (`safety_checker/`).
+a safety checker of StableDiffusionSafetyChecker's architecture (`safety_checker/`), and a UNet with
+the SDXL refiner's conditioning (`refiner/`) that stands in for stabilityai/stable-diffusion-xl-refiner-1.0.
 """
 
 from __future__ import annotations
@@ -149,6 +150,27 @@ def _unet(text_dim: int, pooled_dim: int, arch: str = "tiny"):
         addition_embed_type="text_time",
         addition_time_embed_dim=addition_time_embed_dim,
         projection_class_embeddings_input_dim=6 * addition_time_embed_dim + pooled_dim,
+        norm_num_groups=32,
+    )
+
+
+def tiny_refiner_unet(refiner_text_dim: int, pooled_dim: int):
+    """A UNet with the SDXL refiner's conditioning at tiny widths: text_encoder_2's hidden states alone
+    (cross_attention_dim), five time ids (the aesthetic score last) with the pooled embeddings; its
+    own layout (two resnets per block, one transformer block), as the refiner's differs from the base's."""
+    from diffusers import UNet2DConditionModel
+
+    from contract.networks import REFINER_TIME_IDS_DIM
+
+    addition_time_embed_dim = 8
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 32, 64), layers_per_block=2, transformer_layers_per_block=1,
+        attention_head_dim=(2, 4, 4), cross_attention_dim=refiner_text_dim, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=REFINER_TIME_IDS_DIM * addition_time_embed_dim + pooled_dim,
         norm_num_groups=32,
     )
 
@@ -324,10 +346,10 @@ def write_style_lora(
 
 def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     """Write the tiny pipeline, its LoRA (`lora/`), a second VAE (`alt_vae/`), a preview VAE
-    (`preview_vae/`, an AutoencoderTiny) and a safety checker calibrated on the pipeline's images
-    (`safety_checker/`, export/safety_checker.py) under `out_dir`."""
+    (`preview_vae/`, an AutoencoderTiny), a safety checker calibrated on the pipeline's images
+    (`safety_checker/`, export/safety_checker.py) and a refiner UNet (`refiner/`) under `out_dir`."""
     from .safety_checker import build_safety_checker, calibrate, image_processor, pipeline_images, write_safety_checker
-    from .sources import SAFETY_CHECKER_SUBFOLDER
+    from .sources import REFINER_SUBFOLDER, SAFETY_CHECKER_SUBFOLDER
 
     out_dir = Path(out_dir)
     pipe = build_tiny_pipeline(seed, arch)
@@ -344,3 +366,7 @@ def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     checker, processor = build_safety_checker(full_size=False, seed=seed + 4), image_processor()
     calibrate(checker, processor, pipeline_images(pipe, out_dir / "lora", out_dir / "alt_vae"))
     write_safety_checker(out_dir / SAFETY_CHECKER_SUBFOLDER, checker, processor)
+    torch.manual_seed(seed + 5)
+    encoder_2 = pipe.text_encoder_2.config
+    tiny_refiner_unet(encoder_2.hidden_size, encoder_2.projection_dim).save_pretrained(out_dir / REFINER_SUBFOLDER, safe_serialization=True)
+    log(f"refiner UNet (the SDXL refiner's conditioning) written to {out_dir / REFINER_SUBFOLDER}")

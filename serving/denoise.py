@@ -15,7 +15,19 @@ Stages, as in `StableDiffusionXLPipeline.__call__`:
    so a caller can run several requests' steps in one UNet batch. `denoise` runs it to the end.
    CFG truncation (Baseten's end_cfg, off by default): with `cfg_end_fraction` f < 1, CFG runs for
    the first int(f * steps) steps only; later steps send the UNet the conditional half alone.
-5. An init image (`InitImage`: img2img, and inpainting with a mask) starts the loop part-way through
+5. The refiner (`Refiner`: recipe sdxl-base-refiner, diffusers' "ensemble of experts"): the base runs
+   the timesteps at or above the cut of `high_noise_frac` f, int(round(T - f * T)) with T the
+   scheduler's num_train_timesteps, as `StableDiffusionXLPipeline(denoising_end=f)` counts them; then
+   the request switches to `refiner_unet` for the rest, with a fresh scheduler of the same class and
+   config begun at the hand-off step, as `StableDiffusionXLImg2ImgPipeline(denoising_start=f)` runs
+   them from the base's latents (no noise added; the same generators go on). The refiner's
+   conditioning is text_encoder_2's part of the same text embeddings (the last refiner_text_dim
+   columns, and the same pooled embeddings), with its own time ids (original size, crop, aesthetic
+   score 6.0; 2.5 for the negative rows). The refiner encodes an empty negative prompt (its
+   model_index.json: force_zeros_for_empty_prompt false), the base zeroes it: so with CFG and a
+   refiner the text encoder's row 1 is always there, and the base uses zeros when the request's
+   negative prompt was empty.
+6. An init image (`InitImage`: img2img, and inpainting with a mask) starts the loop part-way through
    its schedule, as `StableDiffusionXLImg2ImgPipeline` and, for a 4-channel UNet,
    `StableDiffusionXLInpaintPipeline` do: the last int(steps * strength) steps run, from the image's
    latents noised to the first of them. img2img: image i's latents are drawn from generator i, then
@@ -35,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from contract.networks import TIME_IDS_DIM
+from contract.networks import REFINER_TIME_IDS_DIM, REFINER_UNET, TIME_IDS_DIM, UNET
 from .endpoint import Cancelled, GenerationOptions, denoising_steps
 
 UNetFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs named as networks.UNET -> noise_pred
@@ -64,6 +76,36 @@ def make_time_ids(height: int, width: int, dtype: torch.dtype, device) -> torch.
     time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
     assert time_ids.shape[1] == TIME_IDS_DIM
     return time_ids
+
+
+# StableDiffusionXLImg2ImgPipeline's defaults, with which the refiner was trained to be called.
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+
+
+def make_refiner_time_ids(height: int, width: int, score: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """(original_height, original_width, crop_top, crop_left, aesthetic_score), [1, 5]."""
+    time_ids = torch.tensor([[height, width, 0, 0, score]], dtype=dtype, device=device)
+    assert time_ids.shape[1] == REFINER_TIME_IDS_DIM
+    return time_ids
+
+
+def handoff_index(timesteps: torch.Tensor, num_train_timesteps: int, high_noise_frac: float) -> int:
+    """How many steps of the schedule the base runs: those at or above diffusers' discrete cut of
+    denoising_end (the refiner's denoising_start runs those below it). 1.0: every step."""
+    if high_noise_frac >= 1.0:
+        return len(timesteps)
+    cutoff = int(round(num_train_timesteps - high_noise_frac * num_train_timesteps))
+    return int((timesteps >= cutoff).sum())
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """What a request that the refiner finishes brings to the loop: a fresh scheduler of the base's
+    class and config, the hand-off fraction, and the width of the refiner's text conditioning."""
+
+    scheduler: object
+    high_noise_frac: float
+    text_dim: int
 
 
 def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -135,10 +177,12 @@ class Denoiser:
         self, request: GenerationOptions, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
         scheduler, *, latent_channels: int = 4, vae_scale_factor: int = 8, cfg_end_fraction: float = 1.0,
         eta: float | None = None, lora: dict[str, torch.Tensor] | None = None, init: InitImage | None = None,
+        refiner: Refiner | None = None,
     ):
         """`lora`: the request's UNet LoRA weights for one sample (lora_down [1, rank, width], lora_up
-        [1, width, rank]; serving/loras.py), sent with every row; None: no LoRA (the plain `unet`).
-        `init`: img2img or inpainting (the request's strength is init.strength)."""
+        [1, width, rank]; serving/loras.py), sent with the base's rows; None: no LoRA (the plain `unet`).
+        `init`: img2img or inpainting (the request's strength is init.strength). `refiner`: the
+        refiner finishes the schedule from the hand-off step on."""
         device, dtype = prompt_embeds.device, prompt_embeds.dtype
         self.cfg = request.do_classifier_free_guidance
         self.guidance_scale = request.guidance_scale
@@ -146,11 +190,18 @@ class Denoiser:
         scheduler.set_timesteps(request.num_inference_steps, device=device)
         self.timesteps = scheduler.timesteps
         self.generators = make_generators(request.seeds)
+        base_negative = (prompt_embeds, pooled_prompt_embeds)
+        if refiner is not None and not request.has_negative_prompt:  # row 1 is the refiner's "" (force zeros here)
+            base_negative = (prompt_embeds[:1], pooled_prompt_embeds[:1])
         self.encoder_hidden_states, self.text_embeds = prepare_conditioning(
-            prompt_embeds, pooled_prompt_embeds, request.num_images_per_prompt, self.cfg
+            *base_negative, request.num_images_per_prompt, self.cfg
         )
         rows = self.encoder_hidden_states.shape[0]
         self.time_ids = make_time_ids(request.height, request.width, dtype, device).repeat(rows, 1)
+        self.handoff, self.refiner = len(self.timesteps), refiner
+        if refiner is not None:
+            self.handoff = handoff_index(self.timesteps, scheduler.config.num_train_timesteps, refiner.high_noise_frac)
+            self.refiner_conditioning = self._refiner_conditioning(request, prompt_embeds, pooled_prompt_embeds)
         self.start_index, self.inpainting = 0, None
         if init is None:
             self.latents = prepare_latents(
@@ -164,6 +215,32 @@ class Denoiser:
         self.step_kwargs = step_kwargs(scheduler, self.generators, eta)
         self.lora = lora or {}
         self.step_index = self.start_index
+
+    def _refiner_conditioning(self, request: GenerationOptions, prompt_embeds: torch.Tensor,
+                              pooled_prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """encoder_hidden_states, text_embeds and time_ids of the refiner's rows (negative ones first)."""
+        images, width = request.num_images_per_prompt, self.refiner.text_dim
+        if self.cfg and prompt_embeds.shape[0] < 2:
+            raise ValueError("the refiner needs the negative prompt's embeddings (row 1 of prompt_embeds) with CFG: "
+                             "the tokenizer of a deployment with a refiner encodes it, empty or not")
+        parts = [1, 0] if self.cfg else [0]
+        scores = [NEGATIVE_AESTHETIC_SCORE, AESTHETIC_SCORE] if self.cfg else [AESTHETIC_SCORE]
+        dtype, device = prompt_embeds.dtype, prompt_embeds.device
+        return {
+            "encoder_hidden_states": torch.cat([prompt_embeds[i:i + 1, :, -width:].repeat(images, 1, 1) for i in parts]),
+            "text_embeds": torch.cat([pooled_prompt_embeds[i:i + 1].repeat(images, 1) for i in parts]),
+            "time_ids": torch.cat([make_refiner_time_ids(request.height, request.width, score, dtype, device).repeat(images, 1)
+                                   for score in scores]),
+        }
+
+    def _hand_off(self) -> None:
+        """The refiner's scheduler takes over at this step (the hand-off, or an init image's first step
+        when that comes later), as the refiner pipeline sets it up."""
+        scheduler = self.refiner.scheduler
+        scheduler.set_timesteps(len(self.timesteps), device=self.timesteps.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(self.step_index)
+        self.scheduler = scheduler
 
     def _latents_from_image(self, init: InitImage, dtype: torch.dtype) -> torch.Tensor:
         """The pipelines' get_timesteps + prepare_latents (+ the inpaint pipeline's mask latents)."""
@@ -195,6 +272,16 @@ class Denoiser:
         return self.step_index >= len(self.timesteps)
 
     @property
+    def refining(self) -> bool:
+        """Whether this step is the refiner's."""
+        return self.step_index >= self.handoff
+
+    @property
+    def network(self) -> str:
+        """The network this step runs: the UNet (unet, or unet_lora with LoRA weights) or the refiner's."""
+        return REFINER_UNET.name if self.refining else UNET.name
+
+    @property
     def guided(self) -> bool:
         """Whether this step runs CFG (the UNet sees negative and positive halves)."""
         return self.step_index < self.cfg_steps
@@ -204,17 +291,24 @@ class Denoiser:
         return self.latents.shape[0] * (2 if self.guided else 1)
 
     def unet_inputs(self) -> dict[str, torch.Tensor]:
+        """The inputs of this step's network (`network`), named as its spec's."""
+        if self.refining and self.scheduler is not self.refiner.scheduler:
+            self._hand_off()
         t = self.timesteps[self.step_index]
         sample = torch.cat([self.latents] * 2) if self.guided else self.latents
         sample = self.scheduler.scale_model_input(sample, t)
         rows = slice(None) if self.guided or not self.cfg else slice(self.latents.shape[0], None)  # positive half
+        if self.refining:
+            conditioning, lora = self.refiner_conditioning, {}
+        else:
+            conditioning = {"encoder_hidden_states": self.encoder_hidden_states, "text_embeds": self.text_embeds,
+                            "time_ids": self.time_ids}
+            lora = self.lora
         return {
             "sample": sample,
             "timestep": t.to(torch.float32).expand(self.unet_batch).contiguous(),
-            "encoder_hidden_states": self.encoder_hidden_states[rows],
-            "text_embeds": self.text_embeds[rows],
-            "time_ids": self.time_ids[rows],
-            **{name: value.expand(self.unet_batch, -1, -1) for name, value in self.lora.items()},
+            **{name: value[rows] for name, value in conditioning.items()},
+            **{name: value.expand(self.unet_batch, -1, -1) for name, value in lora.items()},
         }
 
     def step(self, noise_pred: torch.Tensor) -> None:
@@ -263,11 +357,23 @@ def cfg_end_fraction_from_parameters(parameters: dict[str, str]) -> float:
     return value
 
 
-def denoise(unet: UNetFn, denoiser: Denoiser, cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
+def network_fn(unet: UNetFn, refiner: UNetFn | None, network: str) -> UNetFn:
+    """The function that runs `network` (a Denoiser's): the UNet's, or the refiner's."""
+    if network != REFINER_UNET.name:
+        return unet
+    if refiner is None:
+        raise ValueError(f"a request reached its refiner steps, but no {REFINER_UNET.name} is given to run them")
+    return refiner
+
+
+def denoise(unet: UNetFn, denoiser: Denoiser, cancelled: Callable[[], bool] = lambda: False,
+            refiner: UNetFn | None = None) -> torch.Tensor:
     """Run the loop to the end; the final latents, for the vae_decoder. `cancelled` is asked before
-    each step: the loop stops at the first step where it answers True."""
+    each step: the loop stops at the first step where it answers True. `refiner`: runs the refiner's
+    steps (refiner_unet's inputs), for a denoiser with a refiner."""
     while not denoiser.done:
         if cancelled():
             raise Cancelled(f"cancelled before denoising step {denoiser.step_index + 1} of {len(denoiser.timesteps)}")
-        denoiser.step(unet(denoiser.unet_inputs()))
+        inputs = denoiser.unet_inputs()
+        denoiser.step(network_fn(unet, refiner, denoiser.network)(inputs))
     return denoiser.latents

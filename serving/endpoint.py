@@ -62,12 +62,19 @@ OUTPUT_INPUTS = (
     EndpointInput("apply_watermark", "BOOL", None, "SDXL's invisible watermark (default: the deployment's)"),
 )
 OUTPUT_INPUT_NAMES = tuple(i.name for i in OUTPUT_INPUTS)
-ENDPOINT_INPUTS = (*INPUTS, *LORA_INPUTS, *IMAGE_INPUTS, *OUTPUT_INPUTS)  # ensemble_sdxl's, in its config's order
+# The standard recipe's refiner (serving/denoise.py; docs/exporting.md, "The refiner").
+REFINER_INPUTS = (
+    EndpointInput("high_noise_frac", "FP32", None, "(0, 1]: the part of the schedule the base runs before the refiner "
+                  "(default: the recipe's; 1: the base alone); only where a refiner is served"),
+)
+ENDPOINT_INPUTS = (*INPUTS, *LORA_INPUTS, *IMAGE_INPUTS, *OUTPUT_INPUTS, *REFINER_INPUTS)  # ensemble_sdxl's, in its config's order
 INPUT_NAMES = tuple(i.name for i in INPUTS)
 # The non-text inputs: what check_options reads and the loops (scheduler, denoiser) take.
 OPTION_INPUTS = tuple(i.name for i in INPUTS if i.dtype != "STRING")
-# What check_options reads: the options, the image inputs (the image gives the size) and the output's.
-CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES, *OUTPUT_INPUT_NAMES)
+# What check_options reads: the options, the image inputs (the image gives the size), the output's,
+# the refiner's hand-off, and whether a negative prompt came (the base and the refiner treat an empty
+# one differently: serving/denoise.py).
+CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES, *OUTPUT_INPUT_NAMES, "high_noise_frac", "negative_prompt")
 DEFAULTS = {i.name: i.default for i in (*INPUTS, *OUTPUT_INPUTS)}
 OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,)), "encoded_images": ("STRING", (-1,)),
            "nsfw_detected": ("BOOL", (-1,))}
@@ -114,6 +121,9 @@ class GenerationOptions:
     strength: float | None = None
     inpainting: bool = False  # a mask came with the image
     output: OutputOptions = OutputOptions()
+    # The refiner's hand-off: the fraction of the schedule the base runs; None: no refiner served.
+    high_noise_frac: float | None = None
+    has_negative_prompt: bool = False  # a non-empty negative_prompt came
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -285,6 +295,21 @@ def check_output(raw: Mapping[str, np.ndarray | None], size: tuple[int, int] | N
     return OutputOptions(fmt, quality, watermark)
 
 
+def check_high_noise_frac(array: np.ndarray | None, limits: Limits) -> float | None:
+    """Where the refiner takes over: the request's, else the recipe's; None where no refiner is served."""
+    value = _one("high_noise_frac", array)
+    if value is None:
+        return limits.default_high_noise_frac
+    value = float(f"{float(value):.7g}")  # FP32 as sent: -0.2, not -0.20000000298023224
+    if not limits.has_refiner:
+        raise InvalidInput("high_noise_frac", value, f"no high_noise_frac: no refiner is served here (recipe {limits.recipe}; "
+                           "a repository exported with --preset sdxl-base-refiner or --refiner serves one)")
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise InvalidInput("high_noise_frac", value, "a number in (0, 1]: the part of the schedule the base runs before the "
+                           f"refiner (1: the base alone; default {limits.default_high_noise_frac:g})")
+    return value
+
+
 def check_prompts(raw: Mapping[str, np.ndarray | None], limits: Limits = Limits()) -> tuple[str, str]:
     """(prompt, negative_prompt) of one request; the prompt is required. Sizes first: an oversize
     text is refused before it is decoded or tokenized."""
@@ -314,4 +339,6 @@ def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_see
         strength=check_strength(get("strength"), steps, image is not None, limits),
         inpainting=check_mask(get("mask"), image),
         output=check_output(raw, (height, width)),
+        high_noise_frac=check_high_noise_frac(get("high_noise_frac"), limits),
+        has_negative_prompt=bool(check_text("negative_prompt", get("negative_prompt"), limits.max_prompt_bytes)),
     )

@@ -2,9 +2,10 @@
 `Denoiser`) and, at each iteration, runs the UNet once for the active requests that can share a
 batch, admitting new requests between steps and retiring finished ones.
 
-Which requests share a UNet call: those whose latents have the same shape and dtype (same height
-and width); any step, any scheduler state, CFG or not, 1 to 4 images: the UNet takes one timestep
-per sample, and each request's rows are its own (conditioning, time ids). A call holds at most
+Which requests share a UNet call: those at a step of the same network (the UNet, or the refiner's
+for the requests past their hand-off) whose latents have the same shape and dtype (same height and
+width); any step, any scheduler state, CFG or not, 1 to 4 images: the UNet takes one timestep per
+sample, and each request's rows are its own (conditioning, time ids). A call holds at most
 `max_rows` rows (the UNet's max batch size).
 
 Fairness (no starvation): every active request has the iteration since which it is ready for its
@@ -29,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .denoise import Denoiser, UNetFn, concat_unet_inputs
+from .denoise import Denoiser, UNetFn, concat_unet_inputs, network_fn
 from .endpoint import Cancelled
 
 
@@ -50,7 +51,7 @@ class Job:
     @property
     def key(self) -> tuple:
         latents = self.denoiser.latents
-        return tuple(latents.shape[1:]), latents.dtype, latents.device
+        return self.denoiser.network, tuple(latents.shape[1:]), latents.dtype, latents.device
 
     @property
     def rows(self) -> int:
@@ -67,12 +68,14 @@ class IterationStats:
 
 class StepEngine:
     """See the module docstring. `unet(inputs) -> noise_pred` runs one UNet call (inputs named as
-    contract.networks.UNET's, rows concatenated)."""
+    contract.networks.UNET's, rows concatenated); `refiner` one refiner_unet call, where requests
+    have a refiner."""
 
-    def __init__(self, unet: UNetFn, max_rows: int, on_iteration: Callable[[IterationStats], None] | None = None):
+    def __init__(self, unet: UNetFn, max_rows: int, on_iteration: Callable[[IterationStats], None] | None = None,
+                 refiner: UNetFn | None = None):
         if max_rows < 1:
             raise ValueError(f"max_rows {max_rows}: expected at least 1")
-        self.unet, self.max_rows, self.on_iteration = unet, max_rows, on_iteration
+        self.unet, self.refiner, self.max_rows, self.on_iteration = unet, refiner, max_rows, on_iteration
         self.iteration = 0
         self.active: list[Job] = []
         self._incoming: deque[Job] = deque()
@@ -170,7 +173,7 @@ class StepEngine:
         feed = concat_unet_inputs(inputs)
         stats.rows, stats.jobs = feed["sample"].shape[0], len(batch)
         try:
-            noise = self.unet(feed)
+            noise = network_fn(self.unet, self.refiner, batch[0].denoiser.network)(feed)
         except Exception as error:  # noqa: BLE001 - the UNet's failure fails these requests, not the engine
             for job in batch:
                 self.active.remove(job)

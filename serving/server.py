@@ -28,7 +28,6 @@ from pathlib import Path
 from contract import layout
 from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
 from contract.configs import config_problems
-from contract.networks import NETWORKS
 
 from .processes import clean_stale_regions, clean_stale_run_directories
 
@@ -242,7 +241,7 @@ def check_exported(repository: Path, variant: str) -> None:
               f"--out {repository}`")
     if not (Path(repository) / ENDPOINT_MODEL / "config.pbtxt").exists():
         raise ServerError(f"{repository}: not a model repository (no {ENDPOINT_MODEL}/config.pbtxt); {export}")
-    missing = [name for name in NETWORKS if not layout.onnx_path(repository, name).exists()]
+    missing = [name for name in layout.served_networks(repository) if not layout.onnx_path(repository, name).exists()]
     if variant == "cpu" and missing:
         raise ServerError(f"no ONNX graphs ({', '.join(f'{n}/{layout.VERSION}/{layout.ONNX_FILE}' for n in missing)}) "
                           f"in {repository}; {export}")
@@ -254,7 +253,8 @@ def check_repository(repository: Path, variant: str) -> None:
     TensorRT backend has its own terser message)."""
     problems = []
     if variant == "production":
-        missing = [name for name in NETWORKS if not (layout.version_dir(repository, name) / layout.ENGINE_FILE).exists()]
+        missing = [name for name in layout.served_networks(repository)
+                   if not (layout.version_dir(repository, name) / layout.ENGINE_FILE).exists()]
         if missing:
             problems.append(f"no TensorRT plans ({', '.join(f'{n}/{layout.VERSION}/{layout.ENGINE_FILE}' for n in missing)}) "
                             f"in {repository}: build them with `make engines` (a GPU and TensorRT: `make install-gpu`), "
@@ -266,7 +266,7 @@ def check_repository(repository: Path, variant: str) -> None:
 
 def auto_variant(repository: Path) -> str:
     """production where a GPU is visible and every TensorRT plan is in place, cpu otherwise."""
-    plans = all((layout.version_dir(repository, name) / layout.ENGINE_FILE).exists() for name in NETWORKS)
+    plans = all((layout.version_dir(repository, name) / layout.ENGINE_FILE).exists() for name in layout.served_networks(repository))
     has_gpu = shutil.which("nvidia-smi") is not None and subprocess.run(
         ["nvidia-smi", "-L"], capture_output=True
     ).returncode == 0

@@ -9,10 +9,12 @@ import numpy as np
 from contract import layout
 
 
-def texts_to_encode(prompt: str, negative_prompt: str, do_classifier_free_guidance: bool) -> list[str]:
+def texts_to_encode(prompt: str, negative_prompt: str, do_classifier_free_guidance: bool, refiner: bool = False) -> list[str]:
     """The prompt, then the negative prompt when CFG uses it. With CFG and an empty negative prompt
-    the scheduler uses zero embeddings instead (SDXL's force_zeros_for_empty_prompt), so it is not encoded."""
-    if do_classifier_free_guidance and negative_prompt:
+    the base uses zero embeddings instead (SDXL's force_zeros_for_empty_prompt), so it is not encoded,
+    unless a refiner is served: the SDXL refiner encodes the empty prompt (its force_zeros_for_empty_prompt
+    is false; serving/denoise.py)."""
+    if do_classifier_free_guidance and (negative_prompt or refiner):
         return [prompt, negative_prompt]
     return [prompt]
 

@@ -65,6 +65,50 @@ def exported(loaded, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def refined(loaded, exported, tiny_dir, tmp_path_factory):
+    """`refined(dtype)`: (the tiny pipeline of `loaded(dtype)` with its refiner UNet as `pipe.refiner_unet`,
+    a repository holding that refiner's graph alone), cached per dtype. The repositories of
+    `exported` have none: their recipe has no refiner."""
+    from dataclasses import replace
+
+    import torch
+
+    from contract.networks import REFINER_UNET_NAME, ModelDims
+    from export.sources import load_refiner
+
+    cache = {}
+
+    def get(dtype: str):
+        if dtype not in cache:
+            base = loaded(dtype)
+            sources = replace(base.sources, refiner=str(tiny_dir / "refiner"))
+            if getattr(base.pipe, "refiner_unet", None) is None:  # an attribute, not one of the pipeline's components
+                refiner = load_refiner(sources.refiner, ModelDims.from_pipeline(base.pipe)).eval()
+                base.pipe.refiner_unet = refiner.to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
+            stage = LoadedPipeline(base.pipe, sources, base.adapters)
+            repository = tmp_path_factory.mktemp(f"refined_{dtype}")
+            export_pipeline(stage, repository, dtype, names=(REFINER_UNET_NAME,))
+            cache[dtype] = stage, repository
+        return cache[dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def graphs(loaded, exported, refined):
+    """`graphs(dtype, network)`: (the pipeline, a repository holding that network's graph)."""
+    from contract.networks import REFINER_UNET_NAME
+
+    def get(dtype: str, network: str):
+        if network == REFINER_UNET_NAME:
+            stage, repository = refined(dtype)
+            return stage.pipe, repository
+        return loaded(dtype).pipe, exported(dtype)
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def serve(exported, tmp_path_factory):
     """`serve(dtype)`: a real tritonserver (CPU variant) on free ports serving the tiny pipeline's
     graphs of that dtype with this repository's configs (which the export set to that dtype) and

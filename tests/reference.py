@@ -122,3 +122,35 @@ def reference_cfg_truncated(
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
         image = pipe.image_processor.postprocess(image, output_type="np")
     return (image * 255).round().astype(np.uint8)
+
+
+def diffusers_ensemble_images(
+    pipe, refiner_unet, prompt: str, *, seed: int, steps: int, high_noise_frac: float, guidance: float = 5.0,
+    negative: str = "", height: int = 128, width: int = 128, num_images: int = 1, scheduler: str = "model",
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] from diffusers' "ensemble of experts", as the SDXL base model card runs it:
+    the base's StableDiffusionXLPipeline to `denoising_end=high_noise_frac` (latents out), then the
+    refiner's StableDiffusionXLImg2ImgPipeline from `denoising_start=high_noise_frac` on them, with
+    the base's text_encoder_2, tokenizer_2 and VAE, the refiner's model_index.json settings
+    (requires_aesthetics_score, force_zeros_for_empty_prompt false), a scheduler of the same class and
+    config, and the same generators going on. 1.0: the base alone (diffusers' own cut excludes it)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline(**{**pipe.components, "scheduler": recipe_scheduler(pipe, scheduler)},
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=pipe.vae, text_encoder=None, text_encoder_2=pipe.text_encoder_2, tokenizer=None, tokenizer_2=pipe.tokenizer_2,
+        unet=refiner_unet, scheduler=recipe_scheduler(pipe, scheduler), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False)
+    for stage in (base, refiner):
+        stage.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+    common = dict(negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
+                  num_images_per_prompt=num_images, generator=generators)
+    with torch.no_grad():
+        if high_noise_frac >= 1.0:
+            images = base(prompt, height=height, width=width, output_type="np", **common).images
+        else:
+            latents = base(prompt, height=height, width=width, denoising_end=high_noise_frac, output_type="latent", **common).images
+            images = refiner(prompt, image=latents, denoising_start=high_noise_frac, output_type="np", **common).images
+    return (images * 255).round().astype(np.uint8)

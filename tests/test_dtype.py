@@ -12,8 +12,8 @@ import tritonclient.http as http
 from contract import configs
 from contract.configs import (CPU_DTYPE, EXPORTED_MODELS, config_files, config_problems, declared_interface,
                               read_config, repository_export)
-from contract.layout import REPO_ROOT, TEMPLATES
-from contract.networks import NETWORKS, SDXL_DIMS, TOKENIZER, compute_tensors
+from contract.layout import REPO_ROOT, TEMPLATES, served_networks
+from contract.networks import SDXL_DIMS, TOKENIZER, compute_tensors
 from contract.recipes import RECIPE_PARAMETERS
 
 from export.cli import main
@@ -165,7 +165,7 @@ def test_export_configs_dtype_restores_the_git_configs(exported, tmp_path, capsy
     graphs are gone."""
     repository = tmp_path / "repo"
     shutil.copytree(exported("fp32"), repository)  # the tiny graphs' widths, fp32
-    for name in NETWORKS:
+    for name in served_networks(repository):
         (repository / name / "1" / "export.json").unlink()  # the graphs removed
     (repository / "scheduler" / "1" / "recipe.json").unlink()
     assert main(["configs", "--repository", str(repository), "--dtype", "fp16"]) == 0

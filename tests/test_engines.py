@@ -24,11 +24,13 @@ TRT_TYPES = {"FP16": "HALF", "FP32": "FLOAT", "INT32": "INT32", "UINT8": "UINT8"
 
 
 @pytest.fixture(scope="module")
-def built(exported, tmp_path_factory):
-    """The tiny pipeline's three fp16 graphs, built with the default (production) settings."""
+def built(exported, refined, tmp_path_factory):
+    """The tiny pipeline's fp16 graphs and its refiner's, built with the default (production) settings."""
     out = tmp_path_factory.mktemp("engines")
     settings = BuildSettings.from_repository(REPO)
-    return build_engines(exported("fp16"), out, settings), out, settings
+    results = build_engines(exported("fp16"), out, settings)
+    results.update(build_engines(refined("fp16")[1], out, settings, names=(networks.REFINER_UNET.name,)))
+    return results, out, settings
 
 
 def test_tensorrt_rtx_is_in_use():
@@ -63,10 +65,10 @@ def test_sdxl_profiles():
 
 
 @pytest.mark.parametrize("network", networks.NETWORKS)
-def test_builder_was_given_the_spec_and_the_config(built, exported, network):
+def test_builder_was_given_the_spec_and_the_config(built, graphs, network):
     results, out, settings = built
     parsed, spec, config = results[network], networks.NETWORKS[network], read_config(REPO, network)
-    dims = graph_dims(layout.version_dir(exported("fp16"), network))
+    dims = graph_dims(layout.version_dir(graphs("fp16", network)[1], network))
     assert parsed.strongly_typed
     for kind, tensors, declared in (("inputs", spec.inputs, config.input), ("outputs", spec.outputs, config.output)):
         interface = getattr(parsed, kind)

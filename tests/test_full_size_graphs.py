@@ -14,7 +14,7 @@ from contract.layout import TEMPLATES as REPO
 from contract.layout import REPO_ROOT
 from contract.networks import NETWORKS, SDXL_DIMS
 from export.onnx_export import check_graph_io
-from export.sdxl import PARAMETERS
+from export.sdxl import PARAMETERS, REFINER_UNET_PARAMETERS
 
 SKELETONS = REPO_ROOT / "tests" / "data" / "sdxl_graphs"
 
@@ -44,6 +44,13 @@ def test_full_size_graph_holds_sdxls_weights(network, components):
     the exporter adds (shapes, scalars) and positions it folds away move the count by well under 1%."""
     published = sum(PARAMETERS[c] for c in components)
     assert abs(initializer_count(network) - published) / published < 0.01
+
+
+def test_full_size_refiner_graph_holds_the_refiners_weights():
+    """stabilityai/stable-diffusion-xl-refiner-1.0's UNet architecture (export/sdxl.py), exported in fp16
+    with random weights as `make bench-scale` exports the others."""
+    published = REFINER_UNET_PARAMETERS
+    assert abs(initializer_count("refiner_unet") - published) / published < 0.01
 
 
 def test_configs_disagree_with_a_graph_of_other_widths():

@@ -25,12 +25,12 @@ CASES = [(dtype, network, shape) for dtype in ("fp32", "fp16") for network in ne
 
 
 @pytest.mark.parametrize("dtype, network, shape", CASES)
-def test_graph_matches_module(loaded, exported, dtype, network, shape):
-    pipe = loaded(dtype).pipe
+def test_graph_matches_module(graphs, dtype, network, shape):
+    pipe, repository = graphs(dtype, network)
     spec = networks.NETWORKS[network]
     inputs = example_inputs(spec, ModelDims.from_pipeline(pipe), COMPUTE_DTYPES[dtype], seed=1, **SHAPES[shape])
     expected = run_torch(build_module(network, pipe), inputs)
-    actual = run_onnx(ort_session(exported(dtype), network), inputs)
+    actual = run_onnx(ort_session(repository, network), inputs)
     for tensor, got, want in zip(spec.outputs, actual, expected):
         what = f"{network}.{tensor.name} {dtype} {shape}"
         if tensor.dtype == "UINT8":
@@ -41,11 +41,12 @@ def test_graph_matches_module(loaded, exported, dtype, network, shape):
 
 @pytest.mark.parametrize("network", networks.NETWORKS)
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_graph_interface_is_the_spec(loaded, exported, dtype, network):
+def test_graph_interface_is_the_spec(graphs, dtype, network):
     """Names, order, element types and dims (dynamic ones named as in the spec)."""
-    model = onnx.load(str(layout.onnx_path(exported(dtype), network)), load_external_data=False)
+    pipe, repository = graphs(dtype, network)
+    model = onnx.load(str(layout.onnx_path(repository, network)), load_external_data=False)
     spec = networks.NETWORKS[network]
-    check_graph_io(model, spec, ModelDims.from_pipeline(loaded(dtype).pipe), COMPUTE_DTYPES[dtype])
+    check_graph_io(model, spec, ModelDims.from_pipeline(pipe), COMPUTE_DTYPES[dtype])
     for value, tensor in zip(list(model.graph.input) + list(model.graph.output), spec.inputs + spec.outputs):
         named = [d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param]
         assert named == [d for d in tensor.dims if d in networks.DYNAMIC_DIMS], value.name

@@ -32,6 +32,18 @@ def test_widths_are_the_production_configs():
             assert list(entry.dims) == expected_dims(tensor, batched=True, model=dims)[0], f"{network}.{tensor.name}"
 
 
+def test_refiner_takes_the_bases_text_encoder_2_and_five_time_ids():
+    """SDXL's refiner (export/sdxl.py REFINER_UNET_CONFIG) fits the refiner_unet spec at SDXL's widths."""
+    from contract.networks import REFINER_TIME_IDS_DIM
+    from export.sources import check_refiner
+
+    refiner = sdxl.build_component("refiner_unet", device="meta")
+    assert refiner.config.cross_attention_dim == SDXL_DIMS.refiner_text_dim == sdxl.TEXT_ENCODER_2_CONFIG["hidden_size"]
+    assert refiner.config.projection_class_embeddings_input_dim == REFINER_TIME_IDS_DIM * 256 + SDXL_DIMS.pooled_dim
+    check_refiner(refiner.config, SDXL_DIMS, "refiner")  # no error
+    assert sum(p.numel() for p in refiner.parameters()) == sdxl.REFINER_UNET_PARAMETERS
+
+
 def test_fp16_fix_vae_differs_only_in_upcasting():
     assert sdxl.VAE_CONFIG["force_upcast"] is True and sdxl.FP16_FIX_VAE_CONFIG["force_upcast"] is False
     assert {k: v for k, v in sdxl.VAE_CONFIG.items() if k not in ("force_upcast", "sample_size")} == \

@@ -135,11 +135,15 @@ def endpoint_finisher(args: dict, model: str, run=None):
     return Finisher(watermark, checker, distances)
 
 
-def option_tensors(options) -> list:
+def option_tensors(options, request) -> list:
     """A checked request's options (serving.endpoint.GenerationOptions) as Triton tensors, in the
-    endpoint's dtypes: what a BLS caller hands the denoiser."""
+    endpoint's dtypes, its high_noise_frac where a refiner is served, and its negative prompt as it
+    came (the loop tells an empty one from a given one): what a BLS caller hands the denoiser."""
     dtypes = {i.name: pb_utils.triton_string_to_numpy("TYPE_" + i.dtype) for i in INPUTS}
-    return [pb_utils.Tensor(name, np.asarray([getattr(options, name)], dtype=dtypes[name])) for name in OPTION_INPUTS]
+    tensors = [pb_utils.Tensor(name, np.asarray([getattr(options, name)], dtype=dtypes[name])) for name in OPTION_INPUTS]
+    if options.high_noise_frac is not None:
+        tensors.append(pb_utils.Tensor("high_noise_frac", np.asarray([options.high_noise_frac], dtype=np.float32)))
+    return tensors + passed_on(request, ("negative_prompt",))
 
 
 LORA_INPUTS = tuple(i.name for i in endpoint_lora_inputs)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from contract.networks import DENOISER
+from contract.networks import DENOISER, REFINER_UNET, UNET
 from serving.admission import RunState, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
 from serving.engine import IterationStats, Job, StepEngine
@@ -49,7 +49,7 @@ class TritonPythonModel:
                                                 "unet's max_batch_size (an integer of at least 1)")
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.metrics = EngineMetrics(args["model_name"])
-        self.engine = StepEngine(self._unet, max_rows, on_iteration=self._iteration_done)
+        self.engine = StepEngine(self._unet, max_rows, on_iteration=self._iteration_done, refiner=self._refiner)
         self.thread = threading.Thread(target=self._serve, name="denoiser-engine", daemon=True)
         self.thread.start()
 
@@ -57,10 +57,13 @@ class TritonPythonModel:
         with torch.inference_mode():
             self.engine.serve_forever()
 
-    def _unet(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        noise = call_unet(inputs, self.settings.device, self.run)
+    def _unet(self, inputs: dict[str, torch.Tensor], network: str = UNET.name) -> torch.Tensor:
+        noise = call_unet(inputs, self.settings.device, self.run, network)
         self.metrics.unet_samples.increment(inputs["sample"].shape[0])
         return noise
+
+    def _refiner(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._unet(inputs, REFINER_UNET.name)
 
     def _iteration_done(self, stats: IterationStats) -> None:
         self.metrics.iteration(stats, self.engine.size)

@@ -25,10 +25,10 @@ import triton_python_backend_utils as pb_utils
 from contract import layout
 from contract.configs import exported_interface, repository_export
 from contract.limits import Limits
-from contract.networks import DENOISER, SCHEDULER, UNET, VAE_ENCODER
+from contract.networks import DENOISER, REFINER_UNET, SCHEDULER, UNET, VAE_ENCODER
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
-from serving.denoise import Denoiser, InitImage, cfg_end_fraction_from_parameters, denoise
+from serving.denoise import Denoiser, InitImage, Refiner, cfg_end_fraction_from_parameters, denoise
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options
 from serving.loras import LoraError, ServingLoras, check_request
 
@@ -51,6 +51,7 @@ class LoopSettings:
     scheduler_class: type
     scheduler_config: dict
     loras: ServingLoras
+    refiner_text_dim: int = 0  # the refiner's text conditioning width; 0: no refiner served
 
     @classmethod
     def load(cls, args: dict, model: str) -> "LoopSettings":
@@ -82,7 +83,14 @@ class LoopSettings:
             loras = ServingLoras(repository_root(args), exported[0] if exported else "fp32", limits.max_stacked_rank)
         except (LoraError, ValueError) as error:
             raise pb_utils.TritonModelException(f"{model}: {error}") from None
-        return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras)
+        refiner_text_dim = 0
+        if limits.has_refiner:
+            if not exported_interface(repository_root(args), REFINER_UNET.name):
+                raise pb_utils.TritonModelException(
+                    f"{model}: recipe {limits.recipe} has a refiner (parameter high_noise_frac={limits.default_high_noise_frac:g}), "
+                    f"but the repository has no {REFINER_UNET.name} graph; export with --refiner (or --preset sdxl-base-refiner)")
+            refiner_text_dim = exported[1].refiner_text_dim
+        return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras, refiner_text_dim)
 
     def held_loras(self, request) -> list:
         """The request's LoRAs (lora_names, lora_scales), checked and read: LoraError naming the input."""
@@ -107,8 +115,11 @@ class LoopSettings:
     def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor, held: list, init: InitImage | None = None) -> Denoiser:
         lora = {name: torch.from_numpy(value).to(self.device)  # none: the plain unet, which pays nothing for LoRAs
                 for name, value in self.loras.tensors(UNET.name, held, 1).items()} if held else None
+        refiner = None
+        if options.high_noise_frac is not None:  # a fresh scheduler of the same class and config, as the refiner pipeline's
+            refiner = Refiner(self.scheduler_class.from_config(self.scheduler_config), options.high_noise_frac, self.refiner_text_dim)
         return Denoiser(options, embeds, pooled, self.scheduler_class.from_config(self.scheduler_config),
-                        cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora, init=init)
+                        cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora, init=init, refiner=refiner)
 
 
 class TritonPythonModel:
@@ -136,19 +147,23 @@ class TritonPythonModel:
         pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
         with torch.inference_mode():
             init = self.settings.init_image(raw, options, self.run)
-            latents = denoise(self._unet, self.settings.denoiser(options, embeds, pooled, held, init), cancelled=request.is_cancelled)
+            latents = denoise(self._unet, self.settings.denoiser(options, embeds, pooled, held, init), cancelled=request.is_cancelled,
+                              refiner=self._refiner)
         return to_triton("latents", latents)
 
     def _engine_latents(self, request, raw, options):
         embeddings = [pb_utils.get_input_tensor_by_name(request, name) for name in ("prompt_embeds", "pooled_prompt_embeds")]
-        return engine_latents(self.engine, embeddings + lora_tensors(request) + image_tensors(request), options, self.run,
-                              admission_ticket(request))
+        return engine_latents(self.engine, embeddings + lora_tensors(request) + image_tensors(request), options, request,
+                              self.run, admission_ticket(request))
 
-    def _unet(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _unet(self, inputs: dict[str, torch.Tensor], network: str = UNET.name) -> torch.Tensor:
         start = time.perf_counter()
-        noise = call_unet(inputs, self.device, self.run)
+        noise = call_unet(inputs, self.device, self.run, network)
         self.metrics.unet_step(time.perf_counter() - start, inputs["sample"].shape[0])
         return noise
+
+    def _refiner(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._unet(inputs, REFINER_UNET.name)
 
     def _start(self, ticket: str | None) -> None:
         """Take the admission ticket off the queue (None: called without the tokenizer, e.g. directly)."""
@@ -210,11 +225,11 @@ def eta_from_parameters(parameters: dict[str, str]) -> float | None:
     return value
 
 
-def engine_latents(engine: str, embeddings: list, options, run, ticket: str | None):
+def engine_latents(engine: str, embeddings: list, options, request, run, ticket: str | None):
     """Hand one checked request to the engine model (decoupled BLS) and return its final latents,
     a Triton tensor passed on as it came. With the request's admission ticket, the engine treats it
     as a BLS caller's: its failure ends the responses without latents (and is in the server log)."""
-    inputs = list(embeddings) + option_tensors(options)
+    inputs = list(embeddings) + option_tensors(options, request)
     if ticket is not None:
         inputs.append(ticket_tensor(ticket))
     responses = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["latents"]).exec(

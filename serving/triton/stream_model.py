@@ -96,7 +96,7 @@ class TritonPythonModel:
     def _stream(self, request, sender) -> None:
         start = time.monotonic()
         options, every = self._check(request)
-        tensors = option_tensors(options)  # the checked values, for the tokenizer and the denoiser
+        tensors = option_tensors(options, request)  # the checked values, for the tokenizer and the denoiser
         ids, ticket = self._tokenize(request, tensors)
         try:
             self._start(ticket)

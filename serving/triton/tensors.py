@@ -21,15 +21,15 @@ def to_triton(name: str, value: torch.Tensor):
     return pb_utils.Tensor(name, value.contiguous().numpy())
 
 
-def call_unet(inputs: dict[str, torch.Tensor], device: torch.device, run=None) -> torch.Tensor:
+def call_unet(inputs: dict[str, torch.Tensor], device: torch.device, run=None, network: str = "unet") -> torch.Tensor:
     """One BLS call of the UNet with inputs named as contract.networks.UNET's: `unet_lora` when they
-    carry LoRA weights, else `unet`; its noise_pred on `device`. `run`: the RunState to report a
-    not-healthy callee to."""
-    from contract.networks import UNET, UNET_LORA
+    carry LoRA weights, else `unet`; or, `network` refiner_unet, of the refiner. Its noise_pred on
+    `device`. `run`: the RunState to report a not-healthy callee to."""
+    from contract.networks import REFINER_UNET, UNET, UNET_LORA
 
     from .common import infer
 
-    spec = UNET_LORA if "lora_down" in inputs else UNET
+    spec = REFINER_UNET if network == REFINER_UNET.name else UNET_LORA if "lora_down" in inputs else UNET
     tensors = []
     for tensor in spec.inputs:
         value = inputs[tensor.name]

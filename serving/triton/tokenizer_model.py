@@ -65,7 +65,7 @@ class TritonPythonModel:
             timeout = queue_timeout_s(request_parameters(request), self.policy)
             ticket = self.run.admit(self.policy, timeout)  # last: a refused request cost nothing
             self.metrics.admitted.increment(1)
-            texts = texts_to_encode(prompt, negative, do_cfg)
+            texts = texts_to_encode(prompt, negative, do_cfg, refiner=self.limits.has_refiner)
             ids = self.tokenizer(texts)
             lora = self.loras.tensors(TEXT_ENCODER.name, held, len(texts))
             tensors = {**ids, **lora, TICKET_TENSOR: np.array([ticket.encode()], dtype=object)}
