@@ -13,7 +13,7 @@ from contract import configs
 from contract.configs import (CPU_DTYPE, EXPORTED_MODELS, config_files, config_problems, declared_interface,
                               read_config, repository_export)
 from contract.layout import REPO_ROOT, TEMPLATES, served_networks
-from contract.networks import SDXL_DIMS, TOKENIZER, compute_tensors
+from contract.networks import REFINER_UNET_NAME, SDXL_DIMS, TOKENIZER, compute_tensors
 from contract.recipes import RECIPE_PARAMETERS
 
 from export.cli import main
@@ -35,13 +35,15 @@ def declared_dims(repository, model, tensor) -> set[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_export_sets_every_config_to_its_dtype(exported, dtype):
+def test_export_sets_every_config_to_its_dtype(exported, refined, dtype):
     repository = exported(dtype)
+    assert not (repository / REFINER_UNET_NAME).exists()  # only where the recipe has a refiner: refined(dtype)
     for model in EXPORTED_MODELS:
+        holder = refined(dtype)[1] if model == REFINER_UNET_NAME else repository
         # production and cpu variants; the tokenizer (Python backend either way) has one config
-        assert len(config_files(repository, model)) == (1 if model == TOKENIZER else 2), model
+        assert len(config_files(holder, model)) == (1 if model == TOKENIZER else 2), model
         # safety_checker takes and gives FP32 in every export (its graph casts): no export-dtype tensor
-        assert declared_compute(repository, model) == ({dtype.upper()} if compute_tensors(model) else set()), model
+        assert declared_compute(holder, model) == ({dtype.upper()} if compute_tensors(model) else set()), model
     assert config_problems(repository, "cpu") == config_problems(repository, "production") == []
 
 
@@ -100,7 +102,7 @@ def mismatched(exported, tmp_path):
 
 def test_mismatch_is_named_with_the_fix(mismatched):
     problems = config_problems(mismatched, "cpu")
-    assert [p.split(":")[0] for p in problems] == [m for m in EXPORTED_MODELS if compute_tensors(m)]  # not safety_checker: FP32 always
+    assert [p.split(":")[0] for p in problems] == [m for m in EXPORTED_MODELS if compute_tensors(m) and m != REFINER_UNET_NAME]  # not safety_checker: FP32 always; no refiner here
     unet = next(p for p in problems if p.startswith("unet:"))
     assert unet == (
         "unet: the graphs were exported in fp32 (sample is FP32 in unet/1/model.onnx), but unet/configs/cpu.pbtxt "
