@@ -205,15 +205,13 @@ UNET_LORA = NetworkSpec(name=UNET_LORA_NAME, inputs=(*UNET.inputs, *lora_inputs(
 # The SDXL refiner's UNet (recipe sdxl-base-refiner: the expert ensemble's last steps, serving/denoise.py):
 # SDXL's UNet interface with the bigG-only text conditioning and five time ids. Served only by the
 # repositories whose recipe has a refiner (OPTIONAL_NETWORKS); no LoRA inputs (SDXL LoRAs adapt the base).
+REFINER_CONDITIONING = {
+    "encoder_hidden_states": TensorSpec("encoder_hidden_states", COMPUTE, ("batch", "seq_len", "refiner_text_dim")),
+    "time_ids": TensorSpec("time_ids", COMPUTE, ("batch", REFINER_TIME_IDS_DIM)),
+}
 REFINER_UNET = NetworkSpec(
     name=REFINER_UNET_NAME,
-    inputs=(
-        TensorSpec("sample", COMPUTE, ("batch", "latent_channels", "latent_height", "latent_width")),
-        TensorSpec("timestep", "FP32", ("batch",)),
-        TensorSpec("encoder_hidden_states", COMPUTE, ("batch", "seq_len", "refiner_text_dim")),
-        TensorSpec("text_embeds", COMPUTE, ("batch", "pooled_dim")),
-        TensorSpec("time_ids", COMPUTE, ("batch", REFINER_TIME_IDS_DIM)),
-    ),
+    inputs=tuple(REFINER_CONDITIONING.get(t.name, t) for t in UNET.inputs),
     outputs=UNET.outputs,
 )
 

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     onnx = commands.add_parser(
         "onnx",
-        help="export text_encoder, unet (LoRAs fused), vae_decoder, vae_encoder, preview_decoder and safety_checker to ONNX",
+        help="export text_encoder, unet (LoRAs fused), vae_decoder, vae_encoder, preview_decoder, safety_checker (and refiner_unet with a refiner) to ONNX",
         description=(
             f"--preset NAME: a published recipe ({', '.join(PRESETS)}); flags given beside it override it. "
             f"Without --preset and --model: the lcm-sdxl preset ({DEFAULT_MODEL} + {DEFAULT_LCM_LORA}, any --lora "
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     configs_ = commands.add_parser(
         "configs", help="set the configs' tensor dtypes and widths to what the repository's graphs were exported with",
         description="`onnx` does this itself; run it when graphs and configs disagree (graphs copied in, configs "
-                    "checked out again): text_encoder, unet, vae_decoder, vae_encoder, preview_decoder, scheduler and denoiser, "
+                    "checked out again): text_encoder, unet, vae_decoder, vae_encoder, preview_decoder, refiner_unet, scheduler and denoiser, "
                     "every variant; the recipe into scheduler, denoiser, sdxl_stream and tokenizer.",
     )
     configs_.add_argument("--repository", type=Path, default=layout.DEFAULT_REPOSITORY,

@@ -127,17 +127,22 @@ def reference_cfg_truncated(
 def diffusers_ensemble_images(
     pipe, refiner_unet, prompt: str, *, seed: int, steps: int, high_noise_frac: float, guidance: float = 5.0,
     negative: str = "", height: int = 128, width: int = 128, num_images: int = 1, scheduler: str = "model",
+    image: np.ndarray | None = None, strength: float | None = None,
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] from diffusers' "ensemble of experts", as the SDXL base model card runs it:
     the base's StableDiffusionXLPipeline to `denoising_end=high_noise_frac` (latents out), then the
     refiner's StableDiffusionXLImg2ImgPipeline from `denoising_start=high_noise_frac` on them, with
     the base's text_encoder_2, tokenizer_2 and VAE, the refiner's model_index.json settings
     (requires_aesthetics_score, force_zeros_for_empty_prompt false), a scheduler of the same class and
-    config, and the same generators going on. 1.0: the base alone (diffusers' own cut excludes it)."""
+    config, and the same generators going on. 1.0: the base alone (diffusers' own cut excludes it).
+    `image` (uint8 [H, W, 3]) and `strength`: the base is the img2img pipeline, with both."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from PIL import Image
 
-    base = StableDiffusionXLPipeline(**{**pipe.components, "scheduler": recipe_scheduler(pipe, scheduler)},
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    base_class = StableDiffusionXLPipeline if image is None else StableDiffusionXLImg2ImgPipeline
+    base = base_class(**{**pipe.components, "scheduler": recipe_scheduler(pipe, scheduler)},
+                      force_zeros_for_empty_prompt=True, add_watermarker=False)
+    size = dict(height=height, width=width) if image is None else dict(image=Image.fromarray(image, mode="RGB"), strength=strength)
     refiner = StableDiffusionXLImg2ImgPipeline(
         vae=pipe.vae, text_encoder=None, text_encoder_2=pipe.text_encoder_2, tokenizer=None, tokenizer_2=pipe.tokenizer_2,
         unet=refiner_unet, scheduler=recipe_scheduler(pipe, scheduler), requires_aesthetics_score=True,
@@ -149,8 +154,8 @@ def diffusers_ensemble_images(
                   num_images_per_prompt=num_images, generator=generators)
     with torch.no_grad():
         if high_noise_frac >= 1.0:
-            images = base(prompt, height=height, width=width, output_type="np", **common).images
+            images = base(prompt, **size, output_type="np", **common).images
         else:
-            latents = base(prompt, height=height, width=width, denoising_end=high_noise_frac, output_type="latent", **common).images
+            latents = base(prompt, **size, denoising_end=high_noise_frac, output_type="latent", **common).images
             images = refiner(prompt, image=latents, denoising_start=high_noise_frac, output_type="np", **common).images
     return (images * 255).round().astype(np.uint8)

@@ -26,7 +26,7 @@ def refiner_unet(loaded, tiny_dir):
     return load_refiner(str(tiny_dir / "refiner"), ModelDims.from_pipeline(pipe)).eval()
 
 
-def refined_loop(pipe, refiner_unet, tiny_dir, prompt, negative, options, scheduler="model", cfg_end_fraction=1.0):
+def refined_loop(pipe, refiner_unet, tiny_dir, prompt, negative, options, scheduler="model", cfg_end_fraction=1.0, init=None):
     texts = texts_to_encode(prompt, negative, options.do_classifier_free_guidance, refiner=True)
     ids = PromptTokenizer(tiny_dir)(texts)
     base, refiner = UNet(pipe.unet), UNet(refiner_unet, lora=False)
@@ -34,7 +34,7 @@ def refined_loop(pipe, refiner_unet, tiny_dir, prompt, negative, options, schedu
         embeds, pooled = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)(*(torch.from_numpy(v) for v in ids.values()))
         setup = Refiner(recipe_scheduler(pipe, scheduler), options.high_noise_frac, pipe.text_encoder_2.config.hidden_size)
         denoiser = Denoiser(options, embeds, pooled, recipe_scheduler(pipe, scheduler), refiner=setup,
-                            cfg_end_fraction=cfg_end_fraction)
+                            cfg_end_fraction=cfg_end_fraction, init=init)
         networks = []
 
         def run(module):
@@ -126,3 +126,25 @@ def test_engine_batches_each_network_with_its_own_peers(loaded, tiny_dir, refine
     assert all(width_ids == (5 if name == "refiner_unet" else 6) for name, width_ids, _ in calls)
     assert ("unet", 6, 6) in calls  # the three requests' first steps in one call (CFG: 2 rows each)
     assert any(name == "refiner_unet" and rows == 4 for name, _, rows in calls)  # both refined requests together
+
+
+@pytest.mark.parametrize("strength", [0.6, 0.2])
+def test_img2img_with_refiner_matches_diffusers(loaded, tiny_dir, refiner_unet, strength):
+    """The base's img2img pipeline to denoising_end, then the refiner: at 0.6 of 10 steps the base runs
+    steps 5 to 8 and the refiner 9 and 10; at 0.2 the image starts past the cut (the last 2 steps):
+    the refiner runs both, as diffusers' refiner from denoising_start continues the base's latents."""
+    from reference import sample_image
+    from test_img2img import init_image
+
+    pipe = loaded("fp32").pipe
+    options = GenerationOptions(4, 10, 5.0, 128, 128, 1, strength=strength, high_noise_frac=0.8, has_negative_prompt=True)
+    image = sample_image(128, 128)
+    ours, refined = refined_loop(pipe, refiner_unet, tiny_dir, "a watercolor", "blurry", options,
+                                 init=init_image(pipe, image, strength, None))
+    if strength == 0.2:  # diffusers' base cannot run no step at all (its latent timestep would be empty)
+        assert refined == [True, True]
+        return
+    theirs = diffusers_ensemble_images(pipe, refiner_unet, "a watercolor", seed=4, steps=10, high_noise_frac=0.8,
+                                       negative="blurry", image=image, strength=strength)
+    assert refined == [False] * 4 + [True] * 2
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
