@@ -202,6 +202,8 @@ def write_table(results: dict, path: Path) -> None:
     for row in results["served"]:
         lines.append(f"| {row['case']} | {row['seconds']} | {row['spread'][0]} to {row['spread'][1]} | "
                      f"{row['rows']['unet']} + {row['rows']['refiner_unet']} |")
+    lines += ["", "The tiny refiner has two resnets per level to the tiny base's one, so here a refiner row costs more "
+              "than a base row; the full-size refiner's step is 8% more work than the base's (below)."]
     lines += ["", "## Work per UNet step at 1024x1024, one row (PyTorch's FlopCounterMode, meta device)", "",
               "| network | TFLOP per step |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in results["flops"].items()]
@@ -215,7 +217,8 @@ def write_table(results: dict, path: Path) -> None:
         if base:
             lines.append(f"| unet (scale_cpu.md) | {base['load_s']} s | {base['run_s']} s | {base['loaded_rss_gib']} GiB | "
                          f"{base['max_rss_gib']} GiB |")
-        lines.append(f"\nExport of the full-size refiner UNet: {', '.join(f'{k} {v}' for k, v in full_.items() if k.startswith('export'))}.")
+        exports = ", ".join(f"{key.split()[1]} {value} s" for key, value in full_.items() if key.startswith("export"))
+        lines.append(f"\nThe full-size refiner UNet's export (random init, trace, write): {exports}.")
     est = results["estimate"]
     lines += ["", "## Estimate on a GPU, 1024x1024, one image (not measured: no GPU here)", "",
               f"Basis: NVIDIA's published H100 TensorRT UNet (SDXL, 4 steps, batch 1: {H100_UNET_4_STEPS_S * 1e3:.1f} ms) "
