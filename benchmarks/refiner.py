@@ -138,6 +138,8 @@ def full(work: Path, skeletons: Path | None) -> dict:
     from export.onnx_export import export_network
     from export.sdxl import build_component
 
+    from .scale import keep_skeleton
+
     repository = work / "full"
     results = {}
     for dtype in ("fp32", "fp16") if skeletons else ("fp32",):
@@ -153,6 +155,7 @@ def full(work: Path, skeletons: Path | None) -> dict:
         log(f"full: refiner_unet exported in {dtype}, {results[f'export {dtype} s']} s")
         if dtype == "fp16":
             keep_skeleton(out / layout.ONNX_FILE, skeletons / f"{REFINER_UNET.name}.onnx")
+            log(f"full: skeleton written to {skeletons}")
     ran = run([sys.executable, "-m", "benchmarks.scale", "ort-run", str(repository / "fp32"), REFINER_UNET.name, "fp32"],
               log_path=work / "ort-refiner.log", echo=False)
     figures = json.loads(ran.log.strip().splitlines()[-1]) if ran.returncode == 0 else {"error": ran.log[-500:]}
@@ -162,19 +165,6 @@ def full(work: Path, skeletons: Path | None) -> dict:
         results["base unet ort fp32 (scale_cpu.json)"] = json.loads(committed.read_text())["stages"]["ort"]["unet fp32"]
     log(f"full: {results}")
     return results
-
-
-def keep_skeleton(graph: Path, target: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
-    for tensor in model.graph.initializer:
-        tensor.ClearField("raw_data")
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
-    target.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(target))
-    log(f"full: skeleton written to {target}")
 
 
 def estimate(counted: dict[str, float]) -> dict:

@@ -119,17 +119,22 @@ def check_graphs_against_configs(repository: Path) -> dict[str, str]:
 def keep_skeletons(repository: Path, skeletons: Path) -> None:
     """The fp16 graphs without their weights (structure, interface, initializer shapes): a few MB, in
     `skeletons` (SKELETONS, the tests' copies, only when asked)."""
+    for name in layout.served_networks(repository):  # the refiner's: python -m benchmarks.refiner
+        keep_skeleton(layout.onnx_path(repository, name), skeletons / f"{name}.onnx")
+    log(f"graph skeletons written to {skeletons}")
+
+
+def keep_skeleton(graph: Path, target: Path) -> None:
+    """One graph without its weights: initializers keep their names, types and shapes, not their data."""
     import onnx
 
-    skeletons.mkdir(parents=True, exist_ok=True)
-    for name in layout.served_networks(repository):  # the refiner's: python -m benchmarks.refiner
-        model = onnx.load(str(layout.onnx_path(repository, name)), load_external_data=False)
-        for tensor in model.graph.initializer:
-            tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-        onnx.save_model(model, str(skeletons / f"{name}.onnx"))
-    log(f"graph skeletons written to {skeletons}")
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in model.graph.initializer:
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(target))
 
 
 def stage_engines(work: Path) -> dict:

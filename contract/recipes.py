@@ -187,9 +187,8 @@ def resolve(preset: str | None, *, model: str | None = None, loras: tuple[str, .
     of the preset's, or added (hand-off at DEFAULT_HIGH_NOISE_FRAC)."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    with_refiner = {} if refiner is None else {"refiner": refiner, "high_noise_frac": DEFAULT_HIGH_NOISE_FRAC}
     if preset is None and model is not None:
-        recipe = replace(custom_recipe(model, scheduler or "lcm", tuple(loras or ()), unet, vae), **with_refiner)
+        recipe = with_refiner(custom_recipe(model, scheduler or "lcm", tuple(loras or ()), unet, vae), refiner)
         return recipe if eta is None else replace(recipe, eta=eta)
     base = PRESETS[preset or DEFAULT_PRESET]
     changes: dict = {}
@@ -205,9 +204,15 @@ def resolve(preset: str | None, *, model: str | None = None, loras: tuple[str, .
         changes["scheduler"] = scheduler
     if eta is not None:
         changes["eta"] = eta
-    if refiner is not None:
-        changes.update(refiner=refiner, high_noise_frac=base.high_noise_frac or DEFAULT_HIGH_NOISE_FRAC)
-    return replace(base, **changes) if changes else base
+    return with_refiner(replace(base, **changes) if changes else base, refiner)
+
+
+def with_refiner(recipe: Recipe, refiner: str | None) -> Recipe:
+    """`recipe` with `refiner` in place of its own (None: as it is), handing off where it did, else at
+    DEFAULT_HIGH_NOISE_FRAC."""
+    if refiner is None:
+        return recipe
+    return replace(recipe, refiner=refiner, high_noise_frac=recipe.high_noise_frac or DEFAULT_HIGH_NOISE_FRAC)
 
 
 def read_recipe(path: Path) -> Recipe | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import json
-from dataclasses import replace
 import shutil
 import tempfile
 import warnings
@@ -30,7 +29,7 @@ from contract import layout, networks
 from contract.configs import ONNX_ELEMENT_TYPES
 from contract.loras import LORA_GRAPHS, SITES_FILE
 from contract.networks import ModelDims, NetworkSpec
-from contract.recipes import DEFAULT_HIGH_NOISE_FRAC, SCHEDULERS, Recipe, custom_recipe
+from contract.recipes import SCHEDULERS, Recipe, custom_recipe, with_refiner
 
 from .modules import build_module
 from .progress import log, step
@@ -337,9 +336,8 @@ def export_pipeline(
     check_writable(repository)
     sources = source.sources if isinstance(source, LoadedPipeline) else source
     if recipe is None:
-        recipe = custom_recipe(sources.model, "lcm", tuple(str(lora) for lora in sources.loras), sources.unet, sources.vae)
-        if sources.refiner is not None:
-            recipe = replace(recipe, refiner=sources.refiner, high_noise_frac=DEFAULT_HIGH_NOISE_FRAC)
+        recipe = with_refiner(custom_recipe(sources.model, "lcm", tuple(str(lora) for lora in sources.loras), sources.unet,
+                                            sources.vae), sources.refiner)
     if recipe.refiner != sources.refiner:
         raise ValueError(f"recipe {recipe.name} has refiner {recipe.refiner!r}, the sources {sources.refiner!r}")
     if names is None:

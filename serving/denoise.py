@@ -193,11 +193,10 @@ class Denoiser:
         base_negative = (prompt_embeds, pooled_prompt_embeds)
         if refiner is not None and not request.has_negative_prompt:  # row 1 is the refiner's "" (force zeros here)
             base_negative = (prompt_embeds[:1], pooled_prompt_embeds[:1])
-        self.encoder_hidden_states, self.text_embeds = prepare_conditioning(
-            *base_negative, request.num_images_per_prompt, self.cfg
-        )
-        rows = self.encoder_hidden_states.shape[0]
-        self.time_ids = make_time_ids(request.height, request.width, dtype, device).repeat(rows, 1)
+        encoder_hidden_states, text_embeds = prepare_conditioning(*base_negative, request.num_images_per_prompt, self.cfg)
+        time_ids = make_time_ids(request.height, request.width, dtype, device).repeat(encoder_hidden_states.shape[0], 1)
+        # Each network's rows (negative ones first with CFG), named as its spec's inputs.
+        self.conditioning = {"encoder_hidden_states": encoder_hidden_states, "text_embeds": text_embeds, "time_ids": time_ids}
         self.handoff, self.refiner = len(self.timesteps), refiner
         if refiner is not None:
             self.handoff = handoff_index(self.timesteps, scheduler.config.num_train_timesteps, refiner.high_noise_frac)
@@ -215,6 +214,7 @@ class Denoiser:
         self.step_kwargs = step_kwargs(scheduler, self.generators, eta)
         self.lora = lora or {}
         self.step_index = self.start_index
+        self._follow_hand_off()  # an init image may start the request past the hand-off
 
     def _refiner_conditioning(self, request: GenerationOptions, prompt_embeds: torch.Tensor,
                               pooled_prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -233,9 +233,11 @@ class Denoiser:
                                    for score in scores]),
         }
 
-    def _hand_off(self) -> None:
-        """The refiner's scheduler takes over at this step (the hand-off, or an init image's first step
-        when that comes later), as the refiner pipeline sets it up."""
+    def _follow_hand_off(self) -> None:
+        """At the first refiner step (the hand-off, or an init image's first step when that comes later)
+        the refiner's scheduler takes over, begun at this step, as the refiner pipeline sets it up."""
+        if not self.refining or self.done or self.scheduler is self.refiner.scheduler:
+            return
         scheduler = self.refiner.scheduler
         scheduler.set_timesteps(len(self.timesteps), device=self.timesteps.device)
         if hasattr(scheduler, "set_begin_index"):
@@ -292,18 +294,11 @@ class Denoiser:
 
     def unet_inputs(self) -> dict[str, torch.Tensor]:
         """The inputs of this step's network (`network`), named as its spec's."""
-        if self.refining and self.scheduler is not self.refiner.scheduler:
-            self._hand_off()
         t = self.timesteps[self.step_index]
         sample = torch.cat([self.latents] * 2) if self.guided else self.latents
         sample = self.scheduler.scale_model_input(sample, t)
         rows = slice(None) if self.guided or not self.cfg else slice(self.latents.shape[0], None)  # positive half
-        if self.refining:
-            conditioning, lora = self.refiner_conditioning, {}
-        else:
-            conditioning = {"encoder_hidden_states": self.encoder_hidden_states, "text_embeds": self.text_embeds,
-                            "time_ids": self.time_ids}
-            lora = self.lora
+        conditioning, lora = (self.refiner_conditioning, {}) if self.refining else (self.conditioning, self.lora)
         return {
             "sample": sample,
             "timestep": t.to(torch.float32).expand(self.unet_batch).contiguous(),
@@ -320,6 +315,7 @@ class Denoiser:
         if self.inpainting is not None:
             self.latents = self.inpainting.blend(self.scheduler, self.latents, self.timesteps, self.step_index)
         self.step_index += 1
+        self._follow_hand_off()
 
 
 def concat_unet_inputs(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
