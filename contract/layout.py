@@ -69,6 +69,18 @@ def served_networks(repository: Path) -> tuple[str, ...]:
     return networks_of((Path(repository) / REFINER_UNET_NAME).is_dir())
 
 
+def graph_precision(graph_dir: Path) -> str | None:
+    """The precision export.json records beside a graph (fp16, fp32, or the 8-bit fp8, int8 of
+    export/quantize.py); None where there is no record (graphs copied in by hand)."""
+    import json
+
+    info = Path(graph_dir) / EXPORT_INFO_FILE
+    if not info.exists():
+        return None
+    data = json.loads(info.read_text())
+    return data.get("precision", data.get("dtype"))
+
+
 def scheduler_class(repository: Path) -> str:
     """The class of the scheduler config a repository holds ("" when it holds none)."""
     path = scheduler_config_path(repository)

@@ -11,6 +11,7 @@ from pathlib import Path
 from contract import layout, loras
 from contract.recipes import PRESETS, PREVIEW_VAE, SCHEDULERS, SDXL_REFINER
 from .progress import log
+from .quantize import DEFAULT_CALIBRATION_COUNT, DEFAULT_PROMPTS_FILE, UNET_PRECISIONS, VAE_PRECISIONS
 from .sources import (DEFAULT_LCM_LORA, DEFAULT_MODEL, DEFAULT_SAFETY_CHECKER, DEFAULT_VAE, DTYPES, REFINER_SUBFOLDER, ExportError,
                       LoraSpec, Sources)
 
@@ -92,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                       "has them); default: the preset's, else lcm")
     onnx.add_argument("--eta", type=float, help="eta of the stochastic steps (tcd's gamma, ddim's eta); default: the preset's")
     onnx.add_argument("--dtype", choices=DTYPES, default="fp16")
+    onnx.add_argument("--unet-precision", choices=UNET_PRECISIONS, help="the UNet graphs' precision: fp8 (E4M3) or int8 "
+                      "Q/DQ on its convolutions and linear layers, calibrated on the recipe's own steps, guidance and size "
+                      "(docs/exporting.md, \"Quantized UNet and VAE\"); default: --dtype")
+    onnx.add_argument("--vae-precision", choices=VAE_PRECISIONS, help="the VAE decoder's precision: int8 Q/DQ (MLPerf's "
+                      "SDXL exclusions), calibrated on the recipe's final latents; default: --dtype")
+    onnx.add_argument("--calibration-prompts", type=Path, metavar="FILE", help="prompts to calibrate 8-bit networks on, one "
+                      f"a line (default: {DEFAULT_PROMPTS_FILE.relative_to(layout.REPO_ROOT)}, MLPerf's SDXL COCO captions)")
+    onnx.add_argument("--calibration-count", type=int, default=DEFAULT_CALIBRATION_COUNT, metavar="N",
+                      help=f"how many of the prompts (the first N; default {DEFAULT_CALIBRATION_COUNT})")
+    onnx.add_argument("--calibration-size", type=int, metavar="PIXELS", help="height and width of the calibration "
+                      "runs (default: the recipe's size, 1024 for SDXL's recipes); a multiple of 8")
     onnx.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     onnx.add_argument("--out", type=Path, default=layout.DEFAULT_REPOSITORY,
                       help=f"model repository to assemble: the configs and model.py files of "
@@ -244,9 +256,28 @@ def run_onnx(args) -> None:
         + (f", UNet {recipe.unet}" if recipe.unet else "") + (f", VAE {recipe.vae}" if recipe.vae else "")
         + ", " + (SCHEDULERS[recipe.scheduler].class_name or "the model's own scheduler")
         + (f", refiner {recipe.refiner} from {recipe.high_noise_frac:g} of the schedule" if recipe.refiner else ""))
-    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker), args.out, args.dtype, device=args.device, recipe=recipe)
+    precisions = resolve_precisions(args, recipe)
+    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker), args.out, args.dtype,
+                            device=args.device, recipe=recipe, precisions=precisions)
     for name, path in paths.items():
         print(f"{name}: {path}")
+
+
+def resolve_precisions(args, recipe):
+    """--unet-precision / --vae-precision, and for 8-bit networks what they are calibrated on."""
+    from .quantize import Calibration, Precisions, check_precisions, read_prompts
+
+    unet, vae = check_precisions(args.dtype, args.unet_precision, args.vae_precision)
+    if args.calibration_size is not None and (args.calibration_size < 64 or args.calibration_size % 8):
+        raise ExportError(f"--calibration-size {args.calibration_size}: expected a multiple of 8, at least 64")
+    if unet == args.dtype and vae == args.dtype:
+        return Precisions(unet, vae)
+    path = args.calibration_prompts or DEFAULT_PROMPTS_FILE
+    prompts = read_prompts(path, args.calibration_count)
+    calibration = Calibration.for_recipe(recipe, prompts, size=args.calibration_size, source=path.name)
+    log(f"calibration: {len(prompts)} prompts of {path}, {calibration.steps} steps, guidance {calibration.guidance:g}, "
+        f"{calibration.size}x{calibration.size} ({recipe.name}'s)")
+    return Precisions(unet, vae, calibration)
 
 
 def resolve_recipe(args):

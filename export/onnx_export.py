@@ -12,6 +12,7 @@ models the exported tensors pass through are then set to the exported dtype (con
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import shutil
@@ -19,6 +20,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -33,6 +35,8 @@ from contract.recipes import SCHEDULERS, Recipe, custom_recipe, with_refiner
 
 from .modules import build_module
 from .progress import log, step
+from .quantize import (QUANTIZED_OPSET, Precisions, count_qdq, encode_prompts, float_latents, quantize_unet,
+                       quantize_vae_decoder, retype_fp8_zero_points)
 from .sources import ExportError, LoadedPipeline, Sources, check_writable, load_pipeline, model_dims
 
 OPSET = 17
@@ -181,20 +185,24 @@ def save_onnx(model: onnx.ModelProto, traced_dir: Path, path: Path, size_bytes: 
 
 def export_network(
     module: torch.nn.Module, spec: NetworkSpec, dims: ModelDims, dtype: str, out_dir: Path, *,
-    device: str = "cpu", external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    device: str = "cpu", external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, precision: str | None = None,
 ) -> Path:
-    """Export `module` to `out_dir/model.onnx` (+ external data), checked, replacing what was there."""
+    """Export `module` to `out_dir/model.onnx` (+ external data), checked, replacing what was there.
+    `precision`: fp8 or int8 when the module carries calibrated quantizers (export/quantize.py): opset
+    19, and FP8's zero points retyped."""
     compute_dtype = COMPUTE_DTYPES[dtype]
+    opset = QUANTIZED_OPSET if precision else OPSET
     out_dir.mkdir(parents=True, exist_ok=True)
     args = tuple(example_inputs(spec, dims, compute_dtype, device=device, **TRACE_SIZES).values())
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         traced_dir, final_dir = Path(tmp, "traced"), Path(tmp, "final")
         traced_dir.mkdir()
         final_dir.mkdir()
-        with step(f"{spec.name}: tracing to ONNX ({dtype}, opset {OPSET})"), torch.no_grad(), warnings.catch_warnings():
+        with step(f"{spec.name}: tracing to ONNX ({dtype}{', ' + precision + ' Q/DQ' if precision else ''}, opset {opset})"), \
+                torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python branches on fixed-size checks
             torch.onnx.export(
-                module, args, str(traced_dir / layout.ONNX_FILE), dynamo=False, opset_version=OPSET,
+                module, args, str(traced_dir / layout.ONNX_FILE), dynamo=False, opset_version=opset,
                 input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
             )
@@ -203,6 +211,10 @@ def export_network(
         model = onnx.load(str(traced_dir / layout.ONNX_FILE), load_external_data=False)
         declare_output_dims(model, spec, dims)
         check_graph_io(model, spec, dims, compute_dtype)
+        if precision == "fp8":
+            log(f"{spec.name}: {retype_fp8_zero_points(model)} Q/DQ nodes retyped to FLOAT8E4M3FN")
+        if precision:
+            log(f"{spec.name}: Q/DQ nodes {count_qdq(model)}")
         with step(f"{spec.name}: writing {layout.ONNX_FILE}" + (" + " + layout.ONNX_DATA_FILE if size > external_data_threshold else "")):
             save_onnx(model, traced_dir, final_dir / layout.ONNX_FILE, size, external_data_threshold)
         del model
@@ -251,14 +263,17 @@ def write_serving_files(pipe, repository: Path, recipe: Recipe) -> None:
     (scheduler_dir / layout.RECIPE_FILE).write_text(recipe.to_json())
 
 
-def export_info(sources: Sources, spec: NetworkSpec, dims: ModelDims, dtype: str) -> dict:
+def export_info(sources: Sources, spec: NetworkSpec, dims: ModelDims, dtype: str, quantization: dict | None = None) -> dict:
+    """What the graph was exported from and with. `quantization`: its 8-bit precision, the layers kept
+    in `dtype` and the calibration (export/quantize.py); absent for a float graph."""
     import diffusers
     import transformers
 
     return {
         "network": spec.name,
         "dtype": dtype,
-        "opset": OPSET,
+        **({"precision": quantization["precision"], "quantization": quantization} if quantization else {"precision": dtype}),
+        "opset": QUANTIZED_OPSET if quantization else OPSET,
         **sources.describe(),
         "dims": dims.as_dict(),
         "inputs": {t.name: [t.resolved_dtype(COMPUTE_DTYPES[dtype]), list(t.static_dims(dims))] for t in spec.inputs},
@@ -294,6 +309,71 @@ def write_safety_checker_files(pipe, out_dir: Path) -> None:
     pipe.feature_extractor.to_json_file(out_dir / SAFETY_PREPROCESSOR_FILE)
 
 
+class Calibrating:
+    """The 8-bit networks of one export (export/quantize.py). The UNet is quantized when its stage is
+    reached, calibrated on the recipe's own loop; the VAE decoder on the latents those runs end with
+    (the float UNet's, when the UNet stays float). A loaded stage's networks are quantized in place
+    (a full-size UNet is not copied); a pipeline given in memory (tests reuse one) is left as it was:
+    copies are quantized."""
+
+    UNETS = (networks.UNET.name, networks.UNET_LORA.name)
+
+    def __init__(self, precisions: Precisions, recipe: Recipe, sources: Sources, dtype: str, device: str, preloaded):
+        self.precisions, self.recipe, self.sources = precisions, recipe, sources
+        self.dtype, self.device, self.preloaded = dtype, device, preloaded
+        self.calibration = precisions.calibration
+        self.reports: dict[str, dict] = {}
+        self.latents = None
+        self._embeddings = None
+        self._unet = None
+
+    def embeddings(self):
+        """The prompts encoded once, by the text encoders the export serves (LoRAs fused), in fp32."""
+        if self._embeddings is None:
+            pipe = self.preloaded if self.preloaded is not None else load_pipeline(
+                self.sources, "fp32", self.device, components=("text_encoder", "text_encoder_2")).pipe
+            with step(f"calibration: encoding {len(self.calibration.prompts)} prompts ({self.calibration.source})"):
+                self._embeddings = encode_prompts(pipe, self.calibration)
+        return self._embeddings
+
+    def components(self, name: str, pipe):
+        """What build_module builds `name` from: the pipeline, or its quantized UNet or VAE."""
+        if name not in self.UNETS:
+            self._unet = None  # the UNet stage is over: its network goes with the stage
+        if name in self.UNETS and (self.precisions.quantizes_unet or self.precisions.quantizes_vae):
+            return SimpleNamespace(unet=self._unet_stage(pipe))
+        if name == networks.VAE_DECODER.name and self.precisions.quantizes_vae:
+            return SimpleNamespace(vae=self._vae_stage(pipe))
+        return pipe
+
+    def _unet_stage(self, pipe):
+        if self._unet is None:
+            scheduler = recipe_scheduler(self.recipe, pipe.scheduler.config)
+            if self.precisions.quantizes_unet:
+                unet = copy.deepcopy(pipe.unet) if self.preloaded is not None else pipe.unet
+                report, self.latents = quantize_unet(unet, scheduler, self.embeddings(), self.calibration, self.precisions.unet)
+                self.reports.update({name: report.as_dict() for name in self.UNETS})
+            else:
+                unet = pipe.unet
+                if self.latents is None:
+                    self.latents = float_latents(unet, scheduler, self.embeddings(), self.calibration)
+            self._unet = unet
+        return self._unet
+
+    def _vae_stage(self, pipe):
+        if self.latents is None:  # no UNet stage in this export: the recipe's float loop, for its latents
+            stage = self.preloaded or load_pipeline(self.sources, self.dtype, self.device, components=("unet",))
+            self.latents = float_latents(stage.pipe.unet, recipe_scheduler(self.recipe, stage.pipe.scheduler.config),
+                                         self.embeddings(), self.calibration)
+            del stage
+            gc.collect()
+        vae = copy.deepcopy(pipe.vae) if self.preloaded is not None else pipe.vae
+        decoder = build_module(networks.VAE_DECODER.name, SimpleNamespace(vae=vae))
+        report = quantize_vae_decoder(vae, decoder, self.latents, self.precisions.vae_decoder, self.calibration)
+        self.reports[networks.VAE_DECODER.name] = report.as_dict()
+        return vae
+
+
 @contextmanager
 def _staging_area(repository: Path):
     """A directory inside the repository (same filesystem: moving out of it is a rename)."""
@@ -321,7 +401,7 @@ def _publish_repository(staged: Path, repository: Path, names: tuple[str, ...]) 
 def export_pipeline(
     source: Sources | LoadedPipeline, repository: Path, dtype: str, *, device: str = "cpu",
     names: tuple[str, ...] | None = None, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    recipe: Recipe | None = None,
+    recipe: Recipe | None = None, precisions: Precisions | None = None,
 ) -> dict[str, Path]:
     """Export the named networks and the serving files into a model repository, and set the configs
     of the models their tensors pass through to `dtype`, and the scheduler's to the recipe.
@@ -331,6 +411,7 @@ def export_pipeline(
     `recipe`: the scheduler and request defaults to serve with (default: LCM, as a custom recipe of
     these sources). `names`: the networks to export (default: every one the recipe serves; the refiner's
     only with a refiner, and a repository whose recipe has none keeps no refiner_unet model).
+    `precisions`: an 8-bit UNet and/or VAE decoder, calibrated on the recipe (default: all in `dtype`).
     """
     repository = Path(repository)
     check_writable(repository)
@@ -345,6 +426,8 @@ def export_pipeline(
     preloaded = source.pipe if isinstance(source, LoadedPipeline) else None
     dims = ModelDims.from_pipeline(preloaded) if preloaded is not None else model_dims(sources)
     ordered = [name for name in STAGES if name in names]
+    precisions = precisions or Precisions(dtype, dtype)
+    calibrating = Calibrating(precisions, recipe, sources, dtype, device, preloaded) if precisions.quantizes_any else None
     stage, loaded_for = None, None
     with _staging_area(repository) as staged:
         for index, name in enumerate(ordered, 1):
@@ -356,10 +439,14 @@ def export_pipeline(
                 stage = None
                 gc.collect()  # the previous stage's networks go before this one loads its own
                 stage, loaded_for = load_pipeline(sources, dtype, device, components=STAGES[name]), STAGES[name]
-            module = build_module(name, stage.pipe, getattr(torch, {"fp16": "float16", "fp32": "float32"}[dtype]))
+            components = calibrating.components(name, stage.pipe) if calibrating else stage.pipe
+            module = build_module(name, components, getattr(torch, {"fp16": "float16", "fp32": "float32"}[dtype]))
             out_dir = layout.version_dir(staged, name)
-            export_network(module, spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold)
-            (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(export_info(sources, spec, dims, dtype), indent=2) + "\n")
+            precision = precisions.of(name)
+            export_network(module, spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold,
+                           precision=precision)
+            report = calibrating.reports.get(name) if calibrating and precision else None
+            (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(export_info(sources, spec, dims, dtype, report), indent=2) + "\n")
             if name in LORA_GRAPHS.values():  # the layers a LoRA may adapt, and the architecture: what `lora add` checks against
                 (out_dir / SITES_FILE).write_text(module.lora_sites.to_json())
             if name == networks.SAFETY_CHECKER.name:

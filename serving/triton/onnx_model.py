@@ -26,6 +26,7 @@ from contract import layout
 from contract.configs import graph_interface
 from contract.networks import NETWORKS
 from serving.batching import group_by_shape, run_concatenated
+from serving.ort_session import session_options
 
 from .common import check_graph_interface, error_response, input_arrays, model_config, parameters, respond, version_dir
 
@@ -44,7 +45,7 @@ class TritonPythonModel:
         path = version_dir(args) / layout.ONNX_FILE
         if not path.exists():
             raise pb_utils.TritonModelException(f"{network}: no {path}; run `python -m export onnx` (or `make export-tiny`) first")
-        options = ort.SessionOptions()
+        options = session_options(path)  # FP8 graphs: the basic optimization level
         threads = params.get("intra_op_threads", "0")
         if not threads.isdigit():
             raise pb_utils.TritonModelException(f"{network}: parameter intra_op_threads={threads!r}: expected a count (0: ONNX Runtime's choice)")
