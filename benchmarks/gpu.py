@@ -1,12 +1,12 @@
 """SDXL + LCM on one GPU, component by component: diffusers, this project's loop, and TensorRT.
 
     python -m benchmarks.gpu [--device cuda|cpu] [--arch sdxl|tiny] [--size 1024] [--steps 4]
-                             [--batches 1 4] [--repeats 5] [--dtype fp16|fp32] [--out PREFIX]
-                             [--work DIR] [--skip-tensorrt]
+                             [--batches 1 4 8] [--repeats 5] [--dtype fp16|fp32] [--out PREFIX]
+                             [--work DIR] [--skip-tensorrt] [--unet-precisions fp8 int8]
 
 What it measures, with random full-size weights (SDXL base 1.0's exact configs, built on the device
 by export/sdxl.py; speed does not depend on the weights' values), for batch (num_images_per_prompt)
-1 and 4, without CFG (guidance 1.0) and with CFG (guidance 1.5 and a negative prompt):
+1, 4 and 8, without CFG (guidance 1.0) and with CFG (guidance 1.5 and a negative prompt):
 1. `diffusers`: StableDiffusionXLPipeline + LCMScheduler over the components in memory, as users run
    it without this project;
 2. `project loop`: what the Triton scheduler model runs (serving/text.py's tokenizing,
@@ -15,7 +15,10 @@ by export/sdxl.py; speed does not depend on the weights' values), for batch (num
    SDXL VAE in fp32; in the published H100 figures the VAE is more than half of 234 ms);
 4. `tensorrt` and `tensorrt, VAE fp32`: the project loop over TensorRT plans, exported and built by
    export/onnx_export.py and export/engines.py, where the `tensorrt` module is installed (else the
-   results say why they are missing).
+   results say why they are missing);
+5. `tensorrt, UNet fp8` and `tensorrt, UNet int8`: the same with the UNet's graph quantized by
+   export/quantize.py (Q/DQ, strongly typed plans; calibrated on the device with the LCM loop at
+   --size over random embeddings), at batch 1, 4 and 8 like the others (--unet-precisions).
 Per setup: text encoders, UNet per step, VAE decode and end-to-end latency (median and p90 over
 --repeats runs after 2 warm-up runs), images/s and peak GPU memory; and the pixel difference
 between the loops' images (same weights, same seeds), which shows they compute the same thing.
@@ -96,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sdxl: SDXL base 1.0's sizes, random weights; tiny: the test pipeline, for smoke runs")
     parser.add_argument("--size", type=int, default=1024, help="image height and width in pixels (a multiple of 64)")
     parser.add_argument("--steps", type=int, default=4, help="LCM denoising steps")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="images per prompt")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8], help="images per prompt")
+    parser.add_argument("--unet-precisions", nargs="+", choices=("fp8", "int8"), default=["fp8", "int8"],
+                        help="8-bit UNet plans measured beside the float one (export/quantize.py: calibrated on "
+                             f"{GPU_CALIBRATION_PROMPTS} random prompts' embeddings with the LCM loop at --size; default fp8 int8)")
     parser.add_argument("--repeats", type=int, default=5,
                         help=f"timed runs per measurement, after {WARMUP_RUNS} warm-up runs")
     parser.add_argument("--dtype", choices=("fp16", "fp32"),
@@ -541,8 +547,37 @@ class TrtNetwork:
         return (self.engine.device_memory_size if size is None else size) / 2**20
 
 
-def export_graphs(components: Components, dtype_name: str, device, work: Path) -> dict:
-    """The graphs the setups need, exported by export/onnx_export.py: {key: (graph dir, spec, dtype)}."""
+# The 8-bit UNets' calibration (random weights: the amax only has to be that of these activations).
+GPU_CALIBRATION_PROMPTS = 4
+QUANTIZATION_MISSING = ("nvidia-modelopt is not installed (export/quantize.py quantizes with it): pip install "
+                        "nvidia-modelopt==0.47.0 (requirements/base.txt's pin, with its requirements) to measure them")
+
+
+def quantized_unet(components: Components, precision: str, args, device):
+    """A copy of the UNet quantized by export/quantize.py, calibrated on the device with the LCM loop at
+    --size over random embeddings (the random text encoders' outputs mean nothing either)."""
+    import copy
+
+    import torch
+    from diffusers import LCMScheduler
+
+    from export.quantize import Calibration, PromptEmbeddings, quantize_unet
+    from export.tiny import sdxl_scheduler
+
+    dims, count = components.dims, GPU_CALIBRATION_PROMPTS
+    generator = torch.Generator().manual_seed(0)
+    embeddings = PromptEmbeddings(torch.randn(count, dims.seq_len, dims.text_dim, generator=generator).to(device),
+                                  torch.randn(count, dims.pooled_dim, generator=generator).to(device), None, None)
+    calibration = Calibration(("random",) * count, args.steps, 1.0, args.size, "lcm", source="random embeddings")
+    unet = copy.deepcopy(components.unet)
+    report, _ = quantize_unet(unet, LCMScheduler.from_config(sdxl_scheduler().config), embeddings, calibration, precision)
+    log(f"tensorrt: UNet {precision}: {report.quantized_layers} layers quantized, calibrated in {report.seconds:.0f} s")
+    return unet
+
+
+def export_graphs(components: Components, dtype_name: str, device, work: Path, unet_precisions=(), args=None) -> dict:
+    """The graphs the setups need, exported by export/onnx_export.py: {key: (graph dir, spec, dtype)};
+    `unet_precisions`: also the UNet in those 8-bit precisions (keys unet_fp8, unet_int8)."""
     from export.modules import TextEncoders, UNet, VaeDecoder
     from export.onnx_export import export_network
 
@@ -559,6 +594,14 @@ def export_graphs(components: Components, dtype_name: str, device, work: Path) -
         log(f"tensorrt: exporting {key} to ONNX ({dtype}) in {out_dir} ...")
         export_network(make_module().eval(), spec, components.dims, dtype, out_dir, device=device.type)
         exported[key] = (out_dir, spec, dtype)
+    for precision in unet_precisions:
+        key, out_dir = f"unet_{precision}", work / f"unet_{precision}"
+        log(f"tensorrt: exporting the UNet in {precision} to ONNX ({dtype_name}) in {out_dir} ...")
+        unet = quantized_unet(components, precision, args, device)
+        export_network(UNet(unet).eval(), networks.UNET, components.dims, dtype_name, out_dir, device=device.type,
+                       precision=precision)
+        exported[key] = (out_dir, networks.UNET, dtype_name)
+        del unet
     return exported
 
 
@@ -587,12 +630,19 @@ def tensorrt_setups(components: Components, tokenizer, args, device) -> tuple[li
     import torch
 
     work = args.work / args.arch
-    exported = export_graphs(components, args.dtype, device, work)
+    precisions = tuple(args.unet_precisions)
+    missing = [m for m in ("modelopt",) if importlib.util.find_spec(m) is None]
+    if precisions and missing:  # the float rows still run
+        log(f"tensorrt: the 8-bit UNet rows skipped: {QUANTIZATION_MISSING}")
+        precisions = ()
+    exported = export_graphs(components, args.dtype, device, work, precisions, args)
     for key in ("text_encoder", "text_encoder_2", "unet", "vae", "vae_fp32"):  # the GPU is the builder's now
         setattr(components, key, None)
     gc.collect()
     torch.cuda.empty_cache()
     info = {"status": "measured", **build_plans(exported, components.dims, args.size, max(args.batches), work)}
+    if tuple(args.unet_precisions) != precisions:
+        info["unet_precisions"] = {"status": "skipped", "reason": QUANTIZATION_MISSING}
     engines = {key: TrtNetwork(Path(plan["path"]), exported[key][1]) for key, plan in info["plans"].items()}
     for key, engine in engines.items():
         info["plans"][key]["activation_mb"] = round(engine.activation_mb, 1)
@@ -603,6 +653,10 @@ def tensorrt_setups(components: Components, tokenizer, args, device) -> tuple[li
                                      ("tensorrt, VAE fp32", "vae_decoder_fp32", "fp32")):
         loop = ProjectLoop(tokenizer, engines["text_encoder"], engines["unet"], engines[vae_key], components, device)
         setups.append(Setup(name, args.dtype, vae_dtype, loop, f"{description}, VAE in {vae_dtype}"))
+    for precision in precisions:  # the 8-bit UNet plans (strongly typed Q/DQ graphs), same VAE
+        loop = ProjectLoop(tokenizer, engines["text_encoder"], engines[f"unet_{precision}"], engines["vae_decoder"], components, device)
+        setups.append(Setup(f"tensorrt, UNet {precision}", precision, args.dtype, loop,
+                            f"{description}, the UNet's graph quantized to {precision} (export/quantize.py), VAE in {args.dtype}"))
     return setups, info
 
 
@@ -861,6 +915,8 @@ def tensorrt_lines(tensorrt: dict) -> list[str]:
     for key, plan in tensorrt["plans"].items():
         lines.append(f"- {key} ({plan['dtype']}): {plan['size_mb']} MB, activations {plan.get('activation_mb')} MB, "
                      f"built in {plan['build_s']} s")
+    if "unet_precisions" in tensorrt:
+        lines += ["", f"8-bit UNet rows not measured: {tensorrt['unet_precisions']['reason']}."]
     return lines + [""]
 
 

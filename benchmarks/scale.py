@@ -169,13 +169,15 @@ def ort_run(repository: Path, name: str, dtype: str) -> None:
     import onnxruntime as ort
 
     from export.onnx_export import COMPUTE_DTYPES, example_inputs
+    from serving.ort_session import session_options
 
     dims = ModelDims(**json.loads((layout.version_dir(repository, name) / layout.EXPORT_INFO_FILE).read_text())["dims"])
     latent = SIZE // dims.vae_scale_factor
     inputs = example_inputs(NETWORKS[name], dims, COMPUTE_DTYPES[dtype], batch=1, latent_height=latent, latent_width=latent)
     feed = {k: v.numpy() for k, v in inputs.items()}
     start = time.perf_counter()
-    session = ort.InferenceSession(str(layout.onnx_path(repository, name)), providers=["CPUExecutionProvider"])
+    path = layout.onnx_path(repository, name)
+    session = ort.InferenceSession(str(path), session_options(path), providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - start
     loaded_rss = measure.status_kib(os.getpid(), "VmRSS") * 1024
     session.run(None, feed)

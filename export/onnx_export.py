@@ -35,8 +35,8 @@ from contract.recipes import SCHEDULERS, Recipe, custom_recipe, with_refiner
 
 from .modules import build_module
 from .progress import log, step
-from .quantize import (QUANTIZED_OPSET, Precisions, count_qdq, encode_prompts, float_latents, quantize_unet,
-                       quantize_vae_decoder, retype_fp8_zero_points)
+from .quantize import (QUANTIZED_OPSET, Precisions, count_qdq, encode_prompts, float_latents, fp8_as_int8_scales,
+                       quantize_unet, quantize_vae_decoder, retype_fp8_zero_points)
 from .sources import ExportError, LoadedPipeline, Sources, check_writable, load_pipeline, model_dims
 
 OPSET = 17
@@ -192,6 +192,8 @@ def export_network(
     19, and FP8's zero points retyped."""
     compute_dtype = COMPUTE_DTYPES[dtype]
     opset = QUANTIZED_OPSET if precision else OPSET
+    if precision == "fp8":
+        fp8_as_int8_scales(module)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = tuple(example_inputs(spec, dims, compute_dtype, device=device, **TRACE_SIZES).values())
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:

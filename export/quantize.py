@@ -18,8 +18,8 @@ Layers kept in the export dtype (not quantized), from the published recipes:
   conv_out, shortcut convolutions) plus up_blocks.2.resnets.2's two convolutions.
 - VAE decoder: the same submission's INT8 VAE filter (filter_func: conv_in, conv_out, post_quant_conv,
   the attention projections, the mid block, up_blocks.3 and up_blocks.2.resnets.1-2).
-`python -m benchmarks.quantization --sweep` measures what keeping each further block in 16 bit gains
-(docs/exporting.md, "Quantized UNet and VAE").
+`make bench-quant` (benchmarks/quantization.py) sweeps the UNet's other layer groups: what keeping
+each in 16 bit gains (docs/exporting.md, "Quantized UNet and VAE").
 """
 
 from __future__ import annotations
@@ -48,10 +48,22 @@ FP8_E4M3_MAX = 448.0  # largest finite E4M3FN value
 INT8_MAX = 127.0
 
 # Quantizer names (module path + ".input_quantizer" / ".weight_quantizer") that stay disabled.
-UNET_KEEP = re.compile(r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding"
-                       r"|up_blocks\.2\.resnets\.2\.conv1|up_blocks\.2\.resnets\.2\.conv2).*")
+_PUBLISHED_UNET_KEEP = (r"time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding"
+                        r"|up_blocks\.2\.resnets\.2\.conv1|up_blocks\.2\.resnets\.2\.conv2")
+UNET_KEEP = re.compile(rf".*({_PUBLISHED_UNET_KEEP}).*")
+# Our own sensitivity sweep (make bench-quant: each layer group kept in float alone, UNet output SNR):
+# INT8's per-tensor activations lose most at the two downsampler convolutions, whose inputs carry the
+# down blocks' residual stream: keeping those 2 layers gained 4.7 dB of the 6.0 dB that keeping all
+# 330 down-block layers gains (full-size UNet; tiny: 7.6 of 8.8). FP8 gains 0.6 dB there (tiny): kept
+# in INT8 only.
+UNET_KEEP_INT8 = re.compile(rf".*({_PUBLISHED_UNET_KEEP}|downsamplers\.\d+\.conv).*")
 VAE_DECODER_KEEP = re.compile(r"^encoder\..*|.*(conv_out|conv_in|quant_conv|to_v|to_k|to_q|mid_block|decoder\.up_blocks\.3"
                               r"|up_blocks\.2\.resnets\.2|up_blocks\.2\.resnets\.1).*")
+
+def unet_keep(precision: str) -> re.Pattern:
+    """The UNet layers a precision leaves in the export dtype."""
+    return UNET_KEEP_INT8 if precision == "int8" else UNET_KEEP
+
 
 DEFAULT_PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
 # ModelOpt's SDXL INT8 recipe calibrates on 32 prompts (examples/diffusers, build_sdxl_8bit_engine.sh).
@@ -199,7 +211,9 @@ def _dtype_name(module) -> str:
 
 def fp8_as_int8_scales(module: torch.nn.Module) -> None:
     """MLPerf's FP8 export: each FP8 quantizer becomes an 8-bit one whose amax gives FP8's scale
-    (amax/448) as INT8's (amax'/127); retype_fp8_zero_points finishes it on the graph."""
+    (amax/448) as INT8's (amax'/127); retype_fp8_zero_points finishes it on the graph. Run just before
+    tracing (export_network): from then on the module simulates INT8, not FP8. Converts each
+    quantizer once (unet and unet_lora are traced from the same module)."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     for _, quantizer in module.named_modules():
@@ -275,11 +289,13 @@ class PromptEmbeddings:
 
 
 def encode_prompts(pipe, calibration: Calibration) -> PromptEmbeddings:
-    """diffusers' encode_prompt over the prompts (the text encoders as loaded: LoRAs fused), in fp32."""
+    """diffusers' encode_prompt over the prompts (the text encoders as loaded: LoRAs fused), in fp32,
+    on the encoders' device."""
     import torch
+    device = next(pipe.text_encoder_2.parameters()).device  # --device cuda: the encoders are on the GPU
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            list(calibration.prompts), device="cpu", num_images_per_prompt=1,
+            list(calibration.prompts), device=device, num_images_per_prompt=1,
             do_classifier_free_guidance=calibration.uses_cfg)
     as32 = (lambda t: None if t is None else t.float())
     return PromptEmbeddings(as32(embeds), as32(pooled), as32(negative), as32(negative_pooled))
@@ -323,21 +339,21 @@ def run_recipe(unet, scheduler, embeddings: PromptEmbeddings, calibration: Calib
 
 
 def quantize_unet(unet, scheduler, embeddings: PromptEmbeddings, calibration: Calibration,
-                  precision: str) -> tuple[QuantizationReport, torch.Tensor]:
-    """Quantize `unet` (diffusers' UNet2DConditionModel) in place, calibrated on the recipe's loop.
-    Returns the report and the calibration runs' final latents (the VAE decoder's calibration data)."""
+                  precision: str, keep: re.Pattern | None = None) -> tuple[QuantizationReport, torch.Tensor]:
+    """Quantize `unet` (diffusers' UNet2DConditionModel) in place, calibrated on the recipe's loop, with
+    `keep`'s layers left alone (default: the precision's, unet_keep). Returns the report and the
+    calibration runs' final latents (the VAE decoder's calibration data)."""
     start = time.perf_counter()
     latents = []
 
     def forward_loop(model):
         latents.append(run_recipe(model, scheduler, embeddings, calibration, label="unet "))
 
+    keep = keep or unet_keep(precision)
     with step(f"unet: {precision} quantizers, calibrated on {len(calibration.prompts)} prompts"):
-        quantized, kept = _quantize(unet, precision, UNET_KEEP, forward_loop)
-    if precision == "fp8":
-        fp8_as_int8_scales(unet)
+        quantized, kept = _quantize(unet, precision, keep, forward_loop)
     log(f"unet: {quantized} layers {precision}, {len(kept)} kept in {_dtype_name(unet)}: {', '.join(kept)}")
-    report = QuantizationReport(precision, quantized, kept, calibration.describe(), time.perf_counter() - start, UNET_KEEP.pattern)
+    report = QuantizationReport(precision, quantized, kept, calibration.describe(), time.perf_counter() - start, keep.pattern)
     return report, latents[0]
 
 

@@ -444,6 +444,22 @@ def test_build_preset_choices_are_the_recipes():
     assert "python3 -m export onnx --preset sdxl-turbo --device cuda" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
 
 
+def test_build_precisions_are_the_exporters():
+    """unetPrecision / vaePrecision: the export's choices (empty: fp16); set, they reach the Job's
+    export command and rename the Job (a Job's template cannot change)."""
+    from export.quantize import UNET_PRECISIONS, VAE_PRECISIONS
+
+    build = json.loads((CHART / "values.schema.json").read_text())["properties"]["modelRepository"]["properties"]["build"]["properties"]
+    assert build["unetPrecision"]["enum"] == ["", *[p for p in UNET_PRECISIONS if p != "fp32"]]
+    assert build["vaePrecision"]["enum"] == ["", *[p for p in VAE_PRECISIONS if p != "fp32"]]
+    default = one(render(), "Job", "engine-build")
+    assert "--unet-precision" not in default["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    job = one(render("--set", "modelRepository.build.unetPrecision=fp8", "--set", "modelRepository.build.vaePrecision=int8"),
+              "Job", "engine-build")
+    assert "--dtype fp16 --out \"$repository\" --unet-precision fp8 --vae-precision int8" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert job["metadata"]["name"] != default["metadata"]["name"]
+
+
 def test_adapter_rules_name_no_namespace():
     text = ADAPTER_VALUES.read_text()
     assert "namespace=" not in text.replace('namespace!=""', "")

@@ -85,3 +85,23 @@ def test_cuda_without_a_gpu_is_one_error_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no CUDA GPU visible to PyTorch; "), result.stderr
+
+
+def test_quantized_unet_graphs_of_the_gpu_bench(tmp_path):
+    """The 8-bit UNet rows' graphs (TensorRT builds them on a GPU box): export/quantize.py calibrates a
+    copy of the UNet with the LCM loop, and the exporter writes its Q/DQ graph; the float UNet is left as it was."""
+    import onnx
+    from argparse import Namespace
+
+    from contract import layout
+    from export.quantize import count_qdq
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    components = gpu.build_components("tiny", torch.float32, torch.device("cpu"))
+    exported = gpu.export_graphs(components, "fp32", torch.device("cpu"), tmp_path, ("fp8", "int8"),
+                                 Namespace(steps=1, size=64))
+    for precision, kind in (("fp8", "FLOAT8E4M3FN"), ("int8", "INT8")):
+        graph_dir, spec, dtype = exported[f"unet_{precision}"]
+        counts = count_qdq(onnx.load(str(graph_dir / layout.ONNX_FILE)))
+        assert set(counts) == {kind} and counts[kind] > 100 and spec.name == "unet" and dtype == "fp32"
+    assert not any(isinstance(m, TensorQuantizer) for m in components.unet.modules())

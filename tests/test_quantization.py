@@ -16,8 +16,8 @@ from contract.networks import ModelDims
 from contract.recipes import custom_recipe
 from export.cli import main as export_main
 from export.onnx_export import example_inputs, export_pipeline
-from export.quantize import (DEFAULT_PROMPTS_FILE, QUANTIZED_OPSET, UNET_KEEP, VAE_DECODER_KEEP, Calibration, Precisions,
-                             check_precisions, count_qdq, read_prompts)
+from export.quantize import (DEFAULT_PROMPTS_FILE, QUANTIZED_OPSET, VAE_DECODER_KEEP, Calibration, Precisions,
+                             check_precisions, count_qdq, read_prompts, unet_keep)
 from export.sources import ExportError
 from serving.ort_session import session_options
 
@@ -85,7 +85,7 @@ def test_graphs_carry_qdq_of_their_type(quantized, precision):
         assert info["precision"] == precision and info["opset"] == QUANTIZED_OPSET
         record = info["quantization"]
         assert record["calibration"]["prompts"] == 4 and record["calibration"]["size"] == 128
-        assert record["calibration"]["steps"] == 4 and record["keep_pattern"] == UNET_KEEP.pattern
+        assert record["calibration"]["steps"] == 4 and record["keep_pattern"] == unet_keep(precision).pattern
         assert record["quantized_layers"] > 100
         assert layout.graph_precision(layout.version_dir(repository, name)) == precision
     text_info = json.loads((layout.version_dir(repository, "text_encoder") / layout.EXPORT_INFO_FILE).read_text()) \
@@ -93,16 +93,20 @@ def test_graphs_carry_qdq_of_their_type(quantized, precision):
     assert text_info is None  # only the networks asked for were exported
 
 
-def test_published_layers_stay_in_the_export_dtype(quantized):
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_published_layers_stay_in_the_export_dtype(quantized, precision):
     """Time/class embeddings, conv_in, conv_out, shortcut convolutions (and MLPerf's
-    up_blocks.2.resnets.2 convs, absent in the tiny UNet) take no dequantized input; the others do."""
-    model = onnx.load(str(layout.onnx_path(quantized("int8"), networks.UNET.name)))
+    up_blocks.2.resnets.2 convs, absent in the tiny UNet) take no dequantized input; the others do.
+    INT8 keeps the downsampler convolutions too (the sweep's finding); FP8 quantizes them."""
+    model = onnx.load(str(layout.onnx_path(quantized(precision), networks.UNET.name)))
     consumers = dequantized_consumers(model)
     layers = {node.name for node in model.graph.node if node.op_type in ("Conv", "MatMul", "Gemm")}
+    keep = unet_keep(precision)
     for name in layers:
-        kept = UNET_KEEP.match(name.replace("/", ".").lstrip(".").removeprefix("unet."))
-        if kept:
-            assert name not in consumers, f"{name} is quantized but the published recipes keep it"
+        if keep.match(name.replace("/", ".").lstrip(".").removeprefix("unet.")):
+            assert name not in consumers, f"{name} is quantized but {precision} keeps it"
+    downsamplers = {name for name in layers if "/downsamplers.0/conv/" in name}
+    assert downsamplers and (downsamplers & consumers if precision == "fp8" else not downsamplers & consumers)
     for wanted in ("/unet/conv_in/Conv", "/unet/conv_out/Conv", "/unet/time_embedding/linear_1/Gemm"):
         assert any(name.startswith(wanted.rsplit("/", 1)[0]) for name in layers), wanted
         assert not any(name.startswith(wanted.rsplit("/", 1)[0] + "/") for name in consumers), wanted
