@@ -77,8 +77,31 @@ def session(repository: Path, name: str):
     return ort.InferenceSession(str(path), session_options(path), providers=["CPUExecutionProvider"])
 
 
+def exported_as(out: Path, flags: list[str], dtype: str) -> bool:
+    """Whether `out` already holds this export (a run resumed in the same --work): its recipe, and its UNet
+    and VAE decoder in the precisions the flags ask for."""
+    from contract import layout
+    from contract.configs import recipe_file
+    from contract.recipes import read_recipe
+
+    def flag(name: str, default: str) -> str:
+        return flags[flags.index(name) + 1] if name in flags else default
+
+    try:
+        recipe = read_recipe(recipe_file(out))
+        precisions = {name: layout.graph_precision(layout.version_dir(out, name)) for name in ("unet", "vae_decoder")}
+    except (OSError, ValueError):
+        return False
+    return (recipe is not None and recipe.name == flag("--preset", "custom")
+            and precisions == {"unet": flag("--unet-precision", dtype), "vae_decoder": flag("--vae-precision", dtype)})
+
+
 def export(tiny: Path, out: Path, flags: list[str], dtype: str = "fp32") -> Path:
     from export.cli import main as export_main
+
+    if exported_as(out, flags, dtype):
+        log(f"tiny: {' '.join(flags) or 'float'} ({dtype}): reusing {out} (already exported in this --work)")
+        return out
 
     base = ["onnx", "--model", str(tiny), "--vae", str(tiny / "alt_vae"), "--preview-vae", str(tiny / "preview_vae"),
             "--safety-checker", str(tiny / "safety_checker"), "--dtype", dtype, "--out", str(out)]
@@ -327,8 +350,40 @@ def tiny_sweep(tiny_dir: Path) -> dict:
 
 # --- Full size ------------------------------------------------------------------------------------
 
+FULL_GRAPHS = (("float", "unet"), ("int8", "unet"), ("fp8", "unet"), ("float", "vae_decoder"), ("int8", "vae_decoder"))
+
+
 def full(work: Path, size: int, with_sweep: bool = False) -> dict:
-    """The full-size UNet and VAE decoder, float and 8-bit, exported here and compared in subprocesses."""
+    """The full-size graphs, exported in a process of their own (which holds a 10 GB UNet: this process
+    stays small for the comparisons), or reused when a run in the same --work left them all; then each
+    8-bit graph compared with its float one in a process of its own."""
+    from contract import layout
+
+    record = work / "exports.json"
+    if all(layout.onnx_path(work / name, network).exists() for name, network in FULL_GRAPHS) and not with_sweep:
+        results = json.loads(record.read_text()) if record.exists() else {"size": size, "note": "graphs reused from an earlier run in --work; its timings were not recorded"}
+        log(f"full: reusing the graphs in {work}")
+    else:
+        ran = run([sys.executable, "-m", "benchmarks.quantization", "full-export", str(work), str(size), str(int(with_sweep))],
+                  log_path=work.parent / "full-export.log", echo=True)
+        if ran.returncode != 0:
+            raise RuntimeError(f"the full-size export failed (exit {ran.returncode}): {ran.log[-400:]}")
+        results = json.loads(record.read_text())
+        results["export_max_rss_gib"] = round(ran.max_rss / 2**30, 2)
+    results["compared"] = {}
+    for name, precision in (("unet", "int8"), ("unet", "fp8"), ("vae_decoder", "int8")):
+        ran = run([sys.executable, "-m", "benchmarks.quantization", "ort-compare", str(work / "float"), str(work / precision),
+                   name, str(size)], log_path=work / f"compare-{name}-{precision}.log", echo=False)
+        figures = json.loads(ran.log.strip().splitlines()[-1]) if ran.returncode == 0 else {
+            "error": f"exit {ran.returncode}" + (" (killed: SIGKILL, the OOM killer on this machine)" if ran.returncode in (-9, 137) else "")
+                     + (f": {ran.log.strip()[-400:]}" if ran.log.strip() else "")}
+        results["compared"][f"{name} {precision}"] = {**figures, "max_rss_gib": round(ran.max_rss / 2**30, 2)}
+        log(f"full: {name} {precision}: {results['compared'][f'{name} {precision}']}")
+    return results
+
+
+def full_export(work: Path, size: int, with_sweep: bool = False) -> None:
+    """In its own process: the full-size UNet and VAE decoder exported float and 8-bit; timings to WORK/exports.json."""
     import torch
 
     from contract import layout, networks
@@ -385,16 +440,7 @@ def full(work: Path, size: int, with_sweep: bool = False) -> dict:
     write(VaeDecoder(vae), networks.VAE_DECODER, "float", None)
     quantize_vae_decoder(vae, VaeDecoder(vae), latents, "int8", calibration)
     write(VaeDecoder(vae), networks.VAE_DECODER, "int8", "int8")
-    del vae
-    gc.collect()
-    results["compared"] = {}
-    for name, precision in (("unet", "int8"), ("unet", "fp8"), ("vae_decoder", "int8")):
-        ran = run([sys.executable, "-m", "benchmarks.quantization", "ort-compare", str(work / "float"), str(work / precision),
-                   name, str(size)], log_path=work / f"compare-{name}-{precision}.log", echo=False)
-        figures = json.loads(ran.log.strip().splitlines()[-1]) if ran.returncode == 0 else {"error": ran.log[-500:]}
-        results["compared"][f"{name} {precision}"] = {**figures, "max_rss_gib": round(ran.max_rss / 2**30, 2)}
-        log(f"full: {name} {precision}: {results['compared'][f'{name} {precision}']}")
-    return results
+    (work / "exports.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def ort_compare(float_repo: Path, repo: Path, name: str, size: int) -> None:
@@ -510,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ort-compare"]:
         ort_compare(Path(argv[1]), Path(argv[2]), argv[3], int(argv[4]))
+        return 0
+    if argv[:1] == ["full-export"]:
+        full_export(Path(argv[1]), int(argv[2]), argv[3] == "1")
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
