@@ -364,8 +364,9 @@ class Calibrating:
 
     def _vae_stage(self, pipe):
         if self.latents is None:  # no UNet stage in this export: the recipe's float loop, for its latents
-            stage = self.preloaded or load_pipeline(self.sources, self.dtype, self.device, components=("unet",))
-            self.latents = float_latents(stage.pipe.unet, recipe_scheduler(self.recipe, stage.pipe.scheduler.config),
+            stage = self.preloaded if self.preloaded is not None else load_pipeline(
+                self.sources, self.dtype, self.device, components=("unet",)).pipe
+            self.latents = float_latents(stage.unet, recipe_scheduler(self.recipe, stage.scheduler.config),
                                          self.embeddings(), self.calibration)
             del stage
             gc.collect()

@@ -224,3 +224,12 @@ def test_tensorrt_rtx_builds_the_quantized_unet(quantized, tmp_path, precision):
     assert built and (tmp_path / layout.ENGINE_FILE).stat().st_size > 0
     assert list(parsed.inputs) == networks.UNET.input_names and parsed.inputs["sample"][0] == "HALF"
     assert parsed.strongly_typed
+
+
+def test_vae_decoder_alone_is_calibrated_on_the_float_unets_latents(loaded, tiny_sources, tmp_path):
+    """An export of the VAE decoder alone in int8 runs the recipe's float loop for its latents."""
+    export_pipeline(loaded("fp32"), tmp_path, "fp32", names=(networks.VAE_DECODER.name,),
+                    precisions=Precisions("fp32", "int8", calibration(tiny_sources, count=2)))
+    info = json.loads((layout.version_dir(tmp_path, networks.VAE_DECODER.name) / layout.EXPORT_INFO_FILE).read_text())
+    assert info["precision"] == "int8" and info["quantization"]["calibration"]["prompts"] == 2
+    assert not layout.onnx_path(tmp_path, networks.UNET.name).exists()
