@@ -155,6 +155,7 @@ def error_rows(tiny: Path, repositories: dict[str, Path], held_out: int, size: i
     """Per-step SNR and the end-to-end image difference of each 8-bit repository against its float one."""
     import torch
 
+    from contract import layout
     from contract.recipes import read_recipe
     from contract.configs import recipe_file
     from export.onnx_export import recipe_scheduler
@@ -192,8 +193,8 @@ def error_rows(tiny: Path, repositories: dict[str, Path], held_out: int, size: i
         by_step = [{"step": i + 1, "timestep": steps[0][i]["timestep"],
                     "snr_db": round(statistics.mean(p[i]["snr_db"] for p in steps), 2),
                     "min_snr_db": min(p[i]["snr_db"] for p in steps)} for i in range(len(steps[0]))]
-        row = {"export": name, "recipe": recipe.name, "unet": json.loads((repository / "unet" / "1" / "export.json").read_text())["precision"],
-               "vae_decoder": json.loads((repository / "vae_decoder" / "1" / "export.json").read_text())["precision"],
+        row = {"export": name, "recipe": recipe.name, "unet": layout.graph_precision(layout.version_dir(repository, "unet")),
+               "vae_decoder": layout.graph_precision(layout.version_dir(repository, "vae_decoder")),
                "prompts": len(prompts), "size": size, "steps": by_step,
                "image_mean_difference": round(statistics.mean(i["mean"] for i in images), 2),
                "image_max_difference": max(i["max"] for i in images),
@@ -242,6 +243,8 @@ def rtx_rows(tiny: Path, work: Path) -> list[dict]:
     profiles by export/engines.py in a process of its own (the builder is chosen at import)."""
     import os
 
+    from contract import layout
+
     rows = []
     for label, flags in (("float", []), ("int8", ["--unet-precision", "int8", "--vae-precision", "int8"]),
                          ("fp8", ["--unet-precision", "fp8"])):
@@ -254,7 +257,7 @@ def rtx_rows(tiny: Path, work: Path) -> list[dict]:
             if label == "fp8" and name == "vae_decoder":
                 continue  # the VAE has no fp8 option: the same float graph as the float repository's
             plan = out / name / "1" / "model.plan"
-            precision = json.loads((repository / name / "1" / "export.json").read_text())["precision"]
+            precision = layout.graph_precision(layout.version_dir(repository, name))
             rows.append({"graph": f"{name} {precision}", "verdict": "built" if plan.exists() else "refused",
                          "plan_mb": round(plan.stat().st_size / 1e6, 1) if plan.exists() else None,
                          "message": "" if plan.exists() else ran.log.strip()[-300:]})
