@@ -16,7 +16,10 @@ DTYPE ?= fp32
 # Everything pytest is given; e.g. `make test PYTEST_ARGS="-k lora -x"`.
 PYTEST_ARGS ?=
 
-# make serve: ports (Triton's defaults) and variant (auto: production with a GPU and TensorRT plans, else cpu)
+# make serve: the address every port listens on (loopback: this machine only; HOST=0.0.0.0 exposes
+# them, docs/security.md), ports (Triton's defaults) and variant (auto: production with a GPU and
+# TensorRT plans, else cpu)
+HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
@@ -27,6 +30,10 @@ HEALTH_PORT ?= 8003
 DRAIN_TIMEOUT_S ?= 60
 EXIT_TIMEOUT_S ?= 15
 VARIANT ?= auto
+# The key of Triton's admin APIs (statistics, model configs, repository, shared memory, trace, logging):
+# $SDXL_ADMIN_KEY, else ADMIN_KEY_FILE; with neither, make serve generates one per start into
+# build/admin-key (mode 600), where make perf and python -m client --info find it.
+ADMIN_KEY_FILE ?=
 
 # The Triton release and the TensorRT it ships are named once, in deploy/Dockerfile (build args).
 # make install-gpu: the TensorRT Python package must be the TensorRT of the Triton container that
@@ -59,24 +66,25 @@ PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 PERF_CONCURRENCY ?= 1 2 4 8
 
 .PHONY: help install install-gpu install-deploy lock lock-deploy k8s-render export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale \
-  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img bench-outputs bench-refiner bench-quant perf-data
+  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img bench-outputs bench-refiner bench-quant bench-security perf-data
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
-	@echo "make serve        supervised tritonserver in the foreground on $(REPOSITORY)/ (HTTP_PORT, GRPC_PORT, METRICS_PORT,"
-	@echo "                  HEALTH_PORT, DRAIN_TIMEOUT_S, EXIT_TIMEOUT_S, VARIANT); SIGTERM or Ctrl-C drains"
+	@echo "make serve        supervised tritonserver in the foreground on $(REPOSITORY)/ (HOST (127.0.0.1), HTTP_PORT, GRPC_PORT,"
+	@echo "                  METRICS_PORT, HEALTH_PORT, ADMIN_KEY_FILE, DRAIN_TIMEOUT_S, EXIT_TIMEOUT_S, VARIANT); SIGTERM or Ctrl-C drains"
 	@echo "make install      venv in $(VENV) with the pinned CPU stack and the bundled tritonserver (idempotent)"
 	@echo "make export-tiny  tiny random-weight SDXL -> $(TINY_DIR), its ONNX graphs -> $(REPOSITORY)/"
 	@echo "make test         the test suite"
 	@echo "make engines-rtx  TensorRT-RTX engines of $(REPOSITORY)/'s graphs -> build/engines-rtx/ (no GPU needed)"
 	@echo "make engines      TensorRT plans of $(REPOSITORY)/'s graphs, in place (GPU box, after make install-gpu)"
 	@echo "make production   GPU box: export SDXL + LCM-LoRA + fp16-fix VAE, build the plans, serve them"
-	@echo "make perf         perf_analyzer on ensemble_sdxl of a running server (PERF_ANALYZER, PERF_DATA, PERF_CONCURRENCY)"
+	@echo "make perf         perf_analyzer on ensemble_sdxl of a running server (PERF_ANALYZER, PERF_DATA, PERF_CONCURRENCY; the admin key)"
 	@echo "make perf-data    img2img and inpainting perf data at 1024² -> build/perf/ (128² ones: perf/)"
 	@echo "make bench        the throughput benchmark: results in $(BENCH_RESULTS)/"
 	@echo "make bench-faults kill -9 of each stub, overload, drain, cancellation, /dev/shm: $(BENCH_RESULTS)/faults_cpu.md"
 	@echo "make bench-soak   2,000 mixed requests at concurrency 8: failures, memory growth: $(BENCH_RESULTS)/soak.md"
 	@echo "make bench-fuzz   the fuzz tests' request generators at length: $(BENCH_RESULTS)/fuzz.md"
+	@echo "make bench-security admin APIs with and without the key, listening addresses, 2.51's crashing requests and the restarts, oversized requests: $(BENCH_RESULTS)/security_cpu.md"
 	@echo "make bench-engine continuous batching against the loop design (perf_analyzer, 256² and 512²): $(BENCH_RESULTS)/engine_cpu.md"
 	@echo "make bench-stream sdxl_stream: time to first preview, preview cost per step, cancel to slot free: $(BENCH_RESULTS)/stream_cpu.md"
 	@echo "make bench-painting real-time painting: 512² img2img frames in sequence over gRPC, fps, time outside the networks: $(BENCH_RESULTS)/painting_cpu.md"
@@ -142,7 +150,7 @@ demo: export-tiny
 	$(PY) -m serving.demo --repository $(REPOSITORY)
 
 serve: install
-	$(PY) -m serving.server --repository $(REPOSITORY) --variant $(VARIANT) \
+	$(PY) -m serving.server --repository $(REPOSITORY) --variant $(VARIANT) --host $(HOST) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT) \
 	  --drain-timeout-s $(DRAIN_TIMEOUT_S) --exit-timeout-s $(EXIT_TIMEOUT_S)
 
@@ -158,10 +166,15 @@ production: install
 	$(PY) -m export engines --onnx $(REPOSITORY) --out $(REPOSITORY)
 	$(MAKE) serve VARIANT=production
 
+# perf_analyzer reads model configs and statistics, admin APIs: it sends the key as gRPC metadata (-H).
 perf: | perf-analyzer-check
+	@key="$${SDXL_ADMIN_KEY:-$$(cat $(or $(ADMIN_KEY_FILE),build/admin-key) 2>/dev/null)}"; \
+	if [ -z "$$key" ]; then echo "error: no admin key: start the server with make serve (it writes build/admin-key), or set \
+	SDXL_ADMIN_KEY or ADMIN_KEY_FILE to the server's key (docs/security.md)" >&2; exit 2; fi; \
 	for c in $(PERF_CONCURRENCY); do \
+	  echo "$(PERF_ANALYZER) -m ensemble_sdxl -u localhost:$(GRPC_PORT) -i grpc --input-data $(PERF_DATA) --concurrency-range $$c -H triton-grpc-protocol-admin-key:<key> ..."; \
 	  $(PERF_ANALYZER) -m ensemble_sdxl -u localhost:$(GRPC_PORT) -i grpc --input-data $(PERF_DATA) \
-	    --concurrency-range $$c --measurement-interval 5000 --percentile 95 || exit 1; \
+	    --concurrency-range $$c --measurement-interval 5000 --percentile 95 -H "triton-grpc-protocol-admin-key:$$key" || exit 1; \
 	done
 
 # perf_analyzer data for img2img and inpainting at production size (4 MB each of base64: not committed).
@@ -202,6 +215,9 @@ bench-quant: install
 
 bench-fuzz: install
 	$(PY) -m benchmarks.fuzz
+
+bench-security: install
+	$(PY) -m benchmarks.security
 
 # Per-request LoRAs: the UNet step by LoRA rank against the graph without LoRA inputs, and the library
 # (tiny, a few minutes); LORA_BENCH_ARGS="--arch sdxl" for SDXL's size (about 20 GB of memory).

@@ -31,8 +31,8 @@ from pathlib import Path
 from contract.configs import config_files, set_parameters
 
 from .measure import out_help, results_path, run_record, save_results
-from .throughput import (PERF_DATA, log, per_request, perf_analyzer_binary, prepare_repository, statistics_snapshot,
-                         tiny_pipeline)
+from .throughput import (PERF_DATA, admin_header_args, log, per_request, perf_analyzer_binary, prepare_repository,
+                         statistics_snapshot, tiny_pipeline)
 
 DESIGNS = {"loop": dict(engine="", schedulers=4), "engine": dict(engine="denoiser", schedulers=16)}
 
@@ -47,8 +47,9 @@ def perf_data(size: int, directory: Path) -> Path:
     return path
 
 
-def run_perf(grpc_url: str, data: Path, load: list[str], requests: int, csv_path: Path) -> dict[str, float]:
-    command = [perf_analyzer_binary(), "-m", "ensemble_sdxl", "-u", grpc_url, "-i", "grpc", "--input-data", str(data), *load,
+def run_perf(server, data: Path, load: list[str], requests: int, csv_path: Path) -> dict[str, float]:
+    command = [perf_analyzer_binary(), "-m", "ensemble_sdxl", "-u", server.grpc_url, "-i", "grpc", *admin_header_args(server),
+               "--input-data", str(data), *load,
                "--measurement-mode", "count_windows", "--measurement-request-count", str(requests),
                "--stability-percentage", "50", "--max-trials", "6", "--percentile", "95", "-f", str(csv_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
@@ -86,9 +87,9 @@ def measure(design: str, repository: Path, sizes: list[int], concurrencies: list
                 loads.append((f"poisson {rate:.2f}/s", None, ["--request-rate-range", f"{rate:.3f}",
                                                               "--request-distribution", "poisson"]))
             for label, concurrency, load in loads:
-                before = statistics_snapshot(server.http_url)
-                client = run_perf(server.grpc_url, data, load, max(24, 4 * (concurrency or 4)), work / "perf.csv")
-                after = statistics_snapshot(server.http_url)
+                before = statistics_snapshot(server)
+                client = run_perf(server, data, load, max(24, 4 * (concurrency or 4)), work / "perf.csv")
+                after = statistics_snapshot(server)
                 completed = after["ensemble_sdxl"]["inference_count"] - before["ensemble_sdxl"]["inference_count"]
                 figures = per_request(before, after, completed)
                 row = {"design": design, "size": size, "load": label, "concurrency": concurrency, **client,

@@ -155,7 +155,8 @@ def _load_process(url: str, clients: int, seconds: float, results) -> None:
 
 def failed_ensemble_requests(server: Server) -> tuple[int, int]:
     """(count, total ns) of failed ensemble_sdxl requests as Triton timed them (server side)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['http']}/v2/models/ensemble_sdxl/stats") as response:
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble_sdxl/stats", headers=server.admin_headers())
+    with urllib.request.urlopen(request) as response:
         fail = json.loads(response.read())["model_stats"][0]["inference_stats"]["fail"]
     return int(fail["count"]), int(fail["ns"])
 

@@ -312,11 +312,13 @@ def endpoint_tensor(name: str, value) -> Tensor:
     return tensor(name, DECLARED[name], [value])
 
 
-def served_limits(http_url: str) -> Limits:
-    """The served deployment's limits: the scheduler's and the tokenizer's config parameters."""
+def served_limits(http_url: str, admin: dict[str, str]) -> Limits:
+    """The served deployment's limits: the scheduler's and the tokenizer's config parameters (model
+    configs are an admin API: `admin` carries the key)."""
     parameters = {}
     for model in ("scheduler", "tokenizer"):
-        with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/config", timeout=10) as response:
+        request = urllib.request.Request(f"http://{http_url}/v2/models/{model}/config", headers=admin)
+        with urllib.request.urlopen(request, timeout=10) as response:
             config = json.loads(response.read())
         parameters.update({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
     return Limits.from_parameters(parameters)
@@ -1096,7 +1098,7 @@ def _raw_grpc_strategies(limits: Limits, valid) -> dict:
 class Fuzzer:
     """Clients of one server: sends Cases and tells whether the server is ready."""
 
-    def __init__(self, http_url: str, grpc_url: str, timeout_s: float = TIMEOUT_S):
+    def __init__(self, http_url: str, grpc_url: str, admin: dict[str, str], timeout_s: float = TIMEOUT_S):
         import grpc
         import tritonclient.grpc as grpc_client
         import tritonclient.http as http_client
@@ -1110,7 +1112,7 @@ class Fuzzer:
                                                                  ("grpc.max_receive_message_length", -1)])
         self._raw_grpc = self._channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
                                                    response_deserializer=service_pb2.ModelInferResponse.FromString)
-        self.limits = served_limits(http_url)
+        self.limits = served_limits(http_url, admin)
         self.strategies = strategies(self.limits)
 
     def close(self) -> None:
@@ -1385,7 +1387,7 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(Path(work))
         fuzzer = None
         try:
-            fuzzer = Fuzzer(server.http_url, server.grpc_url)
+            fuzzer = Fuzzer(server.http_url, server.grpc_url, server.admin_headers())
             before = fuzzer.reference_image("http")
             recorder = Recorder(fuzzer)
             stopped = None

@@ -218,12 +218,12 @@ def traffic_rows(pipe, tiny: Path, work: Path, size: int, steps: int, requests: 
             count = max(requests, 3 * concurrency)
             for workload in ("none", "single", "mixed"):
                 batch = list(enumerate(traffic_names(workload, count, seed=concurrency)))
-                before = statistics_snapshot(server.http_url)
+                before = statistics_snapshot(server)
                 start = time.perf_counter()
                 with ThreadPoolExecutor(concurrency) as pool:
                     latencies = sorted(pool.map(send, batch))
                 wall = time.perf_counter() - start
-                after = statistics_snapshot(server.http_url)
+                after = statistics_snapshot(server)
                 samples, executions = (sum(after[m][key] - before[m][key] for m in ("unet", "unet_lora"))
                                        for key in ("inference_count", "execution_count"))
                 row = {"workload": workload, "concurrency": concurrency, "requests": count, "images_per_s": count / wall,

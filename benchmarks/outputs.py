@@ -108,11 +108,11 @@ def served(work: Path, requests: int) -> list[dict]:
                 ask(fmt)  # warm-up: the first request at this size
             for _ in range(requests):  # raw and JPEG alternate, so that drift on the machine hits both alike
                 for fmt in times:
-                    before = statistics_snapshot(server.http_url)["postprocess"]["inference_stats"]
+                    before = statistics_snapshot(server)["postprocess"]["inference_stats"]
                     start = time.perf_counter()
                     result = ask(fmt)
                     times[fmt].append(time.perf_counter() - start)
-                    after = statistics_snapshot(server.http_url)["postprocess"]["inference_stats"]
+                    after = statistics_snapshot(server)["postprocess"]["inference_stats"]
                     # The postprocess step's own time (Triton's statistics: queue, inputs, execute, outputs):
                     # for raw pixels, what the passthrough adds to every request.
                     steps_ns[fmt] += sum(after[key]["ns"] - before[key]["ns"]

@@ -108,18 +108,18 @@ def count(stats: dict, model: str) -> int:
     return int(stats[model].get("inference_stats", {}).get("success", {}).get("count", 0))
 
 
-def snapshot(client) -> dict[str, dict]:
-    """Triton's statistics of every loaded model (version 1), by name."""
-    return {s["name"]: s for s in client.get_inference_statistics(model_name="", as_json=True)["model_stats"]}
+def snapshot(client, admin: dict[str, str]) -> dict[str, dict]:
+    """Triton's statistics of every loaded model (version 1), by name; `admin`: the admin key's metadata."""
+    return {s["name"]: s for s in client.get_inference_statistics(model_name="", headers=admin, as_json=True)["model_stats"]}
 
 
-def settled_snapshot(client, expected: int, timeout_s: float = 10.0) -> dict[str, dict]:
+def settled_snapshot(client, admin: dict[str, str], expected: int, timeout_s: float = 10.0) -> dict[str, dict]:
     """The statistics once the ensemble and the last model of its chain have counted `expected`
     requests (every one sent so far): Triton records a request's statistics after its response is
     sent, so a snapshot taken at once can miss the last frame."""
     deadline = time.perf_counter() + timeout_s
     while True:
-        stats = snapshot(client)
+        stats = snapshot(client, admin)
         done = min(count(stats, "ensemble_sdxl"), count(stats, "vae_decoder"))
         if done == expected:
             return stats
@@ -206,7 +206,7 @@ def generate_frames(url: str, canvas: Canvas | None, steps: int, strength: float
     return seconds
 
 
-def measure_config(client, url: str, name: str, steps: int, strength: float | None, size: int, frames: int,
+def measure_config(client, admin: dict[str, str], url: str, name: str, steps: int, strength: float | None, size: int, frames: int,
                    warmup: int, generate_count: int, sent: int) -> dict:
     """One configuration's session; `sent`: the requests sent to the server before it."""
     canvas = Canvas(size) if strength is not None else None
@@ -214,7 +214,7 @@ def measure_config(client, url: str, name: str, steps: int, strength: float | No
         if canvas is not None:
             canvas.stroke()
         send_frame(client, canvas, steps, strength, size)
-    before = settled_snapshot(client, sent + warmup)
+    before = settled_snapshot(client, admin, sent + warmup)
     timings, changed = [], []
     start = time.perf_counter()
     for _ in range(frames):
@@ -222,7 +222,7 @@ def measure_config(client, url: str, name: str, steps: int, strength: float | No
             changed.append(canvas.stroke())
         timings.append(send_frame(client, canvas, steps, strength, size))
     wall = time.perf_counter() - start
-    after = settled_snapshot(client, sent + warmup + frames)
+    after = settled_snapshot(client, admin, sent + warmup + frames)
     server = server_breakdown(before, after, frames)
     totals = [1000 * t["total"] for t in timings]
 
@@ -266,7 +266,7 @@ def measure(repository: Path, size: int, frames: int, warmup: int, generate_coun
         try:
             sent = 0
             for name, steps, strength in CONFIGS:
-                rows.append(measure_config(client, server.grpc_url, name, steps, strength, size, frames, warmup,
+                rows.append(measure_config(client, server.admin_headers("grpc"), server.grpc_url, name, steps, strength, size, frames, warmup,
                                            generate_count, sent))
                 sent += warmup + frames + generate_count
         finally:

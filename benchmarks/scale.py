@@ -206,12 +206,12 @@ def stage_serve(work: Path, dtype: str) -> dict:
             log("warm-up request (first calls allocate ONNX Runtime's buffers) ...")
             generate(PROMPT, url=server.http_url, seed=SEED + 1, num_inference_steps=1, height=SIZE, width=SIZE, timeout_s=3600)
             for steps in (1, 4):
-                before = statistics(server.http_url)
+                before = statistics(server)
                 begun = time.perf_counter()
                 response = generate(PROMPT, url=server.http_url, seed=SEED, num_inference_steps=steps, height=SIZE, width=SIZE,
                                     timeout_s=3600)
                 seconds = time.perf_counter() - begun
-                after = statistics(server.http_url)
+                after = statistics(server)
                 result["requests"][f"{steps} step{'s' if steps > 1 else ''}"] = {"client_s": round(seconds, 1), **server_time(before, after)}
                 np.save(work / f"served_{dtype}_{steps}steps.npy", response.images)
                 log(f"served {SIZE}x{SIZE}, {steps} step(s): {seconds:.1f} s")
@@ -235,8 +235,9 @@ def per_model_rss(pid: int) -> dict[str, float]:
     return {model: gib(value) for model, value in sorted(totals.items())} | {"total": gib(sum(totals.values()))}
 
 
-def statistics(http_url: str) -> dict:
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats") as response:
+def statistics(server) -> dict:
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/stats", headers=server.admin_headers())
+    with urllib.request.urlopen(request) as response:
         return {s["name"]: s["inference_stats"] for s in json.load(response)["model_stats"]}
 
 

@@ -95,8 +95,10 @@ def prepare_repository(root: Path, batching: bool, schedulers: int, tiny: Path, 
     return repository
 
 
-def statistics_snapshot(http_url: str) -> dict[str, dict]:
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats") as response:
+def statistics_snapshot(server) -> dict[str, dict]:
+    """Triton's statistics of every model (an admin API: `server` sends its key), by name."""
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/stats", headers=server.admin_headers())
+    with urllib.request.urlopen(request) as response:
         stats = json.load(response)["model_stats"]
     return {s["name"]: s for s in stats}
 
@@ -118,10 +120,15 @@ def per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
     return figures
 
 
-def run_perf(binary: str, grpc_url: str, concurrency: int, requests: int, csv_path: Path) -> dict[str, float]:
+def admin_header_args(server) -> list[str]:
+    """perf_analyzer's -H options that send `server`'s admin key (it reads model configs and statistics)."""
+    return [arg for name, value in server.admin_headers("grpc").items() for arg in ("-H", f"{name}:{value}")]
+
+
+def run_perf(binary: str, server, concurrency: int, requests: int, csv_path: Path) -> dict[str, float]:
     """One perf_analyzer run: windows of a fixed request count, stable within 50% (a shared 2-core
     machine is noisy; time windows of a few seconds did not settle)."""
-    command = [binary, "-m", "ensemble_sdxl", "-u", grpc_url, "-i", "grpc", "--input-data", str(PERF_DATA),
+    command = [binary, "-m", "ensemble_sdxl", "-u", server.grpc_url, "-i", "grpc", *admin_header_args(server), "--input-data", str(PERF_DATA),
                "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
                "--measurement-request-count", str(max(requests, 4 * concurrency)), "--stability-percentage", "50",
                "--max-trials", "8", "--percentile", "95", "-f", str(csv_path)]
@@ -155,9 +162,9 @@ def measure_setup(name: str, repository: Path, concurrencies: list[int], request
         binary = perf_analyzer_binary()
         warm_up(server.http_url)
         for concurrency in concurrencies:
-            before = statistics_snapshot(server.http_url)
-            client = run_perf(binary, server.grpc_url, concurrency, requests, work / "perf.csv")
-            after = statistics_snapshot(server.http_url)
+            before = statistics_snapshot(server)
+            client = run_perf(binary, server, concurrency, requests, work / "perf.csv")
+            after = statistics_snapshot(server)
             completed = after["ensemble_sdxl"]["inference_count"] - before["ensemble_sdxl"]["inference_count"]
             row = {"setup": name, "concurrency": concurrency, **client, **per_request(before, after, completed), "requests": completed}
             # Network compute: what the GPU engines do in production. Everything else in the request's

@@ -290,15 +290,33 @@ def _stream(url: str, inputs: list, parameters: dict | None, timeout_s: float) -
             client.stop_stream(cancel_requests=not finished)
 
 
-def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0) -> dict[str, str]:
+def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0, admin_key: str | None = None,
+         admin_key_file: str | Path | None = None) -> dict[str, str]:
     """What the server serves: the recipe (model, LoRAs, UNet, VAE, scheduler class, step range and
-    defaults), from the `scheduler` model's config parameters."""
+    defaults), from the `scheduler` model's config parameters. Model configs are an admin API: the
+    key is `admin_key`, else $SDXL_ADMIN_KEY, else `admin_key_file`, else the one `make serve`
+    generated (build/admin-key)."""
+    from contract import security
+
     url = url or DEFAULT_URLS[protocol]
-    with _connected(url, protocol, timeout_s) as (client, call):
-        if protocol == "http":
-            config = client.get_model_config("scheduler", **call)
-        else:
-            config = client.get_model_config("scheduler", as_json=True, **call)["config"]
+    try:
+        key = admin_key or security.client_key(Path(admin_key_file) if admin_key_file else None)
+    except security.AdminKeyError as error:
+        raise ClientError(str(error)) from None
+    call_headers = security.headers(key, protocol)
+    try:
+        with _connected(url, protocol, timeout_s) as (client, call):
+            if protocol == "http":
+                config = client.get_model_config("scheduler", headers=call_headers, **call)
+            else:
+                config = client.get_model_config("scheduler", headers=call_headers, as_json=True, **call)["config"]
+    except ClientError as error:
+        if "restricted" in str(error):
+            hint = ("the key sent was not accepted" if key else
+                    f"no key found: set {security.KEY_ENV}, pass --admin-key-file, or run this beside `make serve`, "
+                    f"which writes {security.GENERATED_KEY_FILE.relative_to(security.REPO_ROOT)}")
+            raise ClientError(f"{error} (Triton's model-config API needs the admin key: {hint})", error.status) from None
+        raise
     from contract.recipes import RECIPE_PARAMETERS
 
     parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}

@@ -7,7 +7,9 @@ python -m client "a prompt" --image in.png [--strength S] [--mask mask.png]: img
 (white: repaint, black: keep); the output has the image's size.
 python -m client "a prompt" --high-noise-frac F: where the served refiner (recipe sdxl-base-refiner) takes over.
 python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance, the
-refiner and its hand-off) and its LoRA library (name, rank, targets, size: what --lora may name)."""
+refiner and its hand-off) and its LoRA library (name, rank, targets, size: what --lora may name). Model configs
+are one of Triton's admin APIs: --info sends the admin key ($SDXL_ADMIN_KEY, --admin-key-file, else the
+build/admin-key that make serve writes)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description="Generate images with ensemble_sdxl, or with sdxl_stream (--stream).")
     parser.add_argument("prompt", nargs="?", help="the prompt (required unless --info)")
     parser.add_argument("--info", action="store_true", help="print the served recipe (from the scheduler model's config) and the LoRA library, and exit")
+    parser.add_argument("--admin-key-file", type=Path, help="with --info: the file holding the server's admin key (model "
+                        "configs are an admin API; default: $SDXL_ADMIN_KEY, else build/admin-key, which make serve writes)")
     parser.add_argument("-o", "--output", type=Path, default=Path("out.png"),
                         help="file path, numbered when several; its extension (.png, .jpg, .jpeg, .webp) is the format the server encodes")
     parser.add_argument("--quality", type=int, dest="output_quality", help="JPEG and WebP quality, 1 to 100 (server default 90)")
@@ -80,8 +84,9 @@ def lora_spec(text: str) -> tuple[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    key_file = args.pop("admin_key_file")
     if args.pop("info"):
-        return print_info(args["url"], args["protocol"] or "http")
+        return print_info(args["url"], args["protocol"] or "http", key_file)
     if args["prompt"] is None:
         parser.error("the prompt is required (or --info)")
     prompt, output, timeout = args.pop("prompt"), args.pop("output"), args.pop("timeout")
@@ -164,9 +169,9 @@ def stream_to_files(updates, output: Path) -> int:
     return 0
 
 
-def print_info(url: str | None, protocol: str) -> int:
+def print_info(url: str | None, protocol: str, admin_key_file: Path | None = None) -> int:
     try:
-        recipe = info(url, protocol)
+        recipe = info(url, protocol, admin_key_file=admin_key_file)
         library = loras(url, protocol)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)

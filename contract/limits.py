@@ -10,6 +10,14 @@ from dataclasses import dataclass
 from typing import Mapping
 
 
+MIB = 1 << 20
+# Image inputs a request may carry besides its init image and mask (control images, an image prompt),
+# counted at the largest size in the request-size bound (max_request_bytes).
+REQUEST_IMAGE_ROOM = 4
+# A LoRA's or ControlNet's name in a request: bytes of UTF-8 at most (contract/loras.py's names are shorter).
+MAX_NAME_BYTES = 128
+
+
 @dataclass(frozen=True)
 class Limits:
     min_size: int = 512
@@ -89,6 +97,17 @@ class Limits:
     def max_stacked_rank(self) -> int:
         """The rank of one request's LoRAs stacked at most: what the engines' lora_rank profile spans."""
         return max(1, self.max_loras * self.max_lora_rank)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest legal request's body, rounded up to a MiB with a quarter of margin: what
+        `--http-max-input-size` is set to where the Triton has it (25.06 and later). Four RGB images at
+        the largest size (room for the image inputs beside the init image: control images, an image
+        prompt), the init image and its mask, both prompts and the LoRA names; the scalars fit the margin."""
+        pixels = self.max_size * self.max_size
+        images = (REQUEST_IMAGE_ROOM + 1) * pixels * 3 + pixels
+        text = 2 * self.max_prompt_bytes + self.max_loras * MAX_NAME_BYTES
+        return -(-int((images + text) * 1.25) // MIB) * MIB
 
     @property
     def steps(self) -> str:

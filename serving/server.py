@@ -1,6 +1,7 @@
 """Run a real `tritonserver` on the model repository: the one bundled in the nvidia-pytriton wheel.
 
-    python -m serving.server [--variant auto|cpu|production] [--http-port N] [--grpc-port N] [--metrics-port N]
+    python -m serving.server [--variant auto|cpu|production] [--host ADDRESS] [--http-port N] [--grpc-port N]
+                             [--metrics-port N] [--admin-key-file FILE]
 
 The bundled server (2.51) has the Python backend and ensembles, no ONNX Runtime or TensorRT backend:
 the `cpu` variant serves the ONNX graphs through ONNX Runtime inside Python-backend models. On a GPU
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -25,9 +27,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contract import layout
+from contract import layout, security
 from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
 from contract.configs import config_problems
+from contract.limits import Limits
 
 from .processes import clean_stale_regions, clean_stale_run_directories
 
@@ -68,11 +71,14 @@ class TritonInstall:
 
     @classmethod
     def for_variant(cls, variant: str) -> "TritonInstall":
-        """cpu: the bundled server. production: $TRITONSERVER, else a `tritonserver` on PATH (NVIDIA's
-        container); the bundled one cannot serve it (no TensorRT backend)."""
+        """$TRITONSERVER where it is set (the container image: NVIDIA's server for both variants); else
+        cpu: the bundled server; production: a `tritonserver` on PATH (NVIDIA's container); the bundled
+        one cannot serve it (no TensorRT backend)."""
+        if os.environ.get("TRITONSERVER"):
+            return cls(Path(os.environ["TRITONSERVER"]), None, None)
         if variant == "cpu":
             return cls.bundled()
-        explicit = os.environ.get("TRITONSERVER") or shutil.which("tritonserver")
+        explicit = shutil.which("tritonserver")
         if not explicit:
             raise ServerError(
                 "the production variant needs NVIDIA's tritonserver with the TensorRT backend (the bundled 2.51 server has "
@@ -98,6 +104,33 @@ class TritonInstall:
             shutil.copy2(source, stub)
         return install
 
+    def environment(self) -> dict[str, str]:
+        """The environment tritonserver runs in: this one, with the libraries it needs, and without
+        the admin key (it gets the key on its command line; its models have no use for it)."""
+        env = {key: value for key, value in os.environ.items() if key != security.KEY_ENV}
+        # The stub links libpython3.X.so: it must be this interpreter's, or its stdlib extension
+        # modules (ssl...) fail on missing symbols; then the bundled server's own libraries.
+        python_libdir = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (python_libdir, self.libraries and str(self.libraries), env.get("LD_LIBRARY_PATH")) if p
+        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        # The stubs must run this interpreter's environment (numpy < 2, torch, onnxruntime).
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+    def supports(self, option: str) -> bool:
+        """Whether this tritonserver has a command-line option (its --help lists it): flags arrive
+        with releases (--http-max-input-size in 25.06)."""
+        return option in _help_text(self)
+
+
+@functools.lru_cache(maxsize=None)
+def _help_text(install: TritonInstall) -> str:
+    result = subprocess.run([str(install.binary), "--help"], env=install.environment(), capture_output=True, text=True,
+                            timeout=30)
+    return result.stdout + result.stderr
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -107,7 +140,10 @@ def free_port() -> int:
 
 @dataclass
 class TritonServer:
-    """A tritonserver process: start() waits until /v2/health/ready answers 200; stop() ends it."""
+    """A tritonserver process: start() waits until /v2/health/ready answers 200; stop() ends it.
+
+    Secure by default: it listens on `host` (loopback unless asked), and its admin APIs answer only
+    calls that carry `admin_key` (generated per server unless given; admin_headers() sends it)."""
 
     repository: Path = DEFAULT_REPOSITORY
     variant: str = "cpu"
@@ -115,6 +151,10 @@ class TritonServer:
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_file: Path | None = None  # None: inherit stdout/stderr
+    host: str = security.LOOPBACK  # the address HTTP, gRPC and metrics listen on
+    admin_key: str = field(default_factory=security.generate_key, repr=False)
+    # --http-max-input-size (bytes), passed where the server has the option (25.06 and later); None: its default.
+    max_input_size: int | None = None
     extra_args: list[str] = field(default_factory=list)
     check_configs: bool = True  # refuse to start on configs that disagree with the graphs (check_repository)
     exit_timeout_s: int = 30  # Triton's --exit-timeout-secs: how long its own shutdown may wait for requests
@@ -123,13 +163,21 @@ class TritonServer:
     _log: object = None
 
     def command(self, install: TritonInstall) -> list[str]:
+        """tritonserver's command line. It holds the admin key (Triton takes it nowhere else): log
+        redacted_command() instead."""
         args = [
             str(install.binary),
             f"--model-repository={self.repository}",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            *security.restriction_args(self.admin_key),
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
@@ -139,28 +187,29 @@ class TritonServer:
             args.append(f"--backend-directory={install.backends}")
         if self.variant == "cpu":
             args += ["--model-config-name=cpu"]
+        if self.max_input_size is not None and install.supports("--http-max-input-size"):
+            args.append(f"--http-max-input-size={self.max_input_size}")
         return args
 
-    def environment(self, install: TritonInstall) -> dict[str, str]:
-        env = dict(os.environ)
-        # The stub links libpython3.X.so: it must be this interpreter's, or its stdlib extension
-        # modules (ssl...) fail on missing symbols; then the bundled server's own libraries.
-        python_libdir = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (python_libdir, install.libraries and str(install.libraries), env.get("LD_LIBRARY_PATH")) if p
-        )
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        # The stubs must run this interpreter's environment (numpy < 2, torch, onnxruntime).
-        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-        return env
+    def redacted_command(self, install: TritonInstall) -> list[str]:
+        return security.redact(self.command(install), self.admin_key)
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """What a call to an admin API (statistics, model config, repository...) sends: the key."""
+        return security.headers(self.admin_key, protocol)
+
+    @property
+    def connect_host(self) -> str:
+        """Where a local client reaches it: loopback when it listens on every address."""
+        return security.LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.connect_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.connect_host}:{self.grpc_port}"
 
     def start(self, timeout_s: float = 300, stop_event=None) -> "TritonServer":
         """Start and wait until ready; `stop_event` (a threading.Event) set meanwhile aborts the start."""
@@ -173,7 +222,7 @@ class TritonServer:
         self.removed_stale = clean_stale_regions() + clean_stale_run_directories()
         self._log = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
-            self.command(install), env=self.environment(install), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+            self.command(install), env=install.environment(), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # its own process group: stop() also ends the Python-backend stubs
             preexec_fn=dies_with(os.getpid()),
         )
@@ -278,6 +327,36 @@ def _number(name: str, default):
     return type(default)(os.environ.get(name, default))
 
 
+def exposure_warning(host: str, ports: dict[str, int]) -> str | None:
+    """What listening on a non-loopback address exposes, for the operator who asked for it."""
+    if security.is_loopback(host):
+        return None
+    return (f"warning: listening on {host}, reachable from other machines: HTTP {ports['http']} and gRPC "
+            f"{ports['grpc']} (inference, health and metadata for anyone, with no authentication: put a "
+            f"NetworkPolicy or an authenticating proxy in front; the admin APIs need the admin key), metrics "
+            f"{ports['metrics']} and health {ports['health']} (open); docs/security.md")
+
+
+def admin_key(key_file: Path | None, generated_file: Path, log) -> str:
+    """SDXL_ADMIN_KEY, else the key in `key_file`, else a new key written to `generated_file` (mode 600)
+    for the local tools. The key itself is never printed."""
+    if os.environ.get(security.KEY_ENV):
+        log(f"admin key: from {security.KEY_ENV}")
+        return security.check_key(os.environ[security.KEY_ENV].strip(), security.KEY_ENV)
+    if key_file is not None:
+        log(f"admin key: from {key_file}")
+        return security.read_key_file(key_file)
+    key = security.generate_key()
+    try:
+        security.write_key_file(generated_file, key)
+        log(f"admin key: generated for this start, in {generated_file} (mode 600), where make perf and "
+            f"python -m client --info find it; set {security.KEY_ENV} or --admin-key-file to choose one")
+    except OSError as error:
+        log(f"warning: admin key generated for this start, but {generated_file} cannot be written ({error.strerror}): "
+            f"no one can call the admin APIs; set {security.KEY_ENV} or --admin-key-file to choose a key")
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     from .supervisor import Supervisor, Timing
 
@@ -286,11 +365,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=(*VARIANTS, "auto"), default=os.environ.get("VARIANT") or "auto",
                         help="cpu (configs/cpu.pbtxt), production (config.pbtxt), auto (default: production "
                              "when a GPU and the TensorRT plans are there)")
+    parser.add_argument("--host", default=os.environ.get("HOST") or security.LOOPBACK,
+                        help="the address every port listens on (default %(default)s: this machine only; 0.0.0.0: "
+                             "every interface, as a container needs; a warning names what is then exposed)")
     parser.add_argument("--http-port", type=int, default=_number("HTTP_PORT", 8000))
     parser.add_argument("--grpc-port", type=int, default=_number("GRPC_PORT", 8001))
     parser.add_argument("--metrics-port", type=int, default=_number("METRICS_PORT", 8002))
     parser.add_argument("--health-port", type=int, default=_number("HEALTH_PORT", 8003),
                         help="the supervisor's /v2/health/ready, /v2/health/live and /metrics (the probes' port)")
+    parser.add_argument("--admin-key-file", type=Path, default=os.environ.get("SDXL_ADMIN_KEY_FILE") or None,
+                        help=f"the file holding the key of Triton's admin APIs (default: ${security.KEY_ENV}, else a "
+                             "key generated per start and written to --generated-admin-key-file)")
+    parser.add_argument("--generated-admin-key-file", type=Path, default=security.GENERATED_KEY_FILE,
+                        help="where a generated key is written, mode 600 (default %(default)s)")
+    parser.add_argument("--http-max-input-size", type=int, default=Limits().max_request_bytes,
+                        help="bytes of one HTTP request at most, where the tritonserver has the option (25.06 and "
+                             "later; default %(default)s: the largest legal request with a quarter of margin)")
     defaults = Timing()
     parser.add_argument("--drain-timeout-s", type=float, default=_number("DRAIN_TIMEOUT_S", defaults.drain_timeout_s),
                         help="on SIGTERM, how long admitted requests may take to finish (default %(default)s)")
@@ -301,22 +391,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-restarts", type=int, default=_number("MAX_RESTARTS", defaults.max_restarts),
                         help=f"restarts within {defaults.restart_window_s:.0f} s before the supervisor gives up and exits 1")
     args = parser.parse_args(argv)
+    if args.http_max_input_size < 1:
+        parser.error(f"--http-max-input-size {args.http_max_input_size}: expected a number of bytes, at least 1")
+
+    def log(message: str) -> None:
+        print(f"[serve] {message}", file=sys.stderr, flush=True)
+
     variant = auto_variant(args.repository) if args.variant == "auto" else args.variant
     try:
         install = TritonInstall.for_variant(variant)
         check_exported(args.repository, variant)
         check_repository(args.repository, variant)
-    except ServerError as error:
+        key = admin_key(args.admin_key_file, args.generated_admin_key_file, log)
+    except (ServerError, security.AdminKeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     timing = Timing(drain_timeout_s=args.drain_timeout_s, exit_timeout_s=args.exit_timeout_s,
                     start_timeout_s=args.start_timeout_s, max_restarts=args.max_restarts)
     server = TritonServer(args.repository, variant, args.http_port, args.grpc_port, args.metrics_port,
-                          exit_timeout_s=args.exit_timeout_s)
-    print(f"[serve] variant {variant}: {' '.join(server.command(install))}", file=sys.stderr, flush=True)
-    print(f"[serve] ready when http://127.0.0.1:{args.health_port}/v2/health/ready answers 200; SIGTERM drains "
-          f"(at most {timing.shutdown_budget_s:.0f} s: the pod's terminationGracePeriodSeconds)", file=sys.stderr, flush=True)
-    return Supervisor(server, timing, args.health_port).run()
+                          exit_timeout_s=args.exit_timeout_s, host=args.host, admin_key=key,
+                          max_input_size=args.http_max_input_size)
+    ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port, "health": args.health_port}
+    if warning := exposure_warning(args.host, ports):
+        log(warning)
+    if not install.supports("--http-max-input-size"):
+        log(f"this tritonserver has no --http-max-input-size (25.06 and later): requests are bounded by its own "
+            f"default and the endpoint's checks (docs/security.md)")
+    log(f"variant {variant}: {' '.join(server.redacted_command(install))}")
+    log(f"ready when http://{server.connect_host}:{args.health_port}/v2/health/ready answers 200; SIGTERM drains "
+        f"(at most {timing.shutdown_budget_s:.0f} s: the pod's terminationGracePeriodSeconds)")
+    code = Supervisor(server, timing, args.health_port).run()
+    if not os.environ.get(security.KEY_ENV) and args.admin_key_file is None:
+        _forget_generated_key(args.generated_admin_key_file, key)
+    return code
+
+
+def _forget_generated_key(path: Path, key: str) -> None:
+    """Remove this start's generated key file, unless another start has replaced it since."""
+    try:
+        if security.read_key_file(path) == key:
+            path.unlink()
+    except (security.AdminKeyError, OSError):
+        pass
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import psutil
 
+from contract import security
 from contract.layout import REPO_ROOT
 
 from .admission import RunState, run_directory
@@ -181,7 +182,7 @@ class Supervisor:
         self.stubs = {stub.instance: stub for stub in stubs_of(self.server.process.pid)}
         self.status.state = "serving"
         self.log(f"tritonserver {self.server.process.pid} ready with {len(self.stubs)} Python-backend stubs; "
-                 f"health on http://0.0.0.0:{self.health_port}/v2/health/ready")
+                 f"health on http://{self.server.host}:{self.health_port}/v2/health/ready")
 
     # Watching
     def _watch(self) -> None:
@@ -272,7 +273,9 @@ class Supervisor:
         total = 0
         try:
             for model in self.TAIL_MODELS:
-                with urllib.request.urlopen(f"http://{self.server.http_url}/v2/models/{model}/stats", timeout=2) as response:
+                request = urllib.request.Request(f"http://{self.server.http_url}/v2/models/{model}/stats",
+                                                 headers=self.server.admin_headers())
+                with urllib.request.urlopen(request, timeout=2) as response:
                     for stats in json.load(response)["model_stats"]:
                         inference = stats["inference_stats"]
                         total += inference["success"]["count"] + inference["fail"]["count"]
@@ -344,7 +347,7 @@ class Supervisor:
             def log_message(self, *args):  # probes every few seconds: not worth a log line each
                 pass
 
-        server = ThreadingHTTPServer(("0.0.0.0", self.health_port), Handler)
+        server = ThreadingHTTPServer((self.server.host, self.health_port), Handler)  # where tritonserver listens
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
         return server
@@ -353,7 +356,8 @@ class Supervisor:
 class SupervisorProcess:
     """`python -m serving.server` (this supervisor) as a child process on free ports, driven as users
     drive it: what the tests and the reliability benchmarks start. It and its tritonserver each have
-    their own process group; kill_everything() ends both."""
+    their own process group; kill_everything() ends both. Its admin key is given through SDXL_ADMIN_KEY
+    (`admin_key`, generated here) unless `env` or `extra_args` choose another source."""
 
     def __init__(self, repository: Path, log_path: Path, variant: str = "cpu", extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None):
@@ -361,9 +365,11 @@ class SupervisorProcess:
         self.log_path = Path(log_path)
         self.command = [sys.executable, "-m", "serving.server", "--repository", str(repository), "--variant", variant,
                         *(f"--{name}-port={port}" for name, port in self.ports.items()), *extra_args]
+        env = {security.KEY_ENV: security.generate_key(), **(env or {})}
+        self.admin_key = env.get(security.KEY_ENV)
         self._log = self.log_path.open("a")
         self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})}, start_new_session=True,
+                                        env={**os.environ, **env}, start_new_session=True,
                                         preexec_fn=dies_with(os.getpid()))
         self._server_groups: set[int] = set()
 
@@ -374,6 +380,9 @@ class SupervisorProcess:
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.ports['grpc']}"
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        return security.headers(self.admin_key, protocol)
 
     def get(self, path: str) -> tuple[int, str]:
         """(status, body) of the health port's `path`; (0, "") when nothing answers."""

@@ -155,7 +155,7 @@ def test_triton_fails_the_load_of_a_mismatched_model(mismatched, tmp_path):
         for model, tensor, graph in (("unet", "sample", "unet/1/model.onnx"),
                                      ("scheduler", "prompt_embeds", "text_encoder/1/model.onnx")):
             with pytest.raises(Exception) as error:
-                client.load_model(model)
+                client.load_model(model, headers=server.admin_headers())
             assert (f"{model}: the graphs were exported in fp32 ({tensor} is FP32 in {graph}), but "
                     f"{model}/configs/cpu.pbtxt declares TYPE_FP16 for {tensor}") in str(error.value)
             assert not client.is_model_ready(model)

@@ -162,5 +162,7 @@ def test_engine_metrics_are_exported(engine_server):
     for name in ("sdxl_engine_batch_rows_bucket", "sdxl_engine_batch_requests_bucket", "sdxl_engine_active_requests",
                  "sdxl_engine_admission_wait_seconds_bucket", "sdxl_engine_cancellations_total", "sdxl_unet_samples_total"):
         assert name in text, name
-    stats = json.loads(urllib.request.urlopen(f"http://{engine_server.http_url}/v2/models/denoiser/config").read())
+    request = urllib.request.Request(f"http://{engine_server.http_url}/v2/models/denoiser/config",
+                                     headers=engine_server.admin_headers())
+    stats = json.loads(urllib.request.urlopen(request).read())
     assert stats["model_transaction_policy"]["decoupled"] is True

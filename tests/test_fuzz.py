@@ -31,7 +31,7 @@ CASES = [pytest.param(name, variant, id=f"{name}-{variant}" if variant else name
 
 @pytest.fixture(scope="module")
 def fuzzer(triton):
-    client = fuzz.Fuzzer(triton.http_url, triton.grpc_url, timeout_s=TIMEOUT_S)
+    client = fuzz.Fuzzer(triton.http_url, triton.grpc_url, triton.admin_headers(), timeout_s=TIMEOUT_S)
     yield client
     client.close()
 

@@ -72,7 +72,7 @@ def test_unet_calls_without_loras_run_the_plain_unet(triton, served_loras):
     def samples() -> dict[str, int]:
         client = httpclient.InferenceServerClient(triton.http_url)
         try:
-            stats = client.get_inference_statistics()["model_stats"]
+            stats = client.get_inference_statistics(headers=triton.admin_headers())["model_stats"]
         finally:
             client.close()
         return {s["name"]: int(s["inference_count"]) for s in stats if s["name"] in ("unet", "unet_lora")}
@@ -207,7 +207,7 @@ def test_the_client_cli_names_loras(triton, served_loras, tmp_path):
     assert bad.returncode == 2 and "--lora 'ink_a:lots': bad scale 'lots'" in bad.stderr
 
 
-def test_the_client_lists_the_library(triton, served_loras, exported):
+def test_the_client_lists_the_library(triton, served_loras, exported, tmp_path):
     import subprocess
     import sys
 
@@ -219,8 +219,10 @@ def test_the_client_lists_the_library(triton, served_loras, exported):
     ink_b = served["ink_b"]
     assert (ink_b["rank"], ink_b["networks"], ink_b["targets"]) == (2, {"unet": installed["ink_b"].networks["unet"]}, ["attention"])
     assert ink_b["sha256"] == installed["ink_b"].sha256 and "source" not in ink_b  # no path of the machine that added it
-    result = subprocess.run([sys.executable, "-m", "client", "--info", "--url", triton.http_url], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    key_file = tmp_path / "admin-key"  # the CLI's --admin-key-file, as an operator passes it
+    key_file.write_text(triton.admin_key)
+    result = subprocess.run([sys.executable, "-m", "client", "--info", "--url", triton.http_url, "--admin-key-file",
+                             str(key_file)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("ink_")}
     assert rows.keys() == {"ink_a", "ink_b"}

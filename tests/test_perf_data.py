@@ -69,14 +69,14 @@ def test_jpeg_data_is_what_the_generator_writes(size):
 
 @pytest.mark.parametrize("data", ["ensemble_sdxl_cpu.json", "inpaint_cpu.json", "ensemble_sdxl_jpeg_cpu.json"])
 def test_perf_analyzer_runs_the_cpu_data(triton, tmp_path, data):
-    from benchmarks.throughput import perf_analyzer_binary
+    from benchmarks.throughput import admin_header_args, perf_analyzer_binary
 
     binary = perf_analyzer_binary()  # the benchmark's lookup: $PERF_ANALYZER, ../shared/tools, PATH
     if not Path(binary).exists() and shutil.which(binary) is None:
         pytest.skip(f"no perf_analyzer here ({binary})")
     csv = tmp_path / "perf.csv"
     result = subprocess.run(
-        [binary, "-m", "ensemble_sdxl", "-u", triton.grpc_url, "-i", "grpc", "--input-data", str(PERF / data),
+        [binary, "-m", "ensemble_sdxl", "-u", triton.grpc_url, "-i", "grpc", *admin_header_args(triton), "--input-data", str(PERF / data),
          "--concurrency-range", "2", "--measurement-mode", "count_windows", "--measurement-request-count", "8",
          "--stability-percentage", "999", "-f", str(csv)],
         capture_output=True, text=True, timeout=600,

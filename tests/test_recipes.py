@@ -136,13 +136,14 @@ def test_recipe_defaults_and_step_range_on_the_endpoint(scheduler_server, loaded
         generate("a lighthouse", url=server.http_url, num_inference_steps=7, height=128, width=128)
 
 
-def test_client_info_reports_the_recipe(scheduler_server, capsys):
+def test_client_info_reports_the_recipe(scheduler_server, capsys, monkeypatch):
     kind, recipe, server = scheduler_server
-    served = info(server.grpc_url, "grpc")
-    assert served == {**info(server.http_url, "http")}
+    served = info(server.grpc_url, "grpc", admin_key=server.admin_key)
+    assert served == {**info(server.http_url, "http", admin_key=server.admin_key)}
     scheduler_class = SCHEDULERS[kind].class_name or "EulerDiscreteScheduler"  # model: the tiny pipeline's own
     assert served["recipe"] == recipe.name and served["recipe_scheduler"] == scheduler_class
     assert served["default_steps"] == "2" and served["max_steps"] == "6" and served["recipe_model"] == recipe.model
+    monkeypatch.setenv("SDXL_ADMIN_KEY", server.admin_key)  # the CLI's key from the environment
     assert client_main(["--info", "--url", server.http_url]) == 0
     out = capsys.readouterr().out
     assert f"recipe_scheduler  {scheduler_class}" in out and f"recipe            {recipe.name}" in out

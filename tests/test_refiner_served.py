@@ -128,7 +128,7 @@ def test_steps_outside_the_recipe_are_named(refiner_server):
 
 
 def test_client_info_shows_the_refiner(refiner_server, tiny_dir):
-    recipe = info(refiner_server.http_url)
+    recipe = info(refiner_server.http_url, admin_key=refiner_server.admin_key)
     assert (recipe["recipe_refiner"], recipe["high_noise_frac"]) == (str(tiny_dir / "refiner"), "0.8")
 
 

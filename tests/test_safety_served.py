@@ -56,9 +56,9 @@ def checking(exported, tmp_path_factory):
 
     def policy(name: str):
         for model in ("postprocess", "sdxl_stream"):
-            config = client.get_model_config(model)
+            config = client.get_model_config(model, headers=server.admin_headers())
             config["parameters"]["safety_checker"] = {"string_value": name}
-            client.load_model(model, config=json.dumps(config))
+            client.load_model(model, config=json.dumps(config), headers=server.admin_headers())
         return server
 
     yield policy

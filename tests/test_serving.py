@@ -82,7 +82,8 @@ def test_defaults_apply_and_random_seeds_are_returned(triton):
 
 
 def unet_statistics(triton) -> tuple[int, int]:
-    with urllib.request.urlopen(f"http://{triton.http_url}/v2/models/unet/stats") as response:
+    request = urllib.request.Request(f"http://{triton.http_url}/v2/models/unet/stats", headers=triton.admin_headers())
+    with urllib.request.urlopen(request) as response:
         stats = json.load(response)["model_stats"][0]
     return stats["inference_count"], stats["execution_count"]
 
@@ -142,13 +143,13 @@ def test_failed_unet_call_fails_the_request_not_the_server(triton):
 
     admin = http.InferenceServerClient(triton.http_url)
     try:
-        admin.unload_model("unet")
+        admin.unload_model("unet", headers=triton.admin_headers())
         with pytest.raises(ClientError) as error:
             generate("a cat", url=triton.http_url, height=128, width=128, seed=1)
         assert "unet: " in str(error.value)
         assert triton.is_ready() or admin.is_model_ready("ensemble_sdxl")
     finally:
-        admin.load_model("unet")
+        admin.load_model("unet", headers=triton.admin_headers())
         admin.close()
     assert generate("a cat", url=triton.http_url, height=128, width=128, seed=1).images.shape == (1, 128, 128, 3)
 

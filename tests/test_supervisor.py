@@ -16,7 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from benchmarks import security as bench_security
 from client import ClientError, generate
+from contract import security
 from serving.admission import RunState, run_directory
 from serving.processes import stubs_of
 from serving.supervisor import SupervisorProcess
@@ -31,13 +33,18 @@ def generate_on(server: SupervisorProcess, **options):
 
 @pytest.fixture(scope="module")
 def supervised(exported, tmp_path_factory):
+    """A supervised server as a default `make serve` runs it: loopback, and no key given, so it
+    generates one (written where --generated-admin-key-file says: here, not the clone's build/)."""
     from contract.configs import CPU_DTYPE
 
-    library = tmp_path_factory.mktemp("supervisor_loras") / "library"
-    server = SupervisorProcess(exported(CPU_DTYPE), tmp_path_factory.mktemp("supervisor") / "serve.log",
-                               extra_args=("--drain-timeout-s=60",), env={"SDXL_LORA_LIBRARY": str(library)})
-    server.lora_library = library
+    work = tmp_path_factory.mktemp("supervisor")
+    library = work / "loras" / "library"
+    server = SupervisorProcess(exported(CPU_DTYPE), work / "serve.log",
+                               extra_args=("--drain-timeout-s=60", f"--generated-admin-key-file={work / 'admin-key'}"),
+                               env={"SDXL_LORA_LIBRARY": str(library), security.KEY_ENV: ""})
+    server.lora_library, server.key_file = library, work / "admin-key"
     server.wait(ready=True, timeout_s=300)
+    server.admin_key = security.read_key_file(server.key_file)
     yield server
     server.kill_everything()  # after a failed test, what is left of both process groups
 
@@ -56,6 +63,38 @@ def test_health_endpoints_and_metrics(supervised):
     assert code == 200 and "sdxl_supervisor_ready 1" in text
     assert supervised.get("/nowhere")[0] == 404
     assert generate_on(supervised).images.shape == (1, 128, 128, 3)
+
+
+def test_a_default_server_listens_on_loopback_only(supervised):
+    """Every port of a default `make serve` (HTTP, gRPC, metrics, the supervisor's health) on 127.0.0.1;
+    gRPC's socket is an IPv6 one bound to ::ffff:127.0.0.1."""
+    listening = bench_security.listening(supervised)
+    assert {str(port) for port in supervised.ports.values()} <= set(listening)
+    assert set(listening.values()) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    assert "warning: listening on" not in supervised.log_tail(10**6)
+
+
+def test_the_generated_key_guards_the_admin_apis(supervised):
+    """No key given: one generated for this start, in a file only its owner reads, that the local tools
+    use (the client's --info here); without it the admin APIs refuse."""
+    from client import info
+
+    assert supervised.key_file.stat().st_mode & 0o777 == 0o600
+    assert bench_security.http_call(supervised.http_url, "GET", "/v2/models/stats")[0] == 403
+    assert bench_security.http_call(supervised.http_url, "GET", "/v2/models/stats", key=supervised.admin_key)[0] == 200
+    assert info(supervised.grpc_url, "grpc", admin_key_file=supervised.key_file)["recipe"]
+    with pytest.raises(ClientError, match="the key sent was not accepted"):
+        info(supervised.http_url, "http", admin_key="a-key-of-another-server")
+    assert f"admin key: generated for this start, in {supervised.key_file} (mode 600)" in supervised.log_tail(10**6)
+
+
+def test_requests_that_crash_tritonserver_are_answered_by_a_restart(supervised):
+    """tritonserver 2.51 dies of an HTTP request in 6-byte chunks (SIGSEGV) and of a JSON input whose
+    shape claims 2^62 bytes (SIGABRT); the supervisor serves again (times: make bench-security)."""
+    for name, attack in bench_security.CRASHES.items():
+        result = bench_security.crash_and_recover(supervised, attack)
+        assert result["server_died"] and result["request_after"].startswith("ok"), (name, result)
+    assert 'sdxl_supervisor_restarts_total{reason="server_exited"} 2' in supervised.get("/metrics")[1]
 
 
 def test_killed_stub_is_found_reported_and_repaired(supervised):
@@ -143,6 +182,9 @@ def test_sigterm_drains_under_load_without_losing_a_request(supervised):
     with pytest.raises(ProcessLookupError):
         os.killpg(server_pid, 0)  # the whole process group ended
     assert not run.exists()
+    # The start's generated key goes with it; no log line of the supervisor, tritonserver or a model held it.
+    assert not supervised.key_file.exists()
+    assert supervised.admin_key not in supervised.log_path.read_text(errors="replace")
 
 
 def test_a_busy_health_port_is_one_error_line(exported):
@@ -155,8 +197,8 @@ def test_a_busy_health_port_is_one_error_line(exported):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run([sys.executable, "-m", "serving.server", "--repository", str(exported(CPU_DTYPE)),
-                                 "--variant", "cpu", "--health-port", str(port)],
-                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                                 "--variant", "cpu", "--health-port", str(port)], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=120, env={**os.environ, security.KEY_ENV: security.generate_key()})
     assert result.returncode == 2
     assert f"[supervisor] error: cannot serve health on port {port}: Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
