@@ -47,8 +47,10 @@ def load_values(files: list[Path], settings: list[str]) -> dict:
     return values
 
 
-def render(values: dict, name: str = "sdxl", namespace: str = "default", chart: Path = CHART) -> str:
-    """Every non-empty template as one YAML stream, each document headed by its source template."""
+def render(values: dict, name: str = "sdxl", namespace: str = "default", chart: Path = CHART,
+           notes: bool = False) -> str:
+    """Every non-empty template as one YAML stream, each document headed by its source template;
+    `notes`: NOTES.txt (what `helm install` prints) last, as a document of comments."""
     import helm_python
 
     documents = helm_python.Chart.load(str(chart)).render(values, name=name, namespace=namespace, is_install=True)
@@ -58,6 +60,9 @@ def render(values: dict, name: str = "sdxl", namespace: str = "default", chart: 
         if source.endswith("NOTES.txt") or not text.strip():
             continue
         parts.append(f"---\n# Source: {source}\n{text.strip()}\n")
+    if notes:
+        text = next((t for s, t in documents.items() if s.endswith("NOTES.txt")), "")
+        parts.append("---\n# Source: NOTES.txt\n" + "".join(f"# {line}\n" for line in text.strip().splitlines()))
     return "".join(parts)
 
 
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output file; - for stdout (default build/k8s/rendered.yaml)")
     parser.add_argument("--lint", action="store_true", help="helm lint --strict first (Kubernetes " + KUBE_VERSION + ")")
+    parser.add_argument("--notes", action="store_true", help="NOTES.txt last, as comments (what helm install prints)")
     args = parser.parse_args(argv)
     try:
         import helm_python  # noqa: F401
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 print("\n".join(problems), file=sys.stderr)
                 return 1
-        manifest = render(values, args.name, args.namespace)
+        manifest = render(values, args.name, args.namespace, notes=args.notes)
     except HelmError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -399,6 +399,71 @@ def test_no_credentials_in_values_only_references_to_existing_secrets():
     assert {"name": "HF_TOKEN_PATH", "value": "/var/run/secrets/huggingface/token"} in job["containers"][0]["env"]
 
 
+def argument_values(container: dict, name: str) -> list[str]:
+    return [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith(f"{name}=")]
+
+
+@pytest.mark.parametrize("case", sorted(SOURCES))
+def test_servers_listen_for_the_service_with_the_admin_apis_behind_the_secret(case):
+    """--host=0.0.0.0 (the Service and the probes reach the pod's address), the admin key from the
+    Secret's file, and --http-max-input-size the largest legal request of contract/limits.py."""
+    from contract.limits import Limits
+
+    objects = render(*SOURCES[case])
+    deployment = one(objects, "Deployment")["spec"]["template"]["spec"]
+    container = server_container(objects)
+    assert argument_values(container, "--host") == ["0.0.0.0"]
+    assert argument_values(container, "--http-max-input-size") == [str(Limits().max_request_bytes)]
+    assert chart_values()["server"]["httpMaxInputSizeBytes"] == Limits().max_request_bytes
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "admin-key")
+    assert mount["readOnly"] is True and argument_values(container, "--admin-key-file") == [f"{mount['mountPath']}/admin-key"]
+    volume = next(v for v in deployment["volumes"] if v["name"] == "admin-key")["secret"]
+    assert volume["defaultMode"] == 0o440 and volume["items"] == [{"key": "admin-key", "path": "admin-key"}]
+    secret = one(objects, "Secret")
+    assert secret["metadata"]["name"] == volume["secretName"] and secret["type"] == "Opaque"
+    assert len(base64_text(secret["data"]["admin-key"])) == 43  # randAlphaNum 43: about 256 bits
+    assert not any(e["name"] == "SDXL_ADMIN_KEY" for e in container.get("env", []))
+
+
+def base64_text(value: str) -> str:
+    import base64
+
+    return base64.b64decode(value).decode()
+
+
+def test_an_existing_secret_is_used_and_none_is_created():
+    objects = render("--set", "security.adminKey.existingSecret=my-admin-key", "--set", "security.adminKey.secretKey=key",
+                     "--set", "perfAnalyzer.enabled=true")
+    assert not find(objects, "Secret")
+    for name, spec in pod_specs(objects):
+        if name.endswith("-perf-1") or name == one(objects, "Deployment")["metadata"]["name"]:
+            volume = next(v for v in spec["volumes"] if v["name"] == "admin-key")["secret"]
+            assert volume["secretName"] == "my-admin-key" and volume["items"] == [{"key": "key", "path": "key"}], name
+    assert argument_values(server_container(objects), "--admin-key-file")[0].endswith("/key")
+
+
+def test_the_key_is_neither_in_values_nor_in_notes():
+    result = run_render("--notes")
+    assert result.returncode == 0, result.stderr
+    manifest, notes = result.stdout.split("# Source: NOTES.txt")
+    key = base64_text(one([d for d in yaml.safe_load_all(manifest) if d], "Secret")["data"]["admin-key"])
+    assert key not in notes and "kubectl -n sdxl get secret sdxl-sdxl-triton-admin-key" in notes
+    assert "adminKey" in (CHART / "values.yaml").read_text() and not re.search(r"^\s*(key|value):", yaml.safe_dump(
+        chart_values()["security"]), re.M)
+
+
+def test_network_policy_admits_metrics_from_the_monitoring_namespace_only():
+    policy = one(render(), "NetworkPolicy")["spec"]
+    rules = {tuple(p["port"] for p in rule["ports"]): rule for rule in policy["ingress"]}
+    assert set(rules) == {("http", "grpc", "health"), ("metrics",)}
+    assert rules[("metrics",)]["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert "from" not in rules[("http", "grpc", "health")]  # networkPolicy.from empty: every source
+    gateway = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
+    chosen = one(render("--set", f"networkPolicy.from=[{json.dumps(gateway)}]"), "NetworkPolicy")["spec"]["ingress"][0]
+    selector = one(render(), "Deployment")["spec"]["selector"]["matchLabels"]
+    assert chosen["from"] == [gateway, {"podSelector": {"matchLabels": selector}}]  # and the release's own pods
+
+
 def test_service_ports_and_disruption_budget():
     objects = render()
     ports = {p["name"]: p for p in one(objects, "Service")["spec"]["ports"]}
@@ -584,6 +649,13 @@ def test_perf_analyzer_job_runs_against_the_real_server(supervised, tmp_path):
     script = local_url(supervised, job["containers"][0]["args"][0], objects)
     script = script.replace("/perf/ensemble_sdxl_cpu.json", str(REPO_ROOT / "perf" / "ensemble_sdxl_cpu.json"))
     script = script.replace('"/tmp/perf-c', f'"{tmp_path}/perf-c')
+    # The Secret's mount: here a file holding the supervised server's key.
+    key_dir = tmp_path / "admin"
+    key_dir.mkdir()
+    (key_dir / "admin-key").write_text(supervised.admin_key)
+    mount = next(m["mountPath"] for m in job["containers"][0]["volumeMounts"] if m["name"] == "admin-key")
+    assert f"{mount}/admin-key" in script
+    script = script.replace(mount, str(key_dir))
     env = {**os.environ, "PATH": f"{Path(perf_analyzer).parent}:{os.environ['PATH']}"}
     result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -168,3 +168,24 @@ seccompProfile:
 {{- define "sdxl-triton.promSelector" -}}
 {{- printf "namespace=\"%s\",service=\"%s\"" .Release.Namespace (include "sdxl-triton.fullname" .) }}
 {{- end }}
+
+{{/* The Secret that holds the key of Triton's admin APIs: the one named, or the chart's own. */}}
+{{- define "sdxl-triton.adminKeySecret" -}}
+{{- .Values.security.adminKey.existingSecret | default (printf "%s-admin-key" (include "sdxl-triton.fullname" .)) -}}
+{{- end }}
+
+{{/* Where the pods mount that Secret; the key is the file named by security.adminKey.secretKey. */}}
+{{- define "sdxl-triton.adminKeyDir" -}}
+/var/run/secrets/sdxl-triton-admin
+{{- end }}
+
+{{/* The volume of that Secret: readable by the pods' group (fsGroup) only. */}}
+{{- define "sdxl-triton.adminKeyVolume" -}}
+- name: admin-key
+  secret:
+    secretName: {{ include "sdxl-triton.adminKeySecret" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.security.adminKey.secretKey }}
+        path: {{ .Values.security.adminKey.secretKey }}
+{{- end }}
