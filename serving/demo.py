@@ -14,7 +14,7 @@ from client.__main__ import main as client_main
 
 from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
 
-from .server import TritonServer, free_port
+from .server import TritonServer, free_ports
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log = REPO_ROOT / "build" / "tritonserver.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(args.repository, args.variant, free_port(), free_port(), free_port(), log_file=log)
+    server = TritonServer(args.repository, args.variant, *free_ports(3), log_file=log)
     print(f"[demo] starting tritonserver ({args.variant} variant, log: {log}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with server:

@@ -32,7 +32,7 @@ from contract.layout import DEFAULT_REPOSITORY, REPO_ROOT
 from contract.configs import config_problems
 from contract.limits import Limits
 
-from .processes import clean_stale_regions, clean_stale_run_directories
+from .processes import clean_stale_regions, clean_stale_run_directories, remove_regions, stubs_of
 
 VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
 ENDPOINT_MODEL = "ensemble_sdxl"
@@ -132,10 +132,17 @@ def _help_text(install: TritonInstall) -> str:
     return result.stdout + result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports. The sockets stay bound until all are chosen: ports taken
+    one at a time can repeat (CI saw HTTP and gRPC given the same port)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
@@ -180,6 +187,10 @@ class TritonServer:
             *security.restriction_args(self.admin_key),
             "--exit-on-error=true",
             "--strict-readiness=true",
+            # Our configs are complete (tests check them against the graphs): without this, the Python
+            # backend starts one more process per model only to ask model.py for a config, importing
+            # each model's modules twice (4.9 s of a 14 s start: benchmarks/results/start_cpu.md).
+            "--disable-auto-complete-config",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             *self.extra_args,
         ]
@@ -247,7 +258,7 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}")
             if self.is_ready():
                 return
-            time.sleep(0.5)
+            time.sleep(0.1)  # a ready server is found within 0.1 s (a start takes seconds: benchmarks/results/start_cpu.md)
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
 
@@ -259,9 +270,13 @@ class TritonServer:
 
     def stop(self, timeout_s: float = 60, kill: bool = False) -> None:
         """SIGINT (Triton's clean shutdown), then SIGKILL for whatever of its process group is left
-        (a Python-backend stub that outlived the server, or a server that hangs); kill: SIGKILL at once."""
+        (a Python-backend stub that outlived the server, or a server that hangs). kill: SIGKILL at
+        once, and the shared-memory regions its stubs leave are removed; for a server whose shutdown
+        nobody waits for (Triton 2.51 ends a model's instances one after another, about 1 s each:
+        6 s for this repository's 21)."""
         if self.process is None:
             return
+        stubs = stubs_of(self.process.pid) if kill else []
         if self.process.poll() is None and not kill:
             try:
                 self.process.send_signal(signal.SIGINT)  # the server only: it ends its stubs itself
@@ -273,6 +288,9 @@ class TritonServer:
         except ProcessLookupError:
             pass
         self.process.wait()
+        if kill:  # what Triton's own shutdown would have removed
+            remove_regions(stubs)
+            clean_stale_run_directories()
         if self._log:
             self._log.close()
             self._log = None
@@ -415,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     if warning := exposure_warning(args.host, ports):
         log(warning)
     if not install.supports("--http-max-input-size"):
-        log(f"this tritonserver has no --http-max-input-size (25.06 and later): requests are bounded by its own "
-            f"default and the endpoint's checks (docs/security.md)")
+        log("this tritonserver has no --http-max-input-size (25.06 and later): a request's body is read whole before "
+            "the endpoint's checks bound its inputs (docs/security.md)")
     log(f"variant {variant}: {' '.join(server.redacted_command(install))}")
     log(f"ready when http://{server.connect_host}:{args.health_port}/v2/health/ready answers 200; SIGTERM drains "
         f"(at most {timing.shutdown_budget_s:.0f} s: the pod's terminationGracePeriodSeconds)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,16 @@ def texts_to_encode(prompt: str, negative_prompt: str, do_classifier_free_guidan
 
 
 class PromptTokenizer:
-    """Both tokenizers, from the files the exporter wrote (`<repository>/tokenizer/1/`)."""
+    """Both tokenizers, from the files the exporter wrote (`<repository>/tokenizer/1/`).
+
+    Run by the `tokenizers` library directly from each `tokenizer.json`, padded and truncated to the
+    tokenizer config's `model_max_length` with its `pad_token`: what transformers' CLIPTokenizer (a
+    `tokenizers` backend in transformers 5) computes, without importing transformers, which cost each
+    tokenizer process 0.8 s of CPU at every start (tests/test_text.py compares the two)."""
 
     def __init__(self, directory: Path):
-        from transformers import CLIPTokenizer
-
-        self.tokenizers = {
-            "input_ids": CLIPTokenizer.from_pretrained(Path(directory) / "tokenizer"),
-            "input_ids_2": CLIPTokenizer.from_pretrained(Path(directory) / "tokenizer_2"),
-        }
+        self.tokenizers = {"input_ids": _clip_tokenizer(Path(directory) / "tokenizer"),
+                           "input_ids_2": _clip_tokenizer(Path(directory) / "tokenizer_2")}
 
     @classmethod
     def from_repository(cls, repository: Path) -> "PromptTokenizer":
@@ -36,10 +38,21 @@ class PromptTokenizer:
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         """INT32 [len(texts), 77] per tokenizer: padded to max length and truncated, as diffusers does."""
-        return {
-            name: np.asarray(
-                tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids,
-                dtype=np.int32,
-            )
-            for name, tokenizer in self.tokenizers.items()
-        }
+        return {name: np.asarray([encoding.ids for encoding in tokenizer.encode_batch(texts)], dtype=np.int32)
+                for name, tokenizer in self.tokenizers.items()}
+
+
+def _clip_tokenizer(directory: Path):
+    """A `tokenizers.Tokenizer` that pads and truncates as the saved CLIPTokenizer's config says."""
+    from tokenizers import Tokenizer
+
+    config_path, model_path = directory / "tokenizer_config.json", directory / "tokenizer.json"
+    if not model_path.exists():
+        raise FileNotFoundError(f"{model_path}: no such file; export the repository again (python -m export onnx), "
+                                "which writes each tokenizer's tokenizer.json")
+    config = json.loads(config_path.read_text())
+    tokenizer = Tokenizer.from_file(str(model_path))
+    length, pad = int(config["model_max_length"]), config["pad_token"]
+    tokenizer.enable_truncation(length)
+    tokenizer.enable_padding(length=length, pad_id=tokenizer.token_to_id(pad), pad_token=pad)
+    return tokenizer

@@ -1,12 +1,10 @@
-"""Helpers shared by the Python-backend models: config parameters, tensors, BLS, error responses.
-No torch here: only the scheduler needs it, and each model process that imports it pays about
+"""Helpers shared by the Python-backend models: tensors, BLS, error responses, the endpoint's finisher
+(what each model reads at load: settings.py). No torch here: only the scheduler needs it, and each model process that imports it pays about
 2 s of CPU and 200 MB at every (re)start."""
 
 from __future__ import annotations
 
-import json
 import traceback
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -24,44 +22,6 @@ class ComponentError(RuntimeError):
     def __init__(self, message: str, callee_error=None):
         super().__init__(message)
         self.callee_error = callee_error
-
-
-def model_config(args: dict) -> dict:
-    return json.loads(args["model_config"])
-
-
-def parameters(config: dict) -> dict[str, str]:
-    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-
-
-def version_dir(args: dict) -> Path:
-    return Path(args["model_repository"]) / args["model_version"]
-
-
-def repository_root(args: dict) -> Path:
-    return Path(args["model_repository"]).parent
-
-
-def config_file_name(args: dict) -> str:
-    """Which file Triton loaded this model's config from, for messages: configs/<variant>.pbtxt of a
-    Python-backend variant when one exists (--model-config-name), else config.pbtxt."""
-    directory = Path(args["model_repository"])
-    for path in sorted((directory / "configs").glob("*.pbtxt")):
-        if 'backend: "python"' in path.read_text():
-            return f"{directory.name}/configs/{path.name}"
-    return f"{directory.name}/config.pbtxt"
-
-
-def check_graph_interface(args: dict, model: str, graph: dict[str, tuple[str, list[int], str]]) -> None:
-    """Fail the model's load, with one message naming the model, both sides and the fix, when its
-    config declares other types or dims than the graph it serves or passes tensors to (`graph`:
-    tensor -> (Triton type, dims with -1 for dynamic, graph file)); never per request."""
-    from contract.configs import declared_interface_json, graph_mismatch
-
-    problem = graph_mismatch(model, graph, declared_interface_json(model_config(args)), config_file_name(args),
-                             repository_root(args))
-    if problem:
-        raise pb_utils.TritonModelException(problem)
 
 
 def input_arrays(request, names) -> dict[str, np.ndarray | None]:
@@ -112,7 +72,7 @@ def error_response(error: Exception, model: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model}: internal error: {type(error).__name__}: {error}"))
 
 
-def endpoint_finisher(args: dict, model: str, run=None):
+def endpoint_finisher(settings, run=None):
     """The endpoint's serving.outputs.Finisher as its config parameters (or the environment) set it:
     the deployment's watermark, and its safety checker, whose graph runs through BLS. A bad setting or
     a checker's missing files raise ValueError: the model's load fails."""
@@ -121,9 +81,8 @@ def endpoint_finisher(args: dict, model: str, run=None):
     from serving.outputs import Finisher, parse_safety_setting, parse_watermark_setting
     from serving.safety import SafetyChecker
 
-    settings = parameters(model_config(args))
-    watermark = parse_watermark_setting(settings.get("apply_watermark", ""), model)
-    policy = parse_safety_setting(settings.get("safety_checker", ""), model)
+    watermark = parse_watermark_setting(settings.parameters.get("apply_watermark", ""), settings.model)
+    policy = parse_safety_setting(settings.parameters.get("safety_checker", ""), settings.model)
     if policy == "off":
         return Finisher(watermark)
 
@@ -131,7 +90,7 @@ def endpoint_finisher(args: dict, model: str, run=None):
         response = infer(SAFETY_CHECKER.name, [pb_utils.Tensor("pixel_values", pixel_values)], SAFETY_CHECKER.output_names, run)
         return tuple(pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in SAFETY_CHECKER.output_names)
 
-    checker = SafetyChecker(model_version_dir(repository_root(args), SAFETY_CHECKER.name), policy)
+    checker = SafetyChecker(model_version_dir(settings.repository, SAFETY_CHECKER.name), policy)
     return Finisher(watermark, checker, distances)
 
 

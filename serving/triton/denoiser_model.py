@@ -28,9 +28,10 @@ from serving.admission import RunState, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
 from serving.engine import IterationStats, Job, StepEngine
 
-from .common import error_response, input_arrays, model_config, parameters
+from .common import error_response, input_arrays
 from .metrics import EngineMetrics
 from .scheduler_model import LoopSettings, admission_ticket
+from .settings import ModelSettings
 from .tensors import call_unet, to_torch, to_triton
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -38,15 +39,15 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.settings = LoopSettings.load(args, DENOISER)
-        params = parameters(model_config(args))
+        settings = ModelSettings.from_args(args, DENOISER)
+        self.settings = LoopSettings.load(settings)
         try:
-            max_rows = int(params.get("max_rows", ""))
+            max_rows = int(settings.parameters.get("max_rows", ""))
         except ValueError:
             max_rows = 0
         if max_rows < 1:
-            raise pb_utils.TritonModelException(f"denoiser: parameter max_rows={params.get('max_rows')!r}: expected the "
-                                                "unet's max_batch_size (an integer of at least 1)")
+            raise settings.error(f"parameter max_rows={settings.parameters.get('max_rows')!r}: expected the unet's "
+                                 "max_batch_size (an integer of at least 1)")
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.metrics = EngineMetrics(args["model_name"])
         self.engine = StepEngine(self._unet, max_rows, on_iteration=self._iteration_done, refiner=self._refiner)

@@ -10,12 +10,13 @@ import triton_python_backend_utils as pb_utils
 
 from contract import loras
 
-from .common import error_response, repository_root, respond
+from .common import error_response, respond
+from .settings import ModelSettings
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.repository = repository_root(args)
+        self.repository = ModelSettings.from_args(args).repository
 
     def execute(self, requests):
         try:

@@ -18,9 +18,10 @@ decoder's, whose arena at 1536x1536 held 16.1 GiB against a 7.3 GiB peak without
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
 
 from contract import layout
 from contract.configs import graph_interface
@@ -28,7 +29,8 @@ from contract.networks import NETWORKS
 from serving.batching import group_by_shape, run_concatenated
 from serving.ort_session import session_options
 
-from .common import check_graph_interface, error_response, input_arrays, model_config, parameters, respond, version_dir
+from .common import error_response, input_arrays, respond
+from .settings import ModelSettings
 
 # ONNX Runtime's tensor type names -> Triton's
 ONNX_RUNTIME_TYPES = {"tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(int32)": "INT32",
@@ -37,44 +39,30 @@ ONNX_RUNTIME_TYPES = {"tensor(float16)": "FP16", "tensor(float)": "FP32", "tenso
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = parameters(model_config(args))
-        network = params.get("network", args["model_name"])
+        settings = ModelSettings.from_args(args)
+        network = settings.parameters.get("network", settings.model)
         if network not in NETWORKS:
-            raise pb_utils.TritonModelException(f"{args['model_name']}: parameter network={network!r}: expected one of {', '.join(NETWORKS)}")
+            raise settings.error(f"parameter network={network!r}: expected one of {', '.join(NETWORKS)}")
+        settings = replace(settings, model=network)  # messages name the network it serves
         self.spec = NETWORKS[network]
-        path = version_dir(args) / layout.ONNX_FILE
+        path = settings.version_dir / layout.ONNX_FILE
         if not path.exists():
-            raise pb_utils.TritonModelException(f"{network}: no {path}; run `python -m export onnx` (or `make export-tiny`) first")
+            raise settings.error(f"no {path}; run `python -m export onnx` (or `make export-tiny`) first")
         options = session_options(path)  # FP8 graphs: the basic optimization level
-        threads = params.get("intra_op_threads", "0")
-        if not threads.isdigit():
-            raise pb_utils.TritonModelException(f"{network}: parameter intra_op_threads={threads!r}: expected a count (0: ONNX Runtime's choice)")
-        options.intra_op_num_threads = int(threads)
-        rows = params.get("max_rows_per_run", "0")
-        if not rows.isdigit():
-            raise pb_utils.TritonModelException(f"{network}: parameter max_rows_per_run={rows!r}: expected a count (0: all at once)")
-        self.max_rows = int(rows)
-        elements = params.get("max_input_elements_per_run", "0")
-        if not elements.isdigit():
-            raise pb_utils.TritonModelException(f"{network}: parameter max_input_elements_per_run={elements!r}: expected a "
-                                                "count (0: no bound)")
-        self.max_elements = int(elements)
-        arena = params.get("memory_arena", "on")
-        if arena not in ("on", "off"):
-            raise pb_utils.TritonModelException(f"{network}: parameter memory_arena={arena!r}: expected on or off")
+        options.intra_op_num_threads = settings.count("intra_op_threads", "0", "0: ONNX Runtime's choice")
+        self.max_rows = settings.count("max_rows_per_run", "0", "0: all at once")
+        self.max_elements = settings.count("max_input_elements_per_run", "0", "0: no bound")
         # off: ONNX Runtime frees each intermediate instead of keeping its arena at the largest run's
         # size (SDXL's VAE decoder at 1536x1536 in fp32: 16.1 GiB peak with it, 7.3 GiB without, 1.2x the time).
-        options.enable_cpu_mem_arena = arena == "on"
-        when = params.get("load_session", "at_start")
-        if when not in ("at_start", "first_request"):
-            raise pb_utils.TritonModelException(f"{network}: parameter load_session={when!r}: expected at_start or first_request")
+        options.enable_cpu_mem_arena = settings.choice("memory_arena", "on", ("on", "off")) == "on"
+        when = settings.choice("load_session", "at_start", ("at_start", "first_request"))
         self.path, self.options, self._session = path, options, None
         interface = self.session_interface() if when == "at_start" else graph_interface(path)
         graph_inputs = [name for name in interface if name not in self.spec.output_names]
         if graph_inputs != self.spec.input_names:
-            raise pb_utils.TritonModelException(f"{network}: {path} has inputs {graph_inputs}, expected {self.spec.input_names}")
-        graph_file = f"{network}/{args['model_version']}/{layout.ONNX_FILE}"
-        check_graph_interface(args, network, {name: (dtype, dims, graph_file) for name, (dtype, dims) in interface.items()})
+            raise settings.error(f"{path} has inputs {graph_inputs}, expected {self.spec.input_names}")
+        graph_file = f"{network}/{settings.version}/{layout.ONNX_FILE}"
+        settings.check_graph_interface({name: (dtype, dims, graph_file) for name, (dtype, dims) in interface.items()})
 
     @property
     def session(self) -> ort.InferenceSession:

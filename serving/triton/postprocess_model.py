@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 from serving.endpoint import OUTPUT_INPUT_NAMES, check_output
 
 from .common import endpoint_finisher, error_response, input_arrays, respond
+from .settings import ModelSettings
 
 NOT_CHECKED = np.empty(0, dtype=bool)  # nsfw_detected where the deployment runs no safety checker
 
@@ -21,7 +22,7 @@ NOT_CHECKED = np.empty(0, dtype=bool)  # nsfw_detected where the deployment runs
 class TritonPythonModel:
     def initialize(self, args):
         try:
-            self.finisher = endpoint_finisher(args, "postprocess")
+            self.finisher = endpoint_finisher(ModelSettings.from_args(args, "postprocess"))
         except ValueError as error:
             raise pb_utils.TritonModelException(str(error)) from None
 

@@ -12,29 +12,29 @@ waited past its queue timeout) and frees it at the end (serving/admission.py).
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from dataclasses import dataclass
 
-import diffusers
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from contract import layout
-from contract.configs import exported_interface, repository_export
+from contract.configs import exported_interface
 from contract.limits import Limits
 from contract.networks import DENOISER, REFINER_UNET, SCHEDULER, UNET, VAE_ENCODER
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.denoise import Denoiser, InitImage, Refiner, cfg_end_fraction_from_parameters, denoise
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options
-from serving.loras import LoraError, ServingLoras, check_request
+from serving.loras import ServingLoras, check_request
+from serving.schedulers import load_scheduler
 
-from .common import (LORA_INPUTS, ComponentError, check_graph_interface, error_response, image_tensors, infer, input_arrays,
-                     lora_tensors, model_config, option_tensors, parameters, repository_root, respond, ticket_tensor)
+from .common import (LORA_INPUTS, ComponentError, error_response, image_tensors, infer, input_arrays, lora_tensors,
+                     option_tensors, respond, ticket_tensor)
 from .metrics import AdmissionMetrics, SchedulerMetrics
+from .settings import ModelSettings
 from .tensors import call_unet, to_torch, to_triton
 
 
@@ -54,42 +54,33 @@ class LoopSettings:
     refiner_text_dim: int = 0  # the refiner's text conditioning width; 0: no refiner served
 
     @classmethod
-    def load(cls, args: dict, model: str) -> "LoopSettings":
+    def load(cls, settings: ModelSettings) -> "LoopSettings":
         """TritonModelException, naming the model and the parameter, for a bad config."""
-        params = parameters(model_config(args))
+        params, limits = settings.parameters, settings.limits
         try:
-            limits = Limits.from_parameters(params)
             cfg_end_fraction = cfg_end_fraction_from_parameters(params)
             eta = eta_from_parameters(params)
         except ValueError as error:
-            raise pb_utils.TritonModelException(f"{model}: {error}") from None
-        device = params.get("device", "cpu")
-        if device not in ("cpu", "cuda"):
-            raise pb_utils.TritonModelException(f"{model}: parameter device={device!r}: expected cpu or cuda")
+            raise settings.error(str(error)) from None
+        device = settings.choice("device", "cpu", ("cpu", "cuda"))
         if device == "cuda":
-            device = f"cuda:{args['model_instance_device_id']}"
-        config_path = layout.scheduler_config_path(repository_root(args))
+            device = f"cuda:{settings.device_id}"
+        config_path = layout.scheduler_config_path(settings.repository)
         if not config_path.exists():
-            raise pb_utils.TritonModelException(
-                f"{model}: no {config_path}; run `python -m export onnx` (or `make export-tiny`) first"
-            )
+            raise settings.error(f"no {config_path}; run `python -m export onnx` (or `make export-tiny`) first")
         try:
-            scheduler_class, config = scheduler_config(config_path.parent, params.get("recipe_scheduler"))
+            scheduler_class, config = scheduler_config(settings.repository, params.get("recipe_scheduler"))
         except ValueError as error:
-            raise pb_utils.TritonModelException(f"{model}: {config_path}: {error}") from None
-        check_graph_interface(args, model, exported_interface(repository_root(args), model))  # as export.json recorded it
-        try:
-            exported = repository_export(repository_root(args))
-            loras = ServingLoras(repository_root(args), exported[0] if exported else "fp32", limits.max_stacked_rank)
-        except (LoraError, ValueError) as error:
-            raise pb_utils.TritonModelException(f"{model}: {error}") from None
+            raise settings.error(f"{config_path}: {error}") from None
+        settings.check_graph_interface(exported_interface(settings.repository, settings.model))  # as export.json recorded it
+        loras = settings.loras
         refiner_text_dim = 0
         if limits.has_refiner:
-            if not exported_interface(repository_root(args), REFINER_UNET.name):
-                raise pb_utils.TritonModelException(
-                    f"{model}: recipe {limits.recipe} has a refiner (parameter high_noise_frac={limits.default_high_noise_frac:g}), "
+            if not exported_interface(settings.repository, REFINER_UNET.name):
+                raise settings.error(
+                    f"recipe {limits.recipe} has a refiner (parameter high_noise_frac={limits.default_high_noise_frac:g}), "
                     f"but the repository has no {REFINER_UNET.name} graph; export with --refiner (or --preset sdxl-base-refiner)")
-            refiner_text_dim = exported[1].refiner_text_dim
+            refiner_text_dim = settings.export[1].refiner_text_dim
         return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras, refiner_text_dim)
 
     def held_loras(self, request) -> list:
@@ -124,15 +115,15 @@ class LoopSettings:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.settings = LoopSettings.load(args, SCHEDULER)
+        settings = ModelSettings.from_args(args, SCHEDULER)
+        self.settings = LoopSettings.load(settings)
         self.limits, self.device = self.settings.limits, self.settings.device
-        params = parameters(model_config(args))
         # "": the loop runs here; "denoiser": the continuous-batching engine runs it (one request per
         # instance either way: the instances are the requests in flight).
-        self.engine = params.get("engine", "")
+        self.engine = settings.parameters.get("engine", "")
         if self.engine not in ("", DENOISER):
-            raise pb_utils.TritonModelException(f"scheduler: parameter engine={self.engine!r}: expected empty (the loop "
-                                                f"in this model) or {DENOISER!r} (the continuous-batching engine)")
+            raise settings.error(f"parameter engine={self.engine!r}: expected empty (the loop in this model) or "
+                                 f"{DENOISER!r} (the continuous-batching engine)")
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.run.register_loop()
         self.metrics = SchedulerMetrics(args["model_name"])
@@ -196,19 +187,16 @@ class TritonPythonModel:
                 self.run.finish(ticket)  # whatever happened: its queue place or loop slot is free
 
 
-def scheduler_config(directory, expected_class: str | None) -> tuple[type, dict]:
+def scheduler_config(repository, expected_class: str | None) -> tuple[type, dict]:
     """The exported scheduler's class (one of the recipes', contract/recipes.py) and its config, less
-    the keys that class does not take (diffusers would warn about them on every request).
-    `expected_class`: the recipe_scheduler parameter the export wrote beside it."""
-    config = diffusers.LCMScheduler.load_config(directory)
-    class_name = config.get("_class_name", "LCMScheduler")
+    the keys that class does not take. `expected_class`: the recipe_scheduler parameter the export
+    wrote beside it."""
+    class_name = layout.scheduler_class(repository) or "LCMScheduler"
     scheduler_kind(class_name)  # ValueError naming the supported classes
     if expected_class and expected_class != class_name:
         raise ValueError(f"holds a {class_name}, but the config's recipe_scheduler parameter says {expected_class}: the "
                          "configs and the export disagree; run `python -m export configs --repository REPOSITORY`")
-    cls = getattr(diffusers, class_name)
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls, {key: value for key, value in config.items() if key in accepted}
+    return load_scheduler(layout.scheduler_config_path(repository).parent, class_name)
 
 
 def eta_from_parameters(parameters: dict[str, str]) -> float | None:

@@ -25,14 +25,14 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from contract.limits import Limits
 from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECODER
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
 
 from .common import (ComponentError, endpoint_finisher, error_response, image_tensors, infer, input_arrays, lora_tensors,
-                     model_config, option_tensors, parameters, ticket_tensor)
+                     option_tensors, ticket_tensor)
 from .metrics import AdmissionMetrics, StreamMetrics
+from .settings import ModelSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TEXT_INPUTS = ("prompt", "negative_prompt")
@@ -40,13 +40,11 @@ TEXT_INPUTS = ("prompt", "negative_prompt")
 
 class TritonPythonModel:
     def initialize(self, args):
-        try:
-            self.limits = Limits.from_parameters(parameters(model_config(args)))
-        except ValueError as error:
-            raise pb_utils.TritonModelException(f"sdxl_stream: {error}") from None
+        settings = ModelSettings.from_args(args, "sdxl_stream")
+        self.limits = settings.limits
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         try:  # its errors name the model already
-            self.finisher = endpoint_finisher(args, "sdxl_stream", self.run)
+            self.finisher = endpoint_finisher(settings, self.run)
         except ValueError as error:
             raise pb_utils.TritonModelException(str(error)) from None
         self.metrics = StreamMetrics(args["model_name"])

@@ -13,41 +13,29 @@ import json
 import os
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
-from contract.limits import Limits
-from serving.admission import TICKET_TENSOR, AdmissionPolicy, Refused, RunState, queue_timeout_s, run_directory
-from contract.configs import repository_export
+from serving.admission import TICKET_TENSOR, Refused, RunState, queue_timeout_s, run_directory
 from contract.networks import TEXT_ENCODER
 from serving.endpoint import InvalidInput, check_guidance, check_prompts
-from serving.loras import LoraError, ServingLoras, check_request
+from serving.loras import check_request
 from serving.text import PromptTokenizer, texts_to_encode
 
-from .common import error_response, input_arrays, model_config, parameters, repository_root, respond, version_dir
+from .common import error_response, input_arrays, respond
 from .metrics import AdmissionMetrics
+from .settings import ModelSettings
 
 INPUTS = ("prompt", "negative_prompt", "guidance_scale", "lora_names", "lora_scales")
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        directory = version_dir(args)
+        settings = ModelSettings.from_args(args, "tokenizer")
+        directory = settings.version_dir
         if not (directory / "tokenizer").is_dir():
-            raise pb_utils.TritonModelException(
-                f"tokenizer: no tokenizer files in {directory}; run `python -m export onnx` (or `make export-tiny`) first"
-            )
-        params = parameters(model_config(args))
-        try:
-            self.limits = Limits.from_parameters(params)
-            self.policy = AdmissionPolicy.from_parameters(params)
-        except ValueError as error:
-            raise pb_utils.TritonModelException(f"tokenizer: {error}") from None
+            raise settings.error(f"no tokenizer files in {directory}; run `python -m export onnx` (or `make export-tiny`) first")
+        self.limits, self.policy = settings.limits, settings.admission
         self.tokenizer = PromptTokenizer(directory)
-        try:
-            exported = repository_export(repository_root(args))
-            self.loras = ServingLoras(repository_root(args), exported[0] if exported else "fp32", self.limits.max_stacked_rank)
-        except (LoraError, ValueError) as error:
-            raise pb_utils.TritonModelException(f"tokenizer: {error}") from None
+        self.loras = settings.loras
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.metrics = AdmissionMetrics(args["model_name"])
 
