@@ -20,7 +20,13 @@ from contract.loras import Site, SiteTable
 
 
 def linear_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`up @ (down @ x)` per sample. x [batch, ..., in]; down [batch, rank, in]; up [batch, out, rank]."""
+    """`up @ (down @ x)` per sample. x [batch, ..., in]; down [batch, rank, in]; up [batch, out, rank].
+    The usual inputs (tokens [batch, tokens, in], vectors [batch, in]) need no reshape: each reshape
+    of a traced shape costs the graph a handful of shape nodes, at each of 139 sites of SDXL's UNet."""
+    if x.dim() == 3:
+        return torch.bmm(torch.bmm(x, down.transpose(1, 2)), up.transpose(1, 2))
+    if x.dim() == 2:
+        return torch.bmm(torch.bmm(x.unsqueeze(1), down.transpose(1, 2)), up.transpose(1, 2)).squeeze(1)
     flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
     delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2))  # [batch, tokens, out]
     return delta.reshape(*x.shape[:-1], up.shape[1])
@@ -30,29 +36,24 @@ def conv_delta(x: torch.Tensor, site: Site, down: torch.Tensor, up: torch.Tensor
     """The same for a convolution site: down [batch, rank, in*kh*kw] (PEFT's down convolution, its
     kernel flattened), up [batch, out, rank] (a 1x1 convolution). TensorRT builds no Conv whose
     output channels (the rank) are dynamic, so the down convolution is a batched product instead:
-    every kernel tap's [rank, in] matrix applied to x at once (rank x taps maps), then each tap's map
-    shifted into place and summed; the shifts move rank-channel maps, not x."""
+    every kernel tap's [rank, in] matrix applied to x at once (rank x taps maps); then one fixed
+    convolution with a one-hot kernel per tap (taps in, 1 out: static channels) shifts each tap's map
+    into place and sums them, with the layer's stride, padding and dilation. The shifts move
+    rank-channel maps, not x. (Slicing each tap's map, with linear_delta's reshapes, gave the same
+    numbers in a graph of 17,040 traced nodes, 8,573 now: the tiny UNet with LoRA inputs took 12.5 s
+    to trace, 4.9 s now.)"""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = site.kernel, site.stride, site.padding, site.dilation
     batch, channels, height, width = x.shape
     rank, taps = down.shape[1], kh * kw
-    # [batch, rank, in, taps] -> [batch, taps*rank, in]: one product for every tap
-    per_tap = down.unflatten(-1, (site.in_features, taps)).permute(0, 3, 1, 2).reshape(batch, -1, site.in_features)
-    maps = torch.bmm(per_tap, x.reshape(batch, channels, -1))  # [batch, taps*rank, h*w]
+    # [batch, rank, in, taps] -> [batch, rank*taps, in]: one product for every tap
+    per_tap = down.unflatten(-1, (site.in_features, taps)).transpose(2, 3).reshape(batch, -1, site.in_features)
+    maps = torch.bmm(per_tap, x.reshape(batch, channels, -1))  # [batch, rank*taps, h*w]
     if taps == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0):
-        hidden = maps  # a 1x1 convolution: a linear layer over the channels
-        out_h, out_w = height, width
-    else:
-        maps = maps.reshape(batch, taps, rank, height, width)
-        maps = F.pad(maps, (pw, pw, ph, ph)) if ph or pw else maps
-        out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        hidden = None
-        for tap in range(taps):
-            i, j = divmod(tap, kw)
-            shifted = maps[:, tap, :, i * dh: i * dh + (out_h - 1) * sh + 1: sh, j * dw: j * dw + (out_w - 1) * sw + 1: sw]
-            hidden = shifted if hidden is None else hidden + shifted
-        hidden = hidden.reshape(batch, rank, -1)
-    return torch.bmm(up, hidden).reshape(batch, up.shape[1], out_h, out_w)
+        return torch.bmm(up, maps).reshape(batch, up.shape[1], height, width)  # a 1x1 convolution: over the channels
+    one_hot = torch.eye(taps, dtype=x.dtype, device=x.device).reshape(1, taps, kh, kw)
+    hidden = F.conv2d(maps.reshape(-1, taps, height, width), one_hot, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw))
+    out_h, out_w = hidden.shape[-2:]
+    return torch.bmm(up, hidden.reshape(batch, rank, -1)).reshape(batch, up.shape[1], out_h, out_w)
 
 
 @contextmanager
