@@ -66,7 +66,7 @@ PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 PERF_CONCURRENCY ?= 1 2 4 8
 
 .PHONY: help install install-gpu install-deploy lock lock-deploy k8s-render export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale \
-  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img bench-outputs bench-refiner bench-quant bench-security perf-data
+  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img bench-outputs bench-refiner bench-quant bench-security bench-start perf-data
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
@@ -84,6 +84,7 @@ help:
 	@echo "make bench-faults kill -9 of each stub, overload, drain, cancellation, /dev/shm: $(BENCH_RESULTS)/faults_cpu.md"
 	@echo "make bench-soak   2,000 mixed requests at concurrency 8: failures, memory growth: $(BENCH_RESULTS)/soak.md"
 	@echo "make bench-fuzz   the fuzz tests' request generators at length: $(BENCH_RESULTS)/fuzz.md"
+	@echo "make bench-start  make serve launched to ready (median of 3), per model, per process, imports: $(BENCH_RESULTS)/start_cpu.md"
 	@echo "make bench-security admin APIs with and without the key, listening addresses, 2.51's crashing requests and the restarts, oversized requests: $(BENCH_RESULTS)/security_cpu.md"
 	@echo "make bench-engine continuous batching against the loop design (perf_analyzer, 256² and 512²): $(BENCH_RESULTS)/engine_cpu.md"
 	@echo "make bench-stream sdxl_stream: time to first preview, preview cost per step, cancel to slot free: $(BENCH_RESULTS)/stream_cpu.md"
@@ -219,6 +220,11 @@ bench-fuzz: install
 bench-security: install
 	$(PY) -m benchmarks.security
 
+# make serve launched to ready on make demo's repository (exported first if it is not there).
+bench-start: install
+	test -f $(REPOSITORY)/ensemble_sdxl/config.pbtxt || $(MAKE) --no-print-directory export-tiny
+	$(PY) -m benchmarks.start --repository $(REPOSITORY)
+
 # Per-request LoRAs: the UNet step by LoRA rank against the graph without LoRA inputs, and the library
 # (tiny, a few minutes); LORA_BENCH_ARGS="--arch sdxl" for SDXL's size (about 20 GB of memory).
 LORA_BENCH_ARGS ?=
@@ -242,8 +248,9 @@ perf-analyzer-check:
 	@command -v $(PERF_ANALYZER) >/dev/null || { echo "error: perf_analyzer not found ($(PERF_ANALYZER)): install it with \
 	\`pip install perf-analyzer\` (glibc 2.38 or newer) or use NVIDIA's Triton SDK container, or set PERF_ANALYZER=/path/to/perf_analyzer" >&2; exit 2; }
 
+# Ends with the ten slowest tests and the number of tritonserver starts (tests/conftest.py): what keeps it fast.
 test: install install-deploy
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 # Removes every build output (build/), and the export outputs that releases before build/model_repository
 # wrote into the tracked templates (model_repository/, ignored by git).

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from contract.configs import config_files, set_parameters
 
-from .measure import out_help, results_path, run_record, save_results
+from .measure import bench_parser, save_run, started_server
 from .throughput import (PERF_DATA, admin_header_args, log, per_request, perf_analyzer_binary, prepare_repository,
                          statistics_snapshot, tiny_pipeline)
 
@@ -71,12 +71,10 @@ def prepare(root: Path, design: str, tiny: Path) -> Path:
 def measure(design: str, repository: Path, sizes: list[int], concurrencies: list[int], work: Path,
             poisson_rates: dict[int, float] | None) -> list[dict]:
     from client import generate
-    from serving.server import TritonServer, free_port
 
     rows = []
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / f"{design}.log")
     log(f"{design}: starting tritonserver ...")
-    with server:
+    with started_server(repository, work / f"{design}.log") as server:
         for size in sizes:
             data = perf_data(size, work)
             for seed in range(2):  # the first calls of each model pay for lazy initialization
@@ -150,12 +148,10 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("engine", __doc__, "engine_cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--no-poisson", action="store_true", help="skip the Poisson arrival runs")
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("engine_cpu"),
-                        help=out_help("engine_cpu"))
     return parser
 
 
@@ -174,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                      for size in args.sizes if any(r["size"] == size and r["concurrency"] == 8 for r in rows)}
             rows += measure("loop", loop, args.sizes, [], work, rates)
         rows += measure("engine", prepare(work, "engine", tiny), args.sizes, args.concurrency, work, rates)
-    record = run_record("benchmarks.engine", argv, started, default_out=args.out == parser.get_default("out"))
-    save_results({**record, "rows": rows, "targets": targets(rows)}, args.out, write_table)
+    save_run("engine", argv, started, args, parser, {"rows": rows, "targets": targets(rows)}, write_table)
     return 0
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import existing_results, out_help, results_env, results_path
+from benchmarks.measure import bench_parser, existing_results, results_env, save_results
 from client import ClientError, generate
 from serving.processes import region_sizes, stubs_of
 from serving.supervisor import SupervisorProcess
@@ -361,8 +361,10 @@ def partial_path(out: Path) -> Path:
 
 
 def write_results(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    save_results(results, out, write_table, default=str, show=False)
+
+
+def write_table(results: dict, path: Path) -> None:
     bound, lines = results["queue_bound"], []
     lines += [f"# Faults, overload and drain: CPU variant, tiny model ({results['machine']})", "",
               f"`{results['command']}`, {results['date']}, on a 2-core machine that the clients share with the server "
@@ -406,17 +408,15 @@ def write_results(results: dict, out: Path) -> None:
               "`scheduler` are Python models), a scheduler instance's region must hold, for one request with CFG "
               "(fp16, SDXL widths): " + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in
                                                  shm["production_scheduler_estimate_bytes"].items()) + ".", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    path.write_text("\n".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("faults", __doc__, "faults_cpu")
     parser.add_argument("--quick", action="store_true", help="short load phases (a smoke run, not for the results)")
     parser.add_argument("--queue-bound-only", action="store_true",
                         help="only the queue bound sweep, merged into the existing results (OUT.json, else the "
                              "committed benchmarks/results/faults_cpu.json)")
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("faults_cpu"),
-                        help=out_help("faults_cpu"))
     return parser
 
 

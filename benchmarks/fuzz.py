@@ -57,7 +57,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.measure import out_help, results_env, results_path
+from benchmarks.measure import bench_parser, bench_server, results_env, save_results
 from contract.limits import Limits
 from serving.admission import MAX_QUEUE_TIMEOUT_MS, QUEUE_TIMEOUT_PARAMETER  # the request parameter a client may set
 from serving.endpoint import ENDPOINT_INPUTS, INPUTS, MAX_GUIDANCE, MODEL_NAME, SEED_MAX
@@ -1306,15 +1306,12 @@ def start_server(work: Path):
     from export.onnx_export import export_pipeline
     from export.sources import LoraSpec, Sources, load_pipeline
     from export.tiny import write_tiny
-    from serving.server import TritonServer, free_port
-
     tiny = work / "tiny"
     write_tiny(tiny, seed=0)
     repository = work / f"repo_{CPU_DTYPE}"
     export_pipeline(load_pipeline(Sources(str(tiny), (LoraSpec(str(tiny / "lora")),), str(tiny / "alt_vae")), CPU_DTYPE),
                     repository, CPU_DTYPE)
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / "tritonserver.log",
-                          extra_args=["--model-control-mode=explicit", "--load-model=*"])
+    server = bench_server(repository, work / "tritonserver.log", extra_args=["--model-control-mode=explicit", "--load-model=*"])
     return server.start()
 
 
@@ -1368,10 +1365,9 @@ def run_crash_check(fuzzer: Fuzzer, server) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("fuzz", __doc__, "fuzz")
     parser.add_argument("--examples", type=int, default=3000, help="examples in all, shared among the classes by WEIGHTS")
     parser.add_argument("--classes", nargs="*", default=list(WEIGHTS), choices=list(WEIGHTS))
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("fuzz"), help=out_help("fuzz"))
     parser.add_argument("--skip-crash-check", action="store_true", help="do not send KNOWN_TRITON_CRASH at the end")
     return parser
 
@@ -1439,9 +1435,7 @@ def main(argv: list[str] | None = None) -> int:
         "fixed_serving_bugs": FIXED_SERVING_BUGS,
         "known_triton_crash": crash,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    write_markdown(results, args.out.with_suffix(".md"))
+    save_results(results, args.out, write_markdown, default=str, show=False)
     unknown = [f for f in recorder.failures if not f["known"]]
     log(f"{sum(results['cases'].values())} cases, {sum(recorder.failure_counts.values())} failures "
         f"({len(unknown)} kept outside SERVING_BUGS); "

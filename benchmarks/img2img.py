@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .measure import Sampler, existing_results, out_help, results_path, run_record, save_results, tree_rss_bytes
+from .measure import bench_parser, existing_results, Sampler, save_run, started_server, tree_rss_bytes
 from .throughput import log, prepare_repository, tiny_pipeline
 
 SIZES = (512, 1024, 1536)
@@ -89,11 +89,9 @@ def served(work: Path) -> dict:
     import numpy as np
 
     from client import generate
-    from serving.server import TritonServer, free_port
 
     repository = prepare_repository(work, batching=True, schedulers=4, tiny=tiny_pipeline(work))
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / "tritonserver.log").start()
-    try:
+    with started_server(repository, work / "tritonserver.log") as server:
         rng = np.random.default_rng(0)
         image = rng.integers(0, 256, (SERVED_SIZE, SERVED_SIZE, 3), dtype=np.uint8)
         mask = np.zeros((SERVED_SIZE, SERVED_SIZE), np.uint8)
@@ -113,8 +111,6 @@ def served(work: Path) -> dict:
                           "images": list(result.images.shape)}
             log(f"{kind}: {rows[kind]}")
         return {"idle_gib": round(idle / 2**30, 2), "requests": rows}
-    finally:
-        server.stop()
 
 
 def write_table(results: dict, path: Path) -> None:
@@ -145,11 +141,10 @@ def write_table(results: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.img2img", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("img2img", __doc__, "img2img_cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="full-size VAE run sizes (default 512 1024 1536)")
     parser.add_argument("--skip-full-size", action="store_true", help="only the served measure (minutes less); the "
                         "full-size rows are kept from OUT.json, else from the committed results")
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("img2img_cpu"), help=out_help("img2img_cpu"))
     return parser
 
 
@@ -166,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         elif previous := existing_results(args.out.with_suffix(".json"), log):  # kept from the last full run
             results["full_size"] = previous.get("full_size", [])
             results["full_size_from"] = previous.get("full_size_from") or {key: previous[key] for key in ("command", "minutes")}
-    results = {**run_record("benchmarks.img2img", argv, started, default_out=args.out == parser.get_default("out")), **results}
-    save_results(results, args.out, write_table)
+    save_run("img2img", argv, started, args, parser, results, write_table)
     return 0
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .measure import out_help, results_path, run_record, save_results
+from .measure import bench_parser, results_path, run_record, save_results, started_server
 
 RANKS = (1, 8, 32, 64, 256)
 BATCHES = (1, 2)
@@ -196,7 +196,6 @@ def traffic_rows(pipe, tiny: Path, work: Path, size: int, steps: int, requests: 
     from client import generate
     from export import lora as library
     from export.tiny import write_style_lora
-    from serving.server import TritonServer, free_port
 
     from .throughput import prepare_repository, statistics_snapshot
 
@@ -204,7 +203,7 @@ def traffic_rows(pipe, tiny: Path, work: Path, size: int, steps: int, requests: 
     for i, rank in enumerate(TRAFFIC_RANKS):
         library.add(repository, f"style{i}", str(write_style_lora(pipe, work / f"style{i}", seed=100 + i, rank=rank)), 64)
     rows = []
-    with TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / "traffic.log") as server:
+    with started_server(repository, work / "traffic.log") as server:
         def send(index_names):
             index, names = index_names
             start = time.perf_counter()
@@ -305,7 +304,7 @@ def write_table(results: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.lora", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("lora", __doc__, "lora_cpu", note="; lora_cpu_sdxl with --arch sdxl")
     parser.add_argument("--arch", choices=("tiny", "sdxl"), default="tiny")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (default 512)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -314,8 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests per workload and concurrency in the served-traffic rows (tiny only; 0: skip them)")
     parser.add_argument("--traffic-size", type=int, default=256, help="image size of the served-traffic rows (default 256)")
     parser.add_argument("--traffic-steps", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=results_path("lora_cpu"),
-                        help=out_help("lora_cpu", note="; lora_cpu_sdxl with --arch sdxl"))
     return parser
 
 

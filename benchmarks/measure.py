@@ -5,15 +5,18 @@ tree over time, attributed to the phases its log lines announce.
 Linux only (reads /proc). Used by benchmarks/scale.py; no dependency beyond the standard library
 and contract/layout.py (the repository root).
 
-Also where every benchmark writes its results: RESULTS_DIR, the directory named by the environment
-variable BENCH_RESULTS (a relative path is taken from the repository root), else build/results/
-(ignored by git), so that running a benchmark leaves a clone as git has it. The committed figures
-live in benchmarks/results/ (COMMITTED_RESULTS): `BENCH_RESULTS=benchmarks/results` (or a
-benchmark's `--out benchmarks/results/NAME`) writes there.
+Also what every benchmark shares: where it writes its results (RESULTS_DIR, the directory named by
+the environment variable BENCH_RESULTS (a relative path is taken from the repository root), else
+build/results/ (ignored by git), so that running a benchmark leaves a clone as git has it; the
+committed figures live in benchmarks/results/ (COMMITTED_RESULTS): `BENCH_RESULTS=benchmarks/results`
+or a benchmark's `--out benchmarks/results/NAME` writes there), its parser's start (`bench_parser`:
+--out), its result files (`save_run`: the command that reproduces them, OUT.json, OUT.md), and the
+served repository it measures (`bench_server`, `started_server`).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -229,11 +233,51 @@ def run_record(module: str, argv: list[str] | None, started: float, default_out:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": (time.time() - started) / 60}
 
 
-def save_results(results: dict, out: Path, write_table) -> None:
-    """OUT.json, and OUT.md from write_table(results, path), which is printed."""
+def save_results(results: dict, out: Path, write_table, indent: int = 2, default=None, show: bool = True) -> None:
+    """OUT.json (json.dumps with `indent` and `default`), and OUT.md from write_table(results, path),
+    which is printed unless `show` is false."""
     import json
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=indent, default=default) + "\n")
     write_table(results, out.with_suffix(".md"))
-    print(out.with_suffix(".md").read_text())
+    if show:
+        print(out.with_suffix(".md").read_text())
+
+
+def bench_parser(module: str, doc: str, results: str, writes: str = "OUT.json and OUT.md", note: str = "") -> argparse.ArgumentParser:
+    """A benchmark's parser: `python -m benchmarks.<module>`, the first paragraph of its `doc`, and
+    --out, the results prefix (default RESULTS_DIR/`results`). The benchmark adds its own options."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path(results), help=out_help(results, writes, note))
+    return parser
+
+
+def save_run(module: str, argv: list[str] | None, started: float, args, parser: argparse.ArgumentParser, results: dict,
+             write_table) -> dict:
+    """The run's record (the command that reproduces it, the machine, the minutes) followed by
+    `results`, written to args.out's OUT.json and OUT.md (write_table); returned."""
+    record = run_record(f"benchmarks.{module}", argv, started, default_out=args.out == parser.get_default("out"))
+    results = {**record, **results}
+    save_results(results, args.out, write_table)
+    return results
+
+
+def bench_server(repository: Path, log_file: Path, **options):
+    """A TritonServer (CPU variant) for `repository` on free ports, its log in `log_file`, not started:
+    what every served benchmark measures (TritonServer's own options in `options`)."""
+    from serving.server import TritonServer, free_ports
+
+    return TritonServer(repository, "cpu", *free_ports(3), log_file=log_file, **options)
+
+
+@contextmanager
+def started_server(repository: Path, log_file: Path, timeout_s: float = 300, **options):
+    """`repository` on a started tritonserver (`bench_server`), killed at the end: no benchmark here
+    measures a shutdown, and Triton 2.51's takes about 1 s per model instance, one after another."""
+    server = bench_server(repository, log_file, **options)
+    server.start(timeout_s)
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)

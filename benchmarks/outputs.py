@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .measure import out_help, results_path, run_record, save_results
+from .measure import bench_parser, save_run, started_server
 from .throughput import log, prepare_repository, statistics_snapshot, tiny_pipeline
 
 SIZES = (512, 1024)
@@ -90,12 +90,10 @@ def per_image(repeats: int) -> list[dict]:
 
 def served(work: Path, requests: int) -> list[dict]:
     from client import generate
-    from serving.server import TritonServer, free_port
 
     repository = prepare_repository(work, batching=True, schedulers=4, tiny=tiny_pipeline(work))
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / "tritonserver.log").start()
     rows = []
-    try:
+    with started_server(repository, work / "tritonserver.log") as server:
         for protocol in ("grpc", "http"):
             url = server.grpc_url if protocol == "grpc" else server.http_url
 
@@ -123,8 +121,6 @@ def served(work: Path, requests: int) -> list[dict]:
                              "spread": [round(min(times[fmt]), 3), round(max(times[fmt]), 3)], "response_bytes": sent[fmt],
                              "postprocess_ms": round(steps_ns[fmt] / 1e6 / requests, 1)})
                 log(f"served {protocol} {fmt}: {rows[-1]}")
-    finally:
-        server.stop()
     return rows
 
 
@@ -188,10 +184,9 @@ def write_table(results: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.outputs", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("outputs", __doc__, "outputs_cpu")
     parser.add_argument("--repeats", type=int, default=5, help="runs per encoding measure (median; default 5)")
     parser.add_argument("--requests", type=int, default=8, help="served requests per row, raw and JPEG alternating (median; default 8)")
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("outputs_cpu"), help=out_help("outputs_cpu"))
     return parser
 
 
@@ -203,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-outputs-") as tmp:
         results["served"] = served(Path(tmp), args.requests)
         results["safety_checker"] = safety_checker(Path(tmp), args.repeats)
-    results = {**run_record("benchmarks.outputs", argv, started, default_out=args.out == parser.get_default("out")), **results}
-    save_results(results, args.out, write_table)
+    save_run("outputs", argv, started, args, parser, results, write_table)
     return 0
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .measure import out_help, results_path, run_record, save_results
+from .measure import bench_parser, save_run, started_server
 from .throughput import log, prepare_repository, tiny_pipeline
 
 PROMPT = "an oil painting of a harbour at sunset, thick brush strokes"
@@ -256,12 +256,9 @@ def measure_config(client, admin: dict[str, str], url: str, name: str, steps: in
 def measure(repository: Path, size: int, frames: int, warmup: int, generate_count: int, work: Path) -> list[dict]:
     import tritonclient.grpc as grpcclient
 
-    from serving.server import TritonServer, free_port
-
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / "tritonserver.log")
     log("starting tritonserver ...")
     rows = []
-    with server:
+    with started_server(repository, work / "tritonserver.log") as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:
             sent = 0
@@ -419,14 +416,12 @@ def write_table(results: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.painting", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("painting", __doc__, "painting_cpu")
     parser.add_argument("--frames", type=int, default=60, help="measured frames per configuration (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up frames per configuration (default %(default)s)")
     parser.add_argument("--size", type=int, default=512, help="the canvas' side in pixels (default %(default)s)")
     parser.add_argument("--generate-frames", type=int, default=10,
                         help="further frames per configuration through client.generate() (0: none; default %(default)s)")
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("painting_cpu"),
-                        help=out_help("painting_cpu"))
     return parser
 
 
@@ -440,10 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         repository = prepare_repository(work, batching=True, schedulers=4, tiny=tiny_pipeline(work))
         rows = measure(repository, args.size, args.frames, args.warmup, args.generate_frames, work)
-    record = run_record("benchmarks.painting", argv, started, default_out=args.out == parser.get_default("out"))
     load.append(os.getloadavg()[0])
-    save_results({**record, "load_average_1min": load, "rows": rows, "estimate": estimate(rows, args.size)}, args.out,
-                 write_table)
+    save_run("painting", argv, started, args, parser, {"load_average_1min": load, "rows": rows, "estimate": estimate(rows, args.size)},
+             write_table)
     return 0
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .measure import out_help, results_path, run, run_record, save_results
+from .measure import bench_parser, run, save_run
 from .throughput import log, tiny_pipeline
 
 HELD_OUT = 8
@@ -543,7 +543,7 @@ def sweep_lines(what: str, sweeps: dict, kept: str = PUBLISHED_KEPT) -> list[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quantization", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("quantization", __doc__, "quantization_cpu")
     parser.add_argument("--held-out", type=int, default=HELD_OUT, help=f"held-out prompts for the error figures (default {HELD_OUT})")
     parser.add_argument("--size", type=int, default=512, help="tiny: height and width of the error and speed runs (default 512)")
     parser.add_argument("--skip-full", action="store_true", help="skip the full-size UNet and VAE (about 25 minutes, 20 GiB)")
@@ -551,7 +551,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(about 8 minutes a precision on 2 cores)")
     parser.add_argument("--full-size", type=int, default=512, help="full size: calibration and comparison height and width (default 512)")
     parser.add_argument("--work", type=Path, default=Path("build") / "quantization-bench", help="exports and engines (default build/quantization-bench)")
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("quantization_cpu"), help=out_help("quantization_cpu"))
     return parser
 
 
@@ -575,8 +574,7 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
             results["full"] = {"size": args.full_size, "error": f"{type(error).__name__}: {error}", "compared": {}}
-    results = {**run_record("benchmarks.quantization", argv, started, default_out=args.out == parser.get_default("out")), **results}
-    save_results(results, args.out, write_table)
+    save_run("quantization", argv, started, args, parser, results, write_table)
     return 0
 
 

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .measure import out_help, results_path, run, run_record, save_results
+from .measure import bench_parser, run, save_run, started_server
 from .throughput import log, tiny_pipeline
 
 STEPS, GUIDANCE, HANDOFF = 20, 5.0, 0.8  # sdxl-base-refiner's defaults (contract/recipes.py)
@@ -77,7 +77,6 @@ def served(work: Path, requests: int, size: int) -> list[dict]:
     from client import generate
     from contract.configs import CPU_DTYPE, config_files, set_parameters
     from export.cli import main as export_main
-    from serving.server import TritonServer, free_port
 
     tiny = tiny_pipeline(work)
     repository = work / "repository"
@@ -88,14 +87,11 @@ def served(work: Path, requests: int, size: int) -> list[dict]:
     for name, options, parameters, unet in CASES:
         for path in config_files(repository, "scheduler"):
             set_parameters(path, {"cfg_end_fraction": parameters.get("cfg_end_fraction", "1.0")})
-        server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / "tritonserver.log").start()
-        try:
+        with started_server(repository, work / "tritonserver.log") as server:
             ask = lambda seed: generate("a lighthouse at dusk", url=server.grpc_url, protocol="grpc", seed=seed, height=size,  # noqa: E731
                                         width=size, negative_prompt="blurry", **options)
             ask(0)  # warm-up
             times = [ask(seed).seconds for seed in range(1, requests + 1)]
-        finally:
-            server.stop()
         rows.append({"case": name, "size": size, "seconds": round(statistics.median(times), 3),
                      "spread": [round(min(times), 3), round(max(times), 3)], "rows": unet})
         log(f"served: {rows[-1]}")
@@ -224,12 +220,11 @@ def write_table(results: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.refiner", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("refiner", __doc__, "refiner_cpu")
     parser.add_argument("--requests", type=int, default=5, help="served requests per case (median; default 5)")
     parser.add_argument("--size", type=int, default=512, help="served height and width (default 512)")
     parser.add_argument("--skip-full", action="store_true", help="skip the full-size refiner export and run (about 6 minutes, 14 GiB)")
     parser.add_argument("--skeletons", type=Path, metavar="DIR", help="also export the full-size refiner in fp16 and keep its skeleton in DIR")
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("refiner_cpu"), help=out_help("refiner_cpu"))
     return parser
 
 
@@ -245,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             results["full"] = full(Path(tmp), args.skeletons)
         shutil.rmtree(tmp, ignore_errors=True)
     results["estimate"] = estimate(results["flops"])
-    results = {**run_record("benchmarks.refiner", argv, started, default_out=args.out == parser.get_default("out")), **results}
-    save_results(results, args.out, write_table)
+    save_run("refiner", argv, started, args, parser, results, write_table)
     return 0
 
 

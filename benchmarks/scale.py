@@ -192,10 +192,9 @@ def stage_serve(work: Path, dtype: str) -> dict:
     """tritonserver on the full-size graphs; the requests run from this process, the server's memory
     is sampled over its process group."""
     from client import generate
-    from serving.server import TritonServer, free_port
 
     repository = work / f"repo_{dtype}"
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / f"serve-{dtype}.log")
+    server = measure.bench_server(repository, work / f"serve-{dtype}.log")
     with measure.Sampler(lambda: server.process.pid if server.process else None) as sampler:
         start = time.monotonic()
         server.start(timeout_s=1800)
@@ -386,10 +385,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
+    parser = measure.bench_parser("scale", __doc__, "scale_cpu")
     parser.add_argument("--work", type=Path, default=layout.REPO_ROOT / "build" / "scale", help="where the GBs go (about 35 GB)")
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=measure.results_path("scale_cpu"),
-                        help=measure.out_help("scale_cpu"))
     parser.add_argument("--skip", nargs="*", choices=STAGES, default=[],
                         help="stages to leave out (their inputs must exist; their figures come from OUT.json, else "
                              "from the committed benchmarks/results/scale_cpu.json)")
@@ -407,9 +404,7 @@ def save(args, stages: dict, command: str) -> None:
                    f"{platform.machine()}, no GPU",
         "stages": stages,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out.with_suffix(".md"))
+    measure.save_results(results, args.out, write_markdown)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import psutil
 
 from contract import security
 
-from .measure import Sampler, out_help, results_path, run_record, save_results, tree_rss_bytes
+from .measure import bench_parser, Sampler, save_run, tree_rss_bytes
 
 SPARE_MODEL = "loras"  # a model the admin calls may unload and load again: the LoRA library's listing
 CHUNKED_BYTES = 3_600_000  # what killed `make serve` in the trial: 3.6 MB of 6-byte chunks
@@ -348,9 +348,7 @@ def write_table(results: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.security", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("security_cpu"),
-                        help=out_help("security_cpu"))
+    parser = bench_parser("security", __doc__, "security_cpu")
     return parser
 
 
@@ -359,10 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="security-") as directory:
-        results = {**run_record("benchmarks.security", argv, started, args.out == parser.get_default("out")),
-                   "date": time.strftime("%Y-%m-%d"), **run(Path(directory))}
-    results["minutes"] = round((time.time() - started) / 60, 1)
-    save_results(results, args.out, write_table)
+        results = {"date": time.strftime("%Y-%m-%d"), **run(Path(directory))}
+    save_run("security", argv, started, args, parser, results, write_table)
     return 0
 
 

@@ -29,7 +29,6 @@ in MiB per 1,000 requests.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.measure import out_help, process_tree, results_env, results_path, status_kib
+from benchmarks.measure import bench_parser, process_tree, results_env, save_results, status_kib
 from contract.layout import REPO_ROOT
 from serving.supervisor import SupervisorProcess
 
@@ -314,10 +313,9 @@ def machine() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("soak", __doc__, "soak")
     parser.add_argument("--requests", type=int, default=2000, help="requests after the warm-up (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads (default %(default)s)")
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("soak"), help=out_help("soak"))
     return parser
 
 
@@ -363,9 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests, "concurrency": args.concurrency, "warmup_requests": WARMUP,
         "duration_s": round(time.monotonic() - run_start, 1), **result,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
+    save_results(result, args.out, lambda results, path: path.write_text(markdown(results)), indent=1, show=False)
     log(f"done in {result['duration_s']:.0f} s: {args.out.with_suffix('.json')}, {args.out.with_suffix('.md')}")
     s = result["load"]
     passed = (s["unexpected"] == 0 and result["warmup"]["unexpected"] == 0 and not result["restarts_nonzero"]

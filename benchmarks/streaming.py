@@ -31,7 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .measure import out_help, results_path, run_record, save_results
+from .measure import bench_parser, save_run, started_server
 from .throughput import log, prepare_repository, tiny_pipeline
 
 STEPS = 4
@@ -94,12 +94,9 @@ def median(values) -> float:
 
 
 def measure(repository: Path, sizes: list[int], repeats: int, work: Path) -> list[dict]:
-    from serving.server import TritonServer, free_port
-
     rows = []
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / "tritonserver.log")
     log("starting tritonserver ...")
-    with server:
+    with started_server(repository, work / "tritonserver.log") as server:
         url, metrics_url = server.grpc_url, f"http://127.0.0.1:{server.metrics_port}/metrics"
         for size in sizes:
             for seed in range(2):  # the first calls of each model pay for lazy initialization
@@ -161,11 +158,9 @@ def write_table(results: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.streaming", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("streaming", __doc__, "stream_cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("stream_cpu"),
-                        help=out_help("stream_cpu"))
     return parser
 
 
@@ -177,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         repository = prepare_repository(work, batching=True, schedulers=4, tiny=tiny_pipeline(work))
         rows = measure(repository, args.sizes, args.repeats, work)
-    record = run_record("benchmarks.streaming", argv, started, default_out=args.out == parser.get_default("out"))
-    save_results({**record, "rows": rows}, args.out, write_table)
+    save_run("streaming", argv, started, args, parser, {"rows": rows}, write_table)
     return 0
 
 

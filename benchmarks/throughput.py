@@ -36,7 +36,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.measure import out_help, results_env, results_path
+from benchmarks.measure import bench_parser, results_env, save_results, started_server
 from contract.configs import CPU_DTYPE
 from contract.layout import REPO_ROOT
 
@@ -153,12 +153,9 @@ def warm_up(http_url: str) -> None:
 
 
 def measure_setup(name: str, repository: Path, concurrencies: list[int], requests: int, work: Path) -> list[dict]:
-    from serving.server import TritonServer, free_port
-
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=work / f"{repository.parent.name}-{repository.name}.log")
     rows = []
     log(f"{name}: starting tritonserver ...")
-    with server:
+    with started_server(repository, work / f"{repository.parent.name}-{repository.name}.log") as server:
         binary = perf_analyzer_binary()
         warm_up(server.http_url)
         for concurrency in concurrencies:
@@ -269,13 +266,11 @@ def plot(results: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
+    parser = bench_parser("throughput", __doc__, "throughput_cpu", writes="OUT.json, OUT.md and OUT.png")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=24, help="requests per measurement window (at least 4 x concurrency)")
     parser.add_argument("--baseline-repeats", type=int, default=24)
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
-    parser.add_argument("--out", type=Path, metavar="PREFIX", default=results_path("throughput_cpu"),
-                        help=out_help("throughput_cpu", "OUT.json, OUT.md and OUT.png"))
     return parser
 
 
@@ -308,9 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": baseline,
         "scaling_8_over_1": scaling,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results, args.out.with_suffix(".md"))
+    save_results(results, args.out, write_table, show=False)
     plot(results, args.out.with_suffix(".png"))
     log(f"wrote {args.out.with_suffix('.md')}, .json and .png")
     return 0
