@@ -42,7 +42,7 @@ from contract.layout import REPO_ROOT
 
 from .admission import RunState, run_directory
 from .processes import remove_regions, stub_problem, stubs_of
-from .server import ServerError, TritonServer, dies_with, free_port
+from .server import ServerError, TritonServer, dies_with, free_ports
 
 KILL_MARGIN_S = 5  # after drain + exit: what the supervisor needs to kill leftovers and exit
 
@@ -116,6 +116,32 @@ class Status:
         return "\n".join(lines) + "\n"
 
 
+class SignalFlag:
+    """The part of threading.Event the supervisor needs (set, is_set, wait), safe to set from a signal
+    handler. Event.set takes the Event's lock, and a handler runs on the main thread between two
+    bytecodes: a second SIGTERM that arrived while the first handler was inside Event.set() waited
+    for the lock its own thread held, forever (seen with `kill -TERM -- -PGID` of `make serve`, which
+    signals make and the supervisor at once). Here set() is one assignment, and wait() sleeps in
+    short steps that a signal cannot hold up."""
+
+    STEP_S = 0.02
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._set and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(self.STEP_S, left))
+        return self._set
+
+
 class Restart(Exception):
     def __init__(self, reason: str, detail: str, since: float):
         super().__init__(detail)
@@ -126,8 +152,9 @@ class Supervisor:
     def __init__(self, server: TritonServer, timing: Timing = Timing(), health_port: int = 8003, log=sys.stderr):
         self.server, self.timing, self.health_port, self._log = server, timing, health_port, log
         self.status = Status()
-        self._stop = threading.Event()  # first SIGTERM/SIGINT: drain
-        self._hurry = threading.Event()  # a second one: stop waiting for requests
+        self._stop = SignalFlag()  # first SIGTERM/SIGINT: drain
+        self._hurry = SignalFlag()  # a second one: stop waiting for requests
+        self._hurry_logged = False
         self._restart_times: deque[float] = deque()
         self._stopped_since: dict[str, float] = {}
         self._not_ready_since: float | None = None
@@ -168,10 +195,18 @@ class Supervisor:
             health.shutdown()
 
     def _on_signal(self, signum, frame) -> None:
+        """Flags only: no lock, no output (a print here, interrupting one of the main thread's, fails
+        with a reentrant-call error); the waits below say what a second signal did."""
         if self._stop.is_set():
-            self.log(f"{signal.Signals(signum).name} again: not waiting for requests any longer")
             self._hurry.set()
         self._stop.set()
+
+    def _hurried(self) -> bool:
+        """True once a second SIGTERM/SIGINT came (said in the log the first time it is seen)."""
+        if self._hurry.is_set() and not self._hurry_logged:
+            self._hurry_logged = True
+            self.log("a second SIGTERM/SIGINT: not waiting for requests any longer")
+        return self._hurry.is_set()
 
     def _start(self) -> None:
         self.status.state = "starting"
@@ -249,7 +284,7 @@ class Supervisor:
     def _wait_for_loops(self, timeout_s: float, include_queued: bool = False) -> bool:
         """Wait until no loop runs (and, for a drain, no admitted request waits); True if it came."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not self._hurry.is_set():
+        while time.monotonic() < deadline and not self._hurried():
             queued, running = self.run_state.counts()
             self.status.queued, self.status.running = queued, running
             if running == 0 and (queued == 0 or not include_queued):
@@ -286,7 +321,7 @@ class Supervisor:
     def _wait_for_tails(self, deadline: float) -> bool:
         """True once no request finished in the tail models for TAIL_QUIET_S (or they cannot be asked)."""
         last, quiet_since = self._finished_requests(), time.monotonic()
-        while time.monotonic() < deadline and not self._hurry.is_set():
+        while time.monotonic() < deadline and not self._hurried():
             if last is None:
                 return True
             time.sleep(0.1)
@@ -361,7 +396,7 @@ class SupervisorProcess:
 
     def __init__(self, repository: Path, log_path: Path, variant: str = "cpu", extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None):
-        self.ports = {name: free_port() for name in ("http", "grpc", "metrics", "health")}
+        self.ports = dict(zip(("http", "grpc", "metrics", "health"), free_ports(4)))
         self.log_path = Path(log_path)
         self.command = [sys.executable, "-m", "serving.server", "--repository", str(repository), "--variant", variant,
                         *(f"--{name}-port={port}" for name, port in self.ports.items()), *extra_args]

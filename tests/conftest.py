@@ -4,6 +4,9 @@ session's last check: no process it started (servers, stubs, supervisors) is lef
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import threading
 import time
 
 # Engine tests build with TensorRT-RTX, which needs no GPU (full TensorRT is not installable here).
@@ -109,25 +112,63 @@ def graphs(loaded, exported, refined):
 
 
 @pytest.fixture(scope="session")
+def quantized(loaded, tiny_dir, tiny_sources, tmp_path_factory):
+    """`quantized(precision, dtype)`: a repository with the UNet graph in `precision` (and the VAE
+    decoder in int8 with an int8 UNet), calibrated on 4 prompts at 128x128. int8 in fp32 is the CLI's
+    whole export (`python -m export onnx ... --unet-precision int8 --vae-precision int8`: unet_lora
+    quantized as unet is, the other networks float), which test_quantization_served.py serves; the
+    others are export_pipeline's of the session's pipeline, with the UNet and VAE decoder alone.
+    Cached per (precision, dtype): test_quantization.py and test_quantization_served.py share them."""
+    from export.cli import main as export_main
+    from export.quantize import Precisions
+    from helpers import calibration
+
+    cache = {}
+
+    def get(precision: str, dtype: str = "fp32"):
+        if (precision, dtype) not in cache:
+            repository = tmp_path_factory.mktemp(f"quantized_{precision}_{dtype}")
+            if (precision, dtype) == ("int8", "fp32"):
+                assert export_main([
+                    "onnx", "--model", str(tiny_dir), "--lora", str(tiny_dir / "lora"), "--vae", str(tiny_dir / "alt_vae"),
+                    "--preview-vae", str(tiny_dir / "preview_vae"), "--safety-checker", str(tiny_dir / "safety_checker"),
+                    "--dtype", dtype, "--out", str(repository), "--unet-precision", "int8", "--vae-precision", "int8",
+                    "--calibration-count", "4", "--calibration-size", "128"]) == 0
+            else:
+                vae = "int8" if precision == "int8" else dtype
+                export_pipeline(loaded(dtype), repository, dtype, names=("unet", "vae_decoder"),
+                                precisions=Precisions(precision, vae, calibration(tiny_sources)))
+            cache[precision, dtype] = repository
+        return cache[precision, dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def serve(exported, tmp_path_factory):
     """`serve(dtype)`: a real tritonserver (CPU variant) on free ports serving the tiny pipeline's
     graphs of that dtype with this repository's configs (which the export set to that dtype) and
     models; explicit model control, so a test can unload a model. One server per dtype, kept."""
-    from serving.server import TritonServer, free_port
+    from serving.server import TritonServer, free_ports
 
     servers = {}
 
     def get(dtype: str) -> TritonServer:
         if dtype not in servers:
             log = tmp_path_factory.mktemp(f"triton_{dtype}") / "tritonserver.log"
-            server = TritonServer(exported(dtype), "cpu", free_port(), free_port(), free_port(), log_file=log,
+            server = TritonServer(exported(dtype), "cpu", *free_ports(3), log_file=log,
                                   extra_args=["--model-control-mode=explicit", "--load-model=*"])
             servers[dtype] = server.start()
         return servers[dtype]
 
     yield get
-    for server in servers.values():
-        server.stop()
+    from contract.configs import CPU_DTYPE
+
+    for dtype, server in servers.items():
+        if dtype != CPU_DTYPE:  # killed: a clean shutdown takes 2.51 about 1 s per model instance, one after another
+            server.stop(kill=True)
+            continue
+        server.stop()  # Triton's own shutdown (what stop() does), checked once here
         try:  # the whole process group (server and Python-backend stubs) is gone
             os.killpg(server.process.pid, 0)
             raise AssertionError(f"processes of tritonserver's group {server.process.pid} outlived stop()")
@@ -136,11 +177,100 @@ def serve(exported, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def engine_server(exported, tmp_path_factory):
+    """The CPU default dtype's repository with the scheduler in engine mode (the continuous-batching
+    engine: helpers.start_engine_server), one for the session's modules that only send it requests."""
+    from contract.configs import CPU_DTYPE
+    from helpers import start_engine_server, stop_quickly
+
+    server = start_engine_server(exported(CPU_DTYPE), tmp_path_factory, "engine_server")
+    yield server
+    stop_quickly(server)
+
+
+@pytest.fixture(scope="session")
+def supervised(exported, tmp_path_factory):
+    """The supervisor (`python -m serving.server`) as a default `make serve` runs it: loopback, and no
+    key given, so it generates one (written where --generated-admin-key-file says: here, not the
+    clone's build/); its LoRA library is SDXL_LORA_LIBRARY, as the chart sets it (empty at first).
+    One for the session: test_deploy.py only sends it requests; test_supervisor.py restarts it and,
+    last, drains it away (its SIGTERM test)."""
+    from contract import security
+    from contract.configs import CPU_DTYPE
+    from serving.supervisor import SupervisorProcess
+
+    work = tmp_path_factory.mktemp("supervisor")
+    library = work / "loras" / "library"
+    server = SupervisorProcess(exported(CPU_DTYPE), work / "serve.log",
+                               extra_args=("--drain-timeout-s=60", f"--generated-admin-key-file={work / 'admin-key'}"),
+                               env={"SDXL_LORA_LIBRARY": str(library), security.KEY_ENV: ""})
+    server.lora_library, server.key_file = library, work / "admin-key"
+    server.wait(ready=True, timeout_s=300)
+    server.admin_key = security.read_key_file(server.key_file)
+    yield server
+    if server.process.poll() is None:  # not drained by test_supervisor.py: as a pod's stop would
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    server.kill_everything()
+
+
+@pytest.fixture(scope="session")
 def triton(serve):
     """The server of the CPU default dtype (contract.configs.CPU_DTYPE: the faster one on a CPU)."""
     from contract.configs import CPU_DTYPE
 
     return serve(CPU_DTYPE)
+
+
+class ServerStarts:
+    """Counts the tritonserver processes this session starts, however they are started (a TritonServer
+    here, a supervisor's start or restart in a child process): a thread polls the process table every
+    0.1 s for tritonserver processes carrying SESSION_TAG (a start lasts seconds; none is missed)."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self._others: set[int] = set()  # tritonservers of other sessions on the machine
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="server-starts", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return len(self.seen)
+
+    def _poll(self) -> None:
+        session = str(os.getpid())
+        while not self._stop.wait(0.1):
+            for process in psutil.process_iter(["name"]):
+                if process.info["name"] != "tritonserver" or process.pid in self.seen or process.pid in self._others:
+                    continue
+                try:
+                    if "--help" in process.cmdline():  # serving.server asking it which options it has
+                        continue
+                    ours = process.environ().get(SESSION_TAG) == session
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                (self.seen if ours else self._others).add(process.pid)
+
+
+SERVER_STARTS = ServerStarts()
+
+
+def pytest_sessionstart(session):
+    SERVER_STARTS.start()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The line a maintainer reads to keep the suite fast, after pytest's slowest durations."""
+    starts = SERVER_STARTS.stop()
+    terminalreporter.write_line(f"tritonserver starts in this session: {starts} (each a few seconds: share a started "
+                                "server where a test only sends requests; tests/conftest.py)")
 
 
 def _left_running() -> list[psutil.Process]:

@@ -12,6 +12,8 @@ Tolerances are relative to the reference's largest magnitude, per export dtype:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -75,7 +77,7 @@ def start_engine_server(source, tmp_path_factory, name: str):
 
     from contract.configs import config_files, set_parameters
     from contract.loras import library_dir
-    from serving.server import TritonServer, free_port
+    from serving.server import TritonServer, free_ports
 
     repository = tmp_path_factory.mktemp(f"{name}_repo")
     shutil.copytree(source, repository, dirs_exist_ok=True)
@@ -84,7 +86,7 @@ def start_engine_server(source, tmp_path_factory, name: str):
     for path in config_files(repository, "scheduler"):
         set_parameters(path, {"engine": "denoiser"})
     log = tmp_path_factory.mktemp(name) / "tritonserver.log"
-    return TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log).start()
+    return TritonServer(repository, "cpu", *free_ports(3), log_file=log).start()
 
 
 def metric(server, name: str) -> float:
@@ -94,3 +96,32 @@ def metric(server, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:
         text = response.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def stop_quickly(server) -> None:
+    """Kill a test's server (and remove what its processes leave): a clean shutdown takes Triton 2.51
+    about 1 s per model instance, serially (6 s for this repository's), and these tests do not look
+    at it (the session's shared servers and test_supervisor.py's drain do)."""
+    server.stop(kill=True)
+
+
+@contextmanager
+def running(server):
+    """`server` started, and stopped quickly whatever happens."""
+    server.start()
+    try:
+        yield server
+    finally:
+        stop_quickly(server)
+
+
+QUANTIZED_NETWORKS = ("unet", "unet_lora", "vae_decoder")  # what an 8-bit export quantizes
+
+
+def calibration(tiny_sources, count: int = 4):
+    """The tiny recipe's calibration on `count` of the default prompts at 128x128."""
+    from contract.recipes import custom_recipe
+    from export.quantize import DEFAULT_PROMPTS_FILE, Calibration, read_prompts
+
+    recipe = custom_recipe(tiny_sources.model, "lcm")
+    return Calibration.for_recipe(recipe, read_prompts(DEFAULT_PROMPTS_FILE, count), size=128, source="test")

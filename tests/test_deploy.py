@@ -13,9 +13,7 @@ import json
 import math
 import os
 import re
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -578,25 +576,6 @@ def test_the_servers_read_the_lora_library_that_loras_source_names(case, library
 
 
 # --- against a real supervised server ------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def supervised(exported, tmp_path_factory):
-    """A supervised server whose LoRA library is SDXL_LORA_LIBRARY, as the chart sets it (empty at first)."""
-    from contract.configs import CPU_DTYPE
-    from serving.supervisor import SupervisorProcess
-
-    library = tmp_path_factory.mktemp("deploy_loras") / "library"
-    server = SupervisorProcess(exported(CPU_DTYPE), tmp_path_factory.mktemp("deploy") / "serve.log",
-                               env={"SDXL_LORA_LIBRARY": str(library)})
-    server.lora_library = library
-    server.wait(ready=True, timeout_s=300)
-    yield server
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        server.process.wait(timeout=60)
-    finally:
-        server.kill_everything()
-
 
 def local_url(server, text: str, objects: list[dict]) -> str:
     """`text` with the Service's in-cluster address and ports replaced by the local server's."""

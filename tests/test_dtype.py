@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import tritonclient.http as http
+from helpers import running
 
 from contract import configs
 from contract.configs import (CPU_DTYPE, EXPORTED_MODELS, config_files, config_problems, declared_interface,
@@ -17,7 +18,7 @@ from contract.networks import REFINER_UNET_NAME, SDXL_DIMS, TOKENIZER, compute_t
 from contract.recipes import RECIPE_PARAMETERS
 
 from export.cli import main
-from serving.server import ServerError, TritonServer, free_port
+from serving.server import ServerError, TritonServer, free_ports
 
 
 def variants(repository, model):
@@ -126,7 +127,7 @@ def test_width_mismatch_is_named(exported, tmp_path):
 
 
 def test_the_launcher_refuses_to_start_a_mismatch(mismatched, tmp_path):
-    server = TritonServer(mismatched, "cpu", free_port(), free_port(), free_port(), log_file=tmp_path / "log")
+    server = TritonServer(mismatched, "cpu", *free_ports(3), log_file=tmp_path / "log")
     with pytest.raises(ServerError, match=r"(?s)^text_encoder: the graphs were exported in fp32.*\nunet: .*\nvae_decoder: .*\nscheduler: "):
         server.start()
     assert server.process is None, "tritonserver was started"
@@ -148,9 +149,9 @@ def test_export_configs_without_graphs(tmp_path, capsys):
 
 def test_triton_fails_the_load_of_a_mismatched_model(mismatched, tmp_path):
     """Started past the launcher's check: the model's own load fails, with the same message."""
-    server = TritonServer(mismatched, "cpu", free_port(), free_port(), free_port(), log_file=tmp_path / "log",
+    server = TritonServer(mismatched, "cpu", *free_ports(3), log_file=tmp_path / "log",
                           extra_args=["--model-control-mode=explicit"], check_configs=False)
-    with server:
+    with running(server):
         client = http.InferenceServerClient(server.http_url)
         for model, tensor, graph in (("unet", "sample", "unet/1/model.onnx"),
                                      ("scheduler", "prompt_embeds", "text_encoder/1/model.onnx")):

@@ -14,18 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import metric, start_engine_server
+from helpers import metric
 from reference import diffusers_images
 
 from client import generate
 from contract.configs import CPU_DTYPE
-
-
-@pytest.fixture(scope="module")
-def engine_server(exported, tmp_path_factory):
-    server = start_engine_server(exported(CPU_DTYPE), tmp_path_factory, "engine_server")
-    yield server
-    server.stop()
 
 
 def ask(server, protocol="grpc", **options):

@@ -10,21 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import metric, start_engine_server
+from helpers import metric
 from reference import sample_image, sample_mask
 
 from client import ClientError, generate
 from client.__main__ import main as client_main
-from contract.configs import CPU_DTYPE
+
 
 IMAGE, MASK = sample_image(128, 192), sample_mask(128, 192)
-
-
-@pytest.fixture(scope="module")
-def engine_server(exported, tmp_path_factory):
-    server = start_engine_server(exported(CPU_DTYPE), tmp_path_factory, "img2img_engine")
-    yield server
-    server.stop()
 
 
 def ask(server, protocol="grpc", **options):

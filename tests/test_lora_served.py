@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import start_engine_server
+from helpers import start_engine_server, stop_quickly
 from reference import diffusers_images
 
 from client import ClientError, generate, loras
@@ -176,7 +176,7 @@ def engine_server(served_loras, exported, tmp_path_factory):
     starts with a library beside its repository."""
     server = start_engine_server(exported(CPU_DTYPE), tmp_path_factory, "lora_engine")
     yield server
-    server.stop()
+    stop_quickly(server)
 
 
 def test_the_engine_batches_requests_with_different_loras_and_serves_the_loops_images(engine_server, triton, served_loras):

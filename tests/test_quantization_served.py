@@ -1,43 +1,52 @@
-"""8-bit graphs served unchanged: `python -m export onnx --unet-precision fp8 --vae-precision int8` and
-`--unet-precision int8` on the tiny pipeline, each served by a real tritonserver (the CPU variant:
-ONNX Runtime runs the Q/DQ graphs), answering like the float repository within the quantization
-error, with and without a LoRA-free request's plain UNet, over HTTP and gRPC."""
+"""8-bit graphs served unchanged: `python -m export onnx --unet-precision int8 --vae-precision int8` on
+the tiny pipeline, and the float repository with an FP8 UNet and that INT8 VAE decoder (the session's
+quantized repositories, test_quantization.py's too), each served by a real tritonserver (the CPU variant: ONNX Runtime runs the
+Q/DQ graphs), answering like the float repository within the quantization error, with and without a
+LoRA-free request's plain UNet, over HTTP and gRPC."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
+from helpers import running
 
 from client import generate
 from contract import layout
 from contract.configs import CPU_DTYPE
-from export.cli import main as export_main
-from serving.server import TritonServer, free_port
+from serving.server import TritonServer, free_ports
 
 # Mean pixel difference (0-255) against the float repository's image, tiny random-weight model,
-# calibrated on 8 prompts at 128x128: measured 1.5 to 1.7 levels (benchmarks/results/quantization_cpu.md).
+# calibrated on 4 to 8 prompts at 128x128: measured 1.5 to 1.7 levels (benchmarks/results/quantization_cpu.md).
 MAX_MEAN_DIFFERENCE = 6.0
 REQUEST = {"seed": 11, "height": 128, "width": 128, "num_inference_steps": 4}
 
 
-def export(tiny_dir, repository, *precision_flags: str) -> None:
-    assert export_main([
-        "onnx", "--model", str(tiny_dir), "--lora", str(tiny_dir / "lora"), "--vae", str(tiny_dir / "alt_vae"),
-        "--preview-vae", str(tiny_dir / "preview_vae"), "--safety-checker", str(tiny_dir / "safety_checker"),
-        "--dtype", CPU_DTYPE, "--out", str(repository), *precision_flags,
-        "--calibration-count", "8", "--calibration-size", "128",
-    ]) == 0
+def with_graphs_of(float_repository, graphs: dict, repository) -> None:
+    """`repository`: a copy of `float_repository` with the version directories of `graphs` (network ->
+    the repository to take it from) in place of its own (graph, export.json: the precision is the graph's)."""
+    shutil.copytree(float_repository, repository, dirs_exist_ok=True)
+    for name, source in graphs.items():
+        shutil.rmtree(layout.version_dir(repository, name))
+        shutil.copytree(layout.version_dir(source, name), layout.version_dir(repository, name))
 
 
-@pytest.fixture(scope="module", params=[("fp8", "int8"), ("int8", CPU_DTYPE)], ids=["unet-fp8-vae-int8", "unet-int8"])
-def quantized_server(request, tiny_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=[("fp8", "int8"), ("int8", "int8")], ids=["unet-fp8-vae-int8", "unet-int8-vae-int8"])
+def quantized_server(request, exported, quantized, tmp_path_factory):
+    """unet-int8-vae-int8: the CLI's whole export (`--unet-precision int8 --vae-precision int8`, the
+    session's quantized("int8")), end to end. unet-fp8-vae-int8: the float repository with the session's
+    FP8 UNet and that INT8 VAE decoder (an export of its own would repeat the same code for a minute)."""
     unet, vae = request.param
-    repository = tmp_path_factory.mktemp(f"served_{unet}_{vae}")
-    export(tiny_dir, repository, "--unet-precision", unet, "--vae-precision", vae)
+    if unet == "int8":
+        repository = quantized("int8")
+    else:
+        repository = tmp_path_factory.mktemp(f"served_{unet}_{vae}")
+        with_graphs_of(exported(CPU_DTYPE), {"unet": quantized("fp8"), "vae_decoder": quantized("int8")}, repository)
     assert layout.graph_precision(layout.version_dir(repository, "unet")) == unet
     assert layout.graph_precision(layout.version_dir(repository, "vae_decoder")) == vae
     log = tmp_path_factory.mktemp("quantized_server") / "tritonserver.log"
-    with TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log).start() as server:
+    with running(TritonServer(repository, "cpu", *free_ports(3), log_file=log)) as server:
         yield server
 
 

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import running
 from reference import diffusers_from_image, diffusers_images, sample_image, sample_mask
 
 from client import ClientError, generate, info
@@ -21,7 +22,7 @@ from export.cli import main as export_main
 from export.onnx_export import export_pipeline
 from export.sources import ExportError, LoraSpec, Sources, hub_file, load_pipeline, load_unet
 from export.tiny import build_tiny_pipeline, write_tiny
-from serving.server import TritonServer, free_port
+from serving.server import TritonServer, free_ports
 
 # Served (ONNX Runtime, fp32) against diffusers (PyTorch, fp32): the serving tests' bounds.
 PIXEL_MAX, PIXEL_MEAN = 1, 0.01
@@ -37,9 +38,14 @@ def assert_close(served: np.ndarray, expected: np.ndarray) -> None:
     assert difference.max() <= PIXEL_MAX and difference.mean() <= PIXEL_MEAN, (difference.max(), difference.mean())
 
 
-def serve(repository, tmp_path_factory) -> TritonServer:
+def serve(repository, tmp_path_factory):
+    """The repository on a started server, stopped quickly at the end (a `with` block). These tests call
+    ensemble_sdxl only: explicit model control loads it, its steps and what its scheduler calls (the
+    unet, the vae_encoder for img2img) and the LoRA listing (the client's --info), not the streaming
+    endpoint's models (a third of a start)."""
     log = tmp_path_factory.mktemp("recipe_server") / "tritonserver.log"
-    return TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=log).start()
+    endpoint = ["--model-control-mode=explicit", *(f"--load-model={model}" for model in ("ensemble_sdxl", "unet", "vae_encoder", "loras"))]
+    return running(TritonServer(repository, "cpu", *free_ports(3), log_file=log, extra_args=endpoint))
 
 
 def ask(server, case: dict, **extra):
@@ -67,9 +73,8 @@ def scheduler_server(request, exported, loaded, tmp_path_factory):
     recipe = Recipe(f"tiny-{kind}", sources.model, kind, loras=tuple(str(lora) for lora in sources.loras), vae=sources.vae,
                     min_steps=1, max_steps=6, default_steps=2, default_guidance=0.0, eta=SERVED[kind], size=128)
     export_pipeline(loaded(CPU_DTYPE), repository, CPU_DTYPE, names=(), recipe=recipe)
-    server = serve(repository, tmp_path_factory)
-    yield kind, recipe, server
-    server.stop()
+    with serve(repository, tmp_path_factory) as server:
+        yield kind, recipe, server
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -191,16 +196,13 @@ def test_tiny_ssd_1b_exported_with_its_preset_and_served_matches_diffusers(tmp_p
     pipe = load_pipeline(Sources(str(source), (LoraSpec(str(source / "lora")),), str(source / "alt_vae")), CPU_DTYPE).pipe
     assert type(pipe.unet.mid_block).__name__ == "UNetMidBlock2D"  # SSD-1B: no attention in the mid block
     assert [len(a.transformer_blocks) for a in pipe.unet.up_blocks[0].attentions] == [4, 4, 10]
-    server = serve(repository, tmp_path_factory)
-    try:
+    with serve(repository, tmp_path_factory) as server:
         for case in CASES.values():
             spec = {**case, "guidance": 1.0 if case["guidance"] == 0.0 else case["guidance"]}
             result = ask(server, spec)
             expected = diffusers_images(pipe, spec["prompt"], seed=spec["seed"], steps=spec["steps"], guidance=spec["guidance"],
                                         negative=spec["negative"], num_images=spec["num_images"], scheduler="lcm")
             assert_close(result.images, expected)
-    finally:
-        server.stop()
 
 
 # --- a distilled UNet in place of the model's ----------------------------------------------------
@@ -218,12 +220,9 @@ def test_unet_given_with_flag_is_the_one_served(tmp_path_factory):
     assert parameters(read_config(repository, "scheduler", "cpu"))["recipe_unet"] == str(root / "distilled_unet.safetensors")
     with_distilled = load_pipeline(Sources(str(root / "model"), unet=str(root / "distilled_unet.safetensors")), CPU_DTYPE).pipe
     original = load_pipeline(Sources(str(root / "model")), CPU_DTYPE).pipe
-    server = serve(repository, tmp_path_factory)
-    try:
-        spec = CASES["1 step, no CFG, 2 images"]
+    spec = CASES["1 step, no CFG, 2 images"]
+    with serve(repository, tmp_path_factory) as server:
         served = ask(server, {**spec, "steps": 2}).images
-    finally:
-        server.stop()
     kwargs = dict(seed=spec["seed"], steps=2, guidance=0.0, num_images=2, scheduler="euler")
     assert_close(served, diffusers_images(with_distilled, spec["prompt"], **kwargs))
     own = diffusers_images(original, spec["prompt"], **kwargs)

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import running
 from reference import diffusers_ensemble_images
 
 from client import ClientError, generate, info
@@ -17,7 +18,7 @@ from contract.configs import CPU_DTYPE, parameters, read_config
 from contract.networks import REFINER_UNET_NAME
 from export.cli import main as export_main
 from export.sources import ExportError, Sources, load_pipeline, load_refiner
-from serving.server import TritonServer, free_port
+from serving.server import TritonServer, free_ports
 
 PIXEL_MAX, PIXEL_MEAN = 1, 0.01  # served (ONNX Runtime, fp32) against diffusers (PyTorch, fp32)
 
@@ -40,7 +41,7 @@ def reference(tiny_dir):
 @pytest.fixture(scope="module")
 def refiner_server(refiner_repository, tmp_path_factory):
     log = tmp_path_factory.mktemp("refiner_server") / "tritonserver.log"
-    with TritonServer(refiner_repository, "cpu", free_port(), free_port(), free_port(), log_file=log).start() as server:
+    with running(TritonServer(refiner_repository, "cpu", *free_ports(3), log_file=log)) as server:
         yield server
 
 

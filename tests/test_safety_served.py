@@ -12,12 +12,13 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from helpers import stop_quickly
 from test_safety import diffusers_check
 
 from client import generate
 from client.__main__ import main as client_main
 from export.sources import load_safety_checker
-from serving.server import ServerError, TritonServer, free_port
+from serving.server import ServerError, TritonServer, free_ports
 
 PROTOCOLS = ["http", "grpc"]
 CASES = [dict(prompt="a photo of a cat", seed=seed, num_inference_steps=2, height=128, width=128, num_images_per_prompt=4)
@@ -44,26 +45,50 @@ def raw(triton):
 
 
 @pytest.fixture(scope="module")
-def checking(exported, tmp_path_factory):
-    """A server whose postprocess and sdxl_stream are loaded again with `policy(name)`: their config's
-    safety_checker parameter set to it, as a deployment's config sets it."""
+def checking(triton, raw):
+    """The session's server with its postprocess and sdxl_stream loaded again with `policy(name)`:
+    their config's safety_checker parameter set to it, as a deployment's config sets it (Triton's
+    load API with a config, explicit model control); loaded back as they were at the end. After
+    `raw`, which the default deployment answers."""
     import tritonclient.http as http
 
-    log = tmp_path_factory.mktemp("triton_safety") / "tritonserver.log"
-    server = TritonServer(exported("fp32"), "cpu", free_port(), free_port(), free_port(), log_file=log,
-                          extra_args=["--model-control-mode=explicit", "--load-model=*"]).start()
-    client = http.InferenceServerClient(server.http_url)
+    client = http.InferenceServerClient(triton.http_url)
+    admin = triton.admin_headers()
+    original = {model: client.get_model_config(model, headers=admin) for model in ("postprocess", "sdxl_stream")}
+
+    current = []
 
     def policy(name: str):
-        for model in ("postprocess", "sdxl_stream"):
-            config = client.get_model_config(model, headers=server.admin_headers())
-            config["parameters"]["safety_checker"] = {"string_value": name}
-            client.load_model(model, config=json.dumps(config), headers=server.admin_headers())
-        return server
+        if current != [name]:  # a reload costs seconds (the stream's 4 instances end one by one)
+            for model, config in original.items():
+                changed = json.loads(json.dumps(config))
+                changed.setdefault("parameters", {})["safety_checker"] = {"string_value": name}
+                client.load_model(model, config=json.dumps(changed), headers=admin)
+            current[:] = [name]
+        return triton
 
-    yield policy
-    client.close()
-    server.stop()
+    try:
+        yield policy
+    finally:
+        for model, config in original.items():
+            client.load_model(model, config=json.dumps(config), headers=admin)
+        client.close()
+
+
+def test_default_deployment_sends_an_empty_nsfw_detected(triton):
+    """No checker: the output is there for a client that asks for it, with no flags (shape [0]). Before
+    the tests that load the session's server with a checker (`checking`)."""
+    import tritonclient.grpc as grpc
+
+    from client import build_inputs
+
+    inputs = build_inputs("grpc", "a cat", seed=1, num_inference_steps=1, height=128, width=128)
+    client = grpc.InferenceServerClient(triton.grpc_url)
+    try:
+        result = client.infer("ensemble_sdxl", inputs, outputs=[grpc.InferRequestedOutput("nsfw_detected")])
+    finally:
+        client.close()
+    assert result.as_numpy("nsfw_detected").shape == (0,)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -82,6 +107,14 @@ def test_black_policy_flags_and_images_equal_diffusers(checking, checker, raw, p
                           diffusers_check(checker, raw[0])[0])
 
 
+def test_stream_final_response_carries_the_flags(checking, checker, raw):
+    server = checking("black")
+    updates = list(ask(server, "grpc", 0, stream=True, preview_every=1))
+    assert all(update.nsfw_detected is None for update in updates[:-1])  # previews are not checked
+    expected_images, expected_flags = diffusers_check(checker, raw[0])
+    assert updates[-1].nsfw_detected == expected_flags and np.array_equal(updates[-1].images, expected_images)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_flag_policy_returns_the_images_with_their_flags(checking, checker, raw, protocol):
     server = checking("flag")
@@ -89,14 +122,6 @@ def test_flag_policy_returns_the_images_with_their_flags(checking, checker, raw,
         result = ask(server, protocol, case)
         assert result.nsfw_detected == diffusers_check(checker, images)[1]
         assert np.array_equal(result.images, images)
-
-
-def test_stream_final_response_carries_the_flags(checking, checker, raw):
-    server = checking("black")
-    updates = list(ask(server, "grpc", 0, stream=True, preview_every=1))
-    assert all(update.nsfw_detected is None for update in updates[:-1])  # previews are not checked
-    expected_images, expected_flags = diffusers_check(checker, raw[0])
-    assert updates[-1].nsfw_detected == expected_flags and np.array_equal(updates[-1].images, expected_images)
 
 
 def test_cli_prints_each_images_verdict(checking, checker, raw, tmp_path, capsys):
@@ -110,27 +135,12 @@ def test_cli_prints_each_images_verdict(checking, checker, raw, tmp_path, capsys
     assert [line.rsplit("bytes  ", 1)[1] for line in lines] == verdicts
 
 
-def test_default_deployment_sends_an_empty_nsfw_detected(triton):
-    """No checker: the output is there for a client that asks for it, with no flags (shape [0])."""
-    import tritonclient.grpc as grpc
-
-    from client import build_inputs
-
-    inputs = build_inputs("grpc", "a cat", seed=1, num_inference_steps=1, height=128, width=128)
-    client = grpc.InferenceServerClient(triton.grpc_url)
-    try:
-        result = client.infer("ensemble_sdxl", inputs, outputs=[grpc.InferRequestedOutput("nsfw_detected")])
-    finally:
-        client.close()
-    assert result.as_numpy("nsfw_detected").shape == (0,)
-
-
 def test_a_checker_that_cannot_load_fails_the_start(exported, tmp_path):
     repository = tmp_path / "repo"
     shutil.copytree(exported("fp32"), repository)
     (repository / "safety_checker" / "1" / "model.onnx").write_bytes(b"not an ONNX graph")
-    server = TritonServer(repository, "cpu", free_port(), free_port(), free_port(), log_file=tmp_path / "log")
+    server = TritonServer(repository, "cpu", *free_ports(3), log_file=tmp_path / "log")
     with pytest.raises(ServerError):
         server.start(timeout_s=240)
-    server.stop()
+    stop_quickly(server)
     assert "safety_checker" in (tmp_path / "log").read_text()

@@ -6,14 +6,14 @@ import os
 
 import pytest
 
-from serving.server import ServerError, TritonServer, auto_variant, free_port
+from serving.server import ServerError, TritonServer, auto_variant, free_ports
 
 
 def test_server_that_cannot_start_reports_its_log_and_leaves_nothing(tmp_path):
     broken = tmp_path / "repo" / "broken"
     (broken / "1").mkdir(parents=True)
     (broken / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\n')
-    server = TritonServer(tmp_path / "repo", "cpu", free_port(), free_port(), free_port(), log_file=tmp_path / "log")
+    server = TritonServer(tmp_path / "repo", "cpu", *free_ports(3), log_file=tmp_path / "log")
     with pytest.raises(ServerError, match=r"tritonserver exited with code \d+ while starting; last lines of .*log"):
         server.start(timeout_s=120)
     with pytest.raises(ProcessLookupError):

@@ -31,24 +31,6 @@ def generate_on(server: SupervisorProcess, **options):
                     **{"height": 128, "width": 128, **options})
 
 
-@pytest.fixture(scope="module")
-def supervised(exported, tmp_path_factory):
-    """A supervised server as a default `make serve` runs it: loopback, and no key given, so it
-    generates one (written where --generated-admin-key-file says: here, not the clone's build/)."""
-    from contract.configs import CPU_DTYPE
-
-    work = tmp_path_factory.mktemp("supervisor")
-    library = work / "loras" / "library"
-    server = SupervisorProcess(exported(CPU_DTYPE), work / "serve.log",
-                               extra_args=("--drain-timeout-s=60", f"--generated-admin-key-file={work / 'admin-key'}"),
-                               env={"SDXL_LORA_LIBRARY": str(library), security.KEY_ENV: ""})
-    server.lora_library, server.key_file = library, work / "admin-key"
-    server.wait(ready=True, timeout_s=300)
-    server.admin_key = security.read_key_file(server.key_file)
-    yield server
-    server.kill_everything()  # after a failed test, what is left of both process groups
-
-
 def outcome(call) -> str:
     try:
         call()
@@ -185,6 +167,51 @@ def test_sigterm_drains_under_load_without_losing_a_request(supervised):
     # The start's generated key goes with it; no log line of the supervisor, tritonserver or a model held it.
     assert not supervised.key_file.exists()
     assert supervised.admin_key not in supervised.log_path.read_text(errors="replace")
+
+
+def test_a_signal_inside_the_first_signals_handler_does_not_hang(monkeypatch):
+    """`kill -TERM -- -PGID` of `make serve` signals make and the supervisor at once, and make passes its
+    own on: the second handler can run inside the first (Python runs handlers between bytecodes). With
+    threading.Event the nested set() waited for the lock its own thread held and the supervisor hung for
+    good (seen here); SignalFlag takes no lock. The nested signal is simulated where it struck."""
+    import threading
+
+    from serving.supervisor import SignalFlag, Supervisor
+
+    supervisor = Supervisor(server=None)
+    original, nested = SignalFlag.set, []
+
+    def set_with_a_signal_inside(flag):
+        original(flag)
+        if not nested:
+            nested.append(True)
+            supervisor._on_signal(signal.SIGTERM, None)  # the second SIGTERM, inside the first set()
+
+    monkeypatch.setattr(SignalFlag, "set", set_with_a_signal_inside)
+    handler = threading.Thread(target=supervisor._on_signal, args=(signal.SIGTERM, None), daemon=True)
+    handler.start()
+    handler.join(timeout=5)
+    assert not handler.is_alive() and supervisor._stop.is_set() and supervisor._hurry.is_set()
+
+
+def test_a_second_sigterm_stops_waiting_for_requests(exported, tmp_path):
+    """Two SIGTERMs: the first drains, the second ends the wait for requests; the supervisor exits 0."""
+    from contract.configs import CPU_DTYPE
+
+    server = SupervisorProcess(exported(CPU_DTYPE), tmp_path / "serve.log")
+    try:
+        server.wait(ready=True, timeout_s=300)
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(outcome, lambda: generate_on(server, height=256, width=256, num_inference_steps=8))
+            time.sleep(1.0)
+            os.kill(server.process.pid, signal.SIGTERM)
+            time.sleep(0.2)
+            os.kill(server.process.pid, signal.SIGTERM)
+            assert server.process.wait(timeout=60) == 0
+            running.result(timeout=60)  # ended one way or the other: not waited for
+        assert "a second SIGTERM/SIGINT: not waiting for requests any longer" in server.log_tail(10**6)
+    finally:
+        server.kill_everything()
 
 
 def test_a_busy_health_port_is_one_error_line(exported):
