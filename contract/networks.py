@@ -19,7 +19,49 @@ COMPUTE = "COMPUTE"
 
 # Dynamic axes, named after what they count. Image sizes are multiples of 64, so latent sizes are
 # multiples of 8 (the UNet downsamples latents twice more, by 4, so they must be multiples of 4).
-DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "image_height", "image_width", "lora_rank")
+DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "image_height", "image_width", "lora_rank", "control_size")
+
+# A ControlNet's residuals (diffusers' ControlNetModel, as StableDiffusionXLControlNetPipeline hands them
+# to the UNet): one per output of the UNet's down path (conv_in, each down block's resnets, each
+# downsampler) and one for the mid block, each at its block's channels and size. SDXL at 1024²: 3 x
+# [320, 128, 128], [320, 64, 64], 2 x [640, 64, 64], [640, 32, 32], 2 x [1280, 32, 32], mid [1280, 32, 32].
+# They travel as ONE tensor per sample, `control_residuals` [batch, control_size]: every residual
+# flattened, in that order, side by side; the UNet graph cuts it back (export/modules.py). One tensor
+# whatever the architecture, so specs, configs, batching and scaling (a ControlNet's scale multiplies
+# it, several ControlNets add) stay the same for SDXL, SSD-1B and the tiny model.
+# SDXL's UNet downsamples latents twice: every residual's size is latent / 1, 2 or 4, and control_size
+# is control_width (elements per 4 x 4 patch of latent pixels) x (latent_height / 4) x (latent_width / 4).
+CONTROL_LEVELS = 2
+
+
+def control_residual_layout(block_out_channels, layers_per_block) -> tuple[tuple[int, int], ...]:
+    """(channels, level) of each residual a ControlNet hands the UNet, in the UNet's order; a
+    residual of level k is latent / 2**k wide and high. From the UNet's (or the ControlNet's) config."""
+    blocks = len(block_out_channels)
+    layers = list(layers_per_block) if isinstance(layers_per_block, (list, tuple)) else [layers_per_block] * blocks
+    if blocks - 1 > CONTROL_LEVELS:
+        raise ValueError(f"a UNet of {blocks} down blocks downsamples {blocks - 1} times; SDXL's do at most {CONTROL_LEVELS}")
+    residuals = [(block_out_channels[0], 0)]  # conv_in
+    for level, channels in enumerate(block_out_channels):
+        residuals += [(channels, level)] * layers[level]
+        if level < blocks - 1:  # the block's downsampler
+            residuals.append((channels, level + 1))
+    residuals.append((block_out_channels[-1], blocks - 1))  # the mid block
+    return tuple(residuals)
+
+
+def control_width(residuals: tuple[tuple[int, int], ...]) -> int:
+    """ModelDims.control_width of a residual layout: its elements per 4 x 4 patch of latent pixels."""
+    return sum(channels * 4 ** (CONTROL_LEVELS - level) for channels, level in residuals)
+
+
+def unet_control_width(block_out_channels, layers_per_block) -> int:
+    """control_width of a UNet's ControlNets; 0 for a UNet no SDXL ControlNet fits (more down blocks)."""
+    try:
+        return control_width(control_residual_layout(block_out_channels, layers_per_block))
+    except ValueError:
+        return 0
+
 
 # SDXL keeps its time conditioning in six numbers per sample:
 # (original_height, original_width, crop_top, crop_left, target_height, target_width).
@@ -56,6 +98,8 @@ class ModelDims:
     unet_lora_out: int = 1_494_404
     text_lora_in: int = 452_864
     text_lora_out: int = 452_864
+    # control_residuals' width per 4 x 4 latent patch (control_width() of SDXL's residual layout).
+    control_width: int = 26_240
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelDims":
@@ -77,6 +121,7 @@ class ModelDims:
             refiner_text_dim=get(text_encoder_2, "hidden_size"),
             latent_channels=get(unet, "in_channels"),
             vae_scale_factor=2 ** (len(get(vae, "block_out_channels")) - 1),
+            control_width=unet_control_width(get(unet, "block_out_channels"), get(unet, "layers_per_block")),
             **(lora_widths or {}),
         )
 
@@ -122,6 +167,9 @@ class TensorSpec:
         for image, latent in (("image_height", "latent_height"), ("image_width", "latent_width")):
             if image not in values and latent in values:
                 values[image] = values[latent] * model.vae_scale_factor
+        if "control_size" not in values and "latent_height" in values and "latent_width" in values:
+            patches = (values["latent_height"] // 2 ** CONTROL_LEVELS) * (values["latent_width"] // 2 ** CONTROL_LEVELS)
+            values["control_size"] = model.control_width * patches
         return tuple(d if isinstance(d, int) else values[d] for d in self.dims)
 
     def static_dims(self, model: ModelDims) -> tuple[int, ...]:
@@ -257,6 +305,24 @@ SAFETY_CHECKER = NetworkSpec(
         TensorSpec("special_care_distances", "FP32", ("batch", SAFETY_SPECIAL_CARE)),
     ),
 )
+
+# ControlNets (issue 34, in progress: exported and checked; not yet served). One ControlNet graph per
+# ControlNet the deployment serves (`export onnx --controlnet NAME=PATH`), all with this interface:
+# the UNet's inputs and the control image as the endpoint takes it (uint8 RGB, NHWC, at the output
+# size; the pipeline's control_image_processor, x / 255 without normalization, runs in the graph) ->
+# its residuals at conditioning scale 1 (the loop scales them per request).
+CONTROLNET_NAME, UNET_CONTROL_NAME = "controlnet", "unet_control"
+CONTROL_RESIDUALS = TensorSpec("control_residuals", COMPUTE, ("batch", "control_size"))
+CONTROLNET = NetworkSpec(
+    name=CONTROLNET_NAME,
+    inputs=(*UNET.inputs, TensorSpec("controlnet_cond", "UINT8", ("batch", "image_height", "image_width", 3))),
+    outputs=(CONTROL_RESIDUALS,),
+)
+# The UNet that adds ControlNet residuals (rows without a ControlNet send zeros), with the LoRA inputs
+# too: the batches in which a request sends ControlNets run it; the others run unet or unet_lora as
+# before, paying nothing for the capability.
+UNET_CONTROL = NetworkSpec(name=UNET_CONTROL_NAME, inputs=(*UNET_LORA.inputs, CONTROL_RESIDUALS), outputs=UNET.outputs)
+CONTROL_NETWORKS = {n.name: n for n in (CONTROLNET, UNET_CONTROL)}
 
 NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER, SAFETY_CHECKER,
                                  REFINER_UNET)}

@@ -55,13 +55,56 @@ class UNet(nn.Module):
         self.unet = unet
         self.lora_sites = sites_of(networks.UNET.name, {"unet": unet}) if lora else None
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, lora_down=None, lora_up=None):
-        """Without LoRA tensors: the UNet alone."""
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, lora_down=None, lora_up=None,
+                control_residuals=None):
+        """Without LoRA tensors: the UNet alone. `control_residuals`: ControlNets' residuals, flattened
+        (networks.CONTROL_RESIDUALS), added as StableDiffusionXLControlNetPipeline adds them."""
+        kwargs = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}, "return_dict": False}
+        if control_residuals is not None:
+            config = self.unet.config
+            layout = networks.control_residual_layout(config.block_out_channels, config.layers_per_block)
+            *down, mid = split_residuals(control_residuals, layout, sample.shape[2], sample.shape[3])
+            kwargs.update(down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
         if lora_down is None:
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)[0]
         with lora_branches({"unet": self.unet}, self.lora_sites, lora_down, lora_up):
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)[0]
+
+
+def flatten_residuals(residuals) -> torch.Tensor:
+    """A ControlNet's down and mid residuals as networks.CONTROL_RESIDUALS: [batch, control_size]."""
+    return torch.cat([r.flatten(1) for r in residuals], dim=1)
+
+
+def split_residuals(flat: torch.Tensor, layout, latent_height, latent_width) -> list[torch.Tensor]:
+    """flatten_residuals undone: each residual of `layout` (networks.control_residual_layout) at its
+    channels and size for latents of latent_height x latent_width (traced: symbolic sizes)."""
+    residuals, start = [], 0
+    for channels, level in layout:
+        height, width = latent_height // 2 ** level, latent_width // 2 ** level
+        size = channels * height * width
+        residuals.append(flat[:, start:start + size].reshape(flat.shape[0], channels, height, width))
+        start = start + size
+    return residuals
+
+
+class ControlNet(nn.Module):
+    """diffusers' ControlNetModel as StableDiffusionXLControlNetPipeline calls it (guess mode off), at
+    conditioning scale 1 (the loop scales each ControlNet's residuals per request: the same product
+    diffusers takes inside the model). The control image arrives as the endpoint takes it, uint8 RGB
+    NHWC at the output size; the pipeline's control_image_processor (VaeImageProcessor without
+    normalization: fp32 x / 255, then the model's dtype) runs in the graph."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, controlnet_cond):
+        # The Cast first: TensorRT takes UINT8 only at the network's edge, straight into a Cast.
+        image = (controlnet_cond.to(torch.float32).permute(0, 3, 1, 2) / 255.0).to(self.controlnet.dtype)
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond=image, conditioning_scale=1.0,
+                                    added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)
+        return flatten_residuals([*down, mid])
 
 
 class ChunkedSelfAttention:
@@ -219,8 +262,10 @@ def build_module(name: str, pipe, dtype: torch.dtype | None = None) -> nn.Module
     the graphs whose outputs must carry it whatever their components' dtype (vae_encoder)."""
     if name == networks.TEXT_ENCODER.name:
         module = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
-    elif name in (networks.UNET.name, networks.UNET_LORA.name):  # traced without, or with, the LoRA inputs
-        module = UNet(pipe.unet)
+    elif name in (networks.UNET.name, networks.UNET_LORA.name, networks.UNET_CONTROL_NAME):
+        module = UNet(pipe.unet)  # traced without, or with, the LoRA (and ControlNet) inputs
+    elif name == networks.CONTROLNET_NAME:  # the stage's ControlNet
+        module = ControlNet(pipe.controlnet)
     elif name == networks.REFINER_UNET.name:  # the same wrapper: five time ids, bigG-only text
         module = UNet(pipe.refiner_unet, lora=False)
     elif name == networks.VAE_DECODER.name:

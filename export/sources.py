@@ -36,6 +36,8 @@ SAFETY_CHECKER_SUBFOLDER = "safety_checker"
 # Where `python -m export random` writes its SDXL-refiner-shaped UNet; a recipe with a refiner takes
 # the model directory's refiner/ when --refiner is not given (export/cli.py).
 REFINER_SUBFOLDER = "refiner"
+# Where random pipelines keep their ControlNet (export tiny, export random): `--controlnet NAME=<model>/controlnet`.
+CONTROLNET_SUBFOLDER = "controlnet"
 
 
 class ExportError(Exception):
@@ -233,6 +235,54 @@ def check_refiner(config, dims, source: str) -> None:
         raise ExportError(f"--refiner {source!r}: not an SDXL refiner for this model: {found}; a refiner takes the base's "
                           f"latents, text_encoder_2's {dims.refiner_text_dim}-wide hidden states and {REFINER_TIME_IDS_DIM} time "
                           "ids with the aesthetic score (stabilityai/stable-diffusion-xl-refiner-1.0's unet/)")
+
+
+def load_controlnet(source: str, dims=None, flag: str = "--controlnet"):
+    """An SDXL ControlNet (diffusers' ControlNetModel): a ControlNet directory or hub id, or a
+    directory holding one in controlnet/. With `dims` (the base's contract.networks.ModelDims),
+    checked to fit the base's UNet as an SDXL ControlNet does."""
+    import torch
+    from diffusers import ControlNetModel
+
+    path = Path(source).expanduser()
+    location = str(path) if path.exists() else source
+    subfolder = CONTROLNET_SUBFOLDER if path.is_dir() and not (path / "config.json").exists() else None
+    try:
+        controlnet = ControlNetModel.from_pretrained(location, subfolder=subfolder, torch_dtype=torch.float32)
+    except Exception as error:  # hub clients raise many types; each becomes one clear message
+        raise _load_error(flag, source, error) from error
+    if dims is not None:
+        check_controlnet(controlnet.config, dims, f"{flag} {source!r}")
+    return controlnet
+
+
+def check_controlnet(config, dims, what: str) -> None:
+    """ExportError unless the ControlNet's config fits the base (`dims`): its latents, its text
+    conditioning and time ids, and residuals of the base UNet's channels and sizes."""
+    from contract.networks import TIME_IDS_DIM, unet_control_width
+
+    time_dim = config.addition_time_embed_dim or 0
+    found = {
+        "in_channels": config.in_channels,
+        "cross_attention_dim": config.cross_attention_dim,
+        "addition_embed_type": config.addition_embed_type,
+        "projection_class_embeddings_input_dim": config.projection_class_embeddings_input_dim,
+        "residuals (control_width)": unet_control_width(config.block_out_channels, config.layers_per_block),
+        "control image downsampling": 2 ** (len(config.conditioning_embedding_out_channels) - 1),
+    }
+    wanted = {
+        "in_channels": dims.latent_channels,
+        "cross_attention_dim": dims.text_dim,
+        "addition_embed_type": "text_time",
+        "projection_class_embeddings_input_dim": TIME_IDS_DIM * time_dim + dims.pooled_dim,
+        "residuals (control_width)": dims.control_width,
+        "control image downsampling": dims.vae_scale_factor,
+    }
+    wrong = [f"{key} {found[key]!r} (expected {value!r})" for key, value in wanted.items() if found[key] != value]
+    if wrong:
+        raise ExportError(f"{what}: not an SDXL ControlNet for this model: {', '.join(wrong)}; it must take this model's "
+                          "latents, text embeddings and time ids and give residuals of its UNet's shapes "
+                          "(for SDXL: diffusers/controlnet-canny-sdxl-1.0 and its kind)")
 
 
 # The pipeline's networks; each export stage loads only the ones its graph needs (export/onnx_export.py).

@@ -347,9 +347,10 @@ def write_style_lora(
 def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     """Write the tiny pipeline, its LoRA (`lora/`), a second VAE (`alt_vae/`), a preview VAE
     (`preview_vae/`, an AutoencoderTiny), a safety checker calibrated on the pipeline's images
-    (`safety_checker/`, export/safety_checker.py) and a refiner UNet (`refiner/`) under `out_dir`."""
+    (`safety_checker/`, export/safety_checker.py), a refiner UNet (`refiner/`) and a ControlNet
+    (`controlnet/`) under `out_dir`."""
     from .safety_checker import build_safety_checker, calibrate, image_processor, pipeline_images, write_safety_checker
-    from .sources import REFINER_SUBFOLDER, SAFETY_CHECKER_SUBFOLDER
+    from .sources import CONTROLNET_SUBFOLDER, REFINER_SUBFOLDER, SAFETY_CHECKER_SUBFOLDER
 
     out_dir = Path(out_dir)
     pipe = build_tiny_pipeline(seed, arch)
@@ -370,3 +371,26 @@ def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     encoder_2 = pipe.text_encoder_2.config
     tiny_refiner_unet(encoder_2.hidden_size, encoder_2.projection_dim).save_pretrained(out_dir / REFINER_SUBFOLDER, safe_serialization=True)
     log(f"refiner UNet (the SDXL refiner's conditioning) written to {out_dir / REFINER_SUBFOLDER}")
+    tiny_controlnet(pipe.unet, seed + 6).save_pretrained(out_dir / CONTROLNET_SUBFOLDER, safe_serialization=True)
+    log(f"ControlNet (ControlNetModel.from_unet, random output convolutions) written to {out_dir / CONTROLNET_SUBFOLDER}")
+
+
+# Published SDXL ControlNets (diffusers/controlnet-canny-sdxl-1.0 and the others) have this conditioning
+# embedding; the tiny one narrower, with as many stages (len - 1 halvings = the VAE's factor of 8).
+TINY_CONDITIONING_CHANNELS = (8, 16, 32, 32)
+
+
+def tiny_controlnet(unet, seed: int):
+    """A ControlNet for `unet` (diffusers' `ControlNetModel.from_unet`: its encoder's weights copied).
+    from_unet zeroes the convolutions that feed the UNet (a new ControlNet adds nothing until trained):
+    random ones here, so that the residuals a test compares are not zeros."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_CONDITIONING_CHANNELS)
+    zeroed = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zeroed:
+            conv.weight.normal_(std=0.05)
+            conv.bias.normal_(std=0.01)
+    return controlnet

@@ -1,0 +1,141 @@
+"""ControlNets (issue 34): the residual layout, the ControlNet graph and the UNet that adds its
+residuals, each against diffusers' modules; the check that a ControlNet fits the base model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, run_onnx, run_torch
+
+from contract import networks
+from contract.networks import ModelDims, control_residual_layout, control_width
+from export.modules import ControlNet, UNet, build_module, split_residuals
+from export.onnx_export import COMPUTE_DTYPES, example_inputs, export_network
+from export.sources import ExportError, check_controlnet, load_controlnet
+
+SHAPES = {
+    "1x128x128": dict(batch=1, latent_height=16, latent_width=16),
+    "3x192x320": dict(batch=3, latent_height=24, latent_width=40),
+}
+TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+@pytest.fixture(scope="module")
+def controlnet(tiny_dir, loaded):
+    """`controlnet(dtype)`: the tiny ControlNet, checked against the tiny pipeline, in `dtype`."""
+    cache = {}
+
+    def get(dtype: str):
+        if dtype not in cache:
+            dims = ModelDims.from_pipeline(loaded(dtype).pipe)
+            cache[dtype] = load_controlnet(str(tiny_dir / "controlnet"), dims).to(TORCH_DTYPES[dtype]).eval()
+        return cache[dtype]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def control_graphs(controlnet, loaded, tmp_path_factory):
+    """`control_graphs(dtype)`: a directory holding the controlnet and unet_control graphs."""
+    import onnxruntime as ort
+
+    cache = {}
+
+    def get(dtype: str):
+        if dtype not in cache:
+            pipe, directory = loaded(dtype).pipe, tmp_path_factory.mktemp(f"control_{dtype}")
+            dims = ModelDims.from_pipeline(pipe)
+            modules = {networks.CONTROLNET_NAME: ControlNet(controlnet(dtype)).eval(), networks.UNET_CONTROL_NAME: UNet(pipe.unet).eval()}
+            cache[dtype] = {
+                name: ort.InferenceSession(str(export_network(module, networks.CONTROL_NETWORKS[name], dims, dtype, directory / name)),
+                                           providers=["CPUExecutionProvider"])
+                for name, module in modules.items()
+            }
+        return cache[dtype]
+
+    return get
+
+
+def test_sdxl_residuals_are_the_published_shapes():
+    """SDXL at 1024² (latents 128²): 3 x [320,128,128], [320,64,64], 2 x [640,64,64], [640,32,32], 2 x [1280,32,32]
+    and the mid block's [1280,32,32]."""
+    layout = control_residual_layout((320, 640, 1280), 2)
+    shapes = [(channels, 128 >> level, 128 >> level) for channels, level in layout]
+    assert shapes == [(320, 128, 128)] * 3 + [(320, 64, 64)] + [(640, 64, 64)] * 2 + [(640, 32, 32)] + [(1280, 32, 32)] * 3
+    assert control_width(layout) == networks.SDXL_DIMS.control_width
+    size = networks.CONTROL_RESIDUALS.shape(networks.SDXL_DIMS, batch=1, latent_height=128, latent_width=128)[1]
+    assert size == sum(c * h * w for c, h, w in shapes)
+
+
+def test_a_unet_with_more_down_blocks_takes_no_controlnet():
+    with pytest.raises(ValueError, match="4 down blocks"):
+        control_residual_layout((384, 768, 1536, 1536), 2)  # SDXL's refiner
+    assert networks.unet_control_width((384, 768, 1536, 1536), 2) == 0
+
+
+def test_the_graph_module_gives_diffusers_residuals_flattened(controlnet, loaded):
+    """ControlNet (the graph's module) against ControlNetModel called as the SDXL ControlNet pipeline calls it:
+    the control image as its control_image_processor makes it (x / 255, not normalized), scale 1."""
+    model, pipe = controlnet("fp32"), loaded("fp32").pipe
+    dims = ModelDims.from_pipeline(pipe)
+    inputs = example_inputs(networks.CONTROLNET, dims, "FP32", seed=3, **SHAPES["3x192x320"])
+    flat = run_torch(ControlNet(model), inputs)[0]
+    added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+    image = inputs["controlnet_cond"].permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        down, mid = model(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], controlnet_cond=image,
+                          added_cond_kwargs=added, return_dict=False)
+    layout = control_residual_layout(model.config.block_out_channels, model.config.layers_per_block)
+    parts = split_residuals(torch.from_numpy(flat), layout, 24, 40)
+    assert [tuple(p.shape) for p in parts] == [tuple(r.shape) for r in (*down, mid)]
+    for part, residual in zip(parts, (*down, mid)):
+        assert torch.equal(part, residual)
+    assert flat.shape == networks.CONTROL_RESIDUALS.shape(dims, batch=3, latent_height=24, latent_width=40)
+
+
+def test_the_unet_adds_residuals_as_diffusers_does(controlnet, loaded):
+    """UNet with control_residuals against UNet2DConditionModel given the ControlNet's down and mid
+    residuals, with and without LoRA inputs; zero residuals change nothing."""
+    model, pipe = controlnet("fp32"), loaded("fp32").pipe
+    dims = ModelDims.from_pipeline(pipe)
+    inputs = example_inputs(networks.UNET_CONTROL, dims, "FP32", seed=4, **SHAPES["3x192x320"])
+    unet = UNet(pipe.unet).eval()
+    layout = control_residual_layout(model.config.block_out_channels, model.config.layers_per_block)
+    *down, mid = split_residuals(inputs["control_residuals"], layout, 24, 40)
+    plain = {name: inputs[name] for name in networks.UNET.input_names}
+    added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+    with torch.no_grad():
+        ours = unet(*plain.values(), control_residuals=inputs["control_residuals"])
+        theirs = pipe.unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], added_cond_kwargs=added,
+                           down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid, return_dict=False)[0]
+        assert torch.equal(ours, theirs)
+        zeros = torch.zeros_like(inputs["control_residuals"])
+        no_lora = {"lora_down": torch.zeros_like(inputs["lora_down"]), "lora_up": torch.zeros_like(inputs["lora_up"])}
+        assert torch.allclose(unet(*plain.values(), **no_lora, control_residuals=zeros), unet(*plain.values()), atol=1e-5)
+        with_lora = unet(*inputs.values())
+        assert not torch.allclose(with_lora, unet(*plain.values(), lora_down=inputs["lora_down"], lora_up=inputs["lora_up"]))
+
+
+# unet_control in fp16 at one shape, as unet_lora (test_onnx_parity.py): fp32 covers the batch of 3.
+CASES = [(network, dtype, shape) for network in networks.CONTROL_NETWORKS for dtype in ("fp32", "fp16") for shape in SHAPES
+         if not (network == networks.UNET_CONTROL_NAME and dtype == "fp16" and shape != "1x128x128")]
+
+
+@pytest.mark.parametrize("network, dtype, shape", CASES)
+def test_graph_matches_module(control_graphs, controlnet, loaded, network, dtype, shape):
+    pipe = loaded(dtype).pipe
+    spec = networks.CONTROL_NETWORKS[network]
+    inputs = example_inputs(spec, ModelDims.from_pipeline(pipe), COMPUTE_DTYPES[dtype], seed=1, **SHAPES[shape])
+    module = ControlNet(controlnet(dtype)) if network == networks.CONTROLNET_NAME else build_module(network, pipe)
+    expected = run_torch(module.eval(), inputs)
+    actual = run_onnx(control_graphs(dtype)[network], inputs)
+    assert_close(actual[0], expected[0], dtype, f"{network}.{spec.outputs[0].name} {dtype} {shape}")
+
+
+def test_a_controlnet_for_another_model_is_refused_by_name(tiny_dir, loaded):
+    dims = ModelDims.from_pipeline(loaded("fp32").pipe)
+    config = load_controlnet(str(tiny_dir / "controlnet")).config
+    with pytest.raises(ExportError, match=rf"--controlnet 'x': not an SDXL ControlNet for this model: cross_attention_dim 96 \(expected {dims.text_dim}\)"):
+        check_controlnet(type("Config", (), {**dict(config), "cross_attention_dim": 96})(), dims, "--controlnet 'x'")
+    with pytest.raises(ExportError, match=r"residuals \(control_width\) \d+ \(expected 1600\)"):
+        check_controlnet(type("Config", (), {**dict(config), "layers_per_block": 2})(), dims, "--controlnet 'x'")
