@@ -140,12 +140,14 @@ lock: install
 	  $(PY) -m pip freeze --exclude-editable --exclude nvidia-pytriton --exclude invisible-watermark | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements/base.txt
 
 # The last file `export random` writes: a tiny directory from before the safety checker is written again.
-$(TINY_DIR)/safety_checker/preprocessor_config.json: | install
+# The last file `export random` writes (a tiny directory from before the ControlNet is written again).
+$(TINY_DIR)/controlnet/config.json: | install
 	$(PY) -m export random $(TINY_DIR) --arch tiny
 
-export-tiny: $(TINY_DIR)/safety_checker/preprocessor_config.json
+export-tiny: $(TINY_DIR)/controlnet/config.json
 	$(PY) -m export onnx --model $(TINY_DIR) --lora $(TINY_DIR)/lora --vae $(TINY_DIR)/alt_vae \
-	  --preview-vae $(TINY_DIR)/preview_vae --safety-checker $(TINY_DIR)/safety_checker --dtype $(DTYPE) --out $(REPOSITORY)
+	  --preview-vae $(TINY_DIR)/preview_vae --safety-checker $(TINY_DIR)/safety_checker \
+	  --controlnet tiny=$(TINY_DIR)/controlnet --dtype $(DTYPE) --out $(REPOSITORY)
 
 demo: export-tiny
 	$(PY) -m serving.demo --repository $(REPOSITORY)

@@ -24,8 +24,8 @@ from tritonclient.grpc import model_config_pb2
 
 from . import layout
 from .limits import Limits
-from .networks import (COMPUTE, DYNAMIC_DIMS, LOOP_MODELS, NETWORKS, RECIPE_MODELS, SCHEDULER, TOKENIZER, ModelDims, TensorSpec,
-                       compute_tensors, model_tensors)
+from .networks import (COMPUTE, CONTROLNET_NAME, DYNAMIC_DIMS, LOOP_MODELS, NETWORKS, RECIPE_MODELS, SCHEDULER, TOKENIZER, ModelDims,
+                       TensorSpec, compute_tensors, model_tensors)
 
 
 
@@ -99,6 +99,28 @@ PRODUCTION_DTYPE = "fp16"  # TensorRT on a GPU; the configs in git declare it, w
 # repeats it (a test checks that they agree).
 CPU_DTYPE = "fp32"
 EXPORTED_MODELS = (*NETWORKS, TOKENIZER, *LOOP_MODELS)  # the models whose configs carry what the export decided
+
+
+def exported_models(repository: Path) -> tuple[str, ...]:
+    """EXPORTED_MODELS and the repository's ControlNet models (controlnet_NAME)."""
+    return (*EXPORTED_MODELS, *layout.controlnet_models(repository))
+
+
+def instantiate_controlnets(repository: Path) -> list[str]:
+    """Give each ControlNet model of `repository` (controlnet_NAME, holding its graph) the configs and
+    model.py of the `controlnet` template copied there, its name set; the template's own directory
+    goes (never served). Returns the ControlNet models."""
+    repository = Path(repository)
+    template = repository / CONTROLNET_NAME
+    models = layout.controlnet_models(repository)
+    if template.is_dir():
+        for model in models:
+            copy_configs(template, repository / model)
+            for path in config_files(repository, model):
+                text = path.read_text()
+                _replace_if_changed(path, text, re.sub(rf'^name:\s*"{CONTROLNET_NAME}"', f'name: "{model}"', text, flags=re.M))
+        shutil.rmtree(template)
+    return models
 FIX_COMMAND = "python -m export configs --repository {repository}"
 
 Interface = dict[str, tuple[str, list[int]]]  # tensor -> (Triton type without TYPE_, dims as the graph has them, -1: any)
@@ -227,7 +249,7 @@ def exported_interface(repository: Path, model: str) -> dict[str, tuple[str, lis
 def repository_export(repository: Path) -> tuple[str, ModelDims] | None:
     """(dtype, model dims) the repository's graphs were exported with; None: no graph. Graphs of
     different dtypes or models cannot be served together (the scheduler sits between them)."""
-    found = {name: info for name in NETWORKS if (info := _export_info(repository, name))}
+    found = {name: info for name in (*NETWORKS, *layout.controlnet_models(repository)) if (info := _export_info(repository, name))}
     if not found:
         return None
     dtypes = {info["dtype"] for info in found.values()}
@@ -289,6 +311,7 @@ def follow_exported_graphs(repository: Path, template: Path | None = None, dtype
     repository = Path(repository)
     if template is not None and Path(template).resolve() != repository.resolve():
         copy_configs(template, repository)
+        instantiate_controlnets(repository)
     exported = repository_export(repository)
     if dtype is not None and exported is not None and dtype != exported[0]:
         raise ConfigError(f"{repository}: its graphs were exported in {exported[0]}; configs in {dtype} would not match "
@@ -296,7 +319,7 @@ def follow_exported_graphs(repository: Path, template: Path | None = None, dtype
     if exported is None and dtype is None:
         return []
     dtype, dims = exported if exported is not None else (dtype, ModelDims())
-    return [path for model in EXPORTED_MODELS for path in config_files(repository, model)
+    return [path for model in exported_models(repository) for path in config_files(repository, model)
             if set_exported_interface(path, model, dtype, dims)]
 
 
@@ -305,7 +328,7 @@ def config_problems(repository: Path, variant: str = "production") -> list[str]:
     dims its graph (or the graphs around it, for the scheduler) was exported with. One per model."""
     repository = Path(repository)
     problems = []
-    for model in EXPORTED_MODELS:
+    for model in exported_models(repository):
         path = config_path(repository, model, variant)
         graph = exported_interface(repository, model)
         if not graph or not path.exists():

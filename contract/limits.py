@@ -45,13 +45,16 @@ class Limits:
     # The recipe's refiner hand-off (contract/recipes.py): the high_noise_frac of a request that sends
     # none; None: the deployment serves no refiner (a request's high_noise_frac is refused).
     default_high_noise_frac: float | None = None
+    # ControlNets per request (control_names), each with a control image at the output size: inside
+    # the request-size bound's image room (REQUEST_IMAGE_ROOM, one left for an image prompt).
+    max_controlnets: int = 3
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> "Limits":
         """From a model config's `parameters` (string values); unknown keys are ignored."""
         values: dict = {}
         for key in ("min_size", "max_size", "max_images", "max_prompt_bytes", "min_steps", "max_steps", "default_steps",
-                    "max_loras", "max_lora_rank"):
+                    "max_loras", "max_lora_rank", "max_controlnets"):
             if key in parameters:
                 try:
                     values[key] = int(parameters[key])
@@ -81,6 +84,9 @@ class Limits:
         if limits.max_loras < 0 or not limits.max_lora_scale > 0:
             raise ValueError(f"model config parameters max_loras={limits.max_loras}, max_lora_scale={limits.max_lora_scale:g}: "
                              "expected max_loras >= 0 and max_lora_scale > 0")
+        if not 0 <= limits.max_controlnets <= REQUEST_IMAGE_ROOM - 1:
+            raise ValueError(f"model config parameter max_controlnets={limits.max_controlnets}: expected 0 to "
+                             f"{REQUEST_IMAGE_ROOM - 1} (the request-size bound holds {REQUEST_IMAGE_ROOM} images beside the init image)")
         if not 1 <= limits.min_steps <= limits.default_steps <= limits.max_steps:
             raise ValueError(f"model config parameters min_steps={limits.min_steps}, default_steps={limits.default_steps}, "
                              f"max_steps={limits.max_steps}: expected 1 <= min_steps <= default_steps <= max_steps")
@@ -106,7 +112,7 @@ class Limits:
         prompt), the init image and its mask, both prompts and the LoRA names; the scalars fit the margin."""
         pixels = self.max_size * self.max_size
         images = (REQUEST_IMAGE_ROOM + 1) * pixels * 3 + pixels
-        text = 2 * self.max_prompt_bytes + self.max_loras * MAX_NAME_BYTES
+        text = 2 * self.max_prompt_bytes + (self.max_loras + self.max_controlnets) * MAX_NAME_BYTES
         return -(-int((images + text) * 1.25) // MIB) * MIB
 
     @property

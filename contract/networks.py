@@ -306,8 +306,9 @@ SAFETY_CHECKER = NetworkSpec(
     ),
 )
 
-# ControlNets (issue 34, in progress: exported and checked; not yet served). One ControlNet graph per
-# ControlNet the deployment serves (`export onnx --controlnet NAME=PATH`), all with this interface:
+# ControlNets (contract/controlnets.py). One ControlNet graph per ControlNet the deployment serves
+# (`export onnx --controlnet NAME=PATH`: model controlnet_NAME, made from the `controlnet` template),
+# all with this interface:
 # the UNet's inputs and the control image as the endpoint takes it (uint8 RGB, NHWC, at the output
 # size; the pipeline's control_image_processor, x / 255 without normalization, runs in the graph) ->
 # its residuals at conditioning scale 1 (the loop scales them per request).
@@ -323,17 +324,35 @@ CONTROLNET = NetworkSpec(
 # before, paying nothing for the capability.
 UNET_CONTROL = NetworkSpec(name=UNET_CONTROL_NAME, inputs=(*UNET_LORA.inputs, CONTROL_RESIDUALS), outputs=UNET.outputs)
 CONTROL_NETWORKS = {n.name: n for n in (CONTROLNET, UNET_CONTROL)}
+# The graphs traced from the base UNet: one set of weights, one precision.
+UNET_GRAPHS = (UNET_NAME, UNET_LORA_NAME, UNET_CONTROL_NAME)
 
 NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER, SAFETY_CHECKER,
-                                 REFINER_UNET)}
-# Networks a repository holds only when its recipe asks for them: an export without a refiner
-# writes no refiner_unet model (a model without its graph would fail the server's start).
-OPTIONAL_NETWORKS = (REFINER_UNET_NAME,)
+                                 REFINER_UNET, CONTROLNET, UNET_CONTROL)}
+# Networks a repository holds only when its export asks for them: an export without a refiner
+# writes no refiner_unet model, one without ControlNets no unet_control (a model without its graph
+# would fail the server's start). `controlnet` is a template only: each ControlNet is its own model.
+OPTIONAL_NETWORKS = (REFINER_UNET_NAME, CONTROLNET_NAME, UNET_CONTROL_NAME)
+CONTROLNET_MODEL_PREFIX = "controlnet_"
 
 
-def served_networks(has_refiner: bool) -> tuple[str, ...]:
-    """The networks a repository serves: every one, less the refiner's when its recipe has none."""
-    return tuple(name for name in NETWORKS if has_refiner or name not in OPTIONAL_NETWORKS)
+def controlnet_model(name: str) -> str:
+    """The model that serves the ControlNet a request names `name`."""
+    return CONTROLNET_MODEL_PREFIX + name
+
+
+def network_of(model: str) -> NetworkSpec:
+    """The spec of a network model: a ControlNet's model has the controlnet network's."""
+    if model.startswith(CONTROLNET_MODEL_PREFIX):
+        return CONTROLNET
+    return NETWORKS[model]
+
+
+def served_networks(has_refiner: bool, has_controlnets: bool = False) -> tuple[str, ...]:
+    """The networks an export writes: every one, less the refiner's when its recipe has none, and
+    unet_control when it has no ControlNet (the controlnet network's graphs go to their own models)."""
+    optional = {REFINER_UNET_NAME: has_refiner, CONTROLNET_NAME: has_controlnets, UNET_CONTROL_NAME: has_controlnets}
+    return tuple(name for name in NETWORKS if optional.get(name, True))
 
 # The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and
 # sends the VAE decoder its latents, so its configs declare them in the graphs' dtype too.
@@ -367,7 +386,8 @@ def model_tensors(model: str) -> dict[str, TensorSpec]:
         return dict(SCHEDULER_GRAPH_TENSORS)
     if model == TOKENIZER:
         return dict(TOKENIZER_GRAPH_TENSORS)
-    return {t.name: t for t in NETWORKS[model].inputs + NETWORKS[model].outputs}
+    spec = network_of(model)
+    return {t.name: t for t in spec.inputs + spec.outputs}
 
 
 def compute_tensors(model: str) -> tuple[str, ...]:

@@ -29,6 +29,15 @@ def _lora(text: str) -> LoraSpec:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _controlnet(text: str) -> tuple[str, str]:
+    from contract.controlnets import ControlNetError, parse_flag
+
+    try:
+        return parse_flag(text)
+    except ControlNetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -88,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "directory or hub id: its unet/; or a UNet directory), exported as refiner_unet; requests' "
                       "high_noise_frac says where it takes over (default: the preset's; with --preset sdxl-base-refiner, "
                       f"the model directory's {REFINER_SUBFOLDER}/ if it has one, else {SDXL_REFINER})")
+    onnx.add_argument("--controlnet", type=_controlnet, action="append", default=[], metavar="NAME=PATH",
+                      help="an SDXL ControlNet (a diffusers ControlNet directory or hub id) served as model controlnet_NAME; "
+                      "requests name it in control_names; repeatable (docs/controlnet.md)")
     onnx.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="the denoising loop's scheduler (trailing timestep "
                       "spacing for all but lcm; model: the model's own, class and config as its scheduler_config.json "
                       "has them); default: the preset's, else lcm")
@@ -257,7 +269,13 @@ def run_onnx(args) -> None:
         + ", " + (SCHEDULERS[recipe.scheduler].class_name or "the model's own scheduler")
         + (f", refiner {recipe.refiner} from {recipe.high_noise_frac:g} of the schedule" if recipe.refiner else ""))
     precisions = resolve_precisions(args, recipe)
-    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker), args.out, args.dtype,
+    from contract.controlnets import ControlNetError, check_unique
+
+    try:
+        controlnets = check_unique(args.controlnet)
+    except ControlNetError as error:
+        raise ExportError(str(error)) from None
+    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker, controlnets), args.out, args.dtype,
                             device=args.device, recipe=recipe, precisions=precisions)
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -114,6 +114,8 @@ class BuildSettings:
             networks.UNET.name: 2 * self.max_images,
             networks.UNET_LORA.name: 2 * self.max_images,
             networks.REFINER_UNET.name: 2 * self.max_images,  # the UNet's rows, for the steps after the hand-off
+            networks.UNET_CONTROL.name: 2 * self.max_images,
+            networks.CONTROLNET.name: 2 * self.max_images,  # a ControlNet runs on the UNet's rows (both CFG halves)
             networks.VAE_DECODER.name: self.max_images,
             networks.PREVIEW_DECODER.name: self.max_images,
             networks.VAE_ENCODER.name: self.max_images,  # one init image per request, batched across requests
@@ -267,7 +269,7 @@ def build_engines(
     results = {}
     names = layout.served_networks(onnx_repository) if names is None else names
     for name in names:
-        spec = networks.NETWORKS[name]
+        spec = networks.network_of(name)
         onnx_dir = layout.version_dir(onnx_repository, name)
         onnx_path = onnx_dir / layout.ONNX_FILE
         if not onnx_path.exists():

@@ -288,14 +288,41 @@ def export_info(sources: Sources, spec: NetworkSpec, dims: ModelDims, dtype: str
 # shows there, before minutes of other work.
 STAGES = {
     networks.UNET.name: ("unet",),
-    networks.UNET_LORA.name: ("unet",),  # the same UNet, loaded once for both graphs
+    networks.UNET_LORA.name: ("unet",),  # the same UNet, loaded once for its three graphs
+    networks.UNET_CONTROL.name: ("unet",),
     networks.TEXT_ENCODER.name: ("text_encoder", "text_encoder_2"),
     networks.VAE_DECODER.name: ("vae",),
     networks.VAE_ENCODER.name: ("vae",),  # the same VAE, loaded once for both graphs
     networks.PREVIEW_DECODER.name: ("preview_vae",),
     networks.SAFETY_CHECKER.name: ("safety_checker",),
     networks.REFINER_UNET.name: ("refiner_unet",),
+    networks.CONTROLNET.name: (),  # each ControlNet loaded on its own (load_controlnet), one graph each
 }
+
+
+def export_controlnets(sources: Sources, preloaded, dims: ModelDims, dtype: str, device: str, staged: Path,
+                       external_data_threshold: int) -> None:
+    """Each ControlNet of `sources` to its own model, controlnet_NAME (the controlnet network's graph);
+    from the pipeline in memory's `controlnets` ({name: ControlNetModel}) when one is given."""
+    from .modules import ControlNet
+    from .sources import _diffusers_errors_only, load_controlnet
+
+    torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    for name, path in sources.controlnets:
+        if preloaded is not None:
+            model = preloaded.controlnets[name]
+        else:
+            with step(f"loading ControlNet {name} from {path}"):
+                model = load_controlnet(path, dims, f"--controlnet {name}=")
+            with _diffusers_errors_only():  # its warning on casting is for running, not exporting
+                model.to(device=device, dtype=torch_dtype)
+        out_dir = layout.version_dir(staged, networks.controlnet_model(name))
+        export_network(ControlNet(model).eval(), networks.CONTROLNET, dims, dtype, out_dir, device=device,
+                       external_data_threshold=external_data_threshold)
+        info = export_info(sources, networks.CONTROLNET, dims, dtype)
+        (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps({**info, "controlnet": {"name": name, "source": path}}, indent=2) + "\n")
+        del model
+        gc.collect()
 
 
 def write_safety_checker_files(pipe, out_dir: Path) -> None:
@@ -318,7 +345,7 @@ class Calibrating:
     (a full-size UNet is not copied); a pipeline given in memory (tests reuse one) is left as it was:
     copies are quantized."""
 
-    UNETS = (networks.UNET.name, networks.UNET_LORA.name)
+    UNETS = networks.UNET_GRAPHS
 
     def __init__(self, precisions: Precisions, recipe: Recipe, sources: Sources, dtype: str, device: str, preloaded):
         self.precisions, self.recipe, self.sources = precisions, recipe, sources
@@ -389,6 +416,12 @@ def _staging_area(repository: Path):
 
 def _publish_repository(staged: Path, repository: Path, names: tuple[str, ...]) -> None:
     for name in names:
+        if name == networks.CONTROLNET.name:  # the ControlNets' own models; those of an earlier export go
+            for model in layout.controlnet_models(repository):
+                shutil.rmtree(repository / model)
+            for model in layout.controlnet_models(staged):
+                _publish(layout.version_dir(staged, model), layout.version_dir(repository, model))
+            continue
         _publish(layout.version_dir(staged, name), layout.version_dir(repository, name))
     for which in layout.TOKENIZER_DIRS:
         target = layout.tokenizer_dir(repository, which)
@@ -425,7 +458,7 @@ def export_pipeline(
     if recipe.refiner != sources.refiner:
         raise ValueError(f"recipe {recipe.name} has refiner {recipe.refiner!r}, the sources {sources.refiner!r}")
     if names is None:
-        names = networks.served_networks(recipe.refiner is not None)
+        names = networks.served_networks(recipe.refiner is not None, bool(sources.controlnets))
     preloaded = source.pipe if isinstance(source, LoadedPipeline) else None
     dims = ModelDims.from_pipeline(preloaded) if preloaded is not None else model_dims(sources)
     ordered = [name for name in STAGES if name in names]
@@ -435,10 +468,15 @@ def export_pipeline(
     with _staging_area(repository) as staged:
         for index, name in enumerate(ordered, 1):
             spec = networks.NETWORKS[name]
-            log(f"stage {index}/{len(ordered) + 1}: {name} (from {', '.join(STAGES[name])})")
+            log(f"stage {index}/{len(ordered) + 1}: {name} (from {', '.join(STAGES[name]) or 'each ControlNet'})")
+            if name == networks.CONTROLNET.name:
+                stage = None
+                gc.collect()
+                export_controlnets(sources, preloaded, dims, dtype, device, staged, external_data_threshold)
+                continue
             if preloaded is not None:
                 stage = source
-            elif loaded_for != STAGES[name]:  # unet and unet_lora, the VAE's decoder and encoder: one load each
+            elif loaded_for != STAGES[name]:  # unet, unet_lora and unet_control, the VAE's decoder and encoder: one load each
                 stage = None
                 gc.collect()  # the previous stage's networks go before this one loads its own
                 stage, loaded_for = load_pipeline(sources, dtype, device, components=STAGES[name]), STAGES[name]
@@ -469,9 +507,16 @@ def export_pipeline(
         changed = configs.follow_exported_graphs(repository, layout.TEMPLATES)
     except configs.ConfigError as error:
         raise ExportError(str(error)) from None
-    if recipe.refiner is None:  # the templates' refiner_unet, and any earlier export's: this recipe serves none
-        shutil.rmtree(repository / networks.REFINER_UNET.name, ignore_errors=True)
-        changed = [path for path in changed if path.exists()]
+    # What this export does not serve: the templates' copies without a graph, and what an earlier export
+    # left that does not fit this one (an export that writes the UNet writes the model anew).
+    unserved = [networks.REFINER_UNET.name] if recipe.refiner is None else []
+    if not sources.controlnets and networks.UNET.name in names:
+        unserved += [networks.UNET_CONTROL.name, *layout.controlnet_models(repository)]
+    if not layout.onnx_path(repository, networks.UNET_CONTROL.name).exists():
+        unserved.append(networks.UNET_CONTROL.name)
+    for model in unserved:
+        shutil.rmtree(repository / model, ignore_errors=True)
+    changed = [path for path in changed if path.exists()]
     if changed:
         log(f"configs set to the export ({dtype}; text {dims.text_dim}, pooled {dims.pooled_dim} wide): "
             + ", ".join(str(p.relative_to(repository)) for p in changed))
@@ -482,4 +527,6 @@ def export_pipeline(
     if changed:
         log(f"scheduler, denoiser, sdxl_stream and tokenizer configs set to recipe {recipe.name} (steps {recipe.min_steps}-{recipe.max_steps}, default "
             f"{recipe.default_steps}; guidance {recipe.default_guidance:g})")
-    return {name: layout.onnx_path(repository, name) for name in ordered}
+    models = [model for name in ordered
+              for model in ([networks.controlnet_model(n) for n, _ in sources.controlnets] if name == networks.CONTROLNET.name else [name])]
+    return {model: layout.onnx_path(repository, model) for model in models}

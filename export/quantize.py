@@ -418,7 +418,7 @@ class Precisions:
         """The 8-bit precision of a network's graph; None: the export dtype."""
         from contract import networks
 
-        if network in (networks.UNET.name, networks.UNET_LORA.name) and self.quantizes_unet:
+        if network in networks.UNET_GRAPHS and self.quantizes_unet:
             return self.unet
         if network == networks.VAE_DECODER.name and self.quantizes_vae:
             return self.vae_decoder

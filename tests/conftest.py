@@ -52,15 +52,34 @@ def loaded(tiny_sources):
     return get
 
 
+TINY_CONTROLNET = "tiny"  # the tiny ControlNet's name in the tests' repositories (model controlnet_tiny), as make demo's
+
+
 @pytest.fixture(scope="session")
-def exported(loaded, tmp_path_factory):
-    """`exported(dtype)`: a model repository holding the tiny pipeline's graphs, cached per dtype."""
+def exported(loaded, tiny_dir, tmp_path_factory):
+    """`exported(dtype)`: a model repository holding the tiny pipeline's graphs and its ControlNet's (as
+    `make export-tiny` exports them: --controlnet tiny=...), cached per dtype. The pipeline of
+    `loaded(dtype)` gets the ControlNet as `pipe.controlnet` (and in `pipe.controlnets`)."""
+    from dataclasses import replace
+
+    import torch
+
+    from contract.networks import ModelDims
+    from export.sources import load_controlnet
+
     cache = {}
 
     def get(dtype: str):
         if dtype not in cache:
+            base = loaded(dtype)
+            path = str(tiny_dir / "controlnet")
+            if getattr(base.pipe, "controlnet", None) is None:  # attributes, not the pipeline's components
+                model = load_controlnet(path, ModelDims.from_pipeline(base.pipe)).eval()
+                base.pipe.controlnet = model.to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
+                base.pipe.controlnets = {TINY_CONTROLNET: base.pipe.controlnet}
+            stage = LoadedPipeline(base.pipe, replace(base.sources, controlnets=((TINY_CONTROLNET, path),)), base.adapters)
             repository = tmp_path_factory.mktemp(f"repo_{dtype}")
-            export_pipeline(loaded(dtype), repository, dtype)
+            export_pipeline(stage, repository, dtype)
             cache[dtype] = repository
         return cache[dtype]
 
@@ -99,14 +118,16 @@ def refined(loaded, exported, tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def graphs(loaded, exported, refined):
-    """`graphs(dtype, network)`: (the pipeline, a repository holding that network's graph)."""
+    """`graphs(dtype, network)`: (the pipeline, a repository holding that network's graph; the
+    controlnet network's as model controlnet_tiny)."""
     from contract.networks import REFINER_UNET_NAME
 
     def get(dtype: str, network: str):
         if network == REFINER_UNET_NAME:
             stage, repository = refined(dtype)
             return stage.pipe, repository
-        return loaded(dtype).pipe, exported(dtype)
+        repository = exported(dtype)  # first: it gives the pipeline its ControlNet
+        return loaded(dtype).pipe, repository
 
     return get
 

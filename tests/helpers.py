@@ -24,8 +24,16 @@ RELATIVE_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
 PIXEL_MEAN_TOLERANCE = {"fp32": 0.005, "fp16": 0.15}
 
 
+def graph_model(network: str) -> str:
+    """The model of the tests' repositories that holds a network's graph (the controlnet network's:
+    the tiny ControlNet's model, conftest.TINY_CONTROLNET)."""
+    from contract.networks import CONTROLNET_NAME, controlnet_model
+
+    return controlnet_model("tiny") if network == CONTROLNET_NAME else network
+
+
 def ort_session(repository, network: str) -> ort.InferenceSession:
-    return ort.InferenceSession(str(layout.onnx_path(repository, network)), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(layout.onnx_path(repository, graph_model(network))), providers=["CPUExecutionProvider"])
 
 
 def run_torch(module, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:

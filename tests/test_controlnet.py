@@ -1,59 +1,30 @@
-"""ControlNets (issue 34): the residual layout, the ControlNet graph and the UNet that adds its
-residuals, each against diffusers' modules; the check that a ControlNet fits the base model."""
+"""ControlNets: the residual layout, the ControlNet graph's module and the UNet that adds its residuals,
+each against diffusers' modules (their graphs against these modules: test_onnx_parity.py); the
+check that a ControlNet fits the base model; the export's ControlNet models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, run_onnx, run_torch
+from helpers import run_torch
 
 from contract import networks
 from contract.networks import ModelDims, control_residual_layout, control_width
-from export.modules import ControlNet, UNet, build_module, split_residuals
-from export.onnx_export import COMPUTE_DTYPES, example_inputs, export_network
+from export.modules import ControlNet, UNet, split_residuals
+from export.onnx_export import example_inputs
 from export.sources import ExportError, check_controlnet, load_controlnet
 
 SHAPES = {
     "1x128x128": dict(batch=1, latent_height=16, latent_width=16),
     "3x192x320": dict(batch=3, latent_height=24, latent_width=40),
 }
-TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 @pytest.fixture(scope="module")
-def controlnet(tiny_dir, loaded):
-    """`controlnet(dtype)`: the tiny ControlNet, checked against the tiny pipeline, in `dtype`."""
-    cache = {}
-
-    def get(dtype: str):
-        if dtype not in cache:
-            dims = ModelDims.from_pipeline(loaded(dtype).pipe)
-            cache[dtype] = load_controlnet(str(tiny_dir / "controlnet"), dims).to(TORCH_DTYPES[dtype]).eval()
-        return cache[dtype]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def control_graphs(controlnet, loaded, tmp_path_factory):
-    """`control_graphs(dtype)`: a directory holding the controlnet and unet_control graphs."""
-    import onnxruntime as ort
-
-    cache = {}
-
-    def get(dtype: str):
-        if dtype not in cache:
-            pipe, directory = loaded(dtype).pipe, tmp_path_factory.mktemp(f"control_{dtype}")
-            dims = ModelDims.from_pipeline(pipe)
-            modules = {networks.CONTROLNET_NAME: ControlNet(controlnet(dtype)).eval(), networks.UNET_CONTROL_NAME: UNet(pipe.unet).eval()}
-            cache[dtype] = {
-                name: ort.InferenceSession(str(export_network(module, networks.CONTROL_NETWORKS[name], dims, dtype, directory / name)),
-                                           providers=["CPUExecutionProvider"])
-                for name, module in modules.items()
-            }
-        return cache[dtype]
-
-    return get
+def controlnet(loaded, exported):
+    """The tiny ControlNet in fp32, checked against the tiny pipeline (conftest.exported gives it)."""
+    exported("fp32")
+    return loaded("fp32").pipe.controlnet
 
 
 def test_sdxl_residuals_are_the_published_shapes():
@@ -76,7 +47,7 @@ def test_a_unet_with_more_down_blocks_takes_no_controlnet():
 def test_the_graph_module_gives_diffusers_residuals_flattened(controlnet, loaded):
     """ControlNet (the graph's module) against ControlNetModel called as the SDXL ControlNet pipeline calls it:
     the control image as its control_image_processor makes it (x / 255, not normalized), scale 1."""
-    model, pipe = controlnet("fp32"), loaded("fp32").pipe
+    model, pipe = controlnet, loaded("fp32").pipe
     dims = ModelDims.from_pipeline(pipe)
     inputs = example_inputs(networks.CONTROLNET, dims, "FP32", seed=3, **SHAPES["3x192x320"])
     flat = run_torch(ControlNet(model), inputs)[0]
@@ -96,7 +67,7 @@ def test_the_graph_module_gives_diffusers_residuals_flattened(controlnet, loaded
 def test_the_unet_adds_residuals_as_diffusers_does(controlnet, loaded):
     """UNet with control_residuals against UNet2DConditionModel given the ControlNet's down and mid
     residuals, with and without LoRA inputs; zero residuals change nothing."""
-    model, pipe = controlnet("fp32"), loaded("fp32").pipe
+    model, pipe = controlnet, loaded("fp32").pipe
     dims = ModelDims.from_pipeline(pipe)
     inputs = example_inputs(networks.UNET_CONTROL, dims, "FP32", seed=4, **SHAPES["3x192x320"])
     unet = UNet(pipe.unet).eval()
@@ -114,22 +85,6 @@ def test_the_unet_adds_residuals_as_diffusers_does(controlnet, loaded):
         assert torch.allclose(unet(*plain.values(), **no_lora, control_residuals=zeros), unet(*plain.values()), atol=1e-5)
         with_lora = unet(*inputs.values())
         assert not torch.allclose(with_lora, unet(*plain.values(), lora_down=inputs["lora_down"], lora_up=inputs["lora_up"]))
-
-
-# unet_control in fp16 at one shape, as unet_lora (test_onnx_parity.py): fp32 covers the batch of 3.
-CASES = [(network, dtype, shape) for network in networks.CONTROL_NETWORKS for dtype in ("fp32", "fp16") for shape in SHAPES
-         if not (network == networks.UNET_CONTROL_NAME and dtype == "fp16" and shape != "1x128x128")]
-
-
-@pytest.mark.parametrize("network, dtype, shape", CASES)
-def test_graph_matches_module(control_graphs, controlnet, loaded, network, dtype, shape):
-    pipe = loaded(dtype).pipe
-    spec = networks.CONTROL_NETWORKS[network]
-    inputs = example_inputs(spec, ModelDims.from_pipeline(pipe), COMPUTE_DTYPES[dtype], seed=1, **SHAPES[shape])
-    module = ControlNet(controlnet(dtype)) if network == networks.CONTROLNET_NAME else build_module(network, pipe)
-    expected = run_torch(module.eval(), inputs)
-    actual = run_onnx(control_graphs(dtype)[network], inputs)
-    assert_close(actual[0], expected[0], dtype, f"{network}.{spec.outputs[0].name} {dtype} {shape}")
 
 
 def test_a_controlnet_for_another_model_is_refused_by_name(tiny_dir, loaded):

@@ -11,6 +11,7 @@ import shutil
 
 import onnx
 import pytest
+from helpers import graph_model
 
 from contract import layout, networks
 from export.cli import main
@@ -25,10 +26,12 @@ TRT_TYPES = {"FP16": "HALF", "FP32": "FLOAT", "INT32": "INT32", "UINT8": "UINT8"
 
 @pytest.fixture(scope="module")
 def built(exported, refined, tmp_path_factory):
-    """The tiny pipeline's fp16 graphs and its refiner's, built with the default (production) settings."""
+    """The tiny pipeline's fp16 graphs (its ControlNet's model controlnet_tiny listed as the controlnet
+    network) and its refiner's, built with the default (production) settings."""
     out = tmp_path_factory.mktemp("engines")
     settings = BuildSettings.from_repository(REPO)
-    results = build_engines(exported("fp16"), out, settings)
+    results = {networks.CONTROLNET.name if name == graph_model(networks.CONTROLNET.name) else name: parsed
+               for name, parsed in build_engines(exported("fp16"), out, settings).items()}
     results.update(build_engines(refined("fp16")[1], out, settings, names=(networks.REFINER_UNET.name,)))
     return results, out, settings
 
@@ -68,7 +71,7 @@ def test_sdxl_profiles():
 def test_builder_was_given_the_spec_and_the_config(built, graphs, network):
     results, out, settings = built
     parsed, spec, config = results[network], networks.NETWORKS[network], read_config(REPO, network)
-    dims = graph_dims(layout.version_dir(graphs("fp16", network)[1], network))
+    dims = graph_dims(layout.version_dir(graphs("fp16", network)[1], graph_model(network)))
     assert parsed.strongly_typed
     for kind, tensors, declared in (("inputs", spec.inputs, config.input), ("outputs", spec.outputs, config.output)):
         interface = getattr(parsed, kind)
@@ -85,8 +88,8 @@ def test_builder_was_given_the_spec_and_the_config(built, graphs, network):
             axis = tensor.dims.index("latent_height")
             assert (low[axis], opt[axis], high[axis]) == (limits.min_size // 8, 1024 // 8, limits.max_size // 8)
             assert (low[axis + 1], high[axis + 1]) == (limits.min_size // 8, limits.max_size // 8)
-    assert (out / network / "1" / ENGINE_FILE).stat().st_size > 100_000
-    assert (out / network / "1" / FINGERPRINT_FILE).exists()
+    assert (out / graph_model(network) / "1" / ENGINE_FILE).stat().st_size > 100_000
+    assert (out / graph_model(network) / "1" / FINGERPRINT_FILE).exists()
 
 
 def vae_graph(exported, tmp_path):

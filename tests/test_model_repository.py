@@ -85,7 +85,8 @@ def test_scheduler_speaks_the_graphs_tensors(variant):
     options = [t for t in config.input if t.name not in ("prompt_embeds", "pooled_prompt_embeds", TICKET_TENSOR)]
     assert all(t.optional for t in options)
     assert [t.name for t in options] == [i.name for i in endpoint.INPUTS if i.dtype != "STRING"] + \
-        [i.name for i in (*endpoint.LORA_INPUTS, *endpoint.IMAGE_INPUTS, *endpoint.OUTPUT_INPUTS, *endpoint.REFINER_INPUTS)] + \
+        [i.name for i in (*endpoint.LORA_INPUTS, *endpoint.IMAGE_INPUTS, *endpoint.OUTPUT_INPUTS, *endpoint.REFINER_INPUTS,
+                          *endpoint.CONTROL_INPUTS)] + \
         ["negative_prompt"]  # the loop tells an empty one (the refiner encodes it) from a given one
 
 
