@@ -12,6 +12,7 @@
     generate("a red sofa", image="room.png", mask="sofa_mask.png")        # inpainting (255: repaint)
     generate("a cat", output_format="jpeg").encoded_images                # [bytes]: one JPEG file per image
     generate("a cat").nsfw_detected    # [bool] per image where the server runs the safety checker, else None
+    generate("a house", controls=[Control("canny", "edges.png", scale=0.8)])  # ControlNets (docs/controlnet.md)
 
 Only the inputs you set are sent; the server applies the endpoint's defaults to the others (the
 step count and guidance default to the served recipe's: `info()` tells which recipe that is).
@@ -175,6 +176,44 @@ def load_image(value, mode: str) -> np.ndarray:
     return np.asarray(value.convert(mode))
 
 
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet of a request: a name the server serves (`controlnets()`), its control image (a
+    path, a PIL image or uint8 [H, W, 3], at the output size), its scale (0 to 2), the window of the
+    schedule it runs in ([start, end) as fractions), and whether the server's preprocessor makes the
+    control map from the image (ControlNets that declare one)."""
+
+    name: str
+    image: object
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: bool = False
+
+
+def control_inputs(protocol: str, controls: Sequence[Control]) -> list:
+    """control_names, control_images, control_scales, control_guidance_start, control_guidance_end and
+    control_preprocess of `controls` ([K] each; the images stacked, [K, H, W, 3])."""
+    module = _module(protocol)
+    images = [load_image(control.image, "RGB") for control in controls]
+    if len({image.shape for image in images}) > 1:
+        raise ClientError(f"controls: the control images differ in size ({', '.join(str(i.shape) for i in images)}); "
+                          "each must be the output's size")
+    arrays = {
+        "control_names": ("BYTES", np.array([c.name.encode("utf-8") for c in controls], dtype=np.object_)),
+        "control_images": ("UINT8", np.ascontiguousarray(np.stack(images)).astype(np.uint8, copy=False)),
+        "control_scales": ("FP32", np.array([c.scale for c in controls], dtype=np.float32)),
+        "control_guidance_start": ("FP32", np.array([c.start for c in controls], dtype=np.float32)),
+        "control_guidance_end": ("FP32", np.array([c.end for c in controls], dtype=np.float32)),
+        "control_preprocess": ("BOOL", np.array([c.preprocess for c in controls], dtype=np.bool_)),
+    }
+    tensors = []
+    for name, (triton_dtype, array) in arrays.items():
+        tensors.append(module.InferInput(name, list(array.shape), triton_dtype))
+        tensors[-1].set_data_from_numpy(array)
+    return tensors
+
+
 def image_inputs(protocol: str, image=None, strength: float | None = None, mask=None) -> list:
     """image (UINT8 [H, W, 3]), strength (FP32 [1]) and mask (UINT8 [H, W]), those that are given.
     An array goes as its own dtype: the server answers one of another type, naming the input."""
@@ -200,7 +239,7 @@ def generate(
     timeout_s: float = 600.0, queue_timeout_ms: int | None = None, stream: bool = False, preview_every: int | None = None,
     loras: Sequence[tuple[str, float]] | None = None, image=None, strength: float | None = None, mask=None,
     output_format: str | None = None, output_quality: int | None = None, apply_watermark: bool | None = None,
-    high_noise_frac: float | None = None,
+    high_noise_frac: float | None = None, controls: Sequence[Control] | None = None,
 ) -> GenerationResult | Iterator[StreamUpdate]:
     """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure.
     queue_timeout_ms: the longest wait for a denoising slot the server may make this request wait
@@ -212,7 +251,8 @@ def generate(
     the images come as files (`encoded_images`; the raw pixels are not sent), output_quality: 1 to
     100 for JPEG and WebP (server default 90), apply_watermark: SDXL's invisible watermark (default:
     the server's setting). high_noise_frac: where a served refiner takes over, in (0, 1] (default: the
-    recipe's, 0.8 for sdxl-base-refiner; 1.0: the base alone).
+    recipe's, 0.8 for sdxl-base-refiner; 1.0: the base alone). controls: ControlNets (Control), each
+    with its control image at the output size, scale and window.
 
     stream=True (gRPC only): the request goes to `sdxl_stream`, and an iterator of StreamUpdate is
     returned, one per denoising step (a preview image on every `preview_every`-th step; default 0:
@@ -229,6 +269,8 @@ def generate(
     if loras:
         inputs += lora_inputs(protocol, loras)
     inputs += image_inputs(protocol, image, strength, mask)
+    if controls:
+        inputs += control_inputs(protocol, controls)
     parameters = None if queue_timeout_ms is None else {"queue_timeout_ms": queue_timeout_ms}
     if stream:
         if protocol != "grpc":
@@ -321,6 +363,27 @@ def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0
 
     parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
     return {key: parameters.get(key, "") for key in RECIPE_PARAMETERS}
+
+
+def controlnets(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0, admin_key: str | None = None,
+                admin_key_file: str | Path | None = None) -> list[str]:
+    """The ControlNets the server serves (what Control.name may be): its controlnet_NAME models, from
+    Triton's repository index (an admin API: the key as `info` finds it)."""
+    from contract import security
+    from contract.networks import CONTROLNET_MODEL_PREFIX
+
+    url = url or DEFAULT_URLS[protocol]
+    try:
+        key = admin_key or security.client_key(Path(admin_key_file) if admin_key_file else None)
+    except security.AdminKeyError as error:
+        raise ClientError(str(error)) from None
+    with _connected(url, protocol, timeout_s) as (client, call):
+        if protocol == "http":
+            index = client.get_model_repository_index(headers=security.headers(key, protocol), **call)
+        else:
+            index = client.get_model_repository_index(headers=security.headers(key, protocol), as_json=True, **call).get("models", [])
+    return sorted(entry["name"][len(CONTROLNET_MODEL_PREFIX):] for entry in index
+                  if entry.get("name", "").startswith(CONTROLNET_MODEL_PREFIX))
 
 
 def loras(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0) -> list[dict]:

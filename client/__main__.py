@@ -6,10 +6,12 @@ step and the previews written as out_step<k>.png, then the final images.
 python -m client "a prompt" --image in.png [--strength S] [--mask mask.png]: img2img, or inpainting with a mask
 (white: repaint, black: keep); the output has the image's size.
 python -m client "a prompt" --high-noise-frac F: where the served refiner (recipe sdxl-base-refiner) takes over.
+python -m client "a prompt" --control NAME=IMAGE[:SCALE[:START:END]] [--control-preprocess]: ControlNets the
+server serves, each with its control image (the output's size), scale and window; repeatable.
 python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance, the
-refiner and its hand-off) and its LoRA library (name, rank, targets, size: what --lora may name). Model configs
-are one of Triton's admin APIs: --info sends the admin key ($SDXL_ADMIN_KEY, --admin-key-file, else the
-build/admin-key that make serve writes)."""
+refiner and its hand-off), its ControlNets and its LoRA library (name, rank, targets, size: what --lora may
+name). Model configs and the repository index are Triton admin APIs: --info sends the admin key
+($SDXL_ADMIN_KEY, --admin-key-file, else the build/admin-key that make serve writes)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import DEFAULT_URLS, FORMATS_BY_SUFFIX, ClientError, StreamUpdate, generate, info, loras
+from . import DEFAULT_URLS, FORMATS_BY_SUFFIX, ClientError, Control, StreamUpdate, controlnets, generate, info, loras
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -67,7 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
                              "sdxl-base-refiner; 1: the base alone); see --info")
     parser.add_argument("--lora", type=lora_spec, action="append", dest="loras", metavar="NAME[:SCALE]",
                         help="a LoRA of the server's library (python -m export lora add), scale 1.0 unless given; repeatable")
+    parser.add_argument("--control", type=control_spec, action="append", dest="controls", metavar="NAME=IMAGE[:SCALE[:START:END]]",
+                        help="a ControlNet the server serves (see --info) with its control image (the output's size), scale "
+                             "0 to 2 (default 1), and the window of the schedule it runs in (default 0:1); repeatable")
+    parser.add_argument("--control-preprocess", action="store_true",
+                        help="with --control: the server's preprocessor makes each control map from its image (ControlNets "
+                             "that declare one); default: the images are the maps")
     return parser
+
+
+def control_spec(text: str) -> tuple:
+    """NAME=IMAGE[:SCALE[:START:END]] -> (name, image path, scale, start, end); the numbers are read from
+    the right, so an image path may hold ':'. The server checks names and ranges."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise argparse.ArgumentTypeError(f"--control {text!r}: expected NAME=IMAGE[:SCALE[:START:END]], e.g. canny=edges.png:0.8")
+    parts = rest.split(":")
+    for count in (3, 1):
+        if len(parts) > count:
+            try:
+                numbers = [float(part) for part in parts[-count:]]
+            except ValueError:
+                continue
+            image = ":".join(parts[:-count])
+            scale, start, end = numbers if count == 3 else (numbers[0], 0.0, 1.0)
+            return name, Path(image), scale, start, end
+    return name, Path(rest), 1.0, 0.0, 1.0
 
 
 def lora_spec(text: str) -> tuple[str, float]:
@@ -93,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     args["output_format"] = FORMATS_BY_SUFFIX.get(output.suffix.lower())
     if args["output_format"] is None:
         parser.error(f"-o {output}: the extension names the format; expected one of {', '.join(FORMATS_BY_SUFFIX)}")
+    preprocess = args.pop("control_preprocess")
+    if args["controls"]:
+        args["controls"] = [Control(name, image, scale, start, end, preprocess) for name, image, scale, start, end in args["controls"]]
+    elif preprocess:
+        parser.error("--control-preprocess needs --control")
     stream = args.pop("stream")
     if stream:
         if args["protocol"] == "http":
@@ -172,10 +204,12 @@ def stream_to_files(updates, output: Path) -> int:
 def print_info(url: str | None, protocol: str, admin_key_file: Path | None = None) -> int:
     try:
         recipe = info(url, protocol, admin_key_file=admin_key_file)
+        served = controlnets(url, protocol, admin_key_file=admin_key_file)
         library = loras(url, protocol)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    recipe = {**recipe, "controlnets": ", ".join(served)}
     width = max(map(len, recipe))
     for key, value in recipe.items():
         print(f"{key:<{width}}  {value or '-'}")

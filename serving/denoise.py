@@ -35,6 +35,12 @@ Stages, as in `StableDiffusionXLPipeline.__call__`:
    (then the masked image, whose latents a 4-channel UNet never reads, with it again), so image i's
    starting latents depend on seed + 0 too; after every step the kept region is replaced by the
    image's latents noised to the next timestep (latent blending).
+7. ControlNets (`RequestControls`; serving/controlnets.py), as `StableDiffusionXLControlNetPipeline`
+   with a list of ControlNets: at each step, the ControlNets inside their window run on the step's
+   UNet rows (sample, timestep and conditioning as the UNet gets them, the control image on every
+   row), and their residuals times their scales, summed in the order named, go to the UNet
+   (`unet_control`). A step with none inside its window runs the UNet without residuals (diffusers'
+   zero residuals add nothing). ControlNets apply to the base's steps (the refiner takes none).
 The VAE encode and decode are the `vae_encoder` and `vae_decoder` graphs' job (pixel conversion and
 scaling included).
 """
@@ -51,6 +57,8 @@ from contract.networks import REFINER_TIME_IDS_DIM, REFINER_UNET, TIME_IDS_DIM, 
 from .endpoint import Cancelled, GenerationOptions, denoising_steps
 
 UNetFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs named as networks.UNET -> noise_pred
+# (the ControlNet's model, inputs named as networks.CONTROLNET's) -> control_residuals
+ControlNetFn = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def make_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -157,6 +165,17 @@ class Inpainting:
         return (1 - self.mask) * kept + self.mask * latents
 
 
+@dataclass(frozen=True)
+class RequestControls:
+    """A request's ControlNets in its loop: each checked spec (serving.controlnets.ControlSpec) with its
+    control image, [1, H, W, 3] uint8 on the loop's device; `lora_widths`: the UNet's LoRA input widths
+    (unet_lora_in, unet_lora_out), for the zero LoRA weights unet_control takes from a request without LoRAs."""
+
+    specs: tuple
+    images: tuple[torch.Tensor, ...]
+    lora_widths: tuple[int, int]
+
+
 def step_kwargs(scheduler, generators: list[torch.Generator], eta: float | None) -> dict:
     """What the pipeline's prepare_extra_step_kwargs passes to `scheduler.step`: the generators and
     eta (default 0.0), each only where the scheduler's step takes it."""
@@ -177,12 +196,12 @@ class Denoiser:
         self, request: GenerationOptions, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
         scheduler, *, latent_channels: int = 4, vae_scale_factor: int = 8, cfg_end_fraction: float = 1.0,
         eta: float | None = None, lora: dict[str, torch.Tensor] | None = None, init: InitImage | None = None,
-        refiner: Refiner | None = None,
+        refiner: Refiner | None = None, controls: RequestControls | None = None,
     ):
         """`lora`: the request's UNet LoRA weights for one sample (lora_down [1, rank, width], lora_up
         [1, width, rank]; serving/loras.py), sent with the base's rows; None: no LoRA (the plain `unet`).
         `init`: img2img or inpainting (the request's strength is init.strength). `refiner`: the
-        refiner finishes the schedule from the hand-off step on."""
+        refiner finishes the schedule from the hand-off step on. `controls`: the request's ControlNets."""
         device, dtype = prompt_embeds.device, prompt_embeds.dtype
         self.cfg = request.do_classifier_free_guidance
         self.guidance_scale = request.guidance_scale
@@ -213,6 +232,7 @@ class Denoiser:
         self.cfg_steps = self.start_index + int((len(self.timesteps) - self.start_index) * cfg_end_fraction) if self.cfg else 0
         self.step_kwargs = step_kwargs(scheduler, self.generators, eta)
         self.lora = lora or {}
+        self.controls = controls
         self.step_index = self.start_index
         self._follow_hand_off()  # an init image may start the request past the hand-off
 
@@ -292,19 +312,47 @@ class Denoiser:
     def unet_batch(self) -> int:
         return self.latents.shape[0] * (2 if self.guided else 1)
 
-    def unet_inputs(self) -> dict[str, torch.Tensor]:
-        """The inputs of this step's network (`network`), named as its spec's."""
+    def _network_inputs(self) -> dict[str, torch.Tensor]:
+        """This step's sample, timestep and conditioning rows: what its network and its ControlNets take."""
         t = self.timesteps[self.step_index]
         sample = torch.cat([self.latents] * 2) if self.guided else self.latents
         sample = self.scheduler.scale_model_input(sample, t)
         rows = slice(None) if self.guided or not self.cfg else slice(self.latents.shape[0], None)  # positive half
-        conditioning, lora = (self.refiner_conditioning, {}) if self.refining else (self.conditioning, self.lora)
+        conditioning = self.refiner_conditioning if self.refining else self.conditioning
         return {
             "sample": sample,
             "timestep": t.to(torch.float32).expand(self.unet_batch).contiguous(),
             **{name: value[rows] for name, value in conditioning.items()},
-            **{name: value.expand(self.unet_batch, -1, -1) for name, value in lora.items()},
         }
+
+    def control_inputs(self) -> list[tuple[object, dict[str, torch.Tensor]]]:
+        """(spec, inputs named as networks.CONTROLNET's) of each ControlNet that runs at this step:
+        those inside their window of the steps this request runs, at a scale above 0, on base steps."""
+        if self.controls is None or self.refining:
+            return []
+        index, count = self.step_index - self.start_index, len(self.timesteps) - self.start_index
+        active = [(spec, image) for spec, image in zip(self.controls.specs, self.controls.images)
+                  if spec.scale > 0 and spec.runs_at(index, count)]
+        if not active:
+            return []
+        inputs = self._network_inputs()
+        rows = inputs["sample"].shape[0]
+        return [(spec, {**inputs, "controlnet_cond": image.expand(rows, -1, -1, -1)}) for spec, image in active]
+
+    def unet_inputs(self, control_residuals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The inputs of this step's network (`network`), named as its spec's; with `control_residuals`
+        (the step's ControlNets' residuals, scaled and summed: controlled_unet_inputs), unet_control's."""
+        inputs = self._network_inputs()
+        if not self.refining:
+            inputs.update({name: value.expand(self.unet_batch, -1, -1) for name, value in self.lora.items()})
+        if control_residuals is not None:
+            inputs["control_residuals"] = control_residuals
+            if "lora_down" not in inputs:  # unet_control takes LoRA inputs: a zero rank adds nothing
+                width_in, width_out = self.controls.lora_widths
+                dtype = inputs["sample"].dtype
+                inputs["lora_down"] = torch.zeros(self.unet_batch, 1, width_in, dtype=dtype, device=self.latents.device)
+                inputs["lora_up"] = torch.zeros(self.unet_batch, width_out, 1, dtype=dtype, device=self.latents.device)
+        return inputs
 
     def step(self, noise_pred: torch.Tensor) -> None:
         if self.guided:
@@ -321,7 +369,13 @@ class Denoiser:
 def concat_unet_inputs(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Several requests' UNet inputs as one batch: rows concatenated. When any request has LoRAs,
     the batch carries LoRA weights (for `unet_lora`): each request's rank axis padded with zeros
-    to the largest, and zeros for the requests without (a zero rank adds nothing)."""
+    to the largest, and zeros for the requests without (a zero rank adds nothing). When any has
+    ControlNet residuals, the batch carries them (for `unet_control`): zeros for the requests without."""
+    with_control = [i for i in inputs if "control_residuals" in i]
+    if with_control:
+        width, sample = with_control[0]["control_residuals"].shape[1], with_control[0]["control_residuals"]
+        inputs = [i if "control_residuals" in i else {**i, "control_residuals": sample.new_zeros(i["sample"].shape[0], width)}
+                  for i in inputs]
     with_lora = [i for i in inputs if "lora_down" in i]
     if not with_lora:
         return {name: torch.cat([i[name] for i in inputs]) for name in inputs[0]}
@@ -338,6 +392,49 @@ def concat_unet_inputs(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch
 
     padded = [{**i, **lora_of(i)} for i in inputs]
     return {name: torch.cat([i[name] for i in padded]) for name in padded[0]}
+
+
+def controlled_unet_inputs(denoisers: list[Denoiser], controlnet: ControlNetFn | None, max_rows: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Each denoiser's inputs for this step's network, with its ControlNets' residuals where it has
+    ControlNets at this step: one `controlnet` call per ControlNet model for the rows of every request
+    that runs it (at most `max_rows` rows a call; 0: no bound), then, per request, each residual times
+    its scale, summed in the order the request named them."""
+    wanted = [d.control_inputs() for d in denoisers]
+    residuals: list[list] = [[None] * len(w) for w in wanted]
+    calls: dict[str, list[tuple[int, int]]] = {}
+    for j, controls in enumerate(wanted):
+        for k, (spec, _) in enumerate(controls):
+            calls.setdefault(spec.model, []).append((j, k))
+    for model, places in calls.items():
+        if controlnet is None:
+            raise ValueError(f"a request's step runs ControlNet {model}, but no ControlNet runner is given")
+        for chunk in _row_chunks(places, lambda p: wanted[p[0]][p[1]][1]["sample"].shape[0], max_rows):
+            feed = {name: torch.cat([wanted[j][k][1][name] for j, k in chunk]) for name in wanted[chunk[0][0]][chunk[0][1]][1]}
+            result, start = controlnet(model, feed), 0
+            for j, k in chunk:
+                rows = wanted[j][k][1]["sample"].shape[0]
+                residuals[j][k], start = result[start:start + rows], start + rows
+    inputs = []
+    for denoiser, controls, outputs in zip(denoisers, wanted, residuals):
+        total = None
+        for (spec, _), residual in zip(controls, outputs):
+            scaled = residual * spec.scale
+            total = scaled if total is None else total + scaled
+        inputs.append(denoiser.unet_inputs(total))
+    return inputs
+
+
+def _row_chunks(places: list, rows_of, max_rows: int) -> list[list]:
+    """`places` in order, cut into runs of at most `max_rows` rows (0: one run)."""
+    chunks, rows = [[]], 0
+    for place in places:
+        count = rows_of(place)
+        if max_rows and chunks[-1] and rows + count > max_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(place)
+        rows += count
+    return chunks
 
 
 def cfg_end_fraction_from_parameters(parameters: dict[str, str]) -> float:
@@ -363,13 +460,13 @@ def network_fn(unet: UNetFn, refiner: UNetFn | None, network: str) -> UNetFn:
 
 
 def denoise(unet: UNetFn, denoiser: Denoiser, cancelled: Callable[[], bool] = lambda: False,
-            refiner: UNetFn | None = None) -> torch.Tensor:
+            refiner: UNetFn | None = None, controlnet: ControlNetFn | None = None) -> torch.Tensor:
     """Run the loop to the end; the final latents, for the vae_decoder. `cancelled` is asked before
     each step: the loop stops at the first step where it answers True. `refiner`: runs the refiner's
-    steps (refiner_unet's inputs), for a denoiser with a refiner."""
+    steps (refiner_unet's inputs), for a denoiser with a refiner; `controlnet`: its ControlNets."""
     while not denoiser.done:
         if cancelled():
             raise Cancelled(f"cancelled before denoising step {denoiser.step_index + 1} of {len(denoiser.timesteps)}")
-        inputs = denoiser.unet_inputs()
+        inputs = controlled_unet_inputs([denoiser], controlnet)[0]
         denoiser.step(network_fn(unet, refiner, denoiser.network)(inputs))
     return denoiser.latents

@@ -67,14 +67,25 @@ REFINER_INPUTS = (
     EndpointInput("high_noise_frac", "FP32", None, "(0, 1]: the part of the schedule the base runs before the refiner "
                   "(default: the recipe's; 1: the base alone); only where a refiner is served"),
 )
-ENDPOINT_INPUTS = (*INPUTS, *LORA_INPUTS, *IMAGE_INPUTS, *OUTPUT_INPUTS, *REFINER_INPUTS)  # ensemble_sdxl's, in its config's order
+# ControlNets per request (serving/controlnets.py; docs/controlnet.md): [K] each, K up to max_controlnets.
+CONTROL_INPUTS = (
+    EndpointInput("control_names", "STRING", (), "ControlNets served here (python -m export onnx --controlnet NAME=PATH)", (-1,)),
+    EndpointInput("control_images", "UINT8", None, "one control image per name, RGB [K, H, W, 3] at the output size", (-1, -1, -1, 3)),
+    EndpointInput("control_scales", "FP32", 1.0, "diffusers' controlnet_conditioning_scale per name, 0 to 2 (default 1.0)", (-1,)),
+    EndpointInput("control_guidance_start", "FP32", 0.0, "where each ControlNet starts, as a fraction of the schedule (default 0)", (-1,)),
+    EndpointInput("control_guidance_end", "FP32", 1.0, "where each ControlNet ends (default 1); start < end, both in [0, 1]", (-1,)),
+    EndpointInput("control_preprocess", "BOOL", False, "per name: the ControlNet's preprocessor makes the control map "
+                  "(default false: the image is the map)", (-1,)),
+)
+CONTROL_INPUT_NAMES = tuple(i.name for i in CONTROL_INPUTS)
+ENDPOINT_INPUTS = (*INPUTS, *LORA_INPUTS, *IMAGE_INPUTS, *OUTPUT_INPUTS, *REFINER_INPUTS, *CONTROL_INPUTS)  # ensemble_sdxl's, in its config's order
 INPUT_NAMES = tuple(i.name for i in INPUTS)
 # The non-text inputs: what check_options reads and the loops (scheduler, denoiser) take.
 OPTION_INPUTS = tuple(i.name for i in INPUTS if i.dtype != "STRING")
 # What check_options reads: the options, the image inputs (the image gives the size), the output's,
 # the refiner's hand-off, and whether a negative prompt came (the base and the refiner treat an empty
 # one differently: serving/denoise.py).
-CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES, *OUTPUT_INPUT_NAMES, "high_noise_frac", "negative_prompt")
+CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES, *OUTPUT_INPUT_NAMES, "high_noise_frac", "negative_prompt", *CONTROL_INPUT_NAMES)
 DEFAULTS = {i.name: i.default for i in (*INPUTS, *OUTPUT_INPUTS)}
 OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,)), "encoded_images": ("STRING", (-1,)),
            "nsfw_detected": ("BOOL", (-1,))}
@@ -124,6 +135,8 @@ class GenerationOptions:
     # The refiner's hand-off: the fraction of the schedule the base runs; None: no refiner served.
     high_noise_frac: float | None = None
     has_negative_prompt: bool = False  # a non-empty negative_prompt came
+    # The request's ControlNets (serving.controlnets.ControlSpec), checked; their images stay in the request.
+    controls: tuple = ()
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -230,6 +243,20 @@ def check_image(array: np.ndarray | None, limits: Limits) -> tuple[int, int] | N
     return int(height), int(width)
 
 
+def _control_size(array: np.ndarray | None, limits: Limits) -> tuple[int, int] | None:
+    """The (height, width) of control images that can give the output its size ([K, H, W, 3] uint8, H and W
+    sizes the endpoint takes); None otherwise (check_controls then names what is wrong with them)."""
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
+        return None
+    height, width = (int(side) for side in array.shape[1:3])
+    if not all(limits.min_size <= side <= limits.max_size and side % limits.size_multiple == 0 for side in (height, width)):
+        return None
+    return height, width
+
+
 def _image_size(name: str, array: np.ndarray | None, image_side: int) -> int:
     """height or width of a request with an image: the image's, or an equal value sent beside it."""
     value = _one(name, array)
@@ -317,14 +344,22 @@ def check_prompts(raw: Mapping[str, np.ndarray | None], limits: Limits = Limits(
             check_text("negative_prompt", raw.get("negative_prompt"), limits.max_prompt_bytes))
 
 
-def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_seed=secrets.randbelow) -> GenerationOptions:
-    """Validate one request's non-text inputs (arrays as Triton delivers them; None or absent: omitted)."""
+def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_seed=secrets.randbelow,
+                  controlnets: Mapping[str, str | None] | None = None) -> GenerationOptions:
+    """Validate one request's non-text inputs (arrays as Triton delivers them; None or absent: omitted).
+    `controlnets`: the ControlNets served ({name: preprocessor}, serving.controlnets.served_controlnets)."""
+    from .controlnets import check_controls
+
     get = raw.get
     num_images = _integer("num_images_per_prompt", get("num_images_per_prompt"), 1, limits.max_images)
     seed = _integer("seed", get("seed"), 0, SEED_MAX - (num_images - 1),
                     f"an integer from 0 to 2**63 - {num_images} (image i uses seed + i)")
     image = check_image(get("image"), limits)
-    if image is None:
+    controls = _control_size(get("control_images"), limits) if image is None else None
+    if image is None and controls is not None:  # as diffusers' ControlNet pipelines: the control images' size
+        height = _size("height", get("height"), limits) if _one("height", get("height")) is not None else controls[0]
+        width = _size("width", get("width"), limits) if _one("width", get("width")) is not None else controls[1]
+    elif image is None:
         height, width = _size("height", get("height"), limits), _size("width", get("width"), limits)
     else:
         height, width = _image_size("height", get("height"), image[0]), _image_size("width", get("width"), image[1])
@@ -341,4 +376,5 @@ def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_see
         output=check_output(raw, (height, width)),
         high_noise_frac=check_high_noise_frac(get("high_noise_frac"), limits),
         has_negative_prompt=bool(check_text("negative_prompt", get("negative_prompt"), limits.max_prompt_bytes)),
+        controls=check_controls(raw, limits, controlnets or {}, (height, width)),
     )

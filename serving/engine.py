@@ -5,8 +5,10 @@ batch, admitting new requests between steps and retiring finished ones.
 Which requests share a UNet call: those at a step of the same network (the UNet, or the refiner's
 for the requests past their hand-off) whose latents have the same shape and dtype (same height and
 width); any step, any scheduler state, CFG or not, 1 to 4 images: the UNet takes one timestep per
-sample, and each request's rows are its own (conditioning, time ids). A call holds at most
-`max_rows` rows (the UNet's max batch size).
+sample, and each request's rows are its own (conditioning, time ids, LoRA weights, ControlNet
+residuals: rows without send zeros). A call holds at most `max_rows` rows (the UNet's max batch
+size). Before it, each ControlNet that requests of the batch run at their step is called once for
+all their rows (serving/denoise.py controlled_unet_inputs).
 
 Fairness (no starvation): every active request has the iteration since which it is ready for its
 next step (the one after its last step, or its admission). Each iteration serves the shape group
@@ -30,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from .denoise import Denoiser, UNetFn, concat_unet_inputs, network_fn
+from .denoise import ControlNetFn, Denoiser, UNetFn, concat_unet_inputs, controlled_unet_inputs, network_fn
 from .endpoint import Cancelled
 
 
@@ -69,13 +71,15 @@ class IterationStats:
 class StepEngine:
     """See the module docstring. `unet(inputs) -> noise_pred` runs one UNet call (inputs named as
     contract.networks.UNET's, rows concatenated); `refiner` one refiner_unet call, where requests
-    have a refiner."""
+    have a refiner; `controlnet(model, inputs) -> control_residuals` one ControlNet call, for the
+    rows of every request of the batch that runs that ControlNet at its step."""
 
     def __init__(self, unet: UNetFn, max_rows: int, on_iteration: Callable[[IterationStats], None] | None = None,
-                 refiner: UNetFn | None = None):
+                 refiner: UNetFn | None = None, controlnet: ControlNetFn | None = None):
         if max_rows < 1:
             raise ValueError(f"max_rows {max_rows}: expected at least 1")
         self.unet, self.refiner, self.max_rows, self.on_iteration = unet, refiner, max_rows, on_iteration
+        self.controlnet = controlnet
         self.iteration = 0
         self.active: list[Job] = []
         self._incoming: deque[Job] = deque()
@@ -169,12 +173,12 @@ class StepEngine:
         return batch
 
     def _step(self, batch: list[Job], stats: IterationStats) -> None:
-        inputs = [job.denoiser.unet_inputs() for job in batch]
-        feed = concat_unet_inputs(inputs)
-        stats.rows, stats.jobs = feed["sample"].shape[0], len(batch)
+        stats.rows, stats.jobs = sum(job.rows for job in batch), len(batch)
         try:
+            inputs = controlled_unet_inputs([job.denoiser for job in batch], self.controlnet, self.max_rows)
+            feed = concat_unet_inputs(inputs)
             noise = network_fn(self.unet, self.refiner, batch[0].denoiser.network)(feed)
-        except Exception as error:  # noqa: BLE001 - the UNet's failure fails these requests, not the engine
+        except Exception as error:  # noqa: BLE001 - a network's failure fails these requests, not the engine
             for job in batch:
                 self.active.remove(job)
                 job.on_error(error)

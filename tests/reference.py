@@ -159,3 +159,37 @@ def diffusers_ensemble_images(
             latents = base(prompt, **size, denoising_end=high_noise_frac, output_type="latent", **common).images
             images = refiner(prompt, image=latents, denoising_start=high_noise_frac, output_type="np", **common).images
     return (images * 255).round().astype(np.uint8)
+
+
+def diffusers_controlnet_images(
+    pipe, controlnets: list, prompt: str, *, control_images: list[np.ndarray], seed: int, steps: int = 4,
+    scales: list[float] | None = None, starts: list[float] | None = None, ends: list[float] | None = None,
+    guidance: float = 1.0, negative: str = "", num_images: int = 1, image: np.ndarray | None = None,
+    strength: float | None = None, scheduler: str = "lcm",
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] from diffusers' StableDiffusionXLControlNetPipeline (with `image`, an init image:
+    StableDiffusionXLControlNetImg2ImgPipeline), the control images given as PIL images, as an application
+    would; one ControlNet as itself, several as a list (diffusers' MultiControlNetModel)."""
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    count = len(controlnets)
+    cls = StableDiffusionXLControlNetPipeline if image is None else StableDiffusionXLControlNetImg2ImgPipeline
+    components = {**pipe.components, "scheduler": recipe_scheduler(pipe, scheduler)}
+    reference = cls(**components, controlnet=controlnets[0] if count == 1 else controlnets,
+                    force_zeros_for_empty_prompt=True, add_watermarker=False)
+    reference.set_progress_bar_config(disable=True)
+    controls = [Image.fromarray(control, mode="RGB") for control in control_images]
+    one = (lambda values: values[0]) if count == 1 else (lambda values: values)
+    height, width = control_images[0].shape[:2]
+    extra = {"height": height, "width": width} if image is None else {"image": Image.fromarray(image, mode="RGB"),
+                                                                      "strength": strength}
+    with torch.no_grad():
+        images = reference(
+            prompt, **{"image" if image is None else "control_image": one(controls)}, **extra,
+            negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
+            num_images_per_prompt=num_images, generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)],
+            controlnet_conditioning_scale=one(scales or [1.0] * count), control_guidance_start=one(starts or [0.0] * count),
+            control_guidance_end=one(ends or [1.0] * count), output_type="np",
+        ).images
+    return (images * 255).round().astype(np.uint8)

@@ -523,6 +523,24 @@ def test_build_precisions_are_the_exporters():
     assert job["metadata"]["name"] != default["metadata"]["name"]
 
 
+def test_build_controlnets_reach_the_export_and_rename_the_job():
+    """modelRepository.build.controlnets: each becomes --controlnet NAME=SOURCE of the Job's export (its
+    engine is built with the others); the schema takes the export's names only."""
+    from contract.controlnets import NAME_PATTERN
+
+    build = json.loads((CHART / "values.schema.json").read_text())["properties"]["modelRepository"]["properties"]["build"]["properties"]
+    assert build["controlnets"]["items"]["properties"]["name"]["pattern"] == f"^{NAME_PATTERN.pattern}$"
+    default = one(render(), "Job", "engine-build")
+    job = one(render("--set", "modelRepository.build.controlnets=[{name: canny, source: diffusers/controlnet-canny-sdxl-1.0}]"),
+              "Job", "engine-build")
+    command = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert '--controlnet "canny=diffusers/controlnet-canny-sdxl-1.0"' in command
+    assert "--controlnet" not in default["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert job["metadata"]["name"] != default["metadata"]["name"]
+    refused = run_render("--set", "modelRepository.build.controlnets=[{name: Canny!, source: x}]")
+    assert refused.returncode != 0 and "controlnets" in refused.stderr
+
+
 def test_adapter_rules_name_no_namespace():
     text = ADAPTER_VALUES.read_text()
     assert "namespace=" not in text.replace('namespace!=""', "")

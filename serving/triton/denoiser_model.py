@@ -25,14 +25,14 @@ import triton_python_backend_utils as pb_utils
 
 from contract.networks import DENOISER, REFINER_UNET, UNET
 from serving.admission import RunState, run_directory
-from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
+from serving.endpoint import CHECKED_INPUTS, Cancelled, check_preview_every
 from serving.engine import IterationStats, Job, StepEngine
 
 from .common import error_response, input_arrays
 from .metrics import EngineMetrics
 from .scheduler_model import LoopSettings, admission_ticket
 from .settings import ModelSettings
-from .tensors import call_unet, to_torch, to_triton
+from .tensors import call_controlnet, call_unet, to_torch, to_triton
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -50,7 +50,8 @@ class TritonPythonModel:
                                  "max_batch_size (an integer of at least 1)")
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.metrics = EngineMetrics(args["model_name"])
-        self.engine = StepEngine(self._unet, max_rows, on_iteration=self._iteration_done, refiner=self._refiner)
+        self.engine = StepEngine(self._unet, max_rows, on_iteration=self._iteration_done, refiner=self._refiner,
+                                 controlnet=self._controlnet)
         self.thread = threading.Thread(target=self._serve, name="denoiser-engine", daemon=True)
         self.thread.start()
 
@@ -66,6 +67,9 @@ class TritonPythonModel:
     def _refiner(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._unet(inputs, REFINER_UNET.name)
 
+    def _controlnet(self, model: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return call_controlnet(model, inputs, self.settings.device, self.run)
+
     def _iteration_done(self, stats: IterationStats) -> None:
         self.metrics.iteration(stats, self.engine.size)
 
@@ -80,7 +84,7 @@ class TritonPythonModel:
 
     def _job(self, request, sender) -> Job:
         raw = input_arrays(request, (*CHECKED_INPUTS, "preview_every"))
-        options = check_options(raw, self.settings.limits)
+        options = self.settings.check(raw)
         every = check_preview_every(raw["preview_every"], self.settings.limits)
         held = self.settings.held_loras(request)
         device = self.settings.device
@@ -88,7 +92,7 @@ class TritonPythonModel:
             embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), device, copy=True)
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), device, copy=True)
             init = self.settings.init_image(raw, options, self.run)  # the image encoded before the request joins
-            denoiser = self.settings.denoiser(options, embeds, pooled, held, init)
+            denoiser = self.settings.denoiser(options, embeds, pooled, held, init, self.settings.request_controls(raw, options))
         seeds = np.asarray(options.seeds, dtype=np.int64)
         ticket = admission_ticket(request)  # a BLS caller's (sdxl_stream): it marks the ticket when its client cancels
 

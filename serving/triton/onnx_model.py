@@ -43,7 +43,8 @@ class TritonPythonModel:
         network = settings.parameters.get("network", settings.model)
         if network not in NETWORKS:
             raise settings.error(f"parameter network={network!r}: expected one of {', '.join(NETWORKS)}")
-        settings = replace(settings, model=network)  # messages name the network it serves
+        if network != settings.model:  # messages name the model and the network it serves
+            settings = replace(settings, model=f"{settings.model} ({network})")
         self.spec = NETWORKS[network]
         path = settings.version_dir / layout.ONNX_FILE
         if not path.exists():
@@ -61,8 +62,8 @@ class TritonPythonModel:
         graph_inputs = [name for name in interface if name not in self.spec.output_names]
         if graph_inputs != self.spec.input_names:
             raise settings.error(f"{path} has inputs {graph_inputs}, expected {self.spec.input_names}")
-        graph_file = f"{network}/{settings.version}/{layout.ONNX_FILE}"
-        settings.check_graph_interface({name: (dtype, dims, graph_file) for name, (dtype, dims) in interface.items()})
+        graph_file = f"{settings.model_dir.name}/{settings.version}/{layout.ONNX_FILE}"
+        settings.check_graph_interface({name: (dtype, dims, graph_file) for name, (dtype, dims) in interface.items()}, network)
 
     @property
     def session(self) -> ort.InferenceSession:

@@ -23,19 +23,19 @@ import triton_python_backend_utils as pb_utils
 from contract import layout
 from contract.configs import exported_interface
 from contract.limits import Limits
-from contract.networks import DENOISER, REFINER_UNET, SCHEDULER, UNET, VAE_ENCODER
+from contract.networks import DENOISER, REFINER_UNET, SCHEDULER, UNET, UNET_CONTROL, VAE_ENCODER
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
-from serving.denoise import Denoiser, InitImage, Refiner, cfg_end_fraction_from_parameters, denoise
+from serving.denoise import Denoiser, InitImage, Refiner, RequestControls, cfg_end_fraction_from_parameters, denoise
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options
 from serving.loras import ServingLoras, check_request
 from serving.schedulers import load_scheduler
 
-from .common import (LORA_INPUTS, ComponentError, error_response, image_tensors, infer, input_arrays, lora_tensors,
-                     option_tensors, respond, ticket_tensor)
+from .common import (LORA_INPUTS, ComponentError, control_tensors, error_response, image_tensors, infer, input_arrays,
+                     lora_tensors, option_tensors, respond, ticket_tensor)
 from .metrics import AdmissionMetrics, SchedulerMetrics
 from .settings import ModelSettings
-from .tensors import call_unet, to_torch, to_triton
+from .tensors import call_controlnet, call_unet, to_torch, to_triton
 
 
 
@@ -52,6 +52,8 @@ class LoopSettings:
     scheduler_config: dict
     loras: ServingLoras
     refiner_text_dim: int = 0  # the refiner's text conditioning width; 0: no refiner served
+    controlnets: dict | None = None  # the ControlNets served: {name: preprocessor or None}
+    lora_widths: tuple[int, int] = (0, 0)  # the UNet's LoRA input widths: unet_control's zero LoRA
 
     @classmethod
     def load(cls, settings: ModelSettings) -> "LoopSettings":
@@ -81,7 +83,27 @@ class LoopSettings:
                     f"recipe {limits.recipe} has a refiner (parameter high_noise_frac={limits.default_high_noise_frac:g}), "
                     f"but the repository has no {REFINER_UNET.name} graph; export with --refiner (or --preset sdxl-base-refiner)")
             refiner_text_dim = settings.export[1].refiner_text_dim
-        return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras, refiner_text_dim)
+        controlnets, lora_widths = settings.controlnets, (0, 0)
+        if controlnets:
+            if not exported_interface(settings.repository, UNET_CONTROL.name):
+                raise settings.error(f"the repository serves ControlNets ({', '.join(controlnets)}) but no {UNET_CONTROL.name} "
+                                     "graph; export them together (python -m export onnx --controlnet NAME=PATH)")
+            dims = settings.export[1]
+            lora_widths = (dims.unet_lora_in, dims.unet_lora_out)
+        return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras, refiner_text_dim,
+                   controlnets, lora_widths)
+
+    def check(self, raw: dict):
+        """The request's options (serving.endpoint.check_options) against the limits and the ControlNets served."""
+        return check_options(raw, self.limits, controlnets=self.controlnets)
+
+    def request_controls(self, raw: dict, options) -> RequestControls | None:
+        """The request's ControlNets with their control images on the loop's device; None without any."""
+        if not options.controls:
+            return None
+        images = np.ascontiguousarray(raw["control_images"])
+        return RequestControls(options.controls, tuple(torch.from_numpy(images[spec.index:spec.index + 1].copy()).to(self.device)
+                                                       for spec in options.controls), self.lora_widths)
 
     def held_loras(self, request) -> list:
         """The request's LoRAs (lora_names, lora_scales), checked and read: LoraError naming the input."""
@@ -103,14 +125,16 @@ class LoopSettings:
             mask = torch.from_numpy((raw["mask"] >= 128).astype(np.float32))[None, None].to(self.device)
         return InitImage(mean, std, options.strength, mask)
 
-    def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor, held: list, init: InitImage | None = None) -> Denoiser:
+    def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor, held: list, init: InitImage | None = None,
+                 controls: RequestControls | None = None) -> Denoiser:
         lora = {name: torch.from_numpy(value).to(self.device)  # none: the plain unet, which pays nothing for LoRAs
                 for name, value in self.loras.tensors(UNET.name, held, 1).items()} if held else None
         refiner = None
         if options.high_noise_frac is not None:  # a fresh scheduler of the same class and config, as the refiner pipeline's
             refiner = Refiner(self.scheduler_class.from_config(self.scheduler_config), options.high_noise_frac, self.refiner_text_dim)
         return Denoiser(options, embeds, pooled, self.scheduler_class.from_config(self.scheduler_config),
-                        cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora, init=init, refiner=refiner)
+                        cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora, init=init, refiner=refiner,
+                        controls=controls)
 
 
 class TritonPythonModel:
@@ -138,14 +162,15 @@ class TritonPythonModel:
         pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
         with torch.inference_mode():
             init = self.settings.init_image(raw, options, self.run)
-            latents = denoise(self._unet, self.settings.denoiser(options, embeds, pooled, held, init), cancelled=request.is_cancelled,
-                              refiner=self._refiner)
+            denoiser = self.settings.denoiser(options, embeds, pooled, held, init, self.settings.request_controls(raw, options))
+            latents = denoise(self._unet, denoiser, cancelled=request.is_cancelled, refiner=self._refiner,
+                              controlnet=self._controlnet)
         return to_triton("latents", latents)
 
     def _engine_latents(self, request, raw, options):
         embeddings = [pb_utils.get_input_tensor_by_name(request, name) for name in ("prompt_embeds", "pooled_prompt_embeds")]
-        return engine_latents(self.engine, embeddings + lora_tensors(request) + image_tensors(request), options, request,
-                              self.run, admission_ticket(request))
+        return engine_latents(self.engine, embeddings + lora_tensors(request) + image_tensors(request) + control_tensors(request),
+                              options, request, self.run, admission_ticket(request))
 
     def _unet(self, inputs: dict[str, torch.Tensor], network: str = UNET.name) -> torch.Tensor:
         start = time.perf_counter()
@@ -155,6 +180,9 @@ class TritonPythonModel:
 
     def _refiner(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._unet(inputs, REFINER_UNET.name)
+
+    def _controlnet(self, model: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return call_controlnet(model, inputs, self.device, self.run)
 
     def _start(self, ticket: str | None) -> None:
         """Take the admission ticket off the queue (None: called without the tokenizer, e.g. directly)."""
@@ -170,7 +198,7 @@ class TritonPythonModel:
         ticket = admission_ticket(request)
         try:
             raw = input_arrays(request, CHECKED_INPUTS)
-            options = check_options(raw, self.limits)
+            options = self.settings.check(raw)
             self._start(ticket)
             self.metrics.in_flight.increment(1)
             try:

@@ -22,18 +22,34 @@ def to_triton(name: str, value: torch.Tensor):
 
 
 def call_unet(inputs: dict[str, torch.Tensor], device: torch.device, run=None, network: str = "unet") -> torch.Tensor:
-    """One BLS call of the UNet with inputs named as contract.networks.UNET's: `unet_lora` when they
-    carry LoRA weights, else `unet`; or, `network` refiner_unet, of the refiner. Its noise_pred on
-    `device`. `run`: the RunState to report a not-healthy callee to."""
-    from contract.networks import REFINER_UNET, UNET, UNET_LORA
+    """One BLS call of the UNet with inputs named as contract.networks.UNET's: `unet_control` when they
+    carry ControlNet residuals, `unet_lora` when they carry LoRA weights, else `unet`; or, `network`
+    refiner_unet, of the refiner. Its noise_pred on `device`. `run`: the RunState to report a
+    not-healthy callee to."""
+    from contract.networks import REFINER_UNET, UNET, UNET_CONTROL, UNET_LORA
 
+    if network == REFINER_UNET.name:
+        spec = REFINER_UNET
+    else:
+        spec = UNET_CONTROL if "control_residuals" in inputs else UNET_LORA if "lora_down" in inputs else UNET
+    return call_network(spec, spec.name, inputs, device, run)
+
+
+def call_controlnet(model: str, inputs: dict[str, torch.Tensor], device: torch.device, run=None) -> torch.Tensor:
+    """One BLS call of a ControlNet's model (inputs named as contract.networks.CONTROLNET's): its
+    control_residuals on `device`."""
+    from contract.networks import CONTROLNET
+
+    return call_network(CONTROLNET, model, inputs, device, run)
+
+
+def call_network(spec, model: str, inputs: dict[str, torch.Tensor], device: torch.device, run=None) -> torch.Tensor:
     from .common import infer
 
-    spec = REFINER_UNET if network == REFINER_UNET.name else UNET_LORA if "lora_down" in inputs else UNET
     tensors = []
     for tensor in spec.inputs:
         value = inputs[tensor.name]
         # timestep is [B] in the graph; Triton's config gives it dims [1] with reshape [].
         tensors.append(to_triton(tensor.name, value.reshape(-1, 1) if tensor.name == "timestep" else value))
-    response = infer(spec.name, tensors, spec.output_names, run)
-    return to_torch(pb_utils.get_output_tensor_by_name(response, "noise_pred"), device)
+    response = infer(model, tensors, spec.output_names, run)
+    return to_torch(pb_utils.get_output_tensor_by_name(response, spec.output_names[0]), device)

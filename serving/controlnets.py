@@ -1,0 +1,129 @@
+"""ControlNets per request: the inputs, their checks, and each request's ControlNets in its loop.
+
+A request names ControlNets the deployment serves (`control_names`, [K]), one control image each
+(`control_images`, UINT8 [K, H, W, 3] at the output size), and per name a scale (default 1.0, 0 to 2),
+a guidance window [start, end) of the schedule (default [0, 1)) and whether the ControlNet's
+preprocessor makes the control map (`control_preprocess`, default false: the image is the map). As
+diffusers' `StableDiffusionXLControlNetPipeline` with a list of ControlNets (`MultiControlNetModel`):
+at step i of n, a ControlNet runs when neither i / n < start nor (i + 1) / n > end (diffusers'
+`controlnet_keep`; outside, its residuals are zeros, so it is not run here), on every UNet row (both
+CFG halves), and its residuals times its scale are summed, in the order named, into the UNet's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from contract.limits import MAX_NAME_BYTES, Limits
+from contract.networks import controlnet_model
+
+from .endpoint import CONTROL_INPUT_NAMES, InvalidInput
+
+MAX_CONTROL_SCALE = 2.0
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One ControlNet of a request, checked: its name, the model serving it, its scale and window,
+    and the index of its image in control_images."""
+
+    name: str
+    model: str
+    scale: float
+    start: float
+    end: float
+    preprocess: bool
+    index: int
+
+    def runs_at(self, index: int, count: int) -> bool:
+        """Whether it runs at step `index` of the `count` the loop runs (diffusers' controlnet_keep)."""
+        return not (index / count < self.start or (index + 1) / count > self.end)
+
+
+def served_controlnets(model_names) -> dict[str, str | None]:
+    """{name a request uses: its preprocessor (None: none)} of the ControlNet models a repository holds
+    (contract.layout.controlnet_models)."""
+    from contract.networks import CONTROLNET_MODEL_PREFIX
+
+    return {model[len(CONTROLNET_MODEL_PREFIX):]: None for model in model_names}
+
+
+def _names(array: np.ndarray, limits: Limits, served: Mapping[str, str | None]) -> list[str]:
+    array = np.asarray(array)
+    if array.ndim != 1 or not 1 <= array.size <= limits.max_controlnets:
+        raise InvalidInput("control_names", f"<{array.size} values, shape {list(array.shape)}>",
+                           f"1 to {limits.max_controlnets} names (BYTES [K]; max_controlnets)")
+    listing = ", ".join(sorted(served)) if served else "none: export with --controlnet NAME=PATH to serve one"
+    names = []
+    for value in array:
+        data = value if isinstance(value, (bytes, np.bytes_)) else str(value).encode("utf-8", "replace")
+        if len(data) > MAX_NAME_BYTES:
+            raise InvalidInput("control_names", f"<{len(data)} bytes>", f"a name of at most {MAX_NAME_BYTES} bytes: one of {listing}")
+        name = bytes(data).decode("utf-8", "replace")
+        if name not in served:
+            raise InvalidInput("control_names", name, f"a ControlNet served here: {listing}")
+        names.append(name)
+    return names
+
+
+def _per_name(name: str, array: np.ndarray | None, count: int, default, dtype) -> np.ndarray:
+    """A [K] input beside control_names: K values (omitted: K defaults)."""
+    if array is None:
+        return np.full(count, default, dtype=dtype)
+    array = np.asarray(array)
+    if array.ndim != 1 or array.size != count:
+        raise InvalidInput(name, f"<{array.size} values, shape {list(array.shape)}>", f"one value per control name ([{count}])")
+    return array
+
+
+def _fraction(name: str, value: float, accepted: str) -> float:
+    value = float(f"{float(value):.7g}")  # FP32 as sent
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise InvalidInput(name, value, accepted)
+    return value
+
+
+def check_controls(raw: Mapping[str, np.ndarray | None], limits: Limits, served: Mapping[str, str | None],
+                   size: tuple[int, int]) -> tuple[ControlSpec, ...]:
+    """The request's ControlNets, checked (`size`: the output's (height, width)); () without control_names."""
+    get = raw.get
+    if get("control_names") is None:
+        sent = [name for name in CONTROL_INPUT_NAMES[1:] if get(name) is not None]
+        if sent:
+            raise InvalidInput(sent[0], f"<{np.asarray(get(sent[0])).dtype} {list(np.asarray(get(sent[0])).shape)}>",
+                               "no ControlNet inputs without control_names (the ControlNets they go with)")
+        return ()
+    names = _names(get("control_names"), limits, served)
+    count = len(names)
+    images = get("control_images")
+    accepted = f"UINT8 [{count}, {size[0]}, {size[1]}, 3]: one RGB control image per name, at the output size"
+    if images is None:
+        raise InvalidInput("control_images", None, accepted)
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or tuple(images.shape) != (count, *size, 3):
+        raise InvalidInput("control_images", f"<{images.dtype} {list(images.shape)}>", accepted)
+    scales = _per_name("control_scales", get("control_scales"), count, 1.0, np.float32)
+    starts = _per_name("control_guidance_start", get("control_guidance_start"), count, 0.0, np.float32)
+    ends = _per_name("control_guidance_end", get("control_guidance_end"), count, 1.0, np.float32)
+    preprocess = _per_name("control_preprocess", get("control_preprocess"), count, False, np.bool_)
+    controls = []
+    for index, name in enumerate(names):
+        scale = float(f"{float(scales[index]):.7g}")
+        if not (math.isfinite(scale) and 0.0 <= scale <= MAX_CONTROL_SCALE):
+            raise InvalidInput("control_scales", scale, f"a number from 0 to {MAX_CONTROL_SCALE:g} per name (0: no effect)")
+        start = _fraction("control_guidance_start", starts[index], "a number in [0, 1) per name, below its end")
+        end = _fraction("control_guidance_end", ends[index], "a number in (0, 1] per name, above its start")
+        if not start < end:
+            raise InvalidInput("control_guidance_start", f"{start:g} with control_guidance_end {end:g} for {name}",
+                               "start < end, both in [0, 1]")
+        if not isinstance(preprocess[index], (bool, np.bool_)):
+            raise InvalidInput("control_preprocess", preprocess[index], "true or false per name (BOOL [K])")
+        if preprocess[index] and served[name] is None:
+            raise InvalidInput("control_preprocess", f"true for {name}",
+                               f"false for {name}: it declares no preprocessor; send its control map as the image")
+        controls.append(ControlSpec(name, controlnet_model(name), scale, start, end, bool(preprocess[index]), index))
+    return tuple(controls)
