@@ -66,7 +66,7 @@ PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 PERF_CONCURRENCY ?= 1 2 4 8
 
 .PHONY: help install install-gpu install-deploy lock lock-deploy k8s-render export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale \
-  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img bench-outputs bench-refiner bench-quant bench-security bench-start perf-data
+  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img bench-outputs bench-refiner bench-quant bench-security bench-start bench-controlnet perf-data
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
@@ -93,6 +93,7 @@ help:
 	@echo "make bench-outputs PNG/JPEG/WebP and the watermark per image, raw vs JPEG responses over gRPC and HTTP: $(BENCH_RESULTS)/outputs_cpu.md"
 	@echo "make bench-refiner the standard recipe and the refiner: served (tiny), each UNet's work, the full-size refiner, a GPU estimate: $(BENCH_RESULTS)/refiner_cpu.md"
 	@echo "make bench-quant  8-bit UNet (fp8, int8) and VAE (int8): error against float, CPU speed, sensitivity sweep, TensorRT-RTX: $(BENCH_RESULTS)/quantization_cpu.md"
+	@echo "make bench-controlnet ControlNets: images/s with 0, 1, 2 and a mixed load, a full-size ControlNet step vs the UNet's, FLOPs, a GPU estimate: $(BENCH_RESULTS)/controlnet_cpu.md"
 	@echo "make bench-lora   per-request LoRAs: unet_lora by rank vs unet, mixed vs single-LoRA traffic, library: $(BENCH_RESULTS)/lora_cpu.md"
 	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: $(BENCH_RESULTS)/scale_cpu.md"
 	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"
@@ -147,7 +148,8 @@ $(TINY_DIR)/controlnet/config.json: | install
 export-tiny: $(TINY_DIR)/controlnet/config.json
 	$(PY) -m export onnx --model $(TINY_DIR) --lora $(TINY_DIR)/lora --vae $(TINY_DIR)/alt_vae \
 	  --preview-vae $(TINY_DIR)/preview_vae --safety-checker $(TINY_DIR)/safety_checker \
-	  --controlnet tiny=$(TINY_DIR)/controlnet --dtype $(DTYPE) --out $(REPOSITORY)
+	  --controlnet tiny=$(TINY_DIR)/controlnet --controlnet canny=$(TINY_DIR)/controlnet --controlnet-preprocessor canny=canny \
+	  --dtype $(DTYPE) --out $(REPOSITORY)
 
 demo: export-tiny
 	$(PY) -m serving.demo --repository $(REPOSITORY)
@@ -226,6 +228,10 @@ bench-security: install
 bench-start: install
 	test -f $(REPOSITORY)/ensemble_sdxl/config.pbtxt || $(MAKE) --no-print-directory export-tiny
 	$(PY) -m benchmarks.start --repository $(REPOSITORY)
+
+# ControlNets: served (tiny, 0, 1, 2 and mixed), a full-size ControlNet step, FLOPs (about 6 minutes, 15 GiB).
+bench-controlnet: install
+	$(PY) -m benchmarks.controlnet
 
 # Per-request LoRAs: the UNet step by LoRA rank against the graph without LoRA inputs, and the library
 # (tiny, a few minutes); LORA_BENCH_ARGS="--arch sdxl" for SDXL's size (about 20 GB of memory).

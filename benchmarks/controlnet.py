@@ -1,25 +1,169 @@
-"""ControlNets at full size: SDXL's ControlNet (diffusers/controlnet-canny-sdxl-1.0's architecture, random
-weights) and the UNet that adds its residuals, exported as the repository exports them.
+"""What ControlNets cost (docs/controlnet.md): served, per step at full size, counted, and on a GPU.
 
-    python -m benchmarks.controlnet --skeletons DIR
+    python -m benchmarks.controlnet [--size 512] [--requests 8] [--skip-full] [--skeletons DIR]
+                                    [--out build/results/controlnet_cpu]
 
-For now this is the full-size part of `make bench-controlnet` (issue 34; the served figures follow with
-the serving side): each graph exported in fp16 from random weights (the graph does not depend on them),
-with the time and peak memory of each export, and kept without its weights in DIR
-(`--skeletons tests/data/sdxl_graphs` refreshes the tests' copies: tests/test_full_size_graphs.py).
+Results: OUT.json and OUT.md, by default under $BENCH_RESULTS, else build/results/ (ignored by git);
+BENCH_RESULTS=benchmarks/results refreshes the committed ones.
+
+1. `served`: the tiny pipeline exported with two ControlNets (the tiny one as `tiny` and as `canny`:
+   two models), on a real tritonserver (CPU variant, fp32, the default configs: the scheduler's loops),
+   closed-loop gRPC clients at concurrency 1 and 4, `--requests` requests per client, SIZE², 4 steps:
+   images/s and latency with 0, 1 and 2 ControlNets, and a mixed load (every other request with one).
+   In the mixed load, the latency of the requests without ControlNet against the load without any: what
+   a plain request pays for sharing the server with ControlNet requests.
+2. `flops`: a ControlNet step (SDXL's ControlNet, diffusers/controlnet-canny-sdxl-1.0's architecture)
+   and a UNet step at 1024², one row, counted by PyTorch's FlopCounterMode on the meta device.
+3. `full` (unless --skip-full): SDXL's ControlNet at full size (random weights) exported in fp32 and run
+   by ONNX Runtime at 512², batch 1, beside the base UNet's step of `make bench-scale`
+   (benchmarks/results/scale_cpu.json); export time and peak memory. --skeletons DIR: also the fp16
+   exports of `controlnet` and `unet_control`, kept without their weights in DIR
+   (`--skeletons tests/data/sdxl_graphs` refreshes the tests' copies).
+4. `estimate`: a ControlNet step on an H100/H200 at 1024², from the counted work at the rate NVIDIA's
+   published H100 TensorRT UNet reaches, against StreamDiffusion's measured ratio (a TensorRT ControlNet
+   at about 45% of a UNet step, SD-Turbo 512², RTX 5090).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
+import json
 import resource
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from .throughput import log
+from .measure import bench_parser, run, save_run, started_server
+from .throughput import log, tiny_pipeline
+
+STEPS = 4
+CASES = {"0 ControlNets": 0, "1 ControlNet": 1, "2 ControlNets": 2, "mixed (every other request 1)": -1}
+CONCURRENCIES = (1, 4)
+# NVIDIA/Stability's published SDXL + LCM TensorRT figures on an H100 (DESIGN.md): 4 UNet steps, batch 1, 1024².
+H100_UNET_4_STEPS_S = 0.1028
+STREAMDIFFUSION_CONTROLNET_OVER_UNET = 6.8 / 14.9  # SD-Turbo 512², RTX 5090, TensorRT (livepeer/StreamDiffusion)
+
+
+def export_repository(work: Path) -> Path:
+    from contract.configs import CPU_DTYPE
+    from contract.controlnets import ControlNetSource
+    from export.onnx_export import export_pipeline
+    from export.sources import LoraSpec, Sources
+
+    tiny = tiny_pipeline(work)
+    controlnets = (ControlNetSource("tiny", str(tiny / "controlnet")), ControlNetSource("canny", str(tiny / "controlnet"), "canny"))
+    repository = work / "repository"
+    export_pipeline(Sources(str(tiny), (LoraSpec(str(tiny / "lora")),), str(tiny / "alt_vae"), controlnets=controlnets),
+                    repository, CPU_DTYPE)
+    return repository
+
+
+def sample_control(size: int, seed: int):
+    """A smooth picture with edges, uint8 [size, size, 3] (what a control map looks like to a ControlNet)."""
+    import numpy as np
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(seed)
+    red = 255 * (0.5 + 0.5 * np.sin(9 * x + rng.uniform(0, 3)))
+    blue = np.where(x + y > 0.9, 230.0, 20.0)
+    return np.stack([red, 255 * y, blue], axis=-1).round().astype(np.uint8)
+
+
+def closed_loop(server, size: int, concurrency: int, requests: int, controls_of) -> list[tuple[int, float]]:
+    """`concurrency` clients, each sending `requests` requests one after another; (ControlNets, seconds)
+    of every request. `controls_of(i)`: the i-th request's controls."""
+    from client import generate
+
+    results, lock = [], threading.Lock()
+
+    def client(worker: int) -> None:
+        for k in range(requests):
+            i = worker * requests + k
+            controls = controls_of(i)
+            start = time.perf_counter()
+            generate(f"a house {i}", url=server.grpc_url, protocol="grpc", seed=i, num_inference_steps=STEPS,
+                     height=size, width=size, controls=controls or None)
+            with lock:
+                results.append((len(controls), time.perf_counter() - start))
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results.append((-1, time.perf_counter() - start))  # the wall time, last
+    return results
+
+
+def graph_steps(repository: Path, size: int, repeats: int = 9) -> list[dict]:
+    """Each graph a ControlNet request's step runs, one call in ONNX Runtime (CPU, fp32) at SIZE², batch 1
+    and 2 (CFG), median of `repeats` after a warm-up, the graphs taking turns (drift on the machine
+    hits them alike): where a served step's time goes."""
+    import onnxruntime as ort
+
+    from contract import layout, networks
+    from contract.configs import repository_export
+    from export.onnx_export import COMPUTE_DTYPES, example_inputs
+
+    dtype, dims = repository_export(repository)
+    latent = size // dims.vae_scale_factor
+    graphs = {"unet": ("unet", networks.UNET), "unet_lora": ("unet_lora", networks.UNET_LORA),
+              "unet_control": ("unet_control", networks.UNET_CONTROL),
+              "controlnet (controlnet_tiny)": (networks.controlnet_model("tiny"), networks.CONTROLNET)}
+    sessions = {name: ort.InferenceSession(str(layout.onnx_path(repository, model)), providers=["CPUExecutionProvider"])
+                for name, (model, _) in graphs.items()}
+    rows = []
+    for batch in (1, 2):
+        feeds, times = {}, {name: [] for name in graphs}
+        for name, (_, spec) in graphs.items():
+            inputs = example_inputs(spec, dims, COMPUTE_DTYPES[dtype], batch=batch, latent_height=latent, latent_width=latent, lora_rank=1)
+            feeds[name] = {key: value.numpy() for key, value in inputs.items()}
+            for key in ("lora_down", "lora_up"):  # a request without LoRAs: rank 1 of zeros
+                if key in feeds[name]:
+                    feeds[name][key][:] = 0
+            sessions[name].run(None, feeds[name])  # warm-up
+        for _ in range(repeats):
+            for name in graphs:
+                start = time.perf_counter()
+                sessions[name].run(None, feeds[name])
+                times[name].append(time.perf_counter() - start)
+        for name in graphs:
+            megabytes = sum(v.nbytes for k, v in feeds[name].items() if k in ("control_residuals", "controlnet_cond")) / 1e6
+            rows.append({"graph": name, "batch": batch, "ms": round(statistics.median(times[name]) * 1e3, 1),
+                         "control_inputs_mb": round(megabytes, 2)})
+            log(f"graph step: {rows[-1]}")
+    return rows
+
+
+def served(work: Path, size: int, requests: int) -> tuple[list[dict], list[dict]]:
+    from client import Control
+
+    repository = export_repository(work)
+    steps = graph_steps(repository, size)
+    maps = [sample_control(size, seed) for seed in (1, 2)]
+    stacks = {0: [], 1: [Control("tiny", maps[0])], 2: [Control("tiny", maps[0], scale=0.8), Control("canny", maps[1], scale=0.6)]}
+    rows = []
+    with started_server(repository, work / "tritonserver.log") as server:
+        closed_loop(server, size, 1, 1, lambda i: stacks[2])  # warm-up: every graph's first run at this size
+        for case, count in CASES.items():
+            for concurrency in CONCURRENCIES:
+                def controls_of(i, count=count):
+                    return stacks[(i % 2) if count < 0 else count]
+                results = closed_loop(server, size, concurrency, requests, controls_of)
+                wall = results.pop()[1]
+                latencies = [seconds for _, seconds in results]
+                plain = [seconds for n, seconds in results if n == 0]
+                row = {"case": case, "concurrency": concurrency, "requests": len(results),
+                       "images_per_s": round(len(results) / wall, 3), "p50_s": round(statistics.median(latencies), 3),
+                       "p95_s": round(sorted(latencies)[max(0, round(0.95 * len(latencies)) - 1)], 3),
+                       "plain_p50_s": round(statistics.median(plain), 3) if plain else None}
+                rows.append(row)
+                log(f"served: {row}")
+    return rows, steps
 
 
 def sdxl_controlnet(unet):
@@ -29,7 +173,35 @@ def sdxl_controlnet(unet):
     return ControlNetModel.from_unet(unet, load_weights_from_unet=False).eval()
 
 
-def export_full_size(work: Path, skeletons: Path) -> dict:
+def flops() -> dict[str, float]:
+    """TFLOP per step at 1024², one row: SDXL's UNet and its ControlNet (meta device: no weights)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from contract.networks import SDXL_DIMS, TIME_IDS_DIM
+    from export.modules import ControlNet, UNet
+    from export.sdxl import build_component
+
+    unet = build_component("unet", device="meta")
+    with torch.device("meta"):
+        controlnet = sdxl_controlnet(unet)
+        inputs = (torch.randn(1, 4, 128, 128), torch.tensor([500.0]), torch.randn(1, SDXL_DIMS.seq_len, SDXL_DIMS.text_dim),
+                  torch.randn(1, SDXL_DIMS.pooled_dim), torch.randn(1, TIME_IDS_DIM))
+        image = torch.zeros(1, 1024, 1024, 3, dtype=torch.uint8)
+    counted = {}
+    for name, module, args in (("unet", UNet(unet, lora=False), inputs), ("controlnet", ControlNet(controlnet), (*inputs, image))):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            module(*args)
+        counted[name] = round(counter.get_total_flops() / 1e12, 3)
+        log(f"flops: {name} {counted[name]} TFLOP per step at 1024x1024")
+    counted["parameters_b"] = {"controlnet": round(sum(p.numel() for p in controlnet.parameters()) / 1e9, 3),
+                               "unet": round(sum(p.numel() for p in unet.parameters()) / 1e9, 3)}
+    return counted
+
+
+def export_full_size(work: Path, skeletons: Path | None) -> dict:
+    """SDXL's ControlNet (and, for skeletons, unet_control) exported from random weights; time and peak RSS."""
     import torch
 
     from contract import layout, networks
@@ -40,32 +212,122 @@ def export_full_size(work: Path, skeletons: Path) -> dict:
     from .scale import keep_skeleton
 
     results = {}
-    torch.manual_seed(60)
-    unet = build_component("unet", dtype=torch.float16)
-    for name in (networks.CONTROLNET_NAME, networks.UNET_CONTROL_NAME):
+    plans = [("controlnet", "fp32")] + ([("controlnet", "fp16"), ("unet_control", "fp16")] if skeletons else [])
+    for name, dtype in plans:
+        torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
         start = time.perf_counter()
-        if name == networks.CONTROLNET_NAME:
-            module = ControlNet(sdxl_controlnet(unet).to(torch.float16))
+        torch.manual_seed(60)
+        if name == "controlnet":  # the UNet's config alone: from_unet without its weights
+            module = ControlNet(sdxl_controlnet(build_component("unet", device="meta")).to(torch_dtype))
         else:
-            module = UNet(unet)
-        out = layout.version_dir(work, name)
-        export_network(module.eval(), networks.NETWORKS[name], networks.SDXL_DIMS, "fp16", out)
+            module = UNet(build_component("unet", dtype=torch_dtype))
+        out = layout.version_dir(work / dtype, name)
+        export_network(module.eval(), networks.NETWORKS[name], networks.SDXL_DIMS, dtype, out)
+        (out / layout.EXPORT_INFO_FILE).write_text(json.dumps({"dims": networks.SDXL_DIMS.as_dict()}))
         del module
         gc.collect()
-        results[name] = {"export_s": round(time.perf_counter() - start, 1),
-                         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
-        keep_skeleton(out / layout.ONNX_FILE, skeletons / f"{name}.onnx")
-        log(f"full size: {name} exported in fp16, {results[name]}; skeleton in {skeletons}")
+        results[f"export {name} {dtype}"] = {"seconds": round(time.perf_counter() - start, 1),
+                                             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+        log(f"full size: {name} {dtype} exported: {results[f'export {name} {dtype}']}")
+        if skeletons and dtype == "fp16":
+            keep_skeleton(out / layout.ONNX_FILE, skeletons / f"{name}.onnx")
+            log(f"full size: {name} skeleton written to {skeletons}")
     return results
 
 
+def full(work: Path, skeletons: Path | None) -> dict:
+    """The full-size ControlNet's export, then one run of it in ONNX Runtime (its own process)."""
+    results = export_full_size(work, skeletons)
+    ran = run([sys.executable, "-m", "benchmarks.scale", "ort-run", str(work / "fp32"), "controlnet", "fp32"],
+              log_path=work / "ort-controlnet.log", echo=False)
+    figures = json.loads(ran.log.strip().splitlines()[-1]) if ran.returncode == 0 else {"error": ran.log[-500:]}
+    results["ort controlnet fp32"] = {**figures, "max_rss_gib": round(ran.max_rss / 2**30, 2)}
+    committed = Path(__file__).parent / "results" / "scale_cpu.json"
+    if committed.exists():
+        results["ort unet fp32 (scale_cpu.json)"] = json.loads(committed.read_text())["stages"]["ort"]["unet fp32"]
+    log(f"full: {results}")
+    return results
+
+
+def estimate(counted: dict) -> dict:
+    """A ControlNet step at 1024² on an H100 (an H200 has its compute), from the counted work at the rate
+    NVIDIA's published UNet reaches, and from StreamDiffusion's measured ratio."""
+    unet_step_s = H100_UNET_4_STEPS_S / 4
+    ratio = counted["controlnet"] / counted["unet"]
+    return {"h100_unet_step_ms": round(unet_step_s * 1e3, 1), "counted_ratio": round(ratio, 3),
+            "h100_controlnet_step_ms_counted": round(unet_step_s * ratio * 1e3, 1),
+            "streamdiffusion_ratio": round(STREAMDIFFUSION_CONTROLNET_OVER_UNET, 3),
+            "h100_controlnet_step_ms_streamdiffusion": round(unet_step_s * STREAMDIFFUSION_CONTROLNET_OVER_UNET * 1e3, 1),
+            "h100_4_steps_one_controlnet_ms": round(4 * unet_step_s * (1 + ratio) * 1e3, 1)}
+
+
+def write_table(results: dict, path: Path) -> None:
+    lines = ["# ControlNets: what they cost", "",
+             f"`{results['command']}`, {results['machine']}, {results['minutes']:.1f} min. See benchmarks/controlnet.py.", "",
+             f"## Served, tiny model, CPU variant (fp32), {results['size']}x{results['size']}, {STEPS} steps, closed-loop gRPC clients", "",
+             "| case | concurrency | requests | images/s | p50 (s) | p95 (s) | requests without ControlNet, p50 (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in results["served"]:
+        lines.append(f"| {row['case']} | {row['concurrency']} | {row['requests']} | {row['images_per_s']} | {row['p50_s']} | "
+                     f"{row['p95_s']} | {row['plain_p50_s'] if row['plain_p50_s'] is not None else '-'} |")
+    lines += ["", f"## Where a step goes: each graph once in ONNX Runtime (CPU, fp32, {results['size']}x{results['size']}, "
+              "median of 9, taking turns; unet_lora and unet_control with rank-1 zero LoRA weights, a request without LoRAs)", "",
+              "| graph | batch | ms | control inputs (MB) |", "|---|---|---|---|"]
+    lines += [f"| {row['graph']} | {row['batch']} | {row['ms']} | {row['control_inputs_mb']} |" for row in results["graph_steps"]]
+    lines += ["", "The tiny ControlNet is a copy of the tiny UNet's encoder (ControlNetModel.from_unet): on this model a "
+              "ControlNet step costs a large part of a UNet step; at full size the ratio is the counted one below."]
+    counted = results["flops"]
+    lines += ["", "## Work per step at 1024x1024, one row (FlopCounterMode, meta device)", "",
+              "| network | TFLOP per step | parameters (billions) |", "|---|---|---|",
+              f"| UNet (SDXL base) | {counted['unet']} | {counted['parameters_b']['unet']} |",
+              f"| ControlNet (SDXL, canny's architecture) | {counted['controlnet']} | {counted['parameters_b']['controlnet']} |"]
+    if "full" in results:
+        full_ = results["full"]
+        ort, base = full_["ort controlnet fp32"], full_.get("ort unet fp32 (scale_cpu.json)", {})
+        lines += ["", "## Full size on this CPU: one step in ONNX Runtime, fp32, 512x512, batch 1", "",
+                  "| network | session load | one run | resident after load | peak RSS |", "|---|---|---|---|---|",
+                  f"| controlnet (this run) | {ort.get('load_s')} s | {ort.get('run_s')} s | {ort.get('loaded_rss_gib')} GiB | "
+                  f"{ort.get('max_rss_gib')} GiB |"]
+        if base:
+            lines.append(f"| unet (scale_cpu.md) | {base['load_s']} s | {base['run_s']} s | {base['loaded_rss_gib']} GiB | "
+                         f"{base['max_rss_gib']} GiB |")
+        exports = "; ".join(f"{key[len('export '):]}: {value['seconds']} s, process peak {value['peak_rss_gib']} GiB"
+                            for key, value in full_.items() if key.startswith("export "))
+        lines.append(f"\nExports from random weights (build, trace, write): {exports}.")
+    est = results["estimate"]
+    lines += ["", "## Estimate on a GPU, 1024x1024, batch 1 (not measured: no GPU here)", "",
+              f"Basis: NVIDIA's published H100 TensorRT UNet step (SDXL + LCM, {est['h100_unet_step_ms']} ms), scaled by the "
+              f"counted ratio ({est['counted_ratio']}): a ControlNet step about {est['h100_controlnet_step_ms_counted']} ms; "
+              f"StreamDiffusion's measured TensorRT ratio ({est['streamdiffusion_ratio']}) gives "
+              f"{est['h100_controlnet_step_ms_streamdiffusion']} ms. Four steps with one ControlNet: about "
+              f"{est['h100_4_steps_one_controlnet_ms']} ms of UNet and ControlNet work (without: {4 * est['h100_unet_step_ms']:.1f} ms). "
+              "An H200 has the H100's compute: the same figures, give or take its faster memory."]
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def build_parser():
+    parser = bench_parser("controlnet", __doc__, "controlnet_cpu")
+    parser.add_argument("--size", type=int, default=512, help="served height and width (default 512)")
+    parser.add_argument("--requests", type=int, default=8, help="requests per client and case (default 8)")
+    parser.add_argument("--skip-full", action="store_true", help="skip the full-size ControlNet export and run (about 3 minutes, 15 GiB)")
+    parser.add_argument("--skeletons", type=Path, metavar="DIR", help="also export the full-size controlnet and unet_control in "
+                        "fp16 and keep their skeletons in DIR")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.controlnet", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skeletons", type=Path, metavar="DIR", required=True,
-                        help="where the full-size graphs are kept without their weights (tests/data/sdxl_graphs)")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    started = time.time()
+    results = {"size": args.size, "requests_per_client": args.requests}
     with tempfile.TemporaryDirectory(prefix="bench-controlnet-") as tmp:
-        export_full_size(Path(tmp), args.skeletons)
+        results["served"], results["graph_steps"] = served(Path(tmp), args.size, args.requests)
+        results["flops"] = flops()
+        if not args.skip_full:
+            results["full"] = full(Path(tmp), args.skeletons)
+    results["estimate"] = estimate(results["flops"])
+    save_run("controlnet", argv, started, args, parser, results, write_table)
     return 0
 
 

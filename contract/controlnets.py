@@ -8,9 +8,25 @@ no torch, no diffusers here.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 NAME_RULE = "1 to 32 of a-z 0-9 _ - starting with a letter or digit"
+
+
+# What makes a control map from a request's image on the server (control_preprocess), as the published
+# SDXL ControlNets' diffusers examples make them: canny, OpenCV's Canny edges (thresholds: the loops'
+# canny_thresholds parameter, default 100,200) on three channels.
+PREPROCESSORS = ("canny",)
+
+
+class ControlNetSource(NamedTuple):
+    """A ControlNet an export serves: its name, where it comes from (a diffusers ControlNet directory or
+    hub id) and the preprocessor it declares (None: requests send control maps)."""
+
+    name: str
+    path: str
+    preprocessor: str | None = None
 
 
 class ControlNetError(ValueError):
@@ -31,9 +47,24 @@ def parse_flag(text: str) -> tuple[str, str]:
     return check_name(name, f"--controlnet {text!r}"), path
 
 
-def check_unique(controlnets: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+def parse_preprocessor_flag(text: str) -> tuple[str, str]:
+    """`NAME=KIND` of --controlnet-preprocessor -> (name, kind), KIND one of PREPROCESSORS."""
+    name, sep, kind = text.partition("=")
+    if not sep or kind not in PREPROCESSORS:
+        raise ControlNetError(f"--controlnet-preprocessor {text!r}: expected NAME=KIND, KIND one of {', '.join(PREPROCESSORS)} "
+                              "(depth is not served yet: send depth maps as control images)")
+    return check_name(name, f"--controlnet-preprocessor {text!r}"), kind
+
+
+def sources(controlnets: list[tuple[str, str]], preprocessors: list[tuple[str, str]] = ()) -> tuple[ControlNetSource, ...]:
+    """The export's ControlNets: each name once, each preprocessor for one of them."""
     names = [name for name, _ in controlnets]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ControlNetError(f"--controlnet: {', '.join(repeated)} given more than once; each name serves one ControlNet")
-    return tuple(controlnets)
+    declared = dict(preprocessors)
+    unknown = sorted(set(declared) - set(names))
+    if unknown:
+        raise ControlNetError(f"--controlnet-preprocessor: {', '.join(unknown)} is not a --controlnet of this export "
+                              f"({', '.join(names) or 'none'})")
+    return tuple(ControlNetSource(name, path, declared.get(name)) for name, path in controlnets)

@@ -38,6 +38,15 @@ def _controlnet(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _preprocessor(text: str) -> tuple[str, str]:
+    from contract.controlnets import ControlNetError, parse_preprocessor_flag
+
+    try:
+        return parse_preprocessor_flag(text)
+    except ControlNetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -100,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--controlnet", type=_controlnet, action="append", default=[], metavar="NAME=PATH",
                       help="an SDXL ControlNet (a diffusers ControlNet directory or hub id) served as model controlnet_NAME; "
                       "requests name it in control_names; repeatable (docs/controlnet.md)")
+    onnx.add_argument("--controlnet-preprocessor", type=_preprocessor, action="append", default=[], metavar="NAME=KIND",
+                      help="the preprocessor ControlNet NAME declares (canny): requests' control_preprocess makes the "
+                      "control map from their image on the server; repeatable")
     onnx.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="the denoising loop's scheduler (trailing timestep "
                       "spacing for all but lcm; model: the model's own, class and config as its scheduler_config.json "
                       "has them); default: the preset's, else lcm")
@@ -269,10 +281,10 @@ def run_onnx(args) -> None:
         + ", " + (SCHEDULERS[recipe.scheduler].class_name or "the model's own scheduler")
         + (f", refiner {recipe.refiner} from {recipe.high_noise_frac:g} of the schedule" if recipe.refiner else ""))
     precisions = resolve_precisions(args, recipe)
-    from contract.controlnets import ControlNetError, check_unique
+    from contract.controlnets import ControlNetError, sources as controlnet_sources
 
     try:
-        controlnets = check_unique(args.controlnet)
+        controlnets = controlnet_sources(args.controlnet, args.controlnet_preprocessor)
     except ControlNetError as error:
         raise ExportError(str(error)) from None
     paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker, controlnets), args.out, args.dtype,

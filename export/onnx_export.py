@@ -308,19 +308,20 @@ def export_controlnets(sources: Sources, preloaded, dims: ModelDims, dtype: str,
     from .sources import _diffusers_errors_only, load_controlnet
 
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
-    for name, path in sources.controlnets:
+    for name, path, preprocessor in sources.controlnets:
         if preloaded is not None:
             model = preloaded.controlnets[name]
         else:
             with step(f"loading ControlNet {name} from {path}"):
-                model = load_controlnet(path, dims, f"--controlnet {name}=")
+                model = load_controlnet(path, dims, f"--controlnet {name}")
             with _diffusers_errors_only():  # its warning on casting is for running, not exporting
                 model.to(device=device, dtype=torch_dtype)
         out_dir = layout.version_dir(staged, networks.controlnet_model(name))
         export_network(ControlNet(model).eval(), networks.CONTROLNET, dims, dtype, out_dir, device=device,
                        external_data_threshold=external_data_threshold)
         info = export_info(sources, networks.CONTROLNET, dims, dtype)
-        (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps({**info, "controlnet": {"name": name, "source": path}}, indent=2) + "\n")
+        described = {"name": name, "source": path, "preprocessor": preprocessor}
+        (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps({**info, "controlnet": described}, indent=2) + "\n")
         del model
         gc.collect()
 
@@ -528,5 +529,5 @@ def export_pipeline(
         log(f"scheduler, denoiser, sdxl_stream and tokenizer configs set to recipe {recipe.name} (steps {recipe.min_steps}-{recipe.max_steps}, default "
             f"{recipe.default_steps}; guidance {recipe.default_guidance:g})")
     models = [model for name in ordered
-              for model in ([networks.controlnet_model(n) for n, _ in sources.controlnets] if name == networks.CONTROLNET.name else [name])]
+              for model in ([networks.controlnet_model(c.name) for c in sources.controlnets] if name == networks.CONTROLNET.name else [name])]
     return {model: layout.onnx_path(repository, model) for model in models}

@@ -81,11 +81,11 @@ class Sources:
     preview_vae: str | None = None  # the preview decoder's AutoencoderTiny; None: see resolved_preview_vae
     safety_checker: str | None = None  # StableDiffusionSafetyChecker + its preprocessor; None: see resolved_safety_checker
     refiner: str | None = None  # the SDXL refiner (a pipeline directory or hub id: its unet/; or a UNet directory); None: none
-    controlnets: tuple[tuple[str, str], ...] = ()  # (name, ControlNet directory or hub id): each served as controlnet_NAME
+    controlnets: tuple = ()  # contract.controlnets.ControlNetSource: each served as controlnet_NAME
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, preview_vae: str | None = None, safety_checker: str | None = None,
-                    controlnets: tuple[tuple[str, str], ...] = ()) -> "Sources":
+                    controlnets: tuple = ()) -> "Sources":
         return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet, preview_vae,
                    safety_checker, recipe.refiner, tuple(controlnets))
 
@@ -109,7 +109,7 @@ class Sources:
     def describe(self) -> dict:
         return {"model": self.model, "loras": [str(lora) for lora in self.loras], "vae": self.vae, "unet": self.unet,
                 "preview_vae": self.resolved_preview_vae, "safety_checker": self.resolved_safety_checker, "refiner": self.refiner,
-                **({"controlnets": dict(self.controlnets)} if self.controlnets else {})}
+                **({"controlnets": {c.name: c.path for c in self.controlnets}} if self.controlnets else {})}
 
 
 @dataclass

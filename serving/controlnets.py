@@ -44,12 +44,44 @@ class ControlSpec:
         return not (index / count < self.start or (index + 1) / count > self.end)
 
 
-def served_controlnets(model_names) -> dict[str, str | None]:
-    """{name a request uses: its preprocessor (None: none)} of the ControlNet models a repository holds
-    (contract.layout.controlnet_models)."""
+def served_controlnets(repository) -> dict[str, str | None]:
+    """{name a request uses: the preprocessor it declares (None: none)} of the ControlNet models a
+    repository holds, as their export recorded them (export.json)."""
+    import json
+
+    from contract import layout
     from contract.networks import CONTROLNET_MODEL_PREFIX
 
-    return {model[len(CONTROLNET_MODEL_PREFIX):]: None for model in model_names}
+    served = {}
+    for model in layout.controlnet_models(repository):
+        info = layout.version_dir(repository, model) / layout.EXPORT_INFO_FILE
+        declared = json.loads(info.read_text()).get("controlnet", {}) if info.exists() else {}
+        served[model[len(CONTROLNET_MODEL_PREFIX):]] = declared.get("preprocessor")
+    return served
+
+
+def parse_canny_thresholds(text: str) -> tuple[int, int]:
+    """The loops' canny_thresholds parameter, "LOW,HIGH" (default 100,200: the SDXL canny ControlNet's
+    diffusers example); ValueError naming it."""
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        low = high = -1
+    if not 0 <= low <= high <= 255 * 8:
+        raise ValueError(f"parameter canny_thresholds={text!r}: expected LOW,HIGH, integers with 0 <= LOW <= HIGH "
+                         "(OpenCV's Canny hysteresis thresholds; default 100,200)")
+    return low, high
+
+
+def preprocess(kind: str, image: np.ndarray, canny_thresholds: tuple[int, int] = (100, 200)) -> np.ndarray:
+    """The control map a preprocessor makes from an RGB image (uint8 [H, W, 3] -> uint8 [H, W, 3]), as the
+    published ControlNets' diffusers examples make it: canny, cv2.Canny on the image, on three channels."""
+    if kind != "canny":
+        raise ValueError(f"no preprocessor {kind!r} here; served: canny")
+    import cv2  # here: only the loops that preprocess pay for it
+
+    edges = cv2.Canny(np.ascontiguousarray(image), *canny_thresholds)
+    return np.repeat(edges[:, :, None], 3, axis=2)
 
 
 def _names(array: np.ndarray, limits: Limits, served: Mapping[str, str | None]) -> list[str]:

@@ -52,18 +52,21 @@ def loaded(tiny_sources):
     return get
 
 
-TINY_CONTROLNET = "tiny"  # the tiny ControlNet's name in the tests' repositories (model controlnet_tiny), as make demo's
+# The tiny ControlNet's names in the tests' repositories, as make demo's: tiny (models controlnet_tiny) and
+# canny, the same ControlNet declaring the canny preprocessor.
+TINY_CONTROLNET, CANNY_CONTROLNET = "tiny", "canny"
 
 
 @pytest.fixture(scope="session")
 def exported(loaded, tiny_dir, tmp_path_factory):
     """`exported(dtype)`: a model repository holding the tiny pipeline's graphs and its ControlNet's (as
-    `make export-tiny` exports them: --controlnet tiny=...), cached per dtype. The pipeline of
+    `make export-tiny` exports them: tiny, and canny with the canny preprocessor), cached per dtype. The pipeline of
     `loaded(dtype)` gets the ControlNet as `pipe.controlnet` (and in `pipe.controlnets`)."""
     from dataclasses import replace
 
     import torch
 
+    from contract.controlnets import ControlNetSource
     from contract.networks import ModelDims
     from export.sources import load_controlnet
 
@@ -77,7 +80,9 @@ def exported(loaded, tiny_dir, tmp_path_factory):
                 model = load_controlnet(path, ModelDims.from_pipeline(base.pipe)).eval()
                 base.pipe.controlnet = model.to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
                 base.pipe.controlnets = {TINY_CONTROLNET: base.pipe.controlnet}
-            stage = LoadedPipeline(base.pipe, replace(base.sources, controlnets=((TINY_CONTROLNET, path),)), base.adapters)
+            controlnets = (ControlNetSource(TINY_CONTROLNET, path), ControlNetSource(CANNY_CONTROLNET, path, "canny"))
+            base.pipe.controlnets[CANNY_CONTROLNET] = base.pipe.controlnet
+            stage = LoadedPipeline(base.pipe, replace(base.sources, controlnets=controlnets), base.adapters)
             repository = tmp_path_factory.mktemp(f"repo_{dtype}")
             export_pipeline(stage, repository, dtype)
             cache[dtype] = repository

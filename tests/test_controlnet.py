@@ -94,3 +94,24 @@ def test_a_controlnet_for_another_model_is_refused_by_name(tiny_dir, loaded):
         check_controlnet(type("Config", (), {**dict(config), "cross_attention_dim": 96})(), dims, "--controlnet 'x'")
     with pytest.raises(ExportError, match=r"residuals \(control_width\) \d+ \(expected 1600\)"):
         check_controlnet(type("Config", (), {**dict(config), "layers_per_block": 2})(), dims, "--controlnet 'x'")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--controlnet", "Canny=x"], "--controlnet 'Canny=x': name 'Canny' is not a ControlNet name (1 to 32 of a-z 0-9 _ -"),
+    (["--controlnet", "canny"], "--controlnet 'canny': expected NAME=PATH"),
+    (["--controlnet", "a=x", "--controlnet", "a=y"], "--controlnet: a given more than once"),
+    (["--controlnet", "a=x", "--controlnet-preprocessor", "a=depth"], "--controlnet-preprocessor 'a=depth': expected NAME=KIND, KIND one of canny"),
+    (["--controlnet", "a=x", "--controlnet-preprocessor", "b=canny"], "--controlnet-preprocessor: b is not a --controlnet of this export (a)"),
+])
+def test_bad_controlnet_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
+    """Exit status 2 with the message (argparse's for a flag's own form, the export's for flags that
+    disagree), before any model is read or file written."""
+    from export.cli import main
+
+    try:
+        code = main(["onnx", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "repo"), *flags])
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "repo" / "unet").exists()

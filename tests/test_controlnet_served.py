@@ -19,7 +19,7 @@ from client.__main__ import main as client_main
 from contract.configs import CPU_DTYPE
 from contract.networks import UNET_CONTROL_NAME, controlnet_model
 
-NAME = "tiny"  # conftest.TINY_CONTROLNET
+NAME, CANNY = "tiny", "canny"  # conftest.TINY_CONTROLNET, CANNY_CONTROLNET (the same weights; canny declares its preprocessor)
 CONTROLNET = controlnet_model(NAME)
 # Served (ONNX Runtime, fp32) against diffusers (PyTorch, fp32): the serving tests' bounds (test_recipes.py).
 PIXEL_MAX, PIXEL_MEAN = 1, 0.01
@@ -67,13 +67,28 @@ def test_one_controlnet_matches_diffusers(triton, pipe, protocol):
 
 
 def test_two_stacked_with_guidance_windows_match_diffusers(engine_server, pipe):
-    """The same ControlNet twice with its own image, scale and window (the first half, the second half of
-    the schedule), in the engine: diffusers' MultiControlNetModel with the same lists."""
-    controls = [Control(NAME, EDGES, scale=0.6, start=0.0, end=0.5), Control(NAME, SKETCH, scale=1.3, start=0.5, end=1.0)]
+    """Two ControlNet models, each with its own image, scale and window (the first half, the second half
+    of the schedule), in the engine: diffusers' MultiControlNetModel with the same lists."""
+    controls = [Control(NAME, EDGES, scale=0.6, start=0.0, end=0.5), Control(CANNY, SKETCH, scale=1.3, start=0.5, end=1.0)]
     result = ask(engine_server, seed=21, num_inference_steps=4, controls=controls)
     expected = diffusers_controlnet_images(pipe, [pipe.controlnet] * 2, "a house by a lake", control_images=[EDGES, SKETCH],
                                            seed=21, steps=4, scales=[0.6, 1.3], starts=[0.0, 0.5], ends=[0.5, 1.0])
     assert_close(result.images, expected)
+
+
+def test_the_canny_preprocessor_makes_the_map_diffusers_examples_make(triton, pipe):
+    """control_preprocess on `canny`: the control map is cv2.Canny(image, 100, 200) on three channels, as in
+    the SDXL canny ControlNet's diffusers example; the image equals the request that sends that map, and
+    diffusers' with it. The same ControlNet without a preprocessor refuses it."""
+    import cv2
+
+    photo = sample_image(128, 192, seed=3)
+    edges = cv2.Canny(photo, 100, 200)[:, :, None].repeat(3, axis=2)
+    preprocessed = ask(triton, seed=71, num_inference_steps=2, controls=[Control(CANNY, photo, preprocess=True)]).images
+    sent = ask(triton, seed=71, num_inference_steps=2, controls=[Control(CANNY, edges)]).images
+    assert np.array_equal(preprocessed, sent)
+    expected = diffusers_controlnet_images(pipe, [pipe.controlnet], "a house by a lake", control_images=[edges], seed=71, steps=2)
+    assert_close(preprocessed, expected)
 
 
 def test_a_controlnet_on_img2img_matches_diffusers(triton, pipe):
@@ -132,8 +147,8 @@ def control(**overrides) -> dict:
 
 
 BAD = {  # what is sent -> the start of the message
-    "unknown name": (control(control_names=np.array([b"canny"], dtype=object)),
-                     "control_names: 'canny' is not accepted; expected a ControlNet served here: tiny"),
+    "unknown name": (control(control_names=np.array([b"depth"], dtype=object)),
+                     "control_names: 'depth' is not accepted; expected a ControlNet served here: canny, tiny"),
     "more than max_controlnets": (control(control_names=np.array([NAME.encode()] * 4, dtype=object),
                                           control_images=np.stack([EDGES] * 4)),
                                   "control_names: '<4 values, shape [4]>' is not accepted; expected 1 to 3 names"),
@@ -212,6 +227,6 @@ def test_client_control_and_info(triton, tmp_path, capsys, monkeypatch):
     assert "control_preprocess: 'true for tiny' is not accepted" in capsys.readouterr().err
     monkeypatch.setenv("SDXL_ADMIN_KEY", triton.admin_key)
     assert client_main(["--info", "--url", triton.grpc_url, "--protocol", "grpc"]) == 0
-    assert "controlnets       tiny" in capsys.readouterr().out
+    assert "controlnets       canny, tiny" in capsys.readouterr().out
     with pytest.raises(ClientError, match="control_names: 'nope' is not accepted"):
         ask(triton, controls=[Control("nope", EDGES)])

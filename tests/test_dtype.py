@@ -41,7 +41,7 @@ def test_export_sets_every_config_to_its_dtype(exported, refined, dtype):
     repository = exported(dtype)
     assert not (repository / REFINER_UNET_NAME).exists()  # only where the recipe has a refiner: refined(dtype)
     assert not (repository / CONTROLNET_NAME).exists()  # a template: the ControlNet's model is controlnet_tiny
-    assert layout.controlnet_models(repository) == [graph_model(CONTROLNET_NAME)]
+    assert layout.controlnet_models(repository) == ["controlnet_canny", graph_model(CONTROLNET_NAME)]
     for name in EXPORTED_MODELS:
         holder = refined(dtype)[1] if name == REFINER_UNET_NAME else repository
         model = graph_model(name)

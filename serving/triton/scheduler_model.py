@@ -5,7 +5,8 @@ Config parameters: min_size, max_size, max_images (the endpoint's limits, see co
 the recipe (min_steps, max_steps, default_steps, default_guidance, eta, and what the model was made
 from: recipe, recipe_model, recipe_loras, recipe_unet, recipe_vae, recipe_scheduler; written by the
 export), device (cpu or cuda: where the loop's tensors live, the UNet's device), cfg_end_fraction
-(CFG truncation, see serving.denoise; 1.0, off, by default). A request that the tokenizer admitted
+(CFG truncation, see serving.denoise; 1.0, off, by default), max_controlnets (3) and canny_thresholds
+(100,200: the canny preprocessor's, serving/controlnets.py). A request that the tokenizer admitted
 brings its admission ticket: the loop takes it off the queue on start (refusing the request if it
 waited past its queue timeout) and frees it at the end (serving/admission.py).
 """
@@ -27,6 +28,7 @@ from contract.networks import DENOISER, REFINER_UNET, SCHEDULER, UNET, UNET_CONT
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.denoise import Denoiser, InitImage, Refiner, RequestControls, cfg_end_fraction_from_parameters, denoise
+from serving.controlnets import parse_canny_thresholds, preprocess
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options
 from serving.loras import ServingLoras, check_request
 from serving.schedulers import load_scheduler
@@ -54,6 +56,7 @@ class LoopSettings:
     refiner_text_dim: int = 0  # the refiner's text conditioning width; 0: no refiner served
     controlnets: dict | None = None  # the ControlNets served: {name: preprocessor or None}
     lora_widths: tuple[int, int] = (0, 0)  # the UNet's LoRA input widths: unet_control's zero LoRA
+    canny_thresholds: tuple[int, int] = (100, 200)  # the canny preprocessor's (parameter canny_thresholds)
 
     @classmethod
     def load(cls, settings: ModelSettings) -> "LoopSettings":
@@ -84,6 +87,10 @@ class LoopSettings:
                     f"but the repository has no {REFINER_UNET.name} graph; export with --refiner (or --preset sdxl-base-refiner)")
             refiner_text_dim = settings.export[1].refiner_text_dim
         controlnets, lora_widths = settings.controlnets, (0, 0)
+        try:
+            canny_thresholds = parse_canny_thresholds(params.get("canny_thresholds", "100,200"))
+        except ValueError as error:
+            raise settings.error(str(error)) from None
         if controlnets:
             if not exported_interface(settings.repository, UNET_CONTROL.name):
                 raise settings.error(f"the repository serves ControlNets ({', '.join(controlnets)}) but no {UNET_CONTROL.name} "
@@ -91,19 +98,24 @@ class LoopSettings:
             dims = settings.export[1]
             lora_widths = (dims.unet_lora_in, dims.unet_lora_out)
         return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras, refiner_text_dim,
-                   controlnets, lora_widths)
+                   controlnets, lora_widths, canny_thresholds)
 
     def check(self, raw: dict):
         """The request's options (serving.endpoint.check_options) against the limits and the ControlNets served."""
         return check_options(raw, self.limits, controlnets=self.controlnets)
 
     def request_controls(self, raw: dict, options) -> RequestControls | None:
-        """The request's ControlNets with their control images on the loop's device; None without any."""
+        """The request's ControlNets with their control maps on the loop's device (made by the ControlNet's
+        preprocessor where the request asks for it); None without any."""
         if not options.controls:
             return None
-        images = np.ascontiguousarray(raw["control_images"])
-        return RequestControls(options.controls, tuple(torch.from_numpy(images[spec.index:spec.index + 1].copy()).to(self.device)
-                                                       for spec in options.controls), self.lora_widths)
+        maps = []
+        for spec in options.controls:
+            image = np.asarray(raw["control_images"][spec.index])
+            if spec.preprocess:
+                image = preprocess(self.controlnets[spec.name], image, self.canny_thresholds)
+            maps.append(torch.from_numpy(np.array(image, dtype=np.uint8)[None]).to(self.device))  # a copy: the request's memory goes
+        return RequestControls(options.controls, tuple(maps), self.lora_widths)
 
     def held_loras(self, request) -> list:
         """The request's LoRAs (lora_names, lora_scales), checked and read: LoraError naming the input."""

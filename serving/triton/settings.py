@@ -115,10 +115,9 @@ class ModelSettings:
     @cached_property
     def controlnets(self) -> dict:
         """The ControlNets the repository serves, {name a request uses: its preprocessor or None}."""
-        from contract.layout import controlnet_models
         from serving.controlnets import served_controlnets
 
-        return served_controlnets(controlnet_models(self.repository))
+        return served_controlnets(self.repository)
 
     def check_graph_interface(self, graph: dict[str, tuple[str, list[int], str]], model: str | None = None) -> None:
         """Fail the load, with one message naming the model, both sides and the fix, when the config
