@@ -235,3 +235,53 @@ def test_denoiser_config_agrees_with_the_scheduler_and_the_unet():
         assert int(ours["max_rows"]) == read_config(TEMPLATES, "unet", variant).max_batch_size
         assert denoiser.model_transaction_policy.decoupled and len(denoiser.instance_group) == 1
         assert denoiser.instance_group[0].count == 1  # one engine: every request in one batch
+
+
+def test_controlnet_requests_share_calls_and_each_gets_its_own_latents(loaded, exported, unet_fn):
+    """Requests with one or two ControlNets (windows, scales), with LoRA-free and plain rows, stepped
+    together with the ControlNet calls cut at 3 rows: each request's latents equal its loop alone; a
+    ControlNet call holds the rows of every request that runs it at that step."""
+    from contract.networks import ModelDims
+    from export.modules import ControlNet
+    from serving.controlnets import ControlSpec
+    from serving.denoise import RequestControls
+
+    pipe = loaded("fp32").pipe
+    exported("fp32")  # gives the pipeline its ControlNet
+    controlnet = ControlNet(pipe.controlnet).eval()
+    calls = []
+
+    def controlnet_fn(model, inputs):
+        calls.append((model, inputs["sample"].shape[0]))
+        with torch.no_grad():
+            return controlnet(**inputs)
+
+    generator = torch.Generator().manual_seed(0)
+    image = lambda: torch.randint(0, 256, (1, 128, 128, 3), generator=generator, dtype=torch.uint8)  # noqa: E731
+    dims = ModelDims.from_pipeline(pipe)
+    widths = (dims.unet_lora_in, dims.unet_lora_out)  # no request here has LoRAs: unet_control gets zeros of these
+    specs = {
+        "one": (ControlSpec("tiny", "controlnet_tiny", 0.7, 0.0, 1.0, False, 0),),
+        "two": (ControlSpec("tiny", "controlnet_tiny", 1.2, 0.0, 0.5, False, 0), ControlSpec("canny", "controlnet_canny", 0.5, 0.25, 1.0, False, 1)),
+    }
+    images = {name: tuple(image() for _ in spec) for name, spec in specs.items()}
+    cases = [(GenerationOptions(11, 4, 1.0, 128, 128, 1), "one"), (GenerationOptions(12, 4, 2.0, 128, 128, 1), "two"),
+             (GenerationOptions(13, 4, 1.0, 128, 128, 2), None)]
+
+    def make(options, kind):
+        embeds, pooled = embeddings(options.seed, options.do_classifier_free_guidance)
+        controls = None if kind is None else RequestControls(specs[kind], images[kind], widths)
+        return Denoiser(options, embeds, pooled, recipe_scheduler(pipe, "lcm"), controls=controls)
+
+    alone = [denoise(unet_fn, make(options, kind), controlnet=controlnet_fn) for options, kind in cases]
+    calls.clear()
+    engine = StepEngine(unet_fn, max_rows=3, controlnet=controlnet_fn)
+    results = {}
+    for i, (options, kind) in enumerate(cases):
+        engine.submit(Job(make(options, kind), on_done=lambda latents, i=i: results.__setitem__(i, latents), on_error=pytest.fail))
+    while len(results) < len(cases):
+        engine.run_iteration()
+    for i, latents in enumerate(alone):  # the batch-size-dependent summation order alone differs
+        assert torch.allclose(results[i], latents, atol=1e-4, rtol=1e-4), (i, (results[i] - latents).abs().max())
+    assert all(rows <= 3 for _, rows in calls)
+    assert {model for model, _ in calls} == {"controlnet_tiny", "controlnet_canny"}

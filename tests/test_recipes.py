@@ -6,6 +6,7 @@ defaults on the endpoint; `python -m client --info`."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -45,6 +46,10 @@ def serve(repository, tmp_path_factory):
     endpoint's models (a third of a start)."""
     log = tmp_path_factory.mktemp("recipe_server") / "tritonserver.log"
     endpoint = ["--model-control-mode=explicit", *(f"--load-model={model}" for model in ("ensemble_sdxl", "unet", "vae_encoder", "loras"))]
+    # Two denoising loops (the CPU variant has 4): enough for the concurrent test, two fewer processes
+    # importing torch at each start. The repository is each test's own copy.
+    config = repository / "scheduler" / "configs" / "cpu.pbtxt"
+    config.write_text(re.sub(r"count: \d+", "count: 2", config.read_text()))
     return running(TritonServer(repository, "cpu", *free_ports(3), log_file=log, extra_args=endpoint))
 
 
