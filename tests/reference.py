@@ -165,16 +165,19 @@ def diffusers_controlnet_images(
     pipe, controlnets: list, prompt: str, *, control_images: list[np.ndarray], seed: int, steps: int = 4,
     scales: list[float] | None = None, starts: list[float] | None = None, ends: list[float] | None = None,
     guidance: float = 1.0, negative: str = "", num_images: int = 1, image: np.ndarray | None = None,
-    strength: float | None = None, scheduler: str = "lcm",
+    strength: float | None = None, mask: np.ndarray | None = None, scheduler: str = "lcm",
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] from diffusers' StableDiffusionXLControlNetPipeline (with `image`, an init image:
-    StableDiffusionXLControlNetImg2ImgPipeline), the control images given as PIL images, as an application
-    would; one ControlNet as itself, several as a list (diffusers' MultiControlNetModel)."""
-    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPipeline
+    StableDiffusionXLControlNetImg2ImgPipeline; with a `mask` too: StableDiffusionXLControlNetInpaintPipeline),
+    the images given as PIL images, as an application would; one ControlNet as itself, several as a list
+    (diffusers' MultiControlNetModel)."""
+    from diffusers import (StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetInpaintPipeline,
+                           StableDiffusionXLControlNetPipeline)
     from PIL import Image
 
     count = len(controlnets)
-    cls = StableDiffusionXLControlNetPipeline if image is None else StableDiffusionXLControlNetImg2ImgPipeline
+    cls = (StableDiffusionXLControlNetPipeline if image is None else
+           StableDiffusionXLControlNetImg2ImgPipeline if mask is None else StableDiffusionXLControlNetInpaintPipeline)
     components = {**pipe.components, "scheduler": recipe_scheduler(pipe, scheduler)}
     reference = cls(**components, controlnet=controlnets[0] if count == 1 else controlnets,
                     force_zeros_for_empty_prompt=True, add_watermarker=False)
@@ -184,6 +187,8 @@ def diffusers_controlnet_images(
     height, width = control_images[0].shape[:2]
     extra = {"height": height, "width": width} if image is None else {"image": Image.fromarray(image, mode="RGB"),
                                                                       "strength": strength}
+    if mask is not None:
+        extra.update(mask_image=Image.fromarray(mask, mode="L"), height=height, width=width)
     with torch.no_grad():
         images = reference(
             prompt, **{"image" if image is None else "control_image": one(controls)}, **extra,

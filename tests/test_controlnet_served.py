@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from reference import diffusers_controlnet_images, sample_image
+from reference import diffusers_controlnet_images, sample_image, sample_mask
 
 from client import ClientError, Control, generate
 from client.__main__ import main as client_main
@@ -98,6 +98,35 @@ def test_a_controlnet_on_img2img_matches_diffusers(triton, pipe):
                  controls=[Control(NAME, EDGES, scale=1.0, start=0.0, end=0.7)])
     expected = diffusers_controlnet_images(pipe, [pipe.controlnet], "a house by a lake", control_images=[EDGES], seed=31, steps=4,
                                            ends=[0.7], image=image, strength=0.75)
+    assert_close(result.images, expected)
+
+
+def test_a_controlnet_on_inpainting_matches_diffusers(engine_server, pipe):
+    """diffusers' StableDiffusionXLControlNetInpaintPipeline (a 4-channel UNet: latent blending), in the engine."""
+    image, mask = sample_image(128, 192, seed=2), sample_mask(128, 192)
+    result = ask(engine_server, seed=35, num_inference_steps=4, image=image, mask=mask, strength=0.75, guidance_scale=2.0,
+                 controls=[Control(CANNY, EDGES, scale=0.9)])
+    expected = diffusers_controlnet_images(pipe, [pipe.controlnet], "a house by a lake", control_images=[EDGES], seed=35, steps=4,
+                                           scales=[0.9], guidance=2.0, image=image, strength=0.75, mask=mask)
+    assert_close(result.images, expected)
+
+
+def test_a_controlnet_with_a_lora_matches_diffusers(triton, loaded, pipe, tmp_path):
+    """A LoRA of the library (the UNet and both text encoders) and a ControlNet in one request: unet_control
+    with the LoRA's weights; diffusers' ControlNet pipeline with the LoRA loaded (set_adapters)."""
+    from export import lora as library
+    from export.sources import load_pipeline
+    from export.tiny import write_style_lora
+
+    path = write_style_lora(pipe, tmp_path / "ink_a", seed=21, scale=0.08)  # test_lora_served.py's ink_a
+    if "ink_a" not in library.loras.installed(triton.repository):
+        library.add(triton.repository, "ink_a", str(path), 64)
+    result = ask(triton, seed=45, num_inference_steps=3, loras=[("ink_a", 0.7)], controls=[Control(NAME, EDGES, scale=0.9)])
+    styled = load_pipeline(loaded(CPU_DTYPE).sources, CPU_DTYPE).pipe
+    styled.load_lora_weights(str(path), adapter_name="ink_a")
+    styled.set_adapters(["ink_a"], adapter_weights=[0.7])
+    expected = diffusers_controlnet_images(styled, [pipe.controlnet], "a house by a lake", control_images=[EDGES], seed=45, steps=3,
+                                           scales=[0.9])
     assert_close(result.images, expected)
 
 
