@@ -36,7 +36,8 @@ import threading
 import time
 from pathlib import Path
 
-from .measure import bench_parser, run, save_run, started_server
+from .measure import bench_parser, save_run, started_server
+from .scale import ort_step_lines
 from .throughput import log, tiny_pipeline
 
 STEPS = 4
@@ -237,14 +238,12 @@ def export_full_size(work: Path, skeletons: Path | None) -> dict:
 
 def full(work: Path, skeletons: Path | None) -> dict:
     """The full-size ControlNet's export, then one run of it in ONNX Runtime (its own process)."""
+    from .scale import committed_unet_step, ort_step
+
     results = export_full_size(work, skeletons)
-    ran = run([sys.executable, "-m", "benchmarks.scale", "ort-run", str(work / "fp32"), "controlnet", "fp32"],
-              log_path=work / "ort-controlnet.log", echo=False)
-    figures = json.loads(ran.log.strip().splitlines()[-1]) if ran.returncode == 0 else {"error": ran.log[-500:]}
-    results["ort controlnet fp32"] = {**figures, "max_rss_gib": round(ran.max_rss / 2**30, 2)}
-    committed = Path(__file__).parent / "results" / "scale_cpu.json"
-    if committed.exists():
-        results["ort unet fp32 (scale_cpu.json)"] = json.loads(committed.read_text())["stages"]["ort"]["unet fp32"]
+    results["ort controlnet fp32"] = ort_step(work / "fp32", "controlnet", work / "ort-controlnet.log")
+    if (unet := committed_unet_step()) is not None:
+        results["ort unet fp32 (scale_cpu.json)"] = unet
     log(f"full: {results}")
     return results
 
@@ -283,14 +282,8 @@ def write_table(results: dict, path: Path) -> None:
               f"| ControlNet (SDXL, canny's architecture) | {counted['controlnet']} | {counted['parameters_b']['controlnet']} |"]
     if "full" in results:
         full_ = results["full"]
-        ort, base = full_["ort controlnet fp32"], full_.get("ort unet fp32 (scale_cpu.json)", {})
-        lines += ["", "## Full size on this CPU: one step in ONNX Runtime, fp32, 512x512, batch 1", "",
-                  "| network | session load | one run | resident after load | peak RSS |", "|---|---|---|---|---|",
-                  f"| controlnet (this run) | {ort.get('load_s')} s | {ort.get('run_s')} s | {ort.get('loaded_rss_gib')} GiB | "
-                  f"{ort.get('max_rss_gib')} GiB |"]
-        if base:
-            lines.append(f"| unet (scale_cpu.md) | {base['load_s']} s | {base['run_s']} s | {base['loaded_rss_gib']} GiB | "
-                         f"{base['max_rss_gib']} GiB |")
+        lines += ort_step_lines("## Full size on this CPU: one step in ONNX Runtime, fp32, 512x512, batch 1", "controlnet",
+                                full_["ort controlnet fp32"], full_.get("ort unet fp32 (scale_cpu.json)"))
         exports = "; ".join(f"{key[len('export '):]}: {value['seconds']} s, process peak {value['peak_rss_gib']} GiB"
                             for key, value in full_.items() if key.startswith("export "))
         lines.append(f"\nExports from random weights (build, trace, write): {exports}.")

@@ -31,12 +31,12 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .measure import bench_parser, run, save_run, started_server
+from .measure import bench_parser, save_run, started_server
+from .scale import ort_step_lines
 from .throughput import log, tiny_pipeline
 
 STEPS, GUIDANCE, HANDOFF = 20, 5.0, 0.8  # sdxl-base-refiner's defaults (contract/recipes.py)
@@ -134,7 +134,7 @@ def full(work: Path, skeletons: Path | None) -> dict:
     from export.onnx_export import export_network
     from export.sdxl import build_component
 
-    from .scale import keep_skeleton
+    from .scale import committed_unet_step, keep_skeleton, ort_step
 
     repository = work / "full"
     results = {}
@@ -152,13 +152,9 @@ def full(work: Path, skeletons: Path | None) -> dict:
         if dtype == "fp16":
             keep_skeleton(out / layout.ONNX_FILE, skeletons / f"{REFINER_UNET.name}.onnx")
             log(f"full: skeleton written to {skeletons}")
-    ran = run([sys.executable, "-m", "benchmarks.scale", "ort-run", str(repository / "fp32"), REFINER_UNET.name, "fp32"],
-              log_path=work / "ort-refiner.log", echo=False)
-    figures = json.loads(ran.log.strip().splitlines()[-1]) if ran.returncode == 0 else {"error": ran.log[-500:]}
-    results["ort fp32"] = {**figures, "max_rss_gib": round(ran.max_rss / 2**30, 2)}
-    committed = Path(__file__).parent / "results" / "scale_cpu.json"
-    if committed.exists():
-        results["base unet ort fp32 (scale_cpu.json)"] = json.loads(committed.read_text())["stages"]["ort"]["unet fp32"]
+    results["ort fp32"] = ort_step(repository / "fp32", REFINER_UNET.name, work / "ort-refiner.log")
+    if (unet := committed_unet_step()) is not None:
+        results["base unet ort fp32 (scale_cpu.json)"] = unet
     log(f"full: {results}")
     return results
 
@@ -195,14 +191,8 @@ def write_table(results: dict, path: Path) -> None:
     lines += [f"| {name} | {value} |" for name, value in results["flops"].items()]
     if "full" in results:
         full_ = results["full"]
-        ort, base = full_["ort fp32"], full_.get("base unet ort fp32 (scale_cpu.json)", {})
-        lines += ["", "## Full size on this CPU: one UNet step in ONNX Runtime, fp32, 512x512, batch 1", "",
-                  "| network | session load | one run | resident after load | peak RSS |", "|---|---|---|---|---|",
-                  f"| refiner_unet (this run) | {ort.get('load_s')} s | {ort.get('run_s')} s | {ort.get('loaded_rss_gib')} GiB | "
-                  f"{ort.get('max_rss_gib')} GiB |"]
-        if base:
-            lines.append(f"| unet (scale_cpu.md) | {base['load_s']} s | {base['run_s']} s | {base['loaded_rss_gib']} GiB | "
-                         f"{base['max_rss_gib']} GiB |")
+        lines += ort_step_lines("## Full size on this CPU: one UNet step in ONNX Runtime, fp32, 512x512, batch 1", "refiner_unet",
+                                full_["ort fp32"], full_.get("base unet ort fp32 (scale_cpu.json)"))
         exports = ", ".join(f"{key.split()[1]} {value} s" for key, value in full_.items() if key.startswith("export"))
         lines.append(f"\nThe full-size refiner UNet's export (random init, trace, write): {exports}.")
     est = results["estimate"]

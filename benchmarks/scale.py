@@ -188,6 +188,33 @@ def ort_run(repository: Path, name: str, dtype: str) -> None:
                       "size": f"{SIZE}x{SIZE}, batch 1"}))
 
 
+def ort_step(repository: Path, name: str, log_path: Path) -> dict:
+    """ort_run of network `name` of `repository` (fp32) in a process of its own: its figures and the
+    process's peak RSS (an error's last output instead when it fails)."""
+    ran = measure.run([sys.executable, "-m", "benchmarks.scale", "ort-run", str(repository), name, "fp32"], log_path=log_path,
+                      echo=False)
+    figures = json.loads(ran.log.strip().splitlines()[-1]) if ran.returncode == 0 else {"error": ran.log[-500:]}
+    return {**figures, "max_rss_gib": gib(ran.max_rss)}
+
+
+def committed_unet_step() -> dict | None:
+    """The full-size base UNet's fp32 step of the committed `make bench-scale` run (scale_cpu.json), to
+    set other networks' steps beside; None where there is none."""
+    committed = Path(__file__).parent / "results" / "scale_cpu.json"
+    return json.loads(committed.read_text())["stages"]["ort"]["unet fp32"] if committed.exists() else None
+
+
+def ort_step_lines(heading: str, network: str, step: dict, unet: dict | None) -> list[str]:
+    """A results table of one network's full-size step (ort_step) beside the base UNet's (committed_unet_step)."""
+    lines = ["", heading, "", "| network | session load | one run | resident after load | peak RSS |", "|---|---|---|---|---|",
+             f"| {network} (this run) | {step.get('load_s')} s | {step.get('run_s')} s | {step.get('loaded_rss_gib')} GiB | "
+             f"{step.get('max_rss_gib')} GiB |"]
+    if unet:
+        lines.append(f"| unet (scale_cpu.md) | {unet['load_s']} s | {unet['run_s']} s | {unet['loaded_rss_gib']} GiB | "
+                     f"{unet['max_rss_gib']} GiB |")
+    return lines
+
+
 def stage_serve(work: Path, dtype: str) -> dict:
     """tritonserver on the full-size graphs; the requests run from this process, the server's memory
     is sampled over its process group."""

@@ -332,12 +332,10 @@ def _stream(url: str, inputs: list, parameters: dict | None, timeout_s: float) -
             client.stop_stream(cancel_requests=not finished)
 
 
-def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0, admin_key: str | None = None,
-         admin_key_file: str | Path | None = None) -> dict[str, str]:
-    """What the server serves: the recipe (model, LoRAs, UNet, VAE, scheduler class, step range and
-    defaults), from the `scheduler` model's config parameters. Model configs are an admin API: the
-    key is `admin_key`, else $SDXL_ADMIN_KEY, else `admin_key_file`, else the one `make serve`
-    generated (build/admin-key)."""
+def _admin_call(url: str | None, protocol: str, timeout_s: float, admin_key: str | None, admin_key_file, api: str, request):
+    """request(client, headers, call) against one of Triton's admin APIs (`api`, for the message), with
+    the key: `admin_key`, else $SDXL_ADMIN_KEY, else `admin_key_file`, else the one `make serve`
+    generated (build/admin-key). A refusal names what key was sent, or where one is found."""
     from contract import security
 
     url = url or DEFAULT_URLS[protocol]
@@ -345,20 +343,30 @@ def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0
         key = admin_key or security.client_key(Path(admin_key_file) if admin_key_file else None)
     except security.AdminKeyError as error:
         raise ClientError(str(error)) from None
-    call_headers = security.headers(key, protocol)
     try:
         with _connected(url, protocol, timeout_s) as (client, call):
-            if protocol == "http":
-                config = client.get_model_config("scheduler", headers=call_headers, **call)
-            else:
-                config = client.get_model_config("scheduler", headers=call_headers, as_json=True, **call)["config"]
+            return request(client, security.headers(key, protocol), call)
     except ClientError as error:
         if "restricted" in str(error):
             hint = ("the key sent was not accepted" if key else
                     f"no key found: set {security.KEY_ENV}, pass --admin-key-file, or run this beside `make serve`, "
                     f"which writes {security.GENERATED_KEY_FILE.relative_to(security.REPO_ROOT)}")
-            raise ClientError(f"{error} (Triton's model-config API needs the admin key: {hint})", error.status) from None
+            raise ClientError(f"{error} (Triton's {api} API needs the admin key: {hint})", error.status) from None
         raise
+
+
+def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0, admin_key: str | None = None,
+         admin_key_file: str | Path | None = None) -> dict[str, str]:
+    """What the server serves: the recipe (model, LoRAs, UNet, VAE, scheduler class, step range and
+    defaults), from the `scheduler` model's config parameters. Model configs are an admin API: the
+    key is `admin_key`, else $SDXL_ADMIN_KEY, else `admin_key_file`, else the one `make serve`
+    generated (build/admin-key)."""
+    def scheduler_config(client, headers, call):
+        if protocol == "http":
+            return client.get_model_config("scheduler", headers=headers, **call)
+        return client.get_model_config("scheduler", headers=headers, as_json=True, **call)["config"]
+
+    config = _admin_call(url, protocol, timeout_s, admin_key, admin_key_file, "model-config", scheduler_config)
     from contract.recipes import RECIPE_PARAMETERS
 
     parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
@@ -369,19 +377,14 @@ def controlnets(url: str | None = None, protocol: str = "http", timeout_s: float
                 admin_key_file: str | Path | None = None) -> list[str]:
     """The ControlNets the server serves (what Control.name may be): its controlnet_NAME models, from
     Triton's repository index (an admin API: the key as `info` finds it)."""
-    from contract import security
     from contract.networks import CONTROLNET_MODEL_PREFIX
 
-    url = url or DEFAULT_URLS[protocol]
-    try:
-        key = admin_key or security.client_key(Path(admin_key_file) if admin_key_file else None)
-    except security.AdminKeyError as error:
-        raise ClientError(str(error)) from None
-    with _connected(url, protocol, timeout_s) as (client, call):
+    def repository_index(client, headers, call):
         if protocol == "http":
-            index = client.get_model_repository_index(headers=security.headers(key, protocol), **call)
-        else:
-            index = client.get_model_repository_index(headers=security.headers(key, protocol), as_json=True, **call).get("models", [])
+            return client.get_model_repository_index(headers=headers, **call)
+        return client.get_model_repository_index(headers=headers, as_json=True, **call).get("models", [])
+
+    index = _admin_call(url, protocol, timeout_s, admin_key, admin_key_file, "model-repository", repository_index)
     return sorted(entry["name"][len(CONTROLNET_MODEL_PREFIX):] for entry in index
                   if entry.get("name", "").startswith(CONTROLNET_MODEL_PREFIX))
 

@@ -123,6 +123,10 @@ class Limits:
     def has_refiner(self) -> bool:
         return self.default_high_noise_frac is not None
 
+    def takes_size(self, side: int) -> bool:
+        """Whether `side` (pixels) is a height or width the endpoint takes (`sizes`)."""
+        return self.min_size <= side <= self.max_size and side % self.size_multiple == 0
+
     @property
     def sizes(self) -> str:
         return f"a multiple of {self.size_multiple} from {self.min_size} to {self.max_size}"

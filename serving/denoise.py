@@ -401,18 +401,18 @@ def controlled_unet_inputs(denoisers: list[Denoiser], controlnet: ControlNetFn |
     its scale, summed in the order the request named them."""
     wanted = [d.control_inputs() for d in denoisers]
     residuals: list[list] = [[None] * len(w) for w in wanted]
-    calls: dict[str, list[tuple[int, int]]] = {}
+    calls: dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]] = {}  # model -> (request, its k-th ControlNet, inputs)
     for j, controls in enumerate(wanted):
-        for k, (spec, _) in enumerate(controls):
-            calls.setdefault(spec.model, []).append((j, k))
+        for k, (spec, inputs) in enumerate(controls):
+            calls.setdefault(spec.model, []).append((j, k, inputs))
     for model, places in calls.items():
         if controlnet is None:
             raise ValueError(f"a request's step runs ControlNet {model}, but no ControlNet runner is given")
-        for chunk in _row_chunks(places, lambda p: wanted[p[0]][p[1]][1]["sample"].shape[0], max_rows):
-            feed = {name: torch.cat([wanted[j][k][1][name] for j, k in chunk]) for name in wanted[chunk[0][0]][chunk[0][1]][1]}
+        for chunk in _row_chunks(places, lambda place: place[2]["sample"].shape[0], max_rows):
+            feed = {name: torch.cat([inputs[name] for _, _, inputs in chunk]) for name in chunk[0][2]}
             result, start = controlnet(model, feed), 0
-            for j, k in chunk:
-                rows = wanted[j][k][1]["sample"].shape[0]
+            for j, k, inputs in chunk:
+                rows = inputs["sample"].shape[0]
                 residuals[j][k], start = result[start:start + rows], start + rows
     inputs = []
     for denoiser, controls, outputs in zip(denoisers, wanted, residuals):

@@ -238,7 +238,7 @@ def check_image(array: np.ndarray | None, limits: Limits) -> tuple[int, int] | N
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise InvalidInput("image", f"<{array.dtype} {list(array.shape)}>", accepted)
     height, width = array.shape[:2]
-    if not all(limits.min_size <= side <= limits.max_size and side % limits.size_multiple == 0 for side in (height, width)):
+    if not (limits.takes_size(height) and limits.takes_size(width)):
         raise InvalidInput("image", f"<{height}x{width} pixels>", accepted)
     return int(height), int(width)
 
@@ -252,9 +252,7 @@ def _control_size(array: np.ndarray | None, limits: Limits) -> tuple[int, int] |
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
         return None
     height, width = (int(side) for side in array.shape[1:3])
-    if not all(limits.min_size <= side <= limits.max_size and side % limits.size_multiple == 0 for side in (height, width)):
-        return None
-    return height, width
+    return (height, width) if limits.takes_size(height) and limits.takes_size(width) else None
 
 
 def _image_size(name: str, array: np.ndarray | None, image_side: int) -> int:

@@ -1,6 +1,6 @@
 """Helpers shared by the Python-backend models: tensors, BLS, error responses, the endpoint's finisher
-(what each model reads at load: settings.py). No torch here: only the scheduler needs it, and each model process that imports it pays about
-2 s of CPU and 200 MB at every (re)start."""
+(what each model reads at load: settings.py). No torch here: only the scheduler needs it, and each
+model process that imports it pays about 2 s of CPU and 200 MB at every (re)start."""
 
 from __future__ import annotations
 

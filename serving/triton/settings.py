@@ -71,46 +71,40 @@ class ModelSettings:
 
     # --- what the parameters and the repository say, read once ---------------------------------------
 
+    def _read(self, read):
+        """read(): its ValueError (LoraError is one) fails the load, naming the model."""
+        try:
+            return read()
+        except ValueError as error:
+            raise self.error(str(error)) from None
+
     @cached_property
     def limits(self):
         """The endpoint's limits (contract/limits.py) from the parameters."""
         from contract.limits import Limits
 
-        try:
-            return Limits.from_parameters(self.parameters)
-        except ValueError as error:
-            raise self.error(str(error)) from None
+        return self._read(lambda: Limits.from_parameters(self.parameters))
 
     @cached_property
     def admission(self):
         """The admission policy (serving/admission.py) from the parameters."""
         from serving.admission import AdmissionPolicy
 
-        try:
-            return AdmissionPolicy.from_parameters(self.parameters)
-        except ValueError as error:
-            raise self.error(str(error)) from None
+        return self._read(lambda: AdmissionPolicy.from_parameters(self.parameters))
 
     @cached_property
     def export(self):
         """(dtype, dims) the repository's graphs were exported with (contract.configs.repository_export); None without graphs."""
         from contract.configs import repository_export
 
-        try:
-            return repository_export(self.repository)
-        except ValueError as error:
-            raise self.error(str(error)) from None
+        return self._read(lambda: repository_export(self.repository))
 
     @cached_property
     def loras(self):
         """The repository's LoRA library as requests read it (serving/loras.py)."""
-        from contract.loras import LoraError
         from serving.loras import ServingLoras
 
-        try:
-            return ServingLoras(self.repository, self.export[0] if self.export else "fp32", self.limits.max_stacked_rank)
-        except (LoraError, ValueError) as error:
-            raise self.error(str(error)) from None
+        return self._read(lambda: ServingLoras(self.repository, self.export[0] if self.export else "fp32", self.limits.max_stacked_rank))
 
     @cached_property
     def controlnets(self) -> dict:
