@@ -6,19 +6,21 @@
 Results: OUT.json and OUT.md, by default under $BENCH_RESULTS, else build/results/ (ignored by git);
 BENCH_RESULTS=benchmarks/results refreshes the committed ones.
 
-1. `served`: the tiny pipeline exported with two ControlNets (the tiny one as `tiny` and as `canny`:
-   two models), on a real tritonserver (CPU variant, fp32, the default configs: the scheduler's loops),
-   closed-loop gRPC clients at concurrency 1 and 4, `--requests` requests per client, SIZE², 4 steps:
-   images/s and latency with 0, 1 and 2 ControlNets, and a mixed load (every other request with one).
+1. `served`: the tiny pipeline exported with three ControlNets (the tiny one as `tiny` and as `canny`:
+   two models; the tiny ControlNet-Union as `union`), on a real tritonserver (CPU variant, fp32, the
+   default configs: the scheduler's loops), closed-loop gRPC clients at concurrency 1 and 4,
+   `--requests` requests per client, SIZE², 4 steps: images/s and latency with 0, 1 and 2 ControlNets,
+   two modes of the union model (one pass a step), and a mixed load (every other request with one).
    In the mixed load, the latency of the requests without ControlNet against the load without any: what
    a plain request pays for sharing the server with ControlNet requests.
-2. `flops`: a ControlNet step (SDXL's ControlNet, diffusers/controlnet-canny-sdxl-1.0's architecture)
+2. `flops`: a ControlNet step (SDXL's ControlNet, diffusers/controlnet-canny-sdxl-1.0's architecture),
+   a ControlNet-Union step with one and with two modes (xinsir/controlnet-union-sdxl-1.0's architecture)
    and a UNet step at 1024², one row, counted by PyTorch's FlopCounterMode on the meta device.
-3. `full` (unless --skip-full): SDXL's ControlNet at full size (random weights) exported in fp32 and run
-   by ONNX Runtime at 512², batch 1, beside the base UNet's step of `make bench-scale`
-   (benchmarks/results/scale_cpu.json); export time and peak memory. --skeletons DIR: also the fp16
-   exports of `controlnet` and `unet_control`, kept without their weights in DIR
-   (`--skeletons tests/data/sdxl_graphs` refreshes the tests' copies).
+3. `full` (unless --skip-full): SDXL's ControlNet and ControlNet-Union at full size (random weights)
+   exported in fp32 and run by ONNX Runtime at 512², batch 1 (the union with two modes), beside the base
+   UNet's step of `make bench-scale` (benchmarks/results/scale_cpu.json); export time and peak memory.
+   --skeletons DIR: also the fp16 exports of `controlnet`, `union_controlnet` and `unet_control`, kept
+   without their weights in DIR (`--skeletons tests/data/sdxl_graphs` refreshes the tests' copies).
 4. `estimate`: a ControlNet step on an H100/H200 at 1024², from the counted work at the rate NVIDIA's
    published H100 TensorRT UNet reaches, against StreamDiffusion's measured ratio (a TensorRT ControlNet
    at about 45% of a UNet step, SD-Turbo 512², RTX 5090).
@@ -41,7 +43,8 @@ from .scale import ort_step_lines
 from .throughput import log, tiny_pipeline
 
 STEPS = 4
-CASES = {"0 ControlNets": 0, "1 ControlNet": 1, "2 ControlNets": 2, "mixed (every other request 1)": -1}
+CASES = {"0 ControlNets": 0, "1 ControlNet": 1, "2 ControlNets": 2, "union, 2 modes (one pass)": "union",
+         "mixed (every other request 1)": -1}
 CONCURRENCIES = (1, 4)
 # NVIDIA/Stability's published SDXL + LCM TensorRT figures on an H100 (DESIGN.md): 4 UNet steps, batch 1, 1024².
 H100_UNET_4_STEPS_S = 0.1028
@@ -53,9 +56,11 @@ def export_repository(work: Path) -> Path:
     from contract.controlnets import ControlNetSource
     from export.onnx_export import export_pipeline
     from export.sources import LoraSpec, Sources
+    from export.tiny import UNION_SUBFOLDER
 
     tiny = tiny_pipeline(work)
-    controlnets = (ControlNetSource("tiny", str(tiny / "controlnet")), ControlNetSource("canny", str(tiny / "controlnet"), "canny"))
+    controlnets = (ControlNetSource("tiny", str(tiny / "controlnet")), ControlNetSource("canny", str(tiny / "controlnet"), "canny"),
+                   ControlNetSource("union", str(tiny / UNION_SUBFOLDER)))
     repository = work / "repository"
     export_pipeline(Sources(str(tiny), (LoraSpec(str(tiny / "lora")),), str(tiny / "alt_vae"), controlnets=controlnets),
                     repository, CPU_DTYPE)
@@ -112,17 +117,23 @@ def graph_steps(repository: Path, size: int, repeats: int = 9) -> list[dict]:
 
     dtype, dims = repository_export(repository)
     latent = size // dims.vae_scale_factor
-    graphs = {"unet": ("unet", networks.UNET), "unet_lora": ("unet_lora", networks.UNET_LORA),
-              "unet_control": ("unet_control", networks.UNET_CONTROL),
-              "controlnet (controlnet_tiny)": (networks.controlnet_model("tiny"), networks.CONTROLNET)}
+    union = networks.controlnet_model("union", union=True)
+    graphs = {"unet": ("unet", networks.UNET, 1), "unet_lora": ("unet_lora", networks.UNET_LORA, 1),
+              "unet_control": ("unet_control", networks.UNET_CONTROL, 1),
+              "controlnet (controlnet_tiny)": (networks.controlnet_model("tiny"), networks.CONTROLNET, 1),
+              "union_controlnet, 1 mode": (union, networks.UNION_CONTROLNET, 1),
+              "union_controlnet, 2 modes": (union, networks.UNION_CONTROLNET, 2)}
     sessions = {name: ort.InferenceSession(str(layout.onnx_path(repository, model)), providers=["CPUExecutionProvider"])
-                for name, (model, _) in graphs.items()}
+                for name, (model, _, _) in graphs.items()}
     rows = []
     for batch in (1, 2):
         feeds, times = {}, {name: [] for name in graphs}
-        for name, (_, spec) in graphs.items():
-            inputs = example_inputs(spec, dims, COMPUTE_DTYPES[dtype], batch=batch, latent_height=latent, latent_width=latent, lora_rank=1)
+        for name, (_, spec, modes) in graphs.items():
+            inputs = example_inputs(spec, dims, COMPUTE_DTYPES[dtype], batch=batch, latent_height=latent, latent_width=latent, lora_rank=1,
+                                    control_modes=modes)
             feeds[name] = {key: value.numpy() for key, value in inputs.items()}
+            if "control_modes" in feeds[name]:  # every slot a mode
+                feeds[name]["control_modes"][:] = range(modes)
             for key in ("lora_down", "lora_up"):  # a request without LoRAs: rank 1 of zeros
                 if key in feeds[name]:
                     feeds[name][key][:] = 0
@@ -146,14 +157,15 @@ def served(work: Path, size: int, requests: int) -> tuple[list[dict], list[dict]
     repository = export_repository(work)
     steps = graph_steps(repository, size)
     maps = [sample_control(size, seed) for seed in (1, 2)]
-    stacks = {0: [], 1: [Control("tiny", maps[0])], 2: [Control("tiny", maps[0], scale=0.8), Control("canny", maps[1], scale=0.6)]}
+    stacks = {0: [], 1: [Control("tiny", maps[0])], 2: [Control("tiny", maps[0], scale=0.8), Control("canny", maps[1], scale=0.6)],
+              "union": [Control("union/depth", maps[0], scale=0.8), Control("union/canny", maps[1], scale=0.6)]}
     rows = []
     with started_server(repository, work / "tritonserver.log") as server:
-        closed_loop(server, size, 1, 1, lambda i: stacks[2])  # warm-up: every graph's first run at this size
+        closed_loop(server, size, 1, 1, lambda i: stacks[2] + stacks["union"][:1])  # warm-up: every graph's first run at this size
         for case, count in CASES.items():
             for concurrency in CONCURRENCIES:
                 def controls_of(i, count=count):
-                    return stacks[(i % 2) if count < 0 else count]
+                    return stacks[(i % 2) if count == -1 else count]
                 results = closed_loop(server, size, concurrency, requests, controls_of)
                 wall = results.pop()[1]
                 latencies = [seconds for _, seconds in results]
@@ -167,59 +179,75 @@ def served(work: Path, size: int, requests: int) -> tuple[list[dict], list[dict]
     return rows, steps
 
 
-def sdxl_controlnet(unet):
-    """SDXL's ControlNet for `unet` (its down path, the published conditioning embedding), random init."""
-    from diffusers import ControlNetModel
+def sdxl_controlnet(unet, union: bool = False):
+    """SDXL's ControlNet for `unet` (its down path, the published conditioning embedding), random init;
+    `union`: the ControlNet-Union (xinsir/controlnet-union-sdxl-1.0's config: from_unet's defaults)."""
+    from diffusers import ControlNetModel, ControlNetUnionModel
 
-    return ControlNetModel.from_unet(unet, load_weights_from_unet=False).eval()
+    return (ControlNetUnionModel if union else ControlNetModel).from_unet(unet, load_weights_from_unet=False).eval()
+
+
+def union_inputs(modes: int, image):
+    """A union ControlNet's own inputs for one row of `modes` modes (meta or real tensors as `image`)."""
+    import torch
+
+    return (image[:, None].expand(1, modes, -1, -1, -1), torch.arange(modes)[None], torch.ones(1, modes), torch.zeros(1, dtype=torch.int64))
 
 
 def flops() -> dict[str, float]:
-    """TFLOP per step at 1024², one row: SDXL's UNet and its ControlNet (meta device: no weights)."""
+    """TFLOP per step at 1024², one row: SDXL's UNet, its ControlNet and its ControlNet-Union with 1 and 2
+    modes (meta device: no weights)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from contract.networks import SDXL_DIMS, TIME_IDS_DIM
-    from export.modules import ControlNet, UNet
+    from export.modules import ControlNet, UNet, UnionControlNet
     from export.sdxl import build_component
 
     unet = build_component("unet", device="meta")
     with torch.device("meta"):
-        controlnet = sdxl_controlnet(unet)
+        controlnet, union = sdxl_controlnet(unet), sdxl_controlnet(unet, union=True)
         inputs = (torch.randn(1, 4, 128, 128), torch.tensor([500.0]), torch.randn(1, SDXL_DIMS.seq_len, SDXL_DIMS.text_dim),
                   torch.randn(1, SDXL_DIMS.pooled_dim), torch.randn(1, TIME_IDS_DIM))
         image = torch.zeros(1, 1024, 1024, 3, dtype=torch.uint8)
+        cases = (("unet", UNet(unet, lora=False), inputs), ("controlnet", ControlNet(controlnet), (*inputs, image)),
+                 *((f"union, {modes} mode{'s' if modes > 1 else ''}", UnionControlNet(union), (*inputs, *union_inputs(modes, image)))
+                   for modes in (1, 2)))
     counted = {}
-    for name, module, args in (("unet", UNet(unet, lora=False), inputs), ("controlnet", ControlNet(controlnet), (*inputs, image))):
+    for name, module, args in cases:
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             module(*args)
         counted[name] = round(counter.get_total_flops() / 1e12, 3)
         log(f"flops: {name} {counted[name]} TFLOP per step at 1024x1024")
-    counted["parameters_b"] = {"controlnet": round(sum(p.numel() for p in controlnet.parameters()) / 1e9, 3),
-                               "unet": round(sum(p.numel() for p in unet.parameters()) / 1e9, 3)}
+    counted["parameters_b"] = {name: round(sum(p.numel() for p in module.parameters()) / 1e9, 3)
+                               for name, module in (("controlnet", controlnet), ("union", union), ("unet", unet))}
     return counted
 
 
 def export_full_size(work: Path, skeletons: Path | None) -> dict:
-    """SDXL's ControlNet (and, for skeletons, unet_control) exported from random weights; time and peak RSS."""
+    """SDXL's ControlNet and ControlNet-Union (and, for skeletons, unet_control) exported from random
+    weights; time and peak RSS."""
     import torch
 
     from contract import layout, networks
-    from export.modules import ControlNet, UNet
+    from export.modules import ControlNet, UNet, UnionControlNet
     from export.onnx_export import export_network
     from export.sdxl import build_component
 
     from .scale import keep_skeleton
 
     results = {}
-    plans = [("controlnet", "fp32")] + ([("controlnet", "fp16"), ("unet_control", "fp16")] if skeletons else [])
+    plans = [("controlnet", "fp32"), ("union_controlnet", "fp32")]
+    plans += [("controlnet", "fp16"), ("union_controlnet", "fp16"), ("unet_control", "fp16")] if skeletons else []
     for name, dtype in plans:
         torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
         start = time.perf_counter()
         torch.manual_seed(60)
-        if name == "controlnet":  # the UNet's config alone: from_unet without its weights
-            module = ControlNet(sdxl_controlnet(build_component("unet", device="meta")).to(torch_dtype))
+        if name in ("controlnet", "union_controlnet"):  # the UNet's config alone: from_unet without its weights
+            union = name == "union_controlnet"
+            model = sdxl_controlnet(build_component("unet", device="meta"), union=union).to(torch_dtype)
+            module = UnionControlNet(model) if union else ControlNet(model)
         else:
             module = UNet(build_component("unet", dtype=torch_dtype))
         out = layout.version_dir(work / dtype, name)
@@ -237,11 +265,12 @@ def export_full_size(work: Path, skeletons: Path | None) -> dict:
 
 
 def full(work: Path, skeletons: Path | None) -> dict:
-    """The full-size ControlNet's export, then one run of it in ONNX Runtime (its own process)."""
+    """The full-size ControlNets' exports, then one run of each in ONNX Runtime (each its own process)."""
     from .scale import committed_unet_step, ort_step
 
     results = export_full_size(work, skeletons)
     results["ort controlnet fp32"] = ort_step(work / "fp32", "controlnet", work / "ort-controlnet.log")
+    results["ort union_controlnet fp32"] = ort_step(work / "fp32", "union_controlnet", work / "ort-union.log")
     if (unet := committed_unet_step()) is not None:
         results["ort unet fp32 (scale_cpu.json)"] = unet
     log(f"full: {results}")
@@ -257,7 +286,9 @@ def estimate(counted: dict) -> dict:
             "h100_controlnet_step_ms_counted": round(unet_step_s * ratio * 1e3, 1),
             "streamdiffusion_ratio": round(STREAMDIFFUSION_CONTROLNET_OVER_UNET, 3),
             "h100_controlnet_step_ms_streamdiffusion": round(unet_step_s * STREAMDIFFUSION_CONTROLNET_OVER_UNET * 1e3, 1),
-            "h100_4_steps_one_controlnet_ms": round(4 * unet_step_s * (1 + ratio) * 1e3, 1)}
+            "h100_4_steps_one_controlnet_ms": round(4 * unet_step_s * (1 + ratio) * 1e3, 1),
+            "union_2_modes_counted_ratio": round(counted["union, 2 modes"] / counted["unet"], 3),
+            "h100_union_2_modes_step_ms_counted": round(unet_step_s * counted["union, 2 modes"] / counted["unet"] * 1e3, 1)}
 
 
 def write_table(results: dict, path: Path) -> None:
@@ -279,11 +310,16 @@ def write_table(results: dict, path: Path) -> None:
     lines += ["", "## Work per step at 1024x1024, one row (FlopCounterMode, meta device)", "",
               "| network | TFLOP per step | parameters (billions) |", "|---|---|---|",
               f"| UNet (SDXL base) | {counted['unet']} | {counted['parameters_b']['unet']} |",
-              f"| ControlNet (SDXL, canny's architecture) | {counted['controlnet']} | {counted['parameters_b']['controlnet']} |"]
+              f"| ControlNet (SDXL, canny's architecture) | {counted['controlnet']} | {counted['parameters_b']['controlnet']} |",
+              f"| ControlNet-Union (xinsir's architecture), 1 mode | {counted['union, 1 mode']} | {counted['parameters_b']['union']} |",
+              f"| ControlNet-Union, 2 modes (one pass) | {counted['union, 2 modes']} | {counted['parameters_b']['union']} |"]
     if "full" in results:
         full_ = results["full"]
         lines += ort_step_lines("## Full size on this CPU: one step in ONNX Runtime, fp32, 512x512, batch 1", "controlnet",
                                 full_["ort controlnet fp32"], full_.get("ort unet fp32 (scale_cpu.json)"))
+        step, row = full_["ort union_controlnet fp32"], next(i for i, line in enumerate(lines) if line.startswith("| controlnet (this run)"))
+        lines.insert(row + 1, f"| union_controlnet, 2 modes (this run) | {step.get('load_s')} s | {step.get('run_s')} s | "
+                              f"{step.get('loaded_rss_gib')} GiB | {step.get('max_rss_gib')} GiB |")
         exports = "; ".join(f"{key[len('export '):]}: {value['seconds']} s, process peak {value['peak_rss_gib']} GiB"
                             for key, value in full_.items() if key.startswith("export "))
         lines.append(f"\nExports from random weights (build, trace, write): {exports}.")
@@ -294,6 +330,8 @@ def write_table(results: dict, path: Path) -> None:
               f"StreamDiffusion's measured TensorRT ratio ({est['streamdiffusion_ratio']}) gives "
               f"{est['h100_controlnet_step_ms_streamdiffusion']} ms. Four steps with one ControlNet: about "
               f"{est['h100_4_steps_one_controlnet_ms']} ms of UNet and ControlNet work (without: {4 * est['h100_unet_step_ms']:.1f} ms). "
+              f"A ControlNet-Union pass with two modes (counted ratio {est['union_2_modes_counted_ratio']}): about "
+              f"{est['h100_union_2_modes_step_ms_counted']} ms a step, against two ControlNets' {2 * est['h100_controlnet_step_ms_counted']:.1f} ms. "
               "An H200 has the H100's compute: the same figures, give or take its faster memory."]
     lines.append("")
     path.write_text("\n".join(lines))

@@ -178,7 +178,8 @@ def load_image(value, mode: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Control:
-    """One ControlNet of a request: a name the server serves (`controlnets()`), its control image (a
+    """One ControlNet of a request: a name the server serves (`controlnets()`; a ControlNet-Union's mode as
+    NAME/MODE, union/depth), its control image (a
     path, a PIL image or uint8 [H, W, 3], at the output size), its scale (0 to 2), the window of the
     schedule it runs in ([start, end) as fractions), and whether the server's preprocessor makes the
     control map from the image (ControlNets that declare one)."""
@@ -375,9 +376,11 @@ def info(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0
 
 def controlnets(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0, admin_key: str | None = None,
                 admin_key_file: str | Path | None = None) -> list[str]:
-    """The ControlNets the server serves (what Control.name may be): its controlnet_NAME models, from
-    Triton's repository index (an admin API: the key as `info` finds it)."""
-    from contract.networks import CONTROLNET_MODEL_PREFIX
+    """The ControlNets the server serves (what Control.name may be): its controlnet_NAME models as NAME and
+    its ControlNet-Union models as NAME/MODE (MODE: a control type, docs/controlnet.md), from Triton's
+    repository index (an admin API: the key as `info` finds it)."""
+    from contract.controlnets import UNION_SEPARATOR
+    from contract.networks import UNION_CONTROLNET_NAME, controlnet_name, network_of
 
     def repository_index(client, headers, call):
         if protocol == "http":
@@ -385,8 +388,9 @@ def controlnets(url: str | None = None, protocol: str = "http", timeout_s: float
         return client.get_model_repository_index(headers=headers, as_json=True, **call).get("models", [])
 
     index = _admin_call(url, protocol, timeout_s, admin_key, admin_key_file, "model-repository", repository_index)
-    return sorted(entry["name"][len(CONTROLNET_MODEL_PREFIX):] for entry in index
-                  if entry.get("name", "").startswith(CONTROLNET_MODEL_PREFIX))
+    models = [entry.get("name", "") for entry in index if controlnet_name(entry.get("name", ""))]
+    return sorted(controlnet_name(model) + (f"{UNION_SEPARATOR}MODE" if network_of(model).name == UNION_CONTROLNET_NAME else "")
+                  for model in models)
 
 
 def loras(url: str | None = None, protocol: str = "http", timeout_s: float = 30.0) -> list[dict]:

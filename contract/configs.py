@@ -24,8 +24,8 @@ from tritonclient.grpc import model_config_pb2
 
 from . import layout
 from .limits import Limits
-from .networks import (COMPUTE, CONTROLNET_NAME, DYNAMIC_DIMS, LOOP_MODELS, NETWORKS, RECIPE_MODELS, SCHEDULER, TOKENIZER, ModelDims,
-                       TensorSpec, compute_tensors, model_tensors)
+from .networks import (COMPUTE, CONTROLNET_MODEL_PREFIXES, DYNAMIC_DIMS, LOOP_MODELS, NETWORKS, RECIPE_MODELS, SCHEDULER, TOKENIZER,
+                       ModelDims, TensorSpec, compute_tensors, model_tensors, network_of)
 
 
 
@@ -107,19 +107,20 @@ def exported_models(repository: Path) -> tuple[str, ...]:
 
 
 def instantiate_controlnets(repository: Path) -> list[str]:
-    """Give each ControlNet model of `repository` (controlnet_NAME, holding its graph) the configs and
-    model.py of the `controlnet` template copied there, its name set; the template's own directory
-    goes (never served). Returns the ControlNet models."""
+    """Give each ControlNet model of `repository` (controlnet_NAME or union_controlnet_NAME, holding its
+    graph) the configs and model.py of its network's template (`controlnet`, `union_controlnet`) copied
+    there, its name set; the templates' own directories go (never served). Returns the ControlNet models."""
     repository = Path(repository)
-    template = repository / CONTROLNET_NAME
     models = layout.controlnet_models(repository)
-    if template.is_dir():
-        for model in models:
-            copy_configs(template, repository / model)
+    for model in models:
+        template = network_of(model).name
+        if (repository / template).is_dir():
+            copy_configs(repository / template, repository / model)
             for path in config_files(repository, model):
                 text = path.read_text()
-                _replace_if_changed(path, text, re.sub(rf'^name:\s*"{CONTROLNET_NAME}"', f'name: "{model}"', text, flags=re.M))
-        shutil.rmtree(template)
+                _replace_if_changed(path, text, re.sub(rf'^name:\s*"{template}"', f'name: "{model}"', text, flags=re.M))
+    for template in CONTROLNET_MODEL_PREFIXES:
+        shutil.rmtree(repository / template, ignore_errors=True)
     return models
 FIX_COMMAND = "python -m export configs --repository {repository}"
 

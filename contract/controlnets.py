@@ -20,6 +20,36 @@ NAME_RULE = "1 to 32 of a-z 0-9 _ - starting with a letter or digit"
 PREPROCESSORS = ("canny",)
 
 
+# ControlNet-Union's control types (xinsir's controlnet-union-sdxl-1.0, its model card; ControlNet++):
+# the name a request gives after NAME/ -> the index of diffusers' control_mode. Aliases name the inputs
+# each type was trained on; promax's two more types (tile, repaint) exist where the model's
+# num_control_type has them.
+UNION_MODES = {
+    "openpose": 0, "depth": 1,
+    "hed": 2, "pidi": 2, "scribble": 2, "softedge": 2, "ted": 2,
+    "canny": 3, "lineart": 3, "anime_lineart": 3, "mlsd": 3,
+    "normal": 4, "segment": 5, "tile": 6, "repaint": 7,
+}
+# The union modes whose maps a server-side preprocessor makes (control_preprocess): the same as a
+# plain ControlNet declaring it.
+UNION_MODE_PREPROCESSORS = {"canny": "canny"}
+UNION_SEPARATOR = "/"
+
+
+def union_mode_names(control_types: int) -> tuple[str, ...]:
+    """The mode names a union model of `control_types` types (its config's num_control_type) serves."""
+    return tuple(name for name, index in UNION_MODES.items() if index < control_types)
+
+
+class ServedControl(NamedTuple):
+    """A name a request may put in control_names, as a deployment serves it: the model, the union mode
+    (None: a plain ControlNet) and the preprocessor control_preprocess runs (None: none)."""
+
+    model: str
+    mode: int | None
+    preprocessor: str | None
+
+
 class ControlNetSource(NamedTuple):
     """A ControlNet an export serves: its name, where it comes from (a diffusers ControlNet directory or
     hub id) and the preprocessor it declares (None: requests send control maps)."""

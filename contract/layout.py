@@ -64,27 +64,28 @@ def scheduler_config_path(repository: Path) -> Path:
 
 def served_networks(repository: Path) -> tuple[str, ...]:
     """The network models a repository serves: the refiner's and unet_control only where the export
-    put their models there, and one model per ControlNet (controlnet_NAME) in the controlnet network's place."""
-    from .networks import CONTROLNET_NAME, OPTIONAL_NETWORKS, NETWORKS
+    put their models there, and one model per ControlNet (controlnet_NAME, union_controlnet_NAME) in
+    the ControlNet networks' place."""
+    from .networks import CONTROLNET_NAME, CONTROLNET_MODEL_PREFIXES, OPTIONAL_NETWORKS, NETWORKS
 
     repository = Path(repository)
     served = []
     for name in NETWORKS:
         if name == CONTROLNET_NAME:
             served += controlnet_models(repository)
-        elif name not in OPTIONAL_NETWORKS or (repository / name).is_dir():
+        elif name not in OPTIONAL_NETWORKS or (name not in CONTROLNET_MODEL_PREFIXES and (repository / name).is_dir()):
             served.append(name)
     return tuple(served)
 
 
 def controlnet_models(repository: Path) -> list[str]:
-    """The ControlNet models of a repository (controlnet_NAME directories), sorted."""
-    from .networks import CONTROLNET_MODEL_PREFIX
+    """The ControlNet models of a repository (controlnet_NAME and union_controlnet_NAME directories), sorted."""
+    from .networks import controlnet_name
 
     repository = Path(repository)
     if not repository.is_dir():
         return []
-    return sorted(d.name for d in repository.iterdir() if d.is_dir() and d.name.startswith(CONTROLNET_MODEL_PREFIX))
+    return sorted(d.name for d in repository.iterdir() if d.is_dir() and controlnet_name(d.name))
 
 
 def graph_precision(graph_dir: Path) -> str | None:

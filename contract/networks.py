@@ -19,7 +19,8 @@ COMPUTE = "COMPUTE"
 
 # Dynamic axes, named after what they count. Image sizes are multiples of 64, so latent sizes are
 # multiples of 8 (the UNet downsamples latents twice more, by 4, so they must be multiples of 4).
-DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "image_height", "image_width", "lora_rank", "control_size")
+DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "image_height", "image_width", "lora_rank", "control_size",
+                "control_modes")
 
 # A ControlNet's residuals (diffusers' ControlNetModel, as StableDiffusionXLControlNetPipeline hands them
 # to the UNet): one per output of the UNet's down path (conv_in, each down block's resnets, each
@@ -319,39 +320,71 @@ CONTROLNET = NetworkSpec(
     inputs=(*UNET.inputs, TensorSpec("controlnet_cond", "UINT8", ("batch", "image_height", "image_width", 3))),
     outputs=(CONTROL_RESIDUALS,),
 )
+# A ControlNet-Union (diffusers' ControlNetUnionModel: xinsir's controlnet-union-sdxl-1.0, ControlNet++):
+# one network, several control types (contract/controlnets.py UNION_MODES); a request's modes of one union
+# model take ONE pass, as StableDiffusionXLControlNetUnionPipeline's control_mode=[...] does. Each model is
+# union_controlnet_NAME, made from the `union_controlnet` template. Beside the UNet's inputs, per row:
+# a control image per mode slot, each slot's mode index (-1: an empty slot, when rows of requests with
+# fewer modes share a call), each slot's conditioning scale inside the network (1 for a lone mode, whose
+# scale the loop applies to the residuals as diffusers does; the mode's scale x its window's keep for
+# several), and the row's request: the union's transformer attends across the rows of ONE call of
+# diffusers (nn.MultiheadAttention over dim 0), so rows attend only to rows of the same control_groups value.
+UNION_CONTROLNET_NAME = "union_controlnet"
+UNION_CONTROLNET = NetworkSpec(
+    name=UNION_CONTROLNET_NAME,
+    inputs=(*UNET.inputs,
+            TensorSpec("controlnet_cond", "UINT8", ("batch", "control_modes", "image_height", "image_width", 3)),
+            TensorSpec("control_modes", "INT64", ("batch", "control_modes")),
+            TensorSpec("control_mode_scales", "FP32", ("batch", "control_modes")),
+            TensorSpec("control_groups", "INT64", ("batch",))),
+    outputs=(CONTROL_RESIDUALS,),
+)
 # The UNet that adds ControlNet residuals (rows without a ControlNet send zeros), with the LoRA inputs
 # too: the batches in which a request sends ControlNets run it; the others run unet or unet_lora as
 # before, paying nothing for the capability.
 UNET_CONTROL = NetworkSpec(name=UNET_CONTROL_NAME, inputs=(*UNET_LORA.inputs, CONTROL_RESIDUALS), outputs=UNET.outputs)
-CONTROL_NETWORKS = {n.name: n for n in (CONTROLNET, UNET_CONTROL)}
+CONTROL_NETWORKS = {n.name: n for n in (CONTROLNET, UNION_CONTROLNET, UNET_CONTROL)}
 # The graphs traced from the base UNet: one set of weights, one precision.
 UNET_GRAPHS = (UNET_NAME, UNET_LORA_NAME, UNET_CONTROL_NAME)
 
 NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER, SAFETY_CHECKER,
-                                 REFINER_UNET, CONTROLNET, UNET_CONTROL)}
+                                 REFINER_UNET, CONTROLNET, UNION_CONTROLNET, UNET_CONTROL)}
 # Networks a repository holds only when its export asks for them: an export without a refiner
 # writes no refiner_unet model, one without ControlNets no unet_control (a model without its graph
-# would fail the server's start). `controlnet` is a template only: each ControlNet is its own model.
-OPTIONAL_NETWORKS = (REFINER_UNET_NAME, CONTROLNET_NAME, UNET_CONTROL_NAME)
+# would fail the server's start). `controlnet` and `union_controlnet` are templates only: each ControlNet
+# is its own model, controlnet_NAME or union_controlnet_NAME.
+OPTIONAL_NETWORKS = (REFINER_UNET_NAME, CONTROLNET_NAME, UNION_CONTROLNET_NAME, UNET_CONTROL_NAME)
 CONTROLNET_MODEL_PREFIX = "controlnet_"
+UNION_CONTROLNET_MODEL_PREFIX = "union_controlnet_"
+CONTROLNET_MODEL_PREFIXES = {CONTROLNET_NAME: CONTROLNET_MODEL_PREFIX, UNION_CONTROLNET_NAME: UNION_CONTROLNET_MODEL_PREFIX}
 
 
-def controlnet_model(name: str) -> str:
-    """The model that serves the ControlNet a request names `name`."""
-    return CONTROLNET_MODEL_PREFIX + name
+def controlnet_model(name: str, union: bool = False) -> str:
+    """The model that serves the ControlNet (or, `union`, the ControlNet-Union) a request names `name`."""
+    return (UNION_CONTROLNET_MODEL_PREFIX if union else CONTROLNET_MODEL_PREFIX) + name
+
+
+def controlnet_name(model: str) -> str | None:
+    """The name requests give the ControlNet a model serves; None for a model that serves none."""
+    for prefix in CONTROLNET_MODEL_PREFIXES.values():
+        if model.startswith(prefix):
+            return model[len(prefix):]
+    return None
 
 
 def network_of(model: str) -> NetworkSpec:
-    """The spec of a network model: a ControlNet's model has the controlnet network's."""
-    if model.startswith(CONTROLNET_MODEL_PREFIX):
-        return CONTROLNET
+    """The spec of a network model: a ControlNet's model has the controlnet (or union_controlnet) network's."""
+    for network, prefix in CONTROLNET_MODEL_PREFIXES.items():
+        if model.startswith(prefix):
+            return NETWORKS[network]
     return NETWORKS[model]
 
 
 def served_networks(has_refiner: bool, has_controlnets: bool = False) -> tuple[str, ...]:
     """The networks an export writes: every one, less the refiner's when its recipe has none, and
-    unet_control when it has no ControlNet (the controlnet network's graphs go to their own models)."""
-    optional = {REFINER_UNET_NAME: has_refiner, CONTROLNET_NAME: has_controlnets, UNET_CONTROL_NAME: has_controlnets}
+    unet_control when it has no ControlNet (the ControlNet networks' graphs go to their own models)."""
+    optional = {REFINER_UNET_NAME: has_refiner, CONTROLNET_NAME: has_controlnets, UNION_CONTROLNET_NAME: has_controlnets,
+                UNET_CONTROL_NAME: has_controlnets}
     return tuple(name for name in NETWORKS if optional.get(name, True))
 
 # The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and

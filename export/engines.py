@@ -76,6 +76,8 @@ class BuildSettings:
     # one LoRA of rank 16 (published style LoRAs are mostly 8 to 64).
     max_lora_rank: int = 256
     opt_lora_rank: int = 16
+    # A ControlNet-Union's mode slots per row: 1 to the ControlNets a request may name (max_controlnets).
+    max_control_modes: int = 3
     refittable: bool = False
 
     @classmethod
@@ -90,6 +92,7 @@ class BuildSettings:
             max_size=limits.max_size,
             size_multiple=limits.size_multiple,
             max_lora_rank=limits.max_stacked_rank,
+            max_control_modes=max(1, limits.max_controlnets),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -116,6 +119,7 @@ class BuildSettings:
             networks.REFINER_UNET.name: 2 * self.max_images,  # the UNet's rows, for the steps after the hand-off
             networks.UNET_CONTROL.name: 2 * self.max_images,
             networks.CONTROLNET.name: 2 * self.max_images,  # a ControlNet runs on the UNet's rows (both CFG halves)
+            networks.UNION_CONTROLNET.name: 2 * self.max_images,
             networks.VAE_DECODER.name: self.max_images,
             networks.PREVIEW_DECODER.name: self.max_images,
             networks.VAE_ENCODER.name: self.max_images,  # one init image per request, batched across requests
@@ -133,11 +137,12 @@ def profile_shapes(spec: NetworkSpec, dims: ModelDims, settings: BuildSettings) 
     sizes = (settings.min_size, settings.opt_size, settings.max_size)
     shapes = {}
     ranks = (1, min(settings.opt_lora_rank, settings.max_lora_rank), settings.max_lora_rank)
+    modes = (1, 1, settings.max_control_modes)
     for tensor in spec.inputs:
         shapes[tensor.name] = tuple(
             tensor.shape(dims, batch=b, latent_height=s // dims.vae_scale_factor, latent_width=s // dims.vae_scale_factor,
-                         lora_rank=r)
-            for b, s, r in zip(batches, sizes, ranks)
+                         lora_rank=r, control_modes=m)
+            for b, s, r, m in zip(batches, sizes, ranks, modes)
         )
     return shapes
 

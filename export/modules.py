@@ -107,6 +107,85 @@ class ControlNet(nn.Module):
         return flatten_residuals([*down, mid])
 
 
+class UnionControlNet(nn.Module):
+    """diffusers' ControlNetUnionModel.forward as StableDiffusionXLControlNetUnionPipeline calls it (guess
+    mode off, global pooling off), for the rows of several requests at once (networks.UNION_CONTROLNET):
+    - each row's mode slots: control images (uint8 NHWC, the pipeline's x / 255 in the graph), mode
+      indices (-1: an empty slot) and scales inside the network (1 for a lone mode: diffusers scales its
+      residuals after, which the loop does; mode scale x keep for several). An empty slot's scale is 0:
+      its condition and token add nothing, and its token, attending only to itself (below), to no one.
+    - control_type, the multi-hot of the row's modes, from the mode indices.
+    - the transformer: diffusers feeds [rows, tokens, channels] to nn.MultiheadAttention, which takes
+      dim 0 as the sequence: each token position attends across the ROWS of the call (both CFG halves,
+      every image). Kept exactly, with rows attending only to rows of their own control_groups value,
+      so that one call serves several requests as each one's own call would.
+    Returns the residuals unscaled by a lone mode's scale (the loop's product, as for a ControlNet)."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, controlnet_cond, control_modes,
+                control_mode_scales, control_groups):
+        net, dtype = self.controlnet, self.controlnet.dtype
+        rows, slots = controlnet_cond.shape[0], controlnet_cond.shape[1]
+        present = control_modes >= 0
+        types = torch.arange(net.config.num_control_type, device=sample.device)
+        control_type = (control_modes[:, :, None] == types).any(dim=1).to(dtype)  # [rows, num_control_type]
+        # 1. time, added conditions and control types, in diffusers' order of addition
+        t_emb = net.time_proj(timestep.expand(rows)).to(dtype)
+        emb = net.time_embedding(t_emb)
+        time_embeds = net.add_time_proj(time_ids.flatten()).reshape(rows, -1)
+        aug_emb = net.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
+        control_embeds = net.control_type_proj(control_type.flatten()).reshape(rows, -1).to(emb.dtype)
+        emb = emb + net.control_add_embedding(control_embeds)
+        emb = emb + aug_emb
+        # 2. the conditions: one embedding per slot, its token, the transformer, the fused condition
+        sample = net.conv_in(sample)
+        images = controlnet_cond.to(torch.float32).permute(0, 1, 4, 2, 3) / 255.0
+        images = images.reshape(rows * slots, *images.shape[2:]).to(dtype)
+        conditions = net.controlnet_cond_embedding(images)
+        conditions = conditions.reshape(rows, slots, *conditions.shape[1:])
+        scales = (control_mode_scales * present).to(dtype)
+        tokens = conditions.mean(dim=(3, 4)) + net.task_embedding[control_modes.clamp(min=0)]
+        tokens = torch.cat([tokens * scales[:, :, None], sample.mean(dim=(2, 3))[:, None]], dim=1)
+        same_request = control_groups[:, None] == control_groups[None, :]
+        for layer in net.transformer_layes:
+            tokens = tokens + _attention_across_rows(layer.attn, layer.ln_1(tokens), same_request)
+            tokens = tokens + layer.mlp(layer.ln_2(tokens))
+        alphas = net.spatial_ch_projs(tokens[:, :slots])  # [rows, slots, channels]
+        fused = conditions * scales[:, :, None, None, None] + (alphas * scales[:, :, None])[:, :, :, None, None]
+        sample = sample + fused.sum(dim=1)
+        # 3. down, 4. mid, 5. the ControlNet blocks, as ControlNetUnionModel
+        residuals = (sample,)
+        for block in net.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, outputs = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample, outputs = block(hidden_states=sample, temb=emb)
+            residuals += outputs
+        sample = net.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+        down = [block(residual) for residual, block in zip(residuals, net.controlnet_down_blocks)]
+        return flatten_residuals([*down, net.controlnet_mid_block(sample)])
+
+
+def _attention_across_rows(attention: nn.MultiheadAttention, tokens: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """nn.MultiheadAttention(tokens, tokens, tokens) with dim 0 (rows) as its sequence, as diffusers calls
+    it on [rows, tokens, channels], each row attending only where `allowed` [rows, rows] is true."""
+    rows, count, channels = tokens.shape
+    heads = attention.num_heads
+    head_dim = channels // heads
+    query, key, value = nn.functional.linear(tokens, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+
+    def split(tensor):  # [rows, tokens, channels] -> [tokens, heads, rows, head_dim]
+        return tensor.reshape(rows, count, heads, head_dim).permute(1, 2, 0, 3)
+
+    scores = split(query) @ split(key).transpose(-1, -2) / head_dim ** 0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    mixed = torch.softmax(scores, dim=-1) @ split(value)  # [tokens, heads, rows, head_dim]
+    return attention.out_proj(mixed.permute(2, 0, 1, 3).reshape(rows, count, channels))
+
+
 class ChunkedSelfAttention:
     """diffusers' AttnProcessor2_0 for the VAE's self-attention (its mid-blocks: one head over every
     latent pixel), the queries taken in `chunks` slices one after another. Each query's scores,
@@ -266,6 +345,8 @@ def build_module(name: str, pipe, dtype: torch.dtype | None = None) -> nn.Module
         module = UNet(pipe.unet)  # traced without, or with, the LoRA (and ControlNet) inputs
     elif name == networks.CONTROLNET_NAME:  # the stage's ControlNet
         module = ControlNet(pipe.controlnet)
+    elif name == networks.UNION_CONTROLNET_NAME:  # the stage's ControlNet-Union
+        module = UnionControlNet(pipe.union_controlnet)
     elif name == networks.REFINER_UNET.name:  # the same wrapper: five time ids, bigG-only text
         module = UNet(pipe.refiner_unet, lora=False)
     elif name == networks.VAE_DECODER.name:

@@ -47,7 +47,7 @@ COMPUTE_DTYPES = {"fp16": "FP16", "fp32": "FP32"}
 _ONNX_TYPES = {triton: getattr(onnx.TensorProto, name) for triton, name in ONNX_ELEMENT_TYPES.items()}
 # Shapes the exporter traces with. Any multiple of 8 in latent space works: the graphs keep
 # batch/height/width dynamic; these only need to avoid size-specific branches (none at these sizes).
-TRACE_SIZES = {"batch": 2, "latent_height": 16, "latent_width": 24, "lora_rank": 3}
+TRACE_SIZES = {"batch": 2, "latent_height": 16, "latent_width": 24, "lora_rank": 3, "control_modes": 2}
 # LoRA weights of random inputs: small, as trained LoRAs' are, so that hundreds of sites keep the
 # activations (and fp16) finite.
 _LORA_INPUT_STD = 0.02
@@ -55,16 +55,26 @@ _LORA_INPUT_STD = 0.02
 
 def example_inputs(
     spec: NetworkSpec, dims: ModelDims, compute_dtype: str, *, batch: int, latent_height: int = 16,
-    latent_width: int = 16, lora_rank: int = 2, seed: int = 0, device: str = "cpu",
+    latent_width: int = 16, lora_rank: int = 2, control_modes: int = 2, seed: int = 0, device: str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Random inputs of the right names, dtypes and shapes (token ids from CLIP's 256 byte tokens;
-    LoRA weights of rank `lora_rank`, zero for the last sample: one without LoRAs)."""
+    LoRA weights of rank `lora_rank`, zero for the last sample: one without LoRAs; a union ControlNet's
+    `control_modes` slots, with several rows the last row's last one empty, its rows one request)."""
     generator = torch.Generator().manual_seed(seed)
     inputs = {}
     for tensor in spec.inputs:
-        shape = tensor.shape(dims, batch=batch, latent_height=latent_height, latent_width=latent_width, lora_rank=lora_rank)
+        shape = tensor.shape(dims, batch=batch, latent_height=latent_height, latent_width=latent_width, lora_rank=lora_rank,
+                             control_modes=control_modes)
         dtype = tensor.resolved_dtype(compute_dtype)
-        if tensor.name in ("lora_down", "lora_up"):
+        if tensor.name == "control_modes":  # the first types, one per slot
+            value = torch.arange(shape[1]).expand(shape).clone()
+            if shape[0] > 1 and shape[1] > 1:
+                value[-1, -1] = -1
+        elif tensor.name == "control_groups":
+            value = torch.zeros(shape, dtype=torch.int64)
+        elif tensor.name == "control_mode_scales":
+            value = 0.5 + torch.rand(shape, generator=generator)
+        elif tensor.name in ("lora_down", "lora_up"):
             value = torch.randn(shape, generator=generator) * _LORA_INPUT_STD
             if batch > 1:
                 value[-1] = 0
@@ -302,10 +312,11 @@ STAGES = {
 
 def export_controlnets(sources: Sources, preloaded, dims: ModelDims, dtype: str, device: str, staged: Path,
                        external_data_threshold: int) -> None:
-    """Each ControlNet of `sources` to its own model, controlnet_NAME (the controlnet network's graph);
-    from the pipeline in memory's `controlnets` ({name: ControlNetModel}) when one is given."""
-    from .modules import ControlNet
-    from .sources import _diffusers_errors_only, load_controlnet
+    """Each ControlNet of `sources` to its own model: controlnet_NAME (the controlnet network's graph),
+    or union_controlnet_NAME for a ControlNet-Union (the union_controlnet network's); from the pipeline
+    in memory's `controlnets` ({name: ControlNetModel or ControlNetUnionModel}) when one is given."""
+    from .modules import ControlNet, UnionControlNet
+    from .sources import UNION_CLASS, _diffusers_errors_only, load_controlnet
 
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
     for name, path, preprocessor in sources.controlnets:
@@ -316,13 +327,18 @@ def export_controlnets(sources: Sources, preloaded, dims: ModelDims, dtype: str,
                 model = load_controlnet(path, dims, f"--controlnet {name}")
             with _diffusers_errors_only():  # its warning on casting is for running, not exporting
                 model.to(device=device, dtype=torch_dtype)
-        out_dir = layout.version_dir(staged, networks.controlnet_model(name))
-        export_network(ControlNet(model).eval(), networks.CONTROLNET, dims, dtype, out_dir, device=device,
-                       external_data_threshold=external_data_threshold)
-        info = export_info(sources, networks.CONTROLNET, dims, dtype)
-        described = {"name": name, "source": path, "preprocessor": preprocessor}
-        (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps({**info, "controlnet": described}, indent=2) + "\n")
-        del model
+        union = type(model).__name__ == UNION_CLASS
+        if union and preprocessor:
+            raise ExportError(f"--controlnet-preprocessor {name}={preprocessor}: {name} is a ControlNet-Union; its modes "
+                              "bring their own preprocessors (docs/controlnet.md)")
+        spec, module = (networks.UNION_CONTROLNET, UnionControlNet(model)) if union else (networks.CONTROLNET, ControlNet(model))
+        out_dir = layout.version_dir(staged, networks.controlnet_model(name, union))
+        export_network(module.eval(), spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold)
+        described = {"name": name, "source": path, "preprocessor": preprocessor,
+                     **({"control_types": model.config.num_control_type} if union else {})}
+        (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps({**export_info(sources, spec, dims, dtype), "controlnet": described},
+                                                                  indent=2) + "\n")
+        del model, module
         gc.collect()
 
 
@@ -529,5 +545,5 @@ def export_pipeline(
         log(f"scheduler, denoiser, sdxl_stream and tokenizer configs set to recipe {recipe.name} (steps {recipe.min_steps}-{recipe.max_steps}, default "
             f"{recipe.default_steps}; guidance {recipe.default_guidance:g})")
     models = [model for name in ordered
-              for model in ([networks.controlnet_model(c.name) for c in sources.controlnets] if name == networks.CONTROLNET.name else [name])]
+              for model in (layout.controlnet_models(repository) if name == networks.CONTROLNET.name else [name])]
     return {model: layout.onnx_path(repository, model) for model in models}

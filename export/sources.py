@@ -240,18 +240,24 @@ def check_refiner(config, dims, source: str) -> None:
                           "ids with the aesthetic score (stabilityai/stable-diffusion-xl-refiner-1.0's unet/)")
 
 
+UNION_CLASS = "ControlNetUnionModel"
+
+
 def load_controlnet(source: str, dims=None, flag: str = "--controlnet"):
-    """An SDXL ControlNet (diffusers' ControlNetModel): a ControlNet directory or hub id, or a
-    directory holding one in controlnet/. With `dims` (the base's contract.networks.ModelDims),
-    checked to fit the base's UNet as an SDXL ControlNet does."""
+    """An SDXL ControlNet (diffusers' ControlNetModel, or ControlNetUnionModel where its config names that
+    class: xinsir's controlnet-union-sdxl-1.0): a ControlNet directory or hub id, or a directory holding
+    one in controlnet/. With `dims` (the base's contract.networks.ModelDims), checked to fit the base's
+    UNet as an SDXL ControlNet does."""
     import torch
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, ControlNetUnionModel
 
     path = Path(source).expanduser()
     location = str(path) if path.exists() else source
     subfolder = CONTROLNET_SUBFOLDER if path.is_dir() and not (path / "config.json").exists() else None
     try:
-        controlnet = ControlNetModel.from_pretrained(location, subfolder=subfolder, torch_dtype=torch.float32)
+        config = ControlNetModel.load_config(location, subfolder=subfolder)
+        kind = ControlNetUnionModel if config.get("_class_name") == UNION_CLASS else ControlNetModel
+        controlnet = kind.from_pretrained(location, subfolder=subfolder, torch_dtype=torch.float32)
     except Exception as error:  # hub clients raise many types; each becomes one clear message
         raise _load_error(flag, source, error) from error
     if dims is not None:

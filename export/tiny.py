@@ -348,7 +348,7 @@ def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     """Write the tiny pipeline, its LoRA (`lora/`), a second VAE (`alt_vae/`), a preview VAE
     (`preview_vae/`, an AutoencoderTiny), a safety checker calibrated on the pipeline's images
     (`safety_checker/`, export/safety_checker.py), a refiner UNet (`refiner/`) and a ControlNet
-    (`controlnet/`) under `out_dir`."""
+    (`controlnet/`) and a ControlNet-Union (`controlnet_union/`) under `out_dir`."""
     from .safety_checker import build_safety_checker, calibrate, image_processor, pipeline_images, write_safety_checker
     from .sources import CONTROLNET_SUBFOLDER, REFINER_SUBFOLDER, SAFETY_CHECKER_SUBFOLDER
 
@@ -373,6 +373,8 @@ def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     log(f"refiner UNet (the SDXL refiner's conditioning) written to {out_dir / REFINER_SUBFOLDER}")
     tiny_controlnet(pipe.unet, seed + 6).save_pretrained(out_dir / CONTROLNET_SUBFOLDER, safe_serialization=True)
     log(f"ControlNet (ControlNetModel.from_unet, random output convolutions) written to {out_dir / CONTROLNET_SUBFOLDER}")
+    tiny_union_controlnet(pipe.unet, seed + 7).save_pretrained(out_dir / UNION_SUBFOLDER, safe_serialization=True)
+    log(f"ControlNet-Union (ControlNetUnionModel, six control types) written to {out_dir / UNION_SUBFOLDER}")
 
 
 # Published SDXL ControlNets (diffusers/controlnet-canny-sdxl-1.0 and the others) have this conditioning
@@ -393,4 +395,30 @@ def tiny_controlnet(unet, seed: int):
         for conv in zeroed:
             conv.weight.normal_(std=0.05)
             conv.bias.normal_(std=0.01)
+    return controlnet
+
+
+UNION_SUBFOLDER = "controlnet_union"
+
+
+def tiny_union_controlnet(unet, seed: int):
+    """A ControlNet-Union for `unet` (xinsir's six control types), its encoder copied from the UNet as
+    ControlNetUnionModel.from_unet does, its transformer as wide as the UNet's first block (from_unet
+    keeps SDXL's 320) with 2 heads, and random weights where a new one has zeros (the output
+    convolutions and the spatial projection), so that every mode's contribution shows."""
+    from diffusers import ControlNetUnionModel
+
+    torch.manual_seed(seed)
+    width = unet.config.block_out_channels[0]
+    template = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=TINY_CONDITIONING_CHANNELS)
+    controlnet = ControlNetUnionModel.from_config(dict(template.config), num_trans_channel=width, num_proj_channel=width,
+                                                  num_trans_head=2)
+    copied = {key: value for key, value in template.state_dict().items() if controlnet.state_dict()[key].shape == value.shape}
+    controlnet.load_state_dict(copied, strict=False)
+    zeroed = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out,
+              controlnet.spatial_ch_projs]
+    with torch.no_grad():
+        for layer in zeroed:
+            layer.weight.normal_(std=0.05)
+            layer.bias.normal_(std=0.01)
     return controlnet

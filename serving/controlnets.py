@@ -8,6 +8,14 @@ diffusers' `StableDiffusionXLControlNetPipeline` with a list of ControlNets (`Mu
 at step i of n, a ControlNet runs when neither i / n < start nor (i + 1) / n > end (diffusers'
 `controlnet_keep`; outside, its residuals are zeros, so it is not run here), on every UNet row (both
 CFG halves), and its residuals times its scale are summed, in the order named, into the UNet's.
+
+A ControlNet-Union's modes are named NAME/MODE (contract/controlnets.py UNION_MODES: union/depth,
+union/canny...); the modes a request names of one union model take one pass at each step, as
+`StableDiffusionXLControlNetUnionPipeline(control_mode=[...])`: a lone mode's residuals are scaled
+after (diffusers' single-mode path), several modes' scales (times their windows' keep) act inside the
+network and its residuals add unscaled. One deliberate difference: a pass whose modes are all at
+scale 0 or all outside their windows does not run (diffusers' several-mode path still adds the union's
+residuals then, without any control image's influence), so scale 0 means no ControlNet here as well.
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ from typing import Mapping
 
 import numpy as np
 
+from contract.controlnets import UNION_MODE_PREPROCESSORS, UNION_MODES, UNION_SEPARATOR, ServedControl, union_mode_names
 from contract.limits import MAX_NAME_BYTES, Limits
-from contract.networks import controlnet_model
 
 from .endpoint import CONTROL_INPUT_NAMES, InvalidInput
 
@@ -38,26 +46,45 @@ class ControlSpec:
     end: float
     preprocess: bool
     index: int
+    mode: int | None = None  # a ControlNet-Union's control mode; None: a plain ControlNet
 
     def runs_at(self, index: int, count: int) -> bool:
         """Whether it runs at step `index` of the `count` the loop runs (diffusers' controlnet_keep)."""
         return not (index / count < self.start or (index + 1) / count > self.end)
 
 
-def served_controlnets(repository) -> dict[str, str | None]:
-    """{name a request uses: the preprocessor it declares (None: none)} of the ControlNet models a
-    repository holds, as their export recorded them (export.json)."""
+def served_controlnets(repository) -> dict[str, ServedControl]:
+    """{name a request uses: how it is served} of the ControlNet models a repository holds, as their export
+    recorded them (export.json): a ControlNet's name; a ControlNet-Union's NAME/MODE for each of its modes."""
     import json
 
     from contract import layout
-    from contract.networks import CONTROLNET_MODEL_PREFIX
+    from contract.networks import UNION_CONTROLNET_NAME, controlnet_name, network_of
 
     served = {}
     for model in layout.controlnet_models(repository):
         info = layout.version_dir(repository, model) / layout.EXPORT_INFO_FILE
         declared = json.loads(info.read_text()).get("controlnet", {}) if info.exists() else {}
-        served[model[len(CONTROLNET_MODEL_PREFIX):]] = declared.get("preprocessor")
+        name = controlnet_name(model)
+        if network_of(model).name != UNION_CONTROLNET_NAME:
+            served[name] = ServedControl(model, None, declared.get("preprocessor"))
+            continue
+        for mode in union_mode_names(int(declared.get("control_types", 6))):
+            served[f"{name}{UNION_SEPARATOR}{mode}"] = ServedControl(model, UNION_MODES[mode], UNION_MODE_PREPROCESSORS.get(mode))
     return served
+
+
+def listing(served: Mapping[str, ServedControl]) -> str:
+    """The names served, a union model's modes as NAME/{mode,...}: what an error lists as accepted."""
+    if not served:
+        return "none: export with --controlnet NAME=PATH to serve one"
+    plain = [name for name, how in served.items() if how.mode is None]
+    unions: dict[str, list[str]] = {}
+    for name, how in served.items():
+        if how.mode is not None:
+            union, _, mode = name.partition(UNION_SEPARATOR)
+            unions.setdefault(union, []).append(mode)
+    return ", ".join([*sorted(plain), *(f"{union}{UNION_SEPARATOR}{{{','.join(modes)}}}" for union, modes in sorted(unions.items()))])
 
 
 def parse_canny_thresholds(text: str) -> tuple[int, int]:
@@ -84,20 +111,20 @@ def preprocess(kind: str, image: np.ndarray, canny_thresholds: tuple[int, int] =
     return np.repeat(edges[:, :, None], 3, axis=2)
 
 
-def _names(array: np.ndarray, limits: Limits, served: Mapping[str, str | None]) -> list[str]:
+def _names(array: np.ndarray, limits: Limits, served: Mapping[str, ServedControl]) -> list[str]:
     array = np.asarray(array)
     if array.ndim != 1 or not 1 <= array.size <= limits.max_controlnets:
         raise InvalidInput("control_names", f"<{array.size} values, shape {list(array.shape)}>",
                            f"1 to {limits.max_controlnets} names (BYTES [K]; max_controlnets)")
-    listing = ", ".join(sorted(served)) if served else "none: export with --controlnet NAME=PATH to serve one"
+    accepted = listing(served)
     names = []
     for value in array:
         data = value if isinstance(value, (bytes, np.bytes_)) else str(value).encode("utf-8", "replace")
         if len(data) > MAX_NAME_BYTES:
-            raise InvalidInput("control_names", f"<{len(data)} bytes>", f"a name of at most {MAX_NAME_BYTES} bytes: one of {listing}")
+            raise InvalidInput("control_names", f"<{len(data)} bytes>", f"a name of at most {MAX_NAME_BYTES} bytes: one of {accepted}")
         name = bytes(data).decode("utf-8", "replace")
         if name not in served:
-            raise InvalidInput("control_names", name, f"a ControlNet served here: {listing}")
+            raise InvalidInput("control_names", name, f"a ControlNet served here: {accepted}")
         names.append(name)
     return names
 
@@ -119,7 +146,7 @@ def _fraction(name: str, value: float, accepted: str) -> float:
     return value
 
 
-def check_controls(raw: Mapping[str, np.ndarray | None], limits: Limits, served: Mapping[str, str | None],
+def check_controls(raw: Mapping[str, np.ndarray | None], limits: Limits, served: Mapping[str, ServedControl],
                    size: tuple[int, int]) -> tuple[ControlSpec, ...]:
     """The request's ControlNets, checked (`size`: the output's (height, width)); () without control_names."""
     get = raw.get
@@ -154,8 +181,9 @@ def check_controls(raw: Mapping[str, np.ndarray | None], limits: Limits, served:
                                "start < end, both in [0, 1]")
         if not isinstance(preprocess[index], (bool, np.bool_)):
             raise InvalidInput("control_preprocess", preprocess[index], "true or false per name (BOOL [K])")
-        if preprocess[index] and served[name] is None:
+        how = served[name]
+        if preprocess[index] and how.preprocessor is None:
             raise InvalidInput("control_preprocess", f"true for {name}",
                                f"false for {name}: it declares no preprocessor; send its control map as the image")
-        controls.append(ControlSpec(name, controlnet_model(name), scale, start, end, bool(preprocess[index]), index))
+        controls.append(ControlSpec(name, how.model, scale, start, end, bool(preprocess[index]), index, how.mode))
     return tuple(controls)

@@ -40,7 +40,9 @@ Stages, as in `StableDiffusionXLPipeline.__call__`:
    UNet rows (sample, timestep and conditioning as the UNet gets them, the control image on every
    row), and their residuals times their scales, summed in the order named, go to the UNet
    (`unet_control`). A step with none inside its window runs the UNet without residuals (diffusers'
-   zero residuals add nothing). ControlNets apply to the base's steps (the refiner takes none).
+   zero residuals add nothing). ControlNets apply to the base's steps (the refiner takes none). A
+   ControlNet-Union's modes in a request take one pass per step, as StableDiffusionXLControlNetUnionPipeline
+   with control_mode=[...] (serving/controlnets.py: how their scales and windows act).
 The VAE encode and decode are the `vae_encoder` and `vae_decoder` graphs' job (pixel conversion and
 scaling included).
 """
@@ -48,6 +50,8 @@ scaling included).
 from __future__ import annotations
 
 import inspect
+import itertools
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,8 +61,13 @@ from contract.networks import REFINER_TIME_IDS_DIM, REFINER_UNET, TIME_IDS_DIM, 
 from .endpoint import Cancelled, GenerationOptions, denoising_steps
 
 UNetFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs named as networks.UNET -> noise_pred
-# (the ControlNet's model, inputs named as networks.CONTROLNET's) -> control_residuals
+# (the ControlNet's model, inputs named as its network's: networks.CONTROLNET or UNION_CONTROLNET) -> control_residuals
 ControlNetFn = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
+
+
+# A union ControlNet's control_groups value per request: unique among the live processes' requests
+# (the process id above 32 bits), since Triton may batch calls of several loops into one run.
+_CONTROL_GROUPS = itertools.count(os.getpid() << 32)
 
 
 def make_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -176,6 +185,20 @@ class RequestControls:
     lora_widths: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class ControlCall:
+    """One ControlNet model's part of a request's step: its inputs (named as the model's network's) and
+    the scale its residuals take."""
+
+    model: str
+    inputs: dict
+    scale: float
+
+    @property
+    def rows(self) -> int:
+        return self.inputs["sample"].shape[0]
+
+
 def step_kwargs(scheduler, generators: list[torch.Generator], eta: float | None) -> dict:
     """What the pipeline's prepare_extra_step_kwargs passes to `scheduler.step`: the generators and
     eta (default 0.0), each only where the scheduler's step takes it."""
@@ -233,6 +256,7 @@ class Denoiser:
         self.step_kwargs = step_kwargs(scheduler, self.generators, eta)
         self.lora = lora or {}
         self.controls = controls
+        self.control_group = next(_CONTROL_GROUPS) if controls is not None else None
         self.step_index = self.start_index
         self._follow_hand_off()  # an init image may start the request past the hand-off
 
@@ -325,19 +349,37 @@ class Denoiser:
             **{name: value[rows] for name, value in conditioning.items()},
         }
 
-    def control_inputs(self) -> list[tuple[object, dict[str, torch.Tensor]]]:
-        """(spec, inputs named as networks.CONTROLNET's) of each ControlNet that runs at this step:
-        those inside their window of the steps this request runs, at a scale above 0, on base steps."""
+    def control_inputs(self) -> list[ControlCall]:
+        """The ControlNet calls of this step, in the order the request named them, on base steps only:
+        each ControlNet inside its window at a scale above 0 (its residuals x its scale); each union
+        model's modes in one pass (serving/controlnets.py), unless all of them are at 0 or outside."""
         if self.controls is None or self.refining:
             return []
         index, count = self.step_index - self.start_index, len(self.timesteps) - self.start_index
-        active = [(spec, image) for spec, image in zip(self.controls.specs, self.controls.images)
-                  if spec.scale > 0 and spec.runs_at(index, count)]
-        if not active:
+        passes: dict[str, list] = {}  # model -> (spec, image, scale x keep) of each of its ControlNets, in order
+        for spec, image in zip(self.controls.specs, self.controls.images):
+            passes.setdefault(spec.model, []).append((spec, image, spec.scale * spec.runs_at(index, count)))
+        runs = [(model, named) for model, named in passes.items() if any(kept > 0 for _, _, kept in named)]
+        if not runs:
             return []
         inputs = self._network_inputs()
         rows = inputs["sample"].shape[0]
-        return [(spec, {**inputs, "controlnet_cond": image.expand(rows, -1, -1, -1)}) for spec, image in active]
+        calls = []
+        for model, named in runs:
+            if named[0][0].mode is None:  # plain ControlNets: one call each
+                calls += [ControlCall(model, {**inputs, "controlnet_cond": image.expand(rows, -1, -1, -1)}, kept)
+                          for _, image, kept in named if kept > 0]
+                continue
+            lone = len(named) == 1  # diffusers scales a lone mode's residuals, several modes inside the network
+            union = {
+                "controlnet_cond": torch.stack([image[0] for _, image, _ in named])[None].expand(rows, -1, -1, -1, -1),
+                "control_modes": torch.tensor([[spec.mode for spec, _, _ in named]], device=self.latents.device).expand(rows, -1),
+                "control_mode_scales": torch.tensor([[1.0 if lone else kept for _, _, kept in named]],
+                                                    device=self.latents.device).expand(rows, -1),
+                "control_groups": torch.full((rows,), self.control_group, dtype=torch.int64, device=self.latents.device),
+            }
+            calls.append(ControlCall(model, {**inputs, **union}, named[0][2] if lone else 1.0))
+        return calls
 
     def unet_inputs(self, control_residuals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The inputs of this step's network (`network`), named as its spec's; with `control_residuals`
@@ -397,31 +439,49 @@ def concat_unet_inputs(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch
 def controlled_unet_inputs(denoisers: list[Denoiser], controlnet: ControlNetFn | None, max_rows: int = 0) -> list[dict[str, torch.Tensor]]:
     """Each denoiser's inputs for this step's network, with its ControlNets' residuals where it has
     ControlNets at this step: one `controlnet` call per ControlNet model for the rows of every request
-    that runs it (at most `max_rows` rows a call; 0: no bound), then, per request, each residual times
-    its scale, summed in the order the request named them."""
+    that runs it (at most `max_rows` rows a call, a request's rows never split; 0: no bound), then, per
+    request, each call's residuals times its scale, summed in the order the request named them."""
     wanted = [d.control_inputs() for d in denoisers]
     residuals: list[list] = [[None] * len(w) for w in wanted]
-    calls: dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]] = {}  # model -> (request, its k-th ControlNet, inputs)
-    for j, controls in enumerate(wanted):
-        for k, (spec, inputs) in enumerate(controls):
-            calls.setdefault(spec.model, []).append((j, k, inputs))
-    for model, places in calls.items():
+    places: dict[str, list[tuple[int, int, ControlCall]]] = {}  # model -> (request, its k-th call, the call)
+    for j, calls in enumerate(wanted):
+        for k, call in enumerate(calls):
+            places.setdefault(call.model, []).append((j, k, call))
+    for model, placed in places.items():
         if controlnet is None:
             raise ValueError(f"a request's step runs ControlNet {model}, but no ControlNet runner is given")
-        for chunk in _row_chunks(places, lambda place: place[2]["sample"].shape[0], max_rows):
-            feed = {name: torch.cat([inputs[name] for _, _, inputs in chunk]) for name in chunk[0][2]}
-            result, start = controlnet(model, feed), 0
-            for j, k, inputs in chunk:
-                rows = inputs["sample"].shape[0]
-                residuals[j][k], start = result[start:start + rows], start + rows
+        for chunk in _row_chunks(placed, lambda place: place[2].rows, max_rows):
+            result, start = controlnet(model, _control_feed([call.inputs for _, _, call in chunk])), 0
+            for j, k, call in chunk:
+                residuals[j][k], start = result[start:start + call.rows], start + call.rows
     inputs = []
-    for denoiser, controls, outputs in zip(denoisers, wanted, residuals):
+    for denoiser, calls, outputs in zip(denoisers, wanted, residuals):
         total = None
-        for (spec, _), residual in zip(controls, outputs):
-            scaled = residual * spec.scale
+        for call, residual in zip(calls, outputs):
+            scaled = residual * call.scale
             total = scaled if total is None else total + scaled
         inputs.append(denoiser.unet_inputs(total))
     return inputs
+
+
+def _control_feed(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several requests' inputs of one ControlNet model as one call: rows concatenated; for a union
+    model, each request's mode slots padded to the most (empty slots: mode -1, scale 0, a black image)."""
+    if "control_modes" in inputs[0]:
+        slots = max(i["control_modes"].shape[1] for i in inputs)
+        inputs = [_pad_slots(given, slots) for given in inputs]
+    return {name: torch.cat([i[name] for i in inputs]) for name in inputs[0]}
+
+
+def _pad_slots(given: dict[str, torch.Tensor], slots: int) -> dict[str, torch.Tensor]:
+    rows, missing = given["control_modes"].shape[0], slots - given["control_modes"].shape[1]
+    if not missing:
+        return given
+    images = given["controlnet_cond"]
+    return {**given,
+            "controlnet_cond": torch.cat([images, images.new_zeros(rows, missing, *images.shape[2:])], dim=1),
+            "control_modes": torch.nn.functional.pad(given["control_modes"], (0, missing), value=-1),
+            "control_mode_scales": torch.nn.functional.pad(given["control_mode_scales"], (0, missing))}
 
 
 def _row_chunks(places: list, rows_of, max_rows: int) -> list[list]:

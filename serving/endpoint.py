@@ -343,9 +343,9 @@ def check_prompts(raw: Mapping[str, np.ndarray | None], limits: Limits = Limits(
 
 
 def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_seed=secrets.randbelow,
-                  controlnets: Mapping[str, str | None] | None = None) -> GenerationOptions:
+                  controlnets: Mapping | None = None) -> GenerationOptions:
     """Validate one request's non-text inputs (arrays as Triton delivers them; None or absent: omitted).
-    `controlnets`: the ControlNets served ({name: preprocessor}, serving.controlnets.served_controlnets)."""
+    `controlnets`: the ControlNets served ({name: contract.controlnets.ServedControl}, serving.controlnets.served_controlnets)."""
     from .controlnets import check_controls
 
     get = raw.get

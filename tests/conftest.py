@@ -52,16 +52,18 @@ def loaded(tiny_sources):
     return get
 
 
-# The tiny ControlNet's names in the tests' repositories, as make demo's: tiny (models controlnet_tiny) and
-# canny, the same ControlNet declaring the canny preprocessor.
-TINY_CONTROLNET, CANNY_CONTROLNET = "tiny", "canny"
+# The tiny ControlNets' names in the tests' repositories, as make demo's: tiny (models controlnet_tiny) and
+# canny, the same ControlNet declaring the canny preprocessor; union, the tiny ControlNet-Union
+# (union_controlnet_union), its modes union/depth, union/canny...
+TINY_CONTROLNET, CANNY_CONTROLNET, UNION_CONTROLNET = "tiny", "canny", "union"
 
 
 @pytest.fixture(scope="session")
 def exported(loaded, tiny_dir, tmp_path_factory):
-    """`exported(dtype)`: a model repository holding the tiny pipeline's graphs and its ControlNet's (as
-    `make export-tiny` exports them: tiny, and canny with the canny preprocessor), cached per dtype. The pipeline of
-    `loaded(dtype)` gets the ControlNet as `pipe.controlnet` (and in `pipe.controlnets`)."""
+    """`exported(dtype)`: a model repository holding the tiny pipeline's graphs and its ControlNets' (as
+    `make export-tiny` exports them: tiny, canny with the canny preprocessor, union), cached per dtype. The
+    pipeline of `loaded(dtype)` gets the ControlNet as `pipe.controlnet`, the union as `pipe.union_controlnet`
+    (both in `pipe.controlnets`)."""
     from dataclasses import replace
 
     import torch
@@ -69,19 +71,23 @@ def exported(loaded, tiny_dir, tmp_path_factory):
     from contract.controlnets import ControlNetSource
     from contract.networks import ModelDims
     from export.sources import load_controlnet
+    from export.tiny import UNION_SUBFOLDER
 
     cache = {}
 
     def get(dtype: str):
         if dtype not in cache:
             base = loaded(dtype)
-            path = str(tiny_dir / "controlnet")
+            path, union_path = str(tiny_dir / "controlnet"), str(tiny_dir / UNION_SUBFOLDER)
             if getattr(base.pipe, "controlnet", None) is None:  # attributes, not the pipeline's components
-                model = load_controlnet(path, ModelDims.from_pipeline(base.pipe)).eval()
-                base.pipe.controlnet = model.to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
-                base.pipe.controlnets = {TINY_CONTROLNET: base.pipe.controlnet}
-            controlnets = (ControlNetSource(TINY_CONTROLNET, path), ControlNetSource(CANNY_CONTROLNET, path, "canny"))
-            base.pipe.controlnets[CANNY_CONTROLNET] = base.pipe.controlnet
+                torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+                dims = ModelDims.from_pipeline(base.pipe)
+                base.pipe.controlnet = load_controlnet(path, dims).eval().to(torch_dtype)
+                base.pipe.union_controlnet = load_controlnet(union_path, dims).eval().to(torch_dtype)
+                base.pipe.controlnets = {TINY_CONTROLNET: base.pipe.controlnet, CANNY_CONTROLNET: base.pipe.controlnet,
+                                         UNION_CONTROLNET: base.pipe.union_controlnet}
+            controlnets = (ControlNetSource(TINY_CONTROLNET, path), ControlNetSource(CANNY_CONTROLNET, path, "canny"),
+                           ControlNetSource(UNION_CONTROLNET, union_path))
             stage = LoadedPipeline(base.pipe, replace(base.sources, controlnets=controlnets), base.adapters)
             repository = tmp_path_factory.mktemp(f"repo_{dtype}")
             export_pipeline(stage, repository, dtype)

@@ -26,10 +26,10 @@ PIXEL_MEAN_TOLERANCE = {"fp32": 0.005, "fp16": 0.15}
 
 def graph_model(network: str) -> str:
     """The model of the tests' repositories that holds a network's graph (the controlnet network's:
-    the tiny ControlNet's model, conftest.TINY_CONTROLNET)."""
-    from contract.networks import CONTROLNET_NAME, controlnet_model
+    the tiny ControlNet's model, conftest.TINY_CONTROLNET; union_controlnet's: conftest.UNION_CONTROLNET's)."""
+    from contract.networks import CONTROLNET_NAME, UNION_CONTROLNET_NAME, controlnet_model
 
-    return controlnet_model("tiny") if network == CONTROLNET_NAME else network
+    return {CONTROLNET_NAME: controlnet_model("tiny"), UNION_CONTROLNET_NAME: controlnet_model("union", union=True)}.get(network, network)
 
 
 def ort_session(repository, network: str) -> ort.InferenceSession:

@@ -198,3 +198,30 @@ def diffusers_controlnet_images(
             control_guidance_end=one(ends or [1.0] * count), output_type="np",
         ).images
     return (images * 255).round().astype(np.uint8)
+
+
+def diffusers_union_images(
+    pipe, union, prompt: str, *, control_images: list[np.ndarray], modes: list[int], seed: int, steps: int = 4,
+    scales: list[float] | None = None, starts: list[float] | None = None, ends: list[float] | None = None,
+    guidance: float = 1.0, negative: str = "", num_images: int = 1,
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] from diffusers' StableDiffusionXLControlNetUnionPipeline with one ControlNet-Union
+    and its `modes` (control_mode=[...]: one pass), one image, scale and window per mode."""
+    from diffusers import StableDiffusionXLControlNetUnionPipeline
+    from PIL import Image
+
+    count = len(modes)
+    components = {**pipe.components, "scheduler": recipe_scheduler(pipe, "lcm")}
+    reference = StableDiffusionXLControlNetUnionPipeline(**components, controlnet=union, force_zeros_for_empty_prompt=True,
+                                                         add_watermarker=False)
+    reference.set_progress_bar_config(disable=True)
+    height, width = control_images[0].shape[:2]
+    with torch.no_grad():
+        images = reference(
+            prompt, control_image=[Image.fromarray(control, mode="RGB") for control in control_images], control_mode=list(modes),
+            height=height, width=width, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
+            num_images_per_prompt=num_images, generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)],
+            controlnet_conditioning_scale=scales or [1.0] * count, control_guidance_start=starts or [0.0] * count,
+            control_guidance_end=ends or [1.0] * count, output_type="np",
+        ).images
+    return (images * 255).round().astype(np.uint8)

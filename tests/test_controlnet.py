@@ -10,7 +10,7 @@ from helpers import run_torch
 
 from contract import networks
 from contract.networks import ModelDims, control_residual_layout, control_width
-from export.modules import ControlNet, UNet, split_residuals
+from export.modules import ControlNet, UNet, UnionControlNet, split_residuals
 from export.onnx_export import example_inputs
 from export.sources import ExportError, check_controlnet, load_controlnet
 
@@ -85,6 +85,43 @@ def test_the_unet_adds_residuals_as_diffusers_does(controlnet, loaded):
         assert torch.allclose(unet(*plain.values(), **no_lora, control_residuals=zeros), unet(*plain.values()), atol=1e-5)
         with_lora = unet(*inputs.values())
         assert not torch.allclose(with_lora, unet(*plain.values(), lora_down=inputs["lora_down"], lora_up=inputs["lora_up"]))
+
+
+def _diffusers_union(model, inputs, rows, modes, scales):
+    """ControlNetUnionModel as StableDiffusionXLControlNetUnionPipeline calls it for `rows` of `inputs`:
+    one image per mode (slot k of each row), control_type the modes' multi-hot, the modes' scales."""
+    control_type = torch.zeros(rows.stop - rows.start, model.config.num_control_type)
+    control_type[:, modes] = 1
+    images = [inputs["controlnet_cond"][rows, k].permute(0, 3, 1, 2).float() / 255.0 for k in range(len(modes))]
+    with torch.no_grad():
+        down, mid = model(inputs["sample"][rows], inputs["timestep"][rows], inputs["encoder_hidden_states"][rows],
+                          controlnet_cond=images, control_type=control_type, control_type_idx=modes, conditioning_scale=scales,
+                          added_cond_kwargs={"text_embeds": inputs["text_embeds"][rows], "time_ids": inputs["time_ids"][rows]},
+                          return_dict=False)
+    return torch.cat([r.flatten(1) for r in (*down, mid)], dim=1)
+
+
+def test_the_union_module_serves_several_requests_as_diffusers_serves_each(loaded, exported):
+    """UnionControlNet (the graph's module) on one call holding two requests' rows (each 2 rows: CFG halves):
+    one with a lone mode (depth; its scale applied after, as the loop does), one with two (depth and canny at
+    0.7 and 1.3, inside the network), against ControlNetUnionModel called for each request alone. Its
+    transformer attends across a call's rows (nn.MultiheadAttention over dim 0): control_groups keeps
+    requests apart; one group for all four rows changes them."""
+    exported("fp32")
+    pipe = loaded("fp32").pipe
+    model, dims = pipe.union_controlnet, ModelDims.from_pipeline(pipe)
+    inputs = example_inputs(networks.UNION_CONTROLNET, dims, "FP32", seed=5, batch=4, latent_height=16, latent_width=24,
+                            control_modes=2)
+    inputs["timestep"][:] = inputs["timestep"][0]
+    inputs.update(control_modes=torch.tensor([[1, -1], [1, -1], [1, 3], [1, 3]]), control_groups=torch.tensor([0, 0, 1, 1]),
+                  control_mode_scales=torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.7, 1.3], [0.7, 1.3]]))
+    ours = torch.from_numpy(run_torch(UnionControlNet(model), inputs)[0])
+    lone = _diffusers_union(model, inputs, slice(0, 2), [1], [0.8])
+    assert torch.allclose(ours[:2] * 0.8, lone, rtol=1e-4, atol=1e-5)
+    both = _diffusers_union(model, inputs, slice(2, 4), [1, 3], [0.7, 1.3])
+    assert torch.allclose(ours[2:], both, rtol=1e-4, atol=1e-5)
+    mixed = torch.from_numpy(run_torch(UnionControlNet(model), {**inputs, "control_groups": torch.zeros(4, dtype=torch.int64)})[0])
+    assert not torch.allclose(mixed, ours, rtol=1e-3, atol=1e-4)
 
 
 def test_a_controlnet_for_another_model_is_refused_by_name(tiny_dir, loaded):

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from reference import diffusers_controlnet_images, sample_image, sample_mask
+from reference import diffusers_controlnet_images, diffusers_union_images, sample_image, sample_mask
 
 from client import ClientError, Control, generate
 from client.__main__ import main as client_main
@@ -21,6 +21,9 @@ from contract.networks import UNET_CONTROL_NAME, controlnet_model
 
 NAME, CANNY = "tiny", "canny"  # conftest.TINY_CONTROLNET, CANNY_CONTROLNET (the same weights; canny declares its preprocessor)
 CONTROLNET = controlnet_model(NAME)
+# conftest.UNION_CONTROLNET: the tiny ControlNet-Union, its modes (contract/controlnets.py UNION_MODES) union/depth (1) ...
+DEPTH, UNION_CANNY, UNION = "union/depth", "union/canny", controlnet_model("union", union=True)
+SERVED = "canny, tiny, union/{openpose,depth,hed,pidi,scribble,softedge,ted,canny,lineart,anime_lineart,mlsd,normal,segment}"
 # Served (ONNX Runtime, fp32) against diffusers (PyTorch, fp32): the serving tests' bounds (test_recipes.py).
 PIXEL_MAX, PIXEL_MEAN = 1, 0.01
 EDGES, SKETCH = sample_image(128, 192, seed=5), sample_image(128, 192, seed=9)[::-1].copy()
@@ -79,7 +82,7 @@ def test_two_stacked_with_guidance_windows_match_diffusers(engine_server, pipe):
 def test_the_canny_preprocessor_makes_the_map_diffusers_examples_make(triton, pipe):
     """control_preprocess on `canny`: the control map is cv2.Canny(image, 100, 200) on three channels, as in
     the SDXL canny ControlNet's diffusers example; the image equals the request that sends that map, and
-    diffusers' with it. The same ControlNet without a preprocessor refuses it."""
+    diffusers' with it; so for a union model's canny mode. The same ControlNet without a preprocessor refuses it."""
     import cv2
 
     photo = sample_image(128, 192, seed=3)
@@ -89,6 +92,9 @@ def test_the_canny_preprocessor_makes_the_map_diffusers_examples_make(triton, pi
     assert np.array_equal(preprocessed, sent)
     expected = diffusers_controlnet_images(pipe, [pipe.controlnet], "a house by a lake", control_images=[edges], seed=71, steps=2)
     assert_close(preprocessed, expected)
+    union = [ask(triton, seed=71, num_inference_steps=2, controls=[Control(UNION_CANNY, image, preprocess=image is photo)]).images
+             for image in (photo, edges)]  # a union's canny mode: the same preprocessor
+    assert np.array_equal(*union)
 
 
 def test_a_controlnet_on_img2img_matches_diffusers(triton, pipe):
@@ -130,20 +136,48 @@ def test_a_controlnet_with_a_lora_matches_diffusers(triton, loaded, pipe, tmp_pa
     assert_close(result.images, expected)
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_union_models_two_modes_take_one_pass_as_diffusers(triton, pipe, protocol):
+    """union/depth and union/canny in one request, CFG with a negative prompt, 2 images, the canny mode's
+    window ending at 0.7: diffusers' StableDiffusionXLControlNetUnionPipeline with control_mode=[1, 3]
+    (one pass a step, the scales inside the network). One pass: the union ran once per step."""
+    before = executions(triton, UNION)
+    result = ask(triton, protocol, seed=13, num_inference_steps=3, guidance_scale=2.0, negative_prompt="blurry",
+                 num_images_per_prompt=2, controls=[Control(DEPTH, EDGES, scale=0.7), Control(UNION_CANNY, SKETCH, scale=1.2, end=0.7)])
+    expected = diffusers_union_images(pipe, pipe.union_controlnet, "a house by a lake", control_images=[EDGES, SKETCH], modes=[1, 3],
+                                      seed=13, steps=3, scales=[0.7, 1.2], ends=[1.0, 0.7], guidance=2.0, negative="blurry", num_images=2)
+    assert_close(result.images, expected)
+    assert executions(triton, UNION) - before == 3
+
+
+def test_a_union_models_lone_mode_with_a_window_matches_diffusers(triton, pipe):
+    """One mode (diffusers scales its residuals after the network), from the second step on."""
+    result = ask(triton, seed=17, num_inference_steps=4, controls=[Control(DEPTH, SKETCH, scale=0.8, start=0.25)])
+    expected = diffusers_union_images(pipe, pipe.union_controlnet, "a house by a lake", control_images=[SKETCH], modes=[1],
+                                      seed=17, steps=4, scales=[0.8], starts=[0.25])
+    assert_close(result.images, expected)
+    plain = ask(triton, seed=17, num_inference_steps=4, height=128, width=192).images
+    assert np.abs(plain.astype(int) - result.images.astype(int)).max() > 10  # the union changed the image
+
+
 def test_scale_zero_and_no_controlnet_run_the_graphs_they_ran_before(triton):
     """A request without ControlNets, or whose ControlNets have scale 0 or no step in their window, runs
     unet alone: controlnet_tiny and unet_control are not called, and the image is the plain one."""
-    before = executions(triton, CONTROLNET), executions(triton, UNET_CONTROL_NAME), executions(triton, "unet")
+    graphs = (CONTROLNET, UNION, UNET_CONTROL_NAME)
+    before = [executions(triton, graph) for graph in graphs], executions(triton, "unet")
     plain = ask(triton, seed=41, num_inference_steps=2, height=128, width=192).images
     zero = ask(triton, seed=41, num_inference_steps=2, controls=[Control(NAME, EDGES, scale=0.0)]).images
     outside = ask(triton, seed=41, num_inference_steps=2, controls=[Control(NAME, EDGES, start=0.0, end=0.4)]).images
+    union = ask(triton, seed=41, num_inference_steps=2, controls=[Control(DEPTH, EDGES, scale=0.0),
+                                                                  Control(UNION_CANNY, SKETCH, start=0.0, end=0.4)]).images
     assert np.array_equal(zero, plain) and np.array_equal(outside, plain)  # 2 steps: step 0 ends at 0.5 > 0.4
-    assert (executions(triton, CONTROLNET), executions(triton, UNET_CONTROL_NAME)) == before[:2]
-    assert executions(triton, "unet") >= before[2] + 6
+    assert np.array_equal(union, plain)  # the union's modes all at 0 or outside: no pass (docs/controlnet.md)
+    assert [executions(triton, graph) for graph in graphs] == before[0]
+    assert executions(triton, "unet") >= before[1] + 8
 
 
 def test_the_stream_with_a_controlnet_ends_with_the_ensembles_image(triton):
-    case = dict(seed=51, num_inference_steps=3, controls=[Control(NAME, EDGES, scale=1.1, end=0.8)])
+    case = dict(seed=51, num_inference_steps=3, controls=[Control(NAME, EDGES, scale=1.1, end=0.8), Control(DEPTH, SKETCH, 0.6)])
     updates = list(generate("a house by a lake", url=triton.grpc_url, protocol="grpc", stream=True, preview_every=1, **case))
     assert [(u.step, u.final) for u in updates] == [(1, False), (2, False), (3, True)]
     plain = ask(triton, **case)
@@ -156,9 +190,13 @@ def test_the_engine_batches_controlnet_and_plain_requests_and_each_gets_its_own_
     specs = [dict(prompt=f"a house {i}", seed=60 + i, num_inference_steps=3, guidance_scale=2.0 if i % 2 else 1.0,
                   **({"controls": [Control(NAME, EDGES if i % 4 else SKETCH, scale=0.5 + 0.25 * i)]} if i % 3 else
                      {"height": 128, "width": 192})) for i in range(6)]
+    # Union requests of one and of two modes (their calls pad the slots), beside a ControlNet
+    specs += [dict(prompt="a house 6", seed=66, num_inference_steps=3, controls=[Control(DEPTH, SKETCH, 0.9)]),
+              dict(prompt="a house 7", seed=67, num_inference_steps=3, guidance_scale=2.0,
+                   controls=[Control(UNION_CANNY, EDGES, 1.1), Control(NAME, SKETCH, 0.5), Control(DEPTH, SKETCH, 0.6)])]
     alone = [ask(engine_server, **dict(spec)).images for spec in specs]
     before = executions(engine_server, CONTROLNET)
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(len(specs)) as pool:
         together = list(pool.map(lambda spec: ask(engine_server, **dict(spec)).images, specs))
     for single, concurrent in zip(alone, together):
         assert np.abs(single.astype(int) - concurrent.astype(int)).max() <= 1
@@ -177,7 +215,9 @@ def control(**overrides) -> dict:
 
 BAD = {  # what is sent -> the start of the message
     "unknown name": (control(control_names=np.array([b"depth"], dtype=object)),
-                     "control_names: 'depth' is not accepted; expected a ControlNet served here: canny, tiny"),
+                     f"control_names: 'depth' is not accepted; expected a ControlNet served here: {SERVED}"),
+    "unknown union mode": (control(control_names=np.array([b"union/pose"], dtype=object)),
+                           "control_names: 'union/pose' is not accepted; expected a ControlNet served here: canny, tiny, union/{"),
     "more than max_controlnets": (control(control_names=np.array([NAME.encode()] * 4, dtype=object),
                                           control_images=np.stack([EDGES] * 4)),
                                   "control_names: '<4 values, shape [4]>' is not accepted; expected 1 to 3 names"),
@@ -196,6 +236,8 @@ BAD = {  # what is sent -> the start of the message
     "start below 0": (control(control_guidance_start=np.array([-0.1], np.float32)), "control_guidance_start: -0.1 is not accepted"),
     "preprocess without a preprocessor": (control(control_preprocess=np.array([True])),
                                           "control_preprocess: 'true for tiny' is not accepted; expected false for tiny"),
+    "preprocess of a union mode without one": (control(control_names=np.array([DEPTH.encode()], dtype=object), control_preprocess=np.array([True])),
+                                               "control_preprocess: 'true for union/depth' is not accepted; expected false for union/depth"),
     "inputs without names": (control(control_names=None), "control_images: '<uint8 [1, 128, 192, 3]>' is not accepted; expected no "
                              "ControlNet inputs without control_names"),
 }
@@ -256,6 +298,6 @@ def test_client_control_and_info(triton, tmp_path, capsys, monkeypatch):
     assert "control_preprocess: 'true for tiny' is not accepted" in capsys.readouterr().err
     monkeypatch.setenv("SDXL_ADMIN_KEY", triton.admin_key)
     assert client_main(["--info", "--url", triton.grpc_url, "--protocol", "grpc"]) == 0
-    assert "controlnets       canny, tiny" in capsys.readouterr().out
+    assert "controlnets       canny, tiny, union/MODE" in capsys.readouterr().out
     with pytest.raises(ClientError, match="control_names: 'nope' is not accepted"):
         ask(triton, controls=[Control("nope", EDGES)])

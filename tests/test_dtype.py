@@ -15,7 +15,7 @@ from contract.configs import (CPU_DTYPE, EXPORTED_MODELS, config_files, config_p
                               read_config, repository_export)
 from contract import layout
 from contract.layout import REPO_ROOT, TEMPLATES, served_networks
-from contract.networks import CONTROLNET_NAME, REFINER_UNET_NAME, SDXL_DIMS, TOKENIZER, compute_tensors
+from contract.networks import CONTROLNET_NAME, REFINER_UNET_NAME, UNION_CONTROLNET_NAME, SDXL_DIMS, TOKENIZER, compute_tensors
 from contract.recipes import RECIPE_PARAMETERS
 
 from export.cli import main
@@ -41,7 +41,7 @@ def test_export_sets_every_config_to_its_dtype(exported, refined, dtype):
     repository = exported(dtype)
     assert not (repository / REFINER_UNET_NAME).exists()  # only where the recipe has a refiner: refined(dtype)
     assert not (repository / CONTROLNET_NAME).exists()  # a template: the ControlNet's model is controlnet_tiny
-    assert layout.controlnet_models(repository) == ["controlnet_canny", graph_model(CONTROLNET_NAME)]
+    assert layout.controlnet_models(repository) == ["controlnet_canny", graph_model(CONTROLNET_NAME), graph_model(UNION_CONTROLNET_NAME)]
     for name in EXPORTED_MODELS:
         holder = refined(dtype)[1] if name == REFINER_UNET_NAME else repository
         model = graph_model(name)
@@ -107,10 +107,10 @@ def mismatched(exported, tmp_path):
 
 def test_mismatch_is_named_with_the_fix(mismatched):
     problems = config_problems(mismatched, "cpu")
-    # not safety_checker: FP32 always; no refiner here; the ControlNet's model (controlnet_tiny) is not in git,
+    # not safety_checker: FP32 always; no refiner here; the ControlNets' models (controlnet_tiny...) are not in git,
     # so a checkout leaves its configs as the export wrote them
     assert [p.split(":")[0] for p in problems] == [
-        m for m in EXPORTED_MODELS if compute_tensors(m) and m not in (REFINER_UNET_NAME, CONTROLNET_NAME)]
+        m for m in EXPORTED_MODELS if compute_tensors(m) and m not in (REFINER_UNET_NAME, CONTROLNET_NAME, UNION_CONTROLNET_NAME)]
     unet = next(p for p in problems if p.startswith("unet:"))
     assert unet == (
         "unet: the graphs were exported in fp32 (sample is FP32 in unet/1/model.onnx), but unet/configs/cpu.pbtxt "

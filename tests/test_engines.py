@@ -24,7 +24,7 @@ from contract.networks import SDXL_DIMS
 from contract.configs import read_config, scheduler_limits
 from contract.layout import TEMPLATES as REPO
 
-TRT_TYPES = {"FP16": "HALF", "FP32": "FLOAT", "INT32": "INT32", "UINT8": "UINT8"}
+TRT_TYPES = {"FP16": "HALF", "FP32": "FLOAT", "INT32": "INT32", "INT64": "INT64", "UINT8": "UINT8"}
 
 
 # One build group in a process of its own: build_engines' results, pickled to the file it is given.
@@ -58,17 +58,18 @@ def finish(process, result) -> dict:
 
 @pytest.fixture(scope="module")
 def built(exported, refined, tmp_path_factory):
-    """The tiny pipeline's fp16 graphs (its ControlNet's model controlnet_tiny listed as the controlnet
-    network) and its refiner's, built with the default (production) settings, each UNet graph (the long
+    """The tiny pipeline's fp16 graphs (its ControlNets' models controlnet_tiny and union_controlnet_union
+    listed as their networks) and its refiner's, built with the default (production) settings, each UNet graph (the long
     builds) in a group of its own."""
     out, work = tmp_path_factory.mktemp("engines"), tmp_path_factory.mktemp("engine-groups")
     settings = BuildSettings.from_repository(REPO)
-    repository, controlnet = exported("fp16"), graph_model(networks.CONTROLNET.name)
-    first = (networks.UNET_CONTROL.name, networks.UNET.name, controlnet)
+    repository = exported("fp16")
+    models = {graph_model(network): network for network in (networks.CONTROLNET.name, networks.UNION_CONTROLNET.name)}
+    first = (networks.UNET_CONTROL.name, networks.UNET.name, graph_model(networks.CONTROLNET.name))
     rest = tuple(name for name in layout.served_networks(repository) if name not in first)
     groups = [(repository, first), (repository, rest), (refined("fp16")[1], (networks.REFINER_UNET.name,))]
     results = build_in_parallel(groups, out, settings, work)
-    return {networks.CONTROLNET.name if name == controlnet else name: parsed for name, parsed in results.items()}, out, settings
+    return {models.get(name, name): parsed for name, parsed in results.items()}, out, settings
 
 
 def test_tensorrt_rtx_is_in_use():

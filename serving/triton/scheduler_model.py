@@ -54,7 +54,7 @@ class LoopSettings:
     scheduler_config: dict
     loras: ServingLoras
     refiner_text_dim: int = 0  # the refiner's text conditioning width; 0: no refiner served
-    controlnets: dict | None = None  # the ControlNets served: {name: preprocessor or None}
+    controlnets: dict | None = None  # the ControlNets served: {name: contract.controlnets.ServedControl}
     lora_widths: tuple[int, int] = (0, 0)  # the UNet's LoRA input widths: unet_control's zero LoRA
     canny_thresholds: tuple[int, int] = (100, 200)  # the canny preprocessor's (parameter canny_thresholds)
 
@@ -113,7 +113,7 @@ class LoopSettings:
         for spec in options.controls:
             image = np.asarray(raw["control_images"][spec.index])
             if spec.preprocess:
-                image = preprocess(self.controlnets[spec.name], image, self.canny_thresholds)
+                image = preprocess(self.controlnets[spec.name].preprocessor, image, self.canny_thresholds)
             maps.append(torch.from_numpy(np.array(image, dtype=np.uint8)[None]).to(self.device))  # a copy: the request's memory goes
         return RequestControls(options.controls, tuple(maps), self.lora_widths)
 

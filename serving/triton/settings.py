@@ -108,7 +108,7 @@ class ModelSettings:
 
     @cached_property
     def controlnets(self) -> dict:
-        """The ControlNets the repository serves, {name a request uses: its preprocessor or None}."""
+        """The ControlNets the repository serves, {name a request uses: contract.controlnets.ServedControl}."""
         from serving.controlnets import served_controlnets
 
         return served_controlnets(self.repository)

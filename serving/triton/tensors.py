@@ -36,11 +36,11 @@ def call_unet(inputs: dict[str, torch.Tensor], device: torch.device, run=None, n
 
 
 def call_controlnet(model: str, inputs: dict[str, torch.Tensor], device: torch.device, run=None) -> torch.Tensor:
-    """One BLS call of a ControlNet's model (inputs named as contract.networks.CONTROLNET's): its
-    control_residuals on `device`."""
-    from contract.networks import CONTROLNET
+    """One BLS call of a ControlNet's model (inputs named as its network's: contract.networks.CONTROLNET's
+    or UNION_CONTROLNET's): its control_residuals on `device`."""
+    from contract.networks import network_of
 
-    return call_network(CONTROLNET, model, inputs, device, run)
+    return call_network(network_of(model), model, inputs, device, run)
 
 
 def call_network(spec, model: str, inputs: dict[str, torch.Tensor], device: torch.device, run=None) -> torch.Tensor:
@@ -49,7 +49,7 @@ def call_network(spec, model: str, inputs: dict[str, torch.Tensor], device: torc
     tensors = []
     for tensor in spec.inputs:
         value = inputs[tensor.name]
-        # timestep is [B] in the graph; Triton's config gives it dims [1] with reshape [].
-        tensors.append(to_triton(tensor.name, value.reshape(-1, 1) if tensor.name == "timestep" else value))
+        # [B] tensors of the graph (timestep, control_groups): Triton's configs give them dims [1] with reshape [].
+        tensors.append(to_triton(tensor.name, value.reshape(-1, 1) if tensor.dims == ("batch",) else value))
     response = infer(model, tensors, spec.output_names, run)
     return to_torch(pb_utils.get_output_tensor_by_name(response, spec.output_names[0]), device)
