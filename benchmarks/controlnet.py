@@ -10,17 +10,20 @@ BENCH_RESULTS=benchmarks/results refreshes the committed ones.
    two models; the tiny ControlNet-Union as `union`), on a real tritonserver (CPU variant, fp32, the
    default configs: the scheduler's loops), closed-loop gRPC clients at concurrency 1 and 4,
    `--requests` requests per client, SIZE², 4 steps: images/s and latency with 0, 1 and 2 ControlNets,
-   two modes of the union model (one pass a step), and a mixed load (every other request with one).
+   one mode of the union model (its map sent, or made from the image by the server's depth estimator),
+   two modes (one pass a step), and a mixed load (every other request with one).
    In the mixed load, the latency of the requests without ControlNet against the load without any: what
    a plain request pays for sharing the server with ControlNet requests.
 2. `flops`: a ControlNet step (SDXL's ControlNet, diffusers/controlnet-canny-sdxl-1.0's architecture),
    a ControlNet-Union step with one and with two modes (xinsir/controlnet-union-sdxl-1.0's architecture)
    and a UNet step at 1024², one row, counted by PyTorch's FlopCounterMode on the meta device.
-3. `full` (unless --skip-full): SDXL's ControlNet and ControlNet-Union at full size (random weights)
-   exported in fp32 and run by ONNX Runtime at 512², batch 1 (the union with two modes), beside the base
-   UNet's step of `make bench-scale` (benchmarks/results/scale_cpu.json); export time and peak memory.
-   --skeletons DIR: also the fp16 exports of `controlnet`, `union_controlnet` and `unet_control`, kept
-   without their weights in DIR (`--skeletons tests/data/sdxl_graphs` refreshes the tests' copies).
+3. `full` (unless --skip-full): SDXL's ControlNet and ControlNet-Union and the depth estimator (Depth
+   Anything V2 Small's architecture) at full size (random weights) exported in fp32 and run by ONNX
+   Runtime at 512², batch 1 (the union with two modes; the depth estimator at 518², its processor's size
+   for a 512² image), beside the base UNet's step of `make bench-scale` (benchmarks/results/scale_cpu.json);
+   export time and peak memory. --skeletons DIR: also the fp16 exports of `controlnet`, `union_controlnet`,
+   `unet_control` and `depth_estimator`, kept without their weights in DIR (`--skeletons
+   tests/data/sdxl_graphs` refreshes the tests' copies).
 4. `estimate`: a ControlNet step on an H100/H200 at 1024², from the counted work at the rate NVIDIA's
    published H100 TensorRT UNet reaches, against StreamDiffusion's measured ratio (a TensorRT ControlNet
    at about 45% of a UNet step, SD-Turbo 512², RTX 5090).
@@ -43,7 +46,9 @@ from .scale import ort_step_lines
 from .throughput import log, tiny_pipeline
 
 STEPS = 4
-CASES = {"0 ControlNets": 0, "1 ControlNet": 1, "2 ControlNets": 2, "union, 2 modes (one pass)": "union",
+ENGINE_NETWORKS = ("controlnet", "union_controlnet", "depth_estimator")  # the full-size graphs built and run here
+CASES = {"0 ControlNets": 0, "1 ControlNet": 1, "2 ControlNets": 2, "union, 1 mode": "union1",
+         "union, 1 mode, depth map made on the server": "depth", "union, 2 modes (one pass)": "union",
          "mixed (every other request 1)": -1}
 CONCURRENCIES = (1, 4)
 # NVIDIA/Stability's published SDXL + LCM TensorRT figures on an H100 (DESIGN.md): 4 UNet steps, batch 1, 1024².
@@ -55,6 +60,7 @@ def export_repository(work: Path) -> Path:
     from contract.configs import CPU_DTYPE
     from contract.controlnets import ControlNetSource
     from export.onnx_export import export_pipeline
+    from export.depth import DEPTH_SUBFOLDER
     from export.sources import LoraSpec, Sources
     from export.tiny import UNION_SUBFOLDER
 
@@ -62,8 +68,8 @@ def export_repository(work: Path) -> Path:
     controlnets = (ControlNetSource("tiny", str(tiny / "controlnet")), ControlNetSource("canny", str(tiny / "controlnet"), "canny"),
                    ControlNetSource("union", str(tiny / UNION_SUBFOLDER)))
     repository = work / "repository"
-    export_pipeline(Sources(str(tiny), (LoraSpec(str(tiny / "lora")),), str(tiny / "alt_vae"), controlnets=controlnets),
-                    repository, CPU_DTYPE)
+    export_pipeline(Sources(str(tiny), (LoraSpec(str(tiny / "lora")),), str(tiny / "alt_vae"), controlnets=controlnets,
+                            depth_estimator=str(tiny / DEPTH_SUBFOLDER)), repository, CPU_DTYPE)
     return repository
 
 
@@ -158,10 +164,11 @@ def served(work: Path, size: int, requests: int) -> tuple[list[dict], list[dict]
     steps = graph_steps(repository, size)
     maps = [sample_control(size, seed) for seed in (1, 2)]
     stacks = {0: [], 1: [Control("tiny", maps[0])], 2: [Control("tiny", maps[0], scale=0.8), Control("canny", maps[1], scale=0.6)],
-              "union": [Control("union/depth", maps[0], scale=0.8), Control("union/canny", maps[1], scale=0.6)]}
+              "union": [Control("union/depth", maps[0], scale=0.8), Control("union/canny", maps[1], scale=0.6)],
+              "union1": [Control("union/depth", maps[0], scale=0.8)], "depth": [Control("union/depth", maps[0], 0.8, preprocess=True)]}
     rows = []
     with started_server(repository, work / "tritonserver.log") as server:
-        closed_loop(server, size, 1, 1, lambda i: stacks[2] + stacks["union"][:1])  # warm-up: every graph's first run at this size
+        closed_loop(server, size, 1, 1, lambda i: stacks[2] + stacks["depth"])  # warm-up: every graph's first run at this size
         for case, count in CASES.items():
             for concurrency in CONCURRENCIES:
                 def controls_of(i, count=count):
@@ -226,20 +233,21 @@ def flops() -> dict[str, float]:
 
 
 def export_full_size(work: Path, skeletons: Path | None) -> dict:
-    """SDXL's ControlNet and ControlNet-Union (and, for skeletons, unet_control) exported from random
-    weights; time and peak RSS."""
+    """SDXL's ControlNet and ControlNet-Union and the depth estimator (and, for skeletons, unet_control)
+    exported from random weights, in fp32 and fp16; time and peak RSS."""
     import torch
 
     from contract import layout, networks
-    from export.modules import ControlNet, UNet, UnionControlNet
+    from export.depth import depth_anything_v2_small_config
+    from export.modules import ControlNet, DepthEstimator, UNet, UnionControlNet
     from export.onnx_export import export_network
     from export.sdxl import build_component
 
     from .scale import keep_skeleton
 
     results = {}
-    plans = [("controlnet", "fp32"), ("union_controlnet", "fp32")]
-    plans += [("controlnet", "fp16"), ("union_controlnet", "fp16"), ("unet_control", "fp16")] if skeletons else []
+    plans = [(name, dtype) for dtype in ("fp32", "fp16") for name in ENGINE_NETWORKS]  # fp32: ONNX Runtime; fp16: engines
+    plans += [("unet_control", "fp16")] if skeletons else []
     for name, dtype in plans:
         torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
         start = time.perf_counter()
@@ -248,6 +256,10 @@ def export_full_size(work: Path, skeletons: Path | None) -> dict:
             union = name == "union_controlnet"
             model = sdxl_controlnet(build_component("unet", device="meta"), union=union).to(torch_dtype)
             module = UnionControlNet(model) if union else ControlNet(model)
+        elif name == "depth_estimator":  # Depth-Anything-V2-Small's architecture
+            from transformers import DepthAnythingForDepthEstimation
+
+            module = DepthEstimator(DepthAnythingForDepthEstimation(depth_anything_v2_small_config()).to(torch_dtype))
         else:
             module = UNet(build_component("unet", dtype=torch_dtype))
         out = layout.version_dir(work / dtype, name)
@@ -264,13 +276,45 @@ def export_full_size(work: Path, skeletons: Path | None) -> dict:
     return results
 
 
+def build_engines(onnx: Path, out: Path) -> None:
+    """`build-engines ONNX OUT`: TensorRT(-RTX) engines of ENGINE_NETWORKS' fp16 graphs with the production
+    configs' settings (the bench's subprocess: its peak memory is the build's)."""
+    from contract.layout import TEMPLATES
+    from export.engines import BuildSettings, build_engines as build
+
+    build(onnx, out, BuildSettings.from_repository(TEMPLATES), timing_cache=onnx.parent / "rtx.cache", names=ENGINE_NETWORKS)
+
+
+def engines(work: Path) -> dict:
+    """TensorRT-RTX builds the full-size fp16 graphs' engines ahead of time (no GPU), as `make engines-rtx`."""
+    from contract import layout
+
+    from . import measure
+    from .scale import environment, sizes_mb
+
+    out = work / "engines-rtx"
+    run = measure.run([sys.executable, "-m", "benchmarks.controlnet", "build-engines", str(work / "fp16"), str(out)],
+                      env={**environment(), "POLYGRAPHY_USE_TENSORRT_RTX": "1"}, phase_pattern=r"\[export\] (\w+): building",
+                      log_path=work / "engines.log")
+    result = {**run.as_dict(), "builder": "TensorRT-RTX (ahead of time, no GPU)",
+              "sizes_mb": {name: sum(sizes_mb(layout.version_dir(out, name), layout.ENGINE_FILE).values()) for name in ENGINE_NETWORKS}}
+    if run.returncode:
+        lines = run.log.strip().splitlines()
+        result["reason"] = [line for line in lines if line.startswith("error:") or "[E]" in line or "Error" in line][-3:] or lines[-3:]
+    log(f"engines: {result}")
+    return result
+
+
 def full(work: Path, skeletons: Path | None) -> dict:
-    """The full-size ControlNets' exports, then one run of each in ONNX Runtime (each its own process)."""
+    """The full-size networks' exports, one run of each in ONNX Runtime (each its own process), and
+    their TensorRT-RTX engines."""
     from .scale import committed_unet_step, ort_step
 
     results = export_full_size(work, skeletons)
+    results["engines"] = engines(work)
     results["ort controlnet fp32"] = ort_step(work / "fp32", "controlnet", work / "ort-controlnet.log")
     results["ort union_controlnet fp32"] = ort_step(work / "fp32", "union_controlnet", work / "ort-union.log")
+    results["ort depth_estimator fp32"] = ort_step(work / "fp32", "depth_estimator", work / "ort-depth.log")
     if (unet := committed_unet_step()) is not None:
         results["ort unet fp32 (scale_cpu.json)"] = unet
     log(f"full: {results}")
@@ -320,9 +364,19 @@ def write_table(results: dict, path: Path) -> None:
         step, row = full_["ort union_controlnet fp32"], next(i for i, line in enumerate(lines) if line.startswith("| controlnet (this run)"))
         lines.insert(row + 1, f"| union_controlnet, 2 modes (this run) | {step.get('load_s')} s | {step.get('run_s')} s | "
                               f"{step.get('loaded_rss_gib')} GiB | {step.get('max_rss_gib')} GiB |")
+        step = full_["ort depth_estimator fp32"]
+        lines.insert(row + 2, f"| depth_estimator, 518x518 (this run) | {step.get('load_s')} s | {step.get('run_s')} s | "
+                              f"{step.get('loaded_rss_gib')} GiB | {step.get('max_rss_gib')} GiB |")
         exports = "; ".join(f"{key[len('export '):]}: {value['seconds']} s, process peak {value['peak_rss_gib']} GiB"
                             for key, value in full_.items() if key.startswith("export "))
         lines.append(f"\nExports from random weights (build, trace, write): {exports}.")
+        built = full_.get("engines", {})
+        if built:
+            phases = ", ".join(f"{p['name']} {p['seconds']} s / {p['peak_rss_gib']} GiB" for p in built["phases"])
+            sizes = ", ".join(f"{name} {size:,.0f} MB" for name, size in built["sizes_mb"].items())
+            status = "built" if built["returncode"] == 0 else f"FAILED: {' '.join(built.get('reason', []))}"
+            lines.append(f"\nTensorRT-RTX engines of the fp16 graphs (ahead of time, no GPU; the production configs' profiles): "
+                         f"{status} in {built['seconds']} s, process peak {built['max_rss_gib']} GiB ({phases}); engines: {sizes}.")
     est = results["estimate"]
     lines += ["", "## Estimate on a GPU, 1024x1024, batch 1 (not measured: no GPU here)", "",
               f"Basis: NVIDIA's published H100 TensorRT UNet step (SDXL + LCM, {est['h100_unet_step_ms']} ms), scaled by the "
@@ -341,13 +395,17 @@ def build_parser():
     parser = bench_parser("controlnet", __doc__, "controlnet_cpu")
     parser.add_argument("--size", type=int, default=512, help="served height and width (default 512)")
     parser.add_argument("--requests", type=int, default=8, help="requests per client and case (default 8)")
-    parser.add_argument("--skip-full", action="store_true", help="skip the full-size ControlNet export and run (about 3 minutes, 15 GiB)")
-    parser.add_argument("--skeletons", type=Path, metavar="DIR", help="also export the full-size controlnet and unet_control in "
-                        "fp16 and keep their skeletons in DIR")
+    parser.add_argument("--skip-full", action="store_true", help="skip the full-size exports, ONNX Runtime runs and engine builds (about 12 minutes, 15 GiB)")
+    parser.add_argument("--skeletons", type=Path, metavar="DIR", help="also export the full-size unet_control in fp16 and keep "
+                        "the skeletons of the fp16 controlnet, union_controlnet, unet_control and depth_estimator in DIR")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["build-engines"]:
+        build_engines(Path(argv[1]), Path(argv[2]))
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.time()

@@ -16,8 +16,10 @@ NAME_RULE = "1 to 32 of a-z 0-9 _ - starting with a letter or digit"
 
 # What makes a control map from a request's image on the server (control_preprocess), as the published
 # SDXL ControlNets' diffusers examples make them: canny, OpenCV's Canny edges (thresholds: the loops'
-# canny_thresholds parameter, default 100,200) on three channels.
-PREPROCESSORS = ("canny",)
+# canny_thresholds parameter, default 100,200) on three channels; depth, the export's depth estimator
+# (--depth-estimator: Depth Anything V2 Small) normalized as diffusers' SDXL depth ControlNet example does.
+PREPROCESSORS = ("canny", "depth")
+DEPTH = "depth"
 
 
 # ControlNet-Union's control types (xinsir's controlnet-union-sdxl-1.0, its model card; ControlNet++):
@@ -32,7 +34,7 @@ UNION_MODES = {
 }
 # The union modes whose maps a server-side preprocessor makes (control_preprocess): the same as a
 # plain ControlNet declaring it.
-UNION_MODE_PREPROCESSORS = {"canny": "canny"}
+UNION_MODE_PREPROCESSORS = {"canny": "canny", "depth": DEPTH}
 UNION_SEPARATOR = "/"
 
 
@@ -81,13 +83,14 @@ def parse_preprocessor_flag(text: str) -> tuple[str, str]:
     """`NAME=KIND` of --controlnet-preprocessor -> (name, kind), KIND one of PREPROCESSORS."""
     name, sep, kind = text.partition("=")
     if not sep or kind not in PREPROCESSORS:
-        raise ControlNetError(f"--controlnet-preprocessor {text!r}: expected NAME=KIND, KIND one of {', '.join(PREPROCESSORS)} "
-                              "(depth is not served yet: send depth maps as control images)")
+        raise ControlNetError(f"--controlnet-preprocessor {text!r}: expected NAME=KIND, KIND one of {', '.join(PREPROCESSORS)}")
     return check_name(name, f"--controlnet-preprocessor {text!r}"), kind
 
 
-def sources(controlnets: list[tuple[str, str]], preprocessors: list[tuple[str, str]] = ()) -> tuple[ControlNetSource, ...]:
-    """The export's ControlNets: each name once, each preprocessor for one of them."""
+def sources(controlnets: list[tuple[str, str]], preprocessors: list[tuple[str, str]] = (),
+            depth_estimator: bool = False) -> tuple[ControlNetSource, ...]:
+    """The export's ControlNets: each name once, each preprocessor for one of them, depth only with a
+    depth estimator (`depth_estimator`: the export has one)."""
     names = [name for name, _ in controlnets]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -97,4 +100,8 @@ def sources(controlnets: list[tuple[str, str]], preprocessors: list[tuple[str, s
     if unknown:
         raise ControlNetError(f"--controlnet-preprocessor: {', '.join(unknown)} is not a --controlnet of this export "
                               f"({', '.join(names) or 'none'})")
+    depth = sorted(name for name, kind in declared.items() if kind == DEPTH)
+    if depth and not depth_estimator:
+        raise ControlNetError(f"--controlnet-preprocessor {depth[0]}=depth: depth maps need a depth estimator; add "
+                              "--depth-estimator (depth-anything/Depth-Anything-V2-Small-hf or a directory of one)")
     return tuple(ControlNetSource(name, path, declared.get(name)) for name, path in controlnets)

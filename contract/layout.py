@@ -43,6 +43,7 @@ SCHEDULER_MODEL = "scheduler"
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
 SAFETY_THRESHOLDS_FILE = "thresholds.json"  # beside the safety checker's graph: its concepts' thresholds
 SAFETY_PREPROCESSOR_FILE = "preprocessor_config.json"  # and its CLIP image processor's config
+DEPTH_PREPROCESSOR_FILE = SAFETY_PREPROCESSOR_FILE  # beside the depth estimator's graph: its image processor's config
 RECIPE_FILE = "recipe.json"  # the recipe the export followed (contract/recipes.py), beside the scheduler config
 
 

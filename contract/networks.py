@@ -20,7 +20,7 @@ COMPUTE = "COMPUTE"
 # Dynamic axes, named after what they count. Image sizes are multiples of 64, so latent sizes are
 # multiples of 8 (the UNet downsamples latents twice more, by 4, so they must be multiples of 4).
 DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "image_height", "image_width", "lora_rank", "control_size",
-                "control_modes")
+                "control_modes", "depth_height", "depth_width")
 
 # A ControlNet's residuals (diffusers' ControlNetModel, as StableDiffusionXLControlNetPipeline hands them
 # to the UNet): one per output of the UNet's down path (conv_in, each down block's resnets, each
@@ -171,6 +171,9 @@ class TensorSpec:
         if "control_size" not in values and "latent_height" in values and "latent_width" in values:
             patches = (values["latent_height"] // 2 ** CONTROL_LEVELS) * (values["latent_width"] // 2 ** CONTROL_LEVELS)
             values["control_size"] = model.control_width * patches
+        for depth, image in (("depth_height", "image_height"), ("depth_width", "image_width")):
+            if depth not in values and image in values:  # the image's size up to the depth estimator's patch multiple
+                values[depth] = -(-values[image] // DEPTH_PATCH) * DEPTH_PATCH
         return tuple(d if isinstance(d, int) else values[d] for d in self.dims)
 
     def static_dims(self, model: ModelDims) -> tuple[int, ...]:
@@ -307,6 +310,20 @@ SAFETY_CHECKER = NetworkSpec(
     ),
 )
 
+# The depth estimator that makes depth control maps on the server (control_preprocess of a ControlNet
+# declaring `depth`, and a ControlNet-Union's depth mode): Depth Anything V2 Small through transformers
+# (DepthAnythingForDepthEstimation, `export onnx --depth-estimator`). Its input is its image processor's
+# output (resized with the aspect kept to multiples of its ViT's 14-pixel patches, ImageNet-normalized: on
+# the loop's CPU, as the safety checker's), its output relative depth at that size; the loop resizes and
+# normalizes it to the control map as diffusers' SDXL depth ControlNet example does (serving/depth.py).
+DEPTH_PATCH = 14  # DINOv2's patch size: the processor resizes to multiples of it
+DEPTH_SIDE = 518  # Depth Anything's processor: the side nearer its scale goes to 518 (the other keeps the aspect)
+DEPTH_ESTIMATOR = NetworkSpec(
+    name="depth_estimator",
+    inputs=(TensorSpec("pixel_values", "FP32", ("batch", 3, "depth_height", "depth_width")),),
+    outputs=(TensorSpec("predicted_depth", "FP32", ("batch", "depth_height", "depth_width")),),
+)
+
 # ControlNets (contract/controlnets.py). One ControlNet graph per ControlNet the deployment serves
 # (`export onnx --controlnet NAME=PATH`: model controlnet_NAME, made from the `controlnet` template),
 # all with this interface:
@@ -348,12 +365,12 @@ CONTROL_NETWORKS = {n.name: n for n in (CONTROLNET, UNION_CONTROLNET, UNET_CONTR
 UNET_GRAPHS = (UNET_NAME, UNET_LORA_NAME, UNET_CONTROL_NAME)
 
 NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER, SAFETY_CHECKER,
-                                 REFINER_UNET, CONTROLNET, UNION_CONTROLNET, UNET_CONTROL)}
+                                 REFINER_UNET, CONTROLNET, UNION_CONTROLNET, UNET_CONTROL, DEPTH_ESTIMATOR)}
 # Networks a repository holds only when its export asks for them: an export without a refiner
 # writes no refiner_unet model, one without ControlNets no unet_control (a model without its graph
 # would fail the server's start). `controlnet` and `union_controlnet` are templates only: each ControlNet
 # is its own model, controlnet_NAME or union_controlnet_NAME.
-OPTIONAL_NETWORKS = (REFINER_UNET_NAME, CONTROLNET_NAME, UNION_CONTROLNET_NAME, UNET_CONTROL_NAME)
+OPTIONAL_NETWORKS = (REFINER_UNET_NAME, CONTROLNET_NAME, UNION_CONTROLNET_NAME, UNET_CONTROL_NAME, DEPTH_ESTIMATOR.name)
 CONTROLNET_MODEL_PREFIX = "controlnet_"
 UNION_CONTROLNET_MODEL_PREFIX = "union_controlnet_"
 CONTROLNET_MODEL_PREFIXES = {CONTROLNET_NAME: CONTROLNET_MODEL_PREFIX, UNION_CONTROLNET_NAME: UNION_CONTROLNET_MODEL_PREFIX}
@@ -380,11 +397,12 @@ def network_of(model: str) -> NetworkSpec:
     return NETWORKS[model]
 
 
-def served_networks(has_refiner: bool, has_controlnets: bool = False) -> tuple[str, ...]:
-    """The networks an export writes: every one, less the refiner's when its recipe has none, and
-    unet_control when it has no ControlNet (the ControlNet networks' graphs go to their own models)."""
+def served_networks(has_refiner: bool, has_controlnets: bool = False, has_depth_estimator: bool = False) -> tuple[str, ...]:
+    """The networks an export writes: every one, less the refiner's when its recipe has none, unet_control
+    when it has no ControlNet (the ControlNet networks' graphs go to their own models), and the depth
+    estimator when it has none."""
     optional = {REFINER_UNET_NAME: has_refiner, CONTROLNET_NAME: has_controlnets, UNION_CONTROLNET_NAME: has_controlnets,
-                UNET_CONTROL_NAME: has_controlnets}
+                UNET_CONTROL_NAME: has_controlnets, DEPTH_ESTIMATOR.name: has_depth_estimator}
     return tuple(name for name in NETWORKS if optional.get(name, True))
 
 # The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and

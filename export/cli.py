@@ -110,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an SDXL ControlNet (a diffusers ControlNet directory or hub id) served as model controlnet_NAME; "
                       "requests name it in control_names; repeatable (docs/controlnet.md)")
     onnx.add_argument("--controlnet-preprocessor", type=_preprocessor, action="append", default=[], metavar="NAME=KIND",
-                      help="the preprocessor ControlNet NAME declares (canny): requests' control_preprocess makes the "
-                      "control map from their image on the server; repeatable")
+                      help="the preprocessor ControlNet NAME declares (canny, or depth with --depth-estimator): requests' "
+                      "control_preprocess makes the control map from their image on the server; repeatable")
+    onnx.add_argument("--depth-estimator", metavar="ID_OR_DIR", help="the depth model that makes depth control maps on the "
+                      "server (a transformers depth-estimation model: depth-anything/Depth-Anything-V2-Small-hf), exported "
+                      "as depth_estimator; serves the depth preprocessor and ControlNet-Union's depth mode (docs/controlnet.md)")
     onnx.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="the denoising loop's scheduler (trailing timestep "
                       "spacing for all but lcm; model: the model's own, class and config as its scheduler_config.json "
                       "has them); default: the preset's, else lcm")
@@ -284,10 +287,11 @@ def run_onnx(args) -> None:
     from contract.controlnets import ControlNetError, sources as controlnet_sources
 
     try:
-        controlnets = controlnet_sources(args.controlnet, args.controlnet_preprocessor)
+        controlnets = controlnet_sources(args.controlnet, args.controlnet_preprocessor, args.depth_estimator is not None)
     except ControlNetError as error:
         raise ExportError(str(error)) from None
-    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker, controlnets), args.out, args.dtype,
+    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker, controlnets, args.depth_estimator),
+                            args.out, args.dtype,
                             device=args.device, recipe=recipe, precisions=precisions)
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -120,6 +120,7 @@ class BuildSettings:
             networks.UNET_CONTROL.name: 2 * self.max_images,
             networks.CONTROLNET.name: 2 * self.max_images,  # a ControlNet runs on the UNet's rows (both CFG halves)
             networks.UNION_CONTROLNET.name: 2 * self.max_images,
+            networks.DEPTH_ESTIMATOR.name: self.max_images,  # one control image per call, batched across requests
             networks.VAE_DECODER.name: self.max_images,
             networks.PREVIEW_DECODER.name: self.max_images,
             networks.VAE_ENCODER.name: self.max_images,  # one init image per request, batched across requests
@@ -138,11 +139,14 @@ def profile_shapes(spec: NetworkSpec, dims: ModelDims, settings: BuildSettings) 
     shapes = {}
     ranks = (1, min(settings.opt_lora_rank, settings.max_lora_rank), settings.max_lora_rank)
     modes = (1, 1, settings.max_control_modes)
+    # Depth Anything's processor: one side at 518, the other at most the endpoint's aspect limit times it.
+    longest = -(-networks.DEPTH_SIDE * settings.max_size // settings.min_size // networks.DEPTH_PATCH) * networks.DEPTH_PATCH
+    depths = (networks.DEPTH_SIDE, networks.DEPTH_SIDE, longest)
     for tensor in spec.inputs:
         shapes[tensor.name] = tuple(
             tensor.shape(dims, batch=b, latent_height=s // dims.vae_scale_factor, latent_width=s // dims.vae_scale_factor,
-                         lora_rank=r, control_modes=m)
-            for b, s, r, m in zip(batches, sizes, ranks, modes)
+                         lora_rank=r, control_modes=m, depth_height=d, depth_width=d)
+            for b, s, r, m, d in zip(batches, sizes, ranks, modes, depths)
         )
     return shapes
 

@@ -186,6 +186,29 @@ def _attention_across_rows(attention: nn.MultiheadAttention, tokens: torch.Tenso
     return attention.out_proj(mixed.permute(2, 0, 1, 3).reshape(rows, count, channels))
 
 
+class DepthEstimator(nn.Module):
+    """transformers' DepthAnythingForDepthEstimation (networks.DEPTH_ESTIMATOR): its processor's pixel
+    values in fp32, its relative depth out in fp32, whatever the export's dtype (the loop normalizes it).
+    Its forward, with the head's upsampling size kept a traced value (transformers' head takes int() of
+    it, which would fix every graph to the traced size)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        model, patch = self.model, self.model.config.patch_size
+        pixel_values = pixel_values.to(model.dtype)
+        features = model.backbone.forward_with_filtered_kwargs(pixel_values).feature_maps
+        patch_height, patch_width = pixel_values.shape[2] // patch, pixel_values.shape[3] // patch
+        hidden = model.neck(features, patch_height, patch_width)[model.head.head_in_index]
+        head = model.head
+        hidden = nn.functional.interpolate(head.conv1(hidden), (patch_height * patch, patch_width * patch), mode="bilinear",
+                                           align_corners=True)
+        depth = head.activation2(head.conv3(head.activation1(head.conv2(hidden)))) * head.max_depth
+        return depth.squeeze(dim=1).float()
+
+
 class ChunkedSelfAttention:
     """diffusers' AttnProcessor2_0 for the VAE's self-attention (its mid-blocks: one head over every
     latent pixel), the queries taken in `chunks` slices one after another. Each query's scores,
@@ -347,6 +370,8 @@ def build_module(name: str, pipe, dtype: torch.dtype | None = None) -> nn.Module
         module = ControlNet(pipe.controlnet)
     elif name == networks.UNION_CONTROLNET_NAME:  # the stage's ControlNet-Union
         module = UnionControlNet(pipe.union_controlnet)
+    elif name == networks.DEPTH_ESTIMATOR.name:
+        module = DepthEstimator(pipe.depth_estimator)
     elif name == networks.REFINER_UNET.name:  # the same wrapper: five time ids, bigG-only text
         module = UNet(pipe.refiner_unet, lora=False)
     elif name == networks.VAE_DECODER.name:

@@ -47,7 +47,10 @@ COMPUTE_DTYPES = {"fp16": "FP16", "fp32": "FP32"}
 _ONNX_TYPES = {triton: getattr(onnx.TensorProto, name) for triton, name in ONNX_ELEMENT_TYPES.items()}
 # Shapes the exporter traces with. Any multiple of 8 in latent space works: the graphs keep
 # batch/height/width dynamic; these only need to avoid size-specific branches (none at these sizes).
-TRACE_SIZES = {"batch": 2, "latent_height": 16, "latent_width": 24, "lora_rank": 3, "control_modes": 2}
+# Depth sizes of odd patch counts (9 x 13): Depth Anything's DPT neck resizes odd grids where even ones pass
+# through, and the trace keeps the branch it saw.
+TRACE_SIZES = {"batch": 2, "latent_height": 16, "latent_width": 24, "lora_rank": 3, "control_modes": 2, "depth_height": 126,
+               "depth_width": 182}
 # LoRA weights of random inputs: small, as trained LoRAs' are, so that hundreds of sites keep the
 # activations (and fp16) finite.
 _LORA_INPUT_STD = 0.02
@@ -56,15 +59,17 @@ _LORA_INPUT_STD = 0.02
 def example_inputs(
     spec: NetworkSpec, dims: ModelDims, compute_dtype: str, *, batch: int, latent_height: int = 16,
     latent_width: int = 16, lora_rank: int = 2, control_modes: int = 2, seed: int = 0, device: str = "cpu",
+    **depth_sizes: int,
 ) -> dict[str, torch.Tensor]:
     """Random inputs of the right names, dtypes and shapes (token ids from CLIP's 256 byte tokens;
     LoRA weights of rank `lora_rank`, zero for the last sample: one without LoRAs; a union ControlNet's
-    `control_modes` slots, with several rows the last row's last one empty, its rows one request)."""
+    `control_modes` slots, with several rows the last row's last one empty, its rows one request; the
+    depth estimator's depth_height and depth_width, by default the image's rounded up to 14)."""
     generator = torch.Generator().manual_seed(seed)
     inputs = {}
     for tensor in spec.inputs:
         shape = tensor.shape(dims, batch=batch, latent_height=latent_height, latent_width=latent_width, lora_rank=lora_rank,
-                             control_modes=control_modes)
+                             control_modes=control_modes, **depth_sizes)
         dtype = tensor.resolved_dtype(compute_dtype)
         if tensor.name == "control_modes":  # the first types, one per slot
             value = torch.arange(shape[1]).expand(shape).clone()
@@ -307,6 +312,7 @@ STAGES = {
     networks.SAFETY_CHECKER.name: ("safety_checker",),
     networks.REFINER_UNET.name: ("refiner_unet",),
     networks.CONTROLNET.name: (),  # each ControlNet loaded on its own (load_controlnet), one graph each
+    networks.DEPTH_ESTIMATOR.name: (),  # loaded on its own (export/depth.py), with its image processor
 }
 
 
@@ -340,6 +346,26 @@ def export_controlnets(sources: Sources, preloaded, dims: ModelDims, dtype: str,
                                                                   indent=2) + "\n")
         del model, module
         gc.collect()
+
+
+def export_depth_estimator(sources: Sources, preloaded, dims: ModelDims, dtype: str, device: str, staged: Path) -> None:
+    """The depth estimator of `sources` (from the pipeline in memory's `depth_estimator` and
+    `depth_processor` when one is given) and its image processor's config beside the graph."""
+    from .depth import load_depth_estimator
+    from .modules import DepthEstimator
+
+    if preloaded is not None:
+        model, processor = preloaded.depth_estimator, preloaded.depth_processor
+    else:
+        with step(f"loading depth estimator {sources.depth_estimator}"):
+            model, processor = load_depth_estimator(sources.depth_estimator)
+        model.to(device=device, dtype={"fp16": torch.float16, "fp32": torch.float32}[dtype])
+    spec, out_dir = networks.DEPTH_ESTIMATOR, layout.version_dir(staged, networks.DEPTH_ESTIMATOR.name)
+    export_network(DepthEstimator(model).eval(), spec, dims, dtype, out_dir, device=device)
+    processor.to_json_file(str(out_dir / layout.DEPTH_PREPROCESSOR_FILE))
+    info = {**export_info(sources, spec, dims, dtype), "depth_estimator": {"source": sources.depth_estimator,
+                                                                          "class": type(model).__name__}}
+    (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def write_safety_checker_files(pipe, out_dir: Path) -> None:
@@ -475,7 +501,7 @@ def export_pipeline(
     if recipe.refiner != sources.refiner:
         raise ValueError(f"recipe {recipe.name} has refiner {recipe.refiner!r}, the sources {sources.refiner!r}")
     if names is None:
-        names = networks.served_networks(recipe.refiner is not None, bool(sources.controlnets))
+        names = networks.served_networks(recipe.refiner is not None, bool(sources.controlnets), sources.depth_estimator is not None)
     preloaded = source.pipe if isinstance(source, LoadedPipeline) else None
     dims = ModelDims.from_pipeline(preloaded) if preloaded is not None else model_dims(sources)
     ordered = [name for name in STAGES if name in names]
@@ -485,11 +511,14 @@ def export_pipeline(
     with _staging_area(repository) as staged:
         for index, name in enumerate(ordered, 1):
             spec = networks.NETWORKS[name]
-            log(f"stage {index}/{len(ordered) + 1}: {name} (from {', '.join(STAGES[name]) or 'each ControlNet'})")
+            log(f"stage {index}/{len(ordered) + 1}: {name} (from {', '.join(STAGES[name]) or 'its own source'})")
             if name == networks.CONTROLNET.name:
                 stage = None
                 gc.collect()
                 export_controlnets(sources, preloaded, dims, dtype, device, staged, external_data_threshold)
+                continue
+            if name == networks.DEPTH_ESTIMATOR.name:
+                export_depth_estimator(sources, preloaded, dims, dtype, device, staged)
                 continue
             if preloaded is not None:
                 stage = source
@@ -529,8 +558,10 @@ def export_pipeline(
     unserved = [networks.REFINER_UNET.name] if recipe.refiner is None else []
     if not sources.controlnets and networks.UNET.name in names:
         unserved += [networks.UNET_CONTROL.name, *layout.controlnet_models(repository)]
-    if not layout.onnx_path(repository, networks.UNET_CONTROL.name).exists():
-        unserved.append(networks.UNET_CONTROL.name)
+    if sources.depth_estimator is None and networks.UNET.name in names:
+        unserved.append(networks.DEPTH_ESTIMATOR.name)
+    unserved += [name for name in (networks.UNET_CONTROL.name, networks.DEPTH_ESTIMATOR.name)
+                 if not layout.onnx_path(repository, name).exists()]
     for model in unserved:
         shutil.rmtree(repository / model, ignore_errors=True)
     changed = [path for path in changed if path.exists()]

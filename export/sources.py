@@ -82,12 +82,13 @@ class Sources:
     safety_checker: str | None = None  # StableDiffusionSafetyChecker + its preprocessor; None: see resolved_safety_checker
     refiner: str | None = None  # the SDXL refiner (a pipeline directory or hub id: its unet/; or a UNet directory); None: none
     controlnets: tuple = ()  # contract.controlnets.ControlNetSource: each served as controlnet_NAME
+    depth_estimator: str | None = None  # the depth preprocessor's model (export/depth.py); None: none
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, preview_vae: str | None = None, safety_checker: str | None = None,
-                    controlnets: tuple = ()) -> "Sources":
+                    controlnets: tuple = (), depth_estimator: str | None = None) -> "Sources":
         return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet, preview_vae,
-                   safety_checker, recipe.refiner, tuple(controlnets))
+                   safety_checker, recipe.refiner, tuple(controlnets), depth_estimator)
 
     def _own_or(self, given: str | None, subfolder: str, default: str) -> str:
         """The flag's value, else the model directory's `subfolder` (random pipelines have one), else `default`."""
@@ -109,7 +110,8 @@ class Sources:
     def describe(self) -> dict:
         return {"model": self.model, "loras": [str(lora) for lora in self.loras], "vae": self.vae, "unet": self.unet,
                 "preview_vae": self.resolved_preview_vae, "safety_checker": self.resolved_safety_checker, "refiner": self.refiner,
-                **({"controlnets": {c.name: c.path for c in self.controlnets}} if self.controlnets else {})}
+                **({"controlnets": {c.name: c.path for c in self.controlnets}} if self.controlnets else {}),
+                **({"depth_estimator": self.depth_estimator} if self.depth_estimator else {})}
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Mapping
 
 import numpy as np
 
-from contract.controlnets import UNION_MODE_PREPROCESSORS, UNION_MODES, UNION_SEPARATOR, ServedControl, union_mode_names
+from contract.controlnets import DEPTH, UNION_MODE_PREPROCESSORS, UNION_MODES, UNION_SEPARATOR, ServedControl, union_mode_names
 from contract.limits import MAX_NAME_BYTES, Limits
 
 from .endpoint import CONTROL_INPUT_NAMES, InvalidInput
@@ -59,9 +59,9 @@ def served_controlnets(repository) -> dict[str, ServedControl]:
     import json
 
     from contract import layout
-    from contract.networks import UNION_CONTROLNET_NAME, controlnet_name, network_of
+    from contract.networks import DEPTH_ESTIMATOR, UNION_CONTROLNET_NAME, controlnet_name, network_of
 
-    served = {}
+    served, has_depth = {}, layout.onnx_path(repository, DEPTH_ESTIMATOR.name).exists()
     for model in layout.controlnet_models(repository):
         info = layout.version_dir(repository, model) / layout.EXPORT_INFO_FILE
         declared = json.loads(info.read_text()).get("controlnet", {}) if info.exists() else {}
@@ -70,7 +70,10 @@ def served_controlnets(repository) -> dict[str, ServedControl]:
             served[name] = ServedControl(model, None, declared.get("preprocessor"))
             continue
         for mode in union_mode_names(int(declared.get("control_types", 6))):
-            served[f"{name}{UNION_SEPARATOR}{mode}"] = ServedControl(model, UNION_MODES[mode], UNION_MODE_PREPROCESSORS.get(mode))
+            preprocessor = UNION_MODE_PREPROCESSORS.get(mode)
+            if preprocessor == DEPTH and not has_depth:  # the depth mode's maps: only with the export's depth estimator
+                preprocessor = None
+            served[f"{name}{UNION_SEPARATOR}{mode}"] = ServedControl(model, UNION_MODES[mode], preprocessor)
     return served
 
 
@@ -101,8 +104,9 @@ def parse_canny_thresholds(text: str) -> tuple[int, int]:
 
 
 def preprocess(kind: str, image: np.ndarray, canny_thresholds: tuple[int, int] = (100, 200)) -> np.ndarray:
-    """The control map a preprocessor makes from an RGB image (uint8 [H, W, 3] -> uint8 [H, W, 3]), as the
-    published ControlNets' diffusers examples make it: canny, cv2.Canny on the image, on three channels."""
+    """The control map a preprocessor that runs in the loop makes from an RGB image (uint8 [H, W, 3] ->
+    uint8 [H, W, 3]), as the published ControlNets' diffusers examples make it: canny, cv2.Canny on the
+    image, on three channels (depth runs a network: serving/depth.py)."""
     if kind != "canny":
         raise ValueError(f"no preprocessor {kind!r} here; served: canny")
     import cv2  # here: only the loops that preprocess pay for it

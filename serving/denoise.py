@@ -369,17 +369,22 @@ class Denoiser:
             if named[0][0].mode is None:  # plain ControlNets: one call each
                 calls += [ControlCall(model, {**inputs, "controlnet_cond": image.expand(rows, -1, -1, -1)}, kept)
                           for _, image, kept in named if kept > 0]
-                continue
-            lone = len(named) == 1  # diffusers scales a lone mode's residuals, several modes inside the network
-            union = {
-                "controlnet_cond": torch.stack([image[0] for _, image, _ in named])[None].expand(rows, -1, -1, -1, -1),
-                "control_modes": torch.tensor([[spec.mode for spec, _, _ in named]], device=self.latents.device).expand(rows, -1),
-                "control_mode_scales": torch.tensor([[1.0 if lone else kept for _, _, kept in named]],
-                                                    device=self.latents.device).expand(rows, -1),
-                "control_groups": torch.full((rows,), self.control_group, dtype=torch.int64, device=self.latents.device),
-            }
-            calls.append(ControlCall(model, {**inputs, **union}, named[0][2] if lone else 1.0))
+            else:
+                calls.append(self._union_call(model, named, inputs))
         return calls
+
+    def _union_call(self, model: str, named: list, inputs: dict[str, torch.Tensor]) -> ControlCall:
+        """One pass of a union model for its modes `named` ((spec, image, scale x keep) each): diffusers
+        scales a lone mode's residuals after the network, several modes' conditions inside it."""
+        rows, device = inputs["sample"].shape[0], self.latents.device
+        lone = len(named) == 1
+        union = {
+            "controlnet_cond": torch.stack([image[0] for _, image, _ in named])[None].expand(rows, -1, -1, -1, -1),
+            "control_modes": torch.tensor([[spec.mode for spec, _, _ in named]], device=device).expand(rows, -1),
+            "control_mode_scales": torch.tensor([[1.0 if lone else kept for _, _, kept in named]], device=device).expand(rows, -1),
+            "control_groups": torch.full((rows,), self.control_group, dtype=torch.int64, device=device),
+        }
+        return ControlCall(model, {**inputs, **union}, named[0][2] if lone else 1.0)
 
     def unet_inputs(self, control_residuals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The inputs of this step's network (`network`), named as its spec's; with `control_residuals`

@@ -61,15 +61,17 @@ TINY_CONTROLNET, CANNY_CONTROLNET, UNION_CONTROLNET = "tiny", "canny", "union"
 @pytest.fixture(scope="session")
 def exported(loaded, tiny_dir, tmp_path_factory):
     """`exported(dtype)`: a model repository holding the tiny pipeline's graphs and its ControlNets' (as
-    `make export-tiny` exports them: tiny, canny with the canny preprocessor, union), cached per dtype. The
-    pipeline of `loaded(dtype)` gets the ControlNet as `pipe.controlnet`, the union as `pipe.union_controlnet`
-    (both in `pipe.controlnets`)."""
+    `make export-tiny` exports them: tiny, canny with the canny preprocessor, union; and the depth estimator),
+    cached per dtype. The pipeline of `loaded(dtype)` gets the ControlNet as `pipe.controlnet`, the union as
+    `pipe.union_controlnet` (both in `pipe.controlnets`), the depth estimator as `pipe.depth_estimator` and
+    `pipe.depth_processor`."""
     from dataclasses import replace
 
     import torch
 
     from contract.controlnets import ControlNetSource
     from contract.networks import ModelDims
+    from export.depth import DEPTH_SUBFOLDER, load_depth_estimator
     from export.sources import load_controlnet
     from export.tiny import UNION_SUBFOLDER
 
@@ -86,9 +88,12 @@ def exported(loaded, tiny_dir, tmp_path_factory):
                 base.pipe.union_controlnet = load_controlnet(union_path, dims).eval().to(torch_dtype)
                 base.pipe.controlnets = {TINY_CONTROLNET: base.pipe.controlnet, CANNY_CONTROLNET: base.pipe.controlnet,
                                          UNION_CONTROLNET: base.pipe.union_controlnet}
+                depth_estimator, base.pipe.depth_processor = load_depth_estimator(str(tiny_dir / DEPTH_SUBFOLDER))
+                base.pipe.depth_estimator = depth_estimator.to(torch_dtype)
             controlnets = (ControlNetSource(TINY_CONTROLNET, path), ControlNetSource(CANNY_CONTROLNET, path, "canny"),
                            ControlNetSource(UNION_CONTROLNET, union_path))
-            stage = LoadedPipeline(base.pipe, replace(base.sources, controlnets=controlnets), base.adapters)
+            sources = replace(base.sources, controlnets=controlnets, depth_estimator=str(tiny_dir / DEPTH_SUBFOLDER))
+            stage = LoadedPipeline(base.pipe, sources, base.adapters)
             repository = tmp_path_factory.mktemp(f"repo_{dtype}")
             export_pipeline(stage, repository, dtype)
             cache[dtype] = repository
@@ -180,7 +185,10 @@ def quantized(loaded, tiny_dir, tiny_sources, tmp_path_factory):
 def serve(exported, tmp_path_factory):
     """`serve(dtype)`: a real tritonserver (CPU variant) on free ports serving the tiny pipeline's
     graphs of that dtype with this repository's configs (which the export set to that dtype) and
-    models; explicit model control, so a test can unload a model. One server per dtype, kept."""
+    models; explicit model control, so a test can unload a model. One server per dtype, kept: the CPU
+    default dtype's with every model (`triton`), another's with ensemble_sdxl's alone (its parity tests)."""
+    from contract.configs import CPU_DTYPE
+    from helpers import ENSEMBLE_ONLY
     from serving.server import TritonServer, free_ports
 
     servers = {}
@@ -188,14 +196,12 @@ def serve(exported, tmp_path_factory):
     def get(dtype: str) -> TritonServer:
         if dtype not in servers:
             log = tmp_path_factory.mktemp(f"triton_{dtype}") / "tritonserver.log"
-            server = TritonServer(exported(dtype), "cpu", *free_ports(3), log_file=log,
-                                  extra_args=["--model-control-mode=explicit", "--load-model=*"])
+            models = ["--model-control-mode=explicit", "--load-model=*"] if dtype == CPU_DTYPE else ENSEMBLE_ONLY
+            server = TritonServer(exported(dtype), "cpu", *free_ports(3), log_file=log, extra_args=models)
             servers[dtype] = server.start()
         return servers[dtype]
 
     yield get
-    from contract.configs import CPU_DTYPE
-
     for dtype, server in servers.items():
         if dtype != CPU_DTYPE:  # killed: a clean shutdown takes 2.51 about 1 s per model instance, one after another
             server.stop(kill=True)

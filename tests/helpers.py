@@ -24,6 +24,15 @@ RELATIVE_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
 PIXEL_MEAN_TOLERANCE = {"fp32": 0.005, "fp16": 0.15}
 
 
+# What a server that tests only ensemble_sdxl loads with explicit model control: the ensemble (and so its
+# steps), what its scheduler calls (unet; vae_encoder for img2img) and the LoRA listing (the client's --info);
+# not the streaming endpoint's models, the ControlNets nor the other graphs (a large part of a start).
+ENSEMBLE_ONLY = ["--model-control-mode=explicit",
+                 *(f"--load-model={model}" for model in ("ensemble_sdxl", "unet", "vae_encoder", "loras"))]
+# ... in engine mode, with LoRAs: the continuous-batching engine and the UNet graph with LoRA inputs too.
+ENGINE_ONLY = [*ENSEMBLE_ONLY, "--load-model=denoiser", "--load-model=unet_lora"]
+
+
 def graph_model(network: str) -> str:
     """The model of the tests' repositories that holds a network's graph (the controlnet network's:
     the tiny ControlNet's model, conftest.TINY_CONTROLNET; union_controlnet's: conftest.UNION_CONTROLNET's)."""
@@ -78,9 +87,10 @@ def no_lora_feed(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**feed, **extra}
 
 
-def start_engine_server(source, tmp_path_factory, name: str):
+def start_engine_server(source, tmp_path_factory, name: str, extra_args: tuple = ()):
     """A tritonserver serving a copy of the repository `source` (its LoRA library too, when it has
-    one) with the scheduler in engine mode (parameter engine: denoiser): the continuous-batching engine."""
+    one) with the scheduler in engine mode (parameter engine: denoiser): the continuous-batching engine.
+    `extra_args`: tritonserver's (ENGINE_ONLY: the ensemble's models alone)."""
     import shutil
 
     from contract.configs import config_files, set_parameters
@@ -94,7 +104,7 @@ def start_engine_server(source, tmp_path_factory, name: str):
     for path in config_files(repository, "scheduler"):
         set_parameters(path, {"engine": "denoiser"})
     log = tmp_path_factory.mktemp(name) / "tritonserver.log"
-    return TritonServer(repository, "cpu", *free_ports(3), log_file=log).start()
+    return TritonServer(repository, "cpu", *free_ports(3), log_file=log, extra_args=list(extra_args)).start()
 
 
 def metric(server, name: str) -> float:

@@ -225,3 +225,20 @@ def diffusers_union_images(
             control_guidance_end=ends or [1.0] * count, output_type="np",
         ).images
     return (images * 255).round().astype(np.uint8)
+
+
+def example_depth_map(depth_estimator, processor, image: np.ndarray) -> np.ndarray:
+    """The control map of diffusers' SDXL depth ControlNet example (its get_depth_map), with the
+    transformers depth model and processor given: the prediction resized to the image's size (bicubic),
+    scaled by its minimum and maximum, on three channels, x 255 and truncated to uint8."""
+    from PIL import Image
+
+    pixel_values = processor(images=Image.fromarray(image), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        depth_map = depth_estimator(pixel_values).predicted_depth
+    depth_map = torch.nn.functional.interpolate(depth_map.unsqueeze(1), size=image.shape[:2], mode="bicubic", align_corners=False)
+    depth_min = torch.amin(depth_map, dim=[1, 2, 3], keepdim=True)
+    depth_max = torch.amax(depth_map, dim=[1, 2, 3], keepdim=True)
+    depth_map = (depth_map - depth_min) / (depth_max - depth_min)
+    image = torch.cat([depth_map] * 3, dim=1).permute(0, 2, 3, 1).cpu().numpy()[0]
+    return (image * 255.0).clip(0, 255).astype(np.uint8)

@@ -137,7 +137,8 @@ def test_a_controlnet_for_another_model_is_refused_by_name(tiny_dir, loaded):
     (["--controlnet", "Canny=x"], "--controlnet 'Canny=x': name 'Canny' is not a ControlNet name (1 to 32 of a-z 0-9 _ -"),
     (["--controlnet", "canny"], "--controlnet 'canny': expected NAME=PATH"),
     (["--controlnet", "a=x", "--controlnet", "a=y"], "--controlnet: a given more than once"),
-    (["--controlnet", "a=x", "--controlnet-preprocessor", "a=depth"], "--controlnet-preprocessor 'a=depth': expected NAME=KIND, KIND one of canny"),
+    (["--controlnet", "a=x", "--controlnet-preprocessor", "a=pose"], "--controlnet-preprocessor 'a=pose': expected NAME=KIND, KIND one of canny, depth"),
+    (["--controlnet", "a=x", "--controlnet-preprocessor", "a=depth"], "--controlnet-preprocessor a=depth: depth maps need a depth estimator; add --depth-estimator"),
     (["--controlnet", "a=x", "--controlnet-preprocessor", "b=canny"], "--controlnet-preprocessor: b is not a --controlnet of this export (a)"),
 ])
 def test_bad_controlnet_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
@@ -152,3 +153,21 @@ def test_bad_controlnet_flags_are_refused_before_any_work(flags, message, tmp_pa
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "repo" / "unet").exists()
+
+
+@pytest.mark.parametrize("height, width", [(128, 192), (512, 1536), (1024, 768), (300, 300)])
+def test_the_loops_depth_processing_is_transformers_processor(exported, loaded, height, width):
+    """serving/depth.py computes the depth estimator's input without transformers (the loops skip its
+    import): equal to the exported processor's own output (DPTImageProcessor's PIL backend), sizes
+    with the aspect kept at multiples of 14."""
+    import numpy as np
+    from PIL import Image
+
+    from serving.depth import DepthPreprocessor
+
+    repository, processor = exported("fp32"), loaded("fp32").pipe.depth_processor
+    image = np.random.default_rng(height + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ours = DepthPreprocessor(repository).pixel_values(image)
+    theirs = processor(images=Image.fromarray(image), return_tensors="pt").pixel_values
+    assert ours.shape == theirs.shape and ours.shape[2] % 14 == 0 and ours.shape[3] % 14 == 0
+    assert torch.equal(ours, theirs)

@@ -541,6 +541,23 @@ def test_build_controlnets_reach_the_export_and_rename_the_job():
     assert refused.returncode != 0 and "controlnets" in refused.stderr
 
 
+def test_build_preprocessors_and_the_depth_estimator_reach_the_export():
+    """A ControlNet's preprocessor (--controlnet-preprocessor NAME=KIND, the export's kinds only) and
+    modelRepository.build.depthEstimator (--depth-estimator); a union ControlNet is listed as any other."""
+    from contract.controlnets import PREPROCESSORS
+
+    build = json.loads((CHART / "values.schema.json").read_text())["properties"]["modelRepository"]["properties"]["build"]["properties"]
+    assert build["controlnets"]["items"]["properties"]["preprocessor"]["enum"] == ["", *PREPROCESSORS]
+    job = one(render("--set", "modelRepository.build.controlnets=[{name: depth, source: diffusers/controlnet-depth-sdxl-1.0, "
+                     "preprocessor: depth}, {name: union, source: xinsir/controlnet-union-sdxl-1.0}]",
+                     "--set", "modelRepository.build.depthEstimator=depth-anything/Depth-Anything-V2-Small-hf"), "Job", "engine-build")
+    command = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert ('--controlnet "depth=diffusers/controlnet-depth-sdxl-1.0" --controlnet-preprocessor "depth=depth" '
+            '--controlnet "union=xinsir/controlnet-union-sdxl-1.0" --depth-estimator "depth-anything/Depth-Anything-V2-Small-hf"') in command
+    refused = run_render("--set", "modelRepository.build.controlnets=[{name: a, source: x, preprocessor: pose}]")
+    assert refused.returncode != 0 and "preprocessor" in refused.stderr
+
+
 def test_adapter_rules_name_no_namespace():
     text = ADAPTER_VALUES.read_text()
     assert "namespace=" not in text.replace('namespace!=""', "")

@@ -53,6 +53,15 @@ def test_full_size_refiner_graph_holds_the_refiners_weights():
     assert abs(initializer_count("refiner_unet") - published) / published < 0.01
 
 
+def test_full_size_depth_estimator_holds_depth_anything_v2_smalls_weights():
+    """Depth-Anything-V2-Small's architecture (export/depth.py), exported in fp16 with random weights as
+    `make bench-controlnet` exports it (the DINOv2 mask token, unused at inference, folds away)."""
+    from export.depth import DEPTH_ANYTHING_V2_SMALL_PARAMETERS
+
+    published = DEPTH_ANYTHING_V2_SMALL_PARAMETERS
+    assert abs(initializer_count("depth_estimator") - published) / published < 0.01
+
+
 def test_configs_disagree_with_a_graph_of_other_widths():
     """The check has teeth: the production configs' SDXL widths do not fit the tiny graphs."""
     interface = graph_interface(SKELETONS / "unet.onnx")

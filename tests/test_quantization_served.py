@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import running
+from helpers import ENSEMBLE_ONLY, running
 
 from client import generate
 from contract import layout
@@ -46,7 +46,7 @@ def quantized_server(request, exported, quantized, tmp_path_factory):
     assert layout.graph_precision(layout.version_dir(repository, "unet")) == unet
     assert layout.graph_precision(layout.version_dir(repository, "vae_decoder")) == vae
     log = tmp_path_factory.mktemp("quantized_server") / "tritonserver.log"
-    with running(TritonServer(repository, "cpu", *free_ports(3), log_file=log)) as server:
+    with running(TritonServer(repository, "cpu", *free_ports(3), log_file=log, extra_args=ENSEMBLE_ONLY)) as server:
         yield server
 
 

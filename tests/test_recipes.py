@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import running
+from helpers import ENSEMBLE_ONLY, running
 from reference import diffusers_from_image, diffusers_images, sample_image, sample_mask
 
 from client import ClientError, generate, info
@@ -41,16 +41,15 @@ def assert_close(served: np.ndarray, expected: np.ndarray) -> None:
 
 def serve(repository, tmp_path_factory):
     """The repository on a started server, stopped quickly at the end (a `with` block). These tests call
-    ensemble_sdxl only: explicit model control loads it, its steps and what its scheduler calls (the
+    ensemble_sdxl only: explicit model control (helpers.ENSEMBLE_ONLY) loads it, its steps and what its scheduler calls (the
     unet, the vae_encoder for img2img) and the LoRA listing (the client's --info), not the streaming
     endpoint's models (a third of a start)."""
     log = tmp_path_factory.mktemp("recipe_server") / "tritonserver.log"
-    endpoint = ["--model-control-mode=explicit", *(f"--load-model={model}" for model in ("ensemble_sdxl", "unet", "vae_encoder", "loras"))]
     # Two denoising loops (the CPU variant has 4): enough for the concurrent test, two fewer processes
     # importing torch at each start. The repository is each test's own copy.
     config = repository / "scheduler" / "configs" / "cpu.pbtxt"
     config.write_text(re.sub(r"count: \d+", "count: 2", config.read_text()))
-    return running(TritonServer(repository, "cpu", *free_ports(3), log_file=log, extra_args=endpoint))
+    return running(TritonServer(repository, "cpu", *free_ports(3), log_file=log, extra_args=ENSEMBLE_ONLY))
 
 
 def ask(server, case: dict, **extra):

@@ -23,12 +23,14 @@ import triton_python_backend_utils as pb_utils
 
 from contract import layout
 from contract.configs import exported_interface
+from contract.controlnets import DEPTH
 from contract.limits import Limits
-from contract.networks import DENOISER, REFINER_UNET, SCHEDULER, UNET, UNET_CONTROL, VAE_ENCODER
+from contract.networks import DENOISER, DEPTH_ESTIMATOR, REFINER_UNET, SCHEDULER, UNET, UNET_CONTROL, VAE_ENCODER
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.denoise import Denoiser, InitImage, Refiner, RequestControls, cfg_end_fraction_from_parameters, denoise
 from serving.controlnets import parse_canny_thresholds, preprocess
+from serving.depth import DepthPreprocessor
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options
 from serving.loras import ServingLoras, check_request
 from serving.schedulers import load_scheduler
@@ -37,7 +39,7 @@ from .common import (LORA_INPUTS, ComponentError, control_tensors, error_respons
                      lora_tensors, option_tensors, respond, ticket_tensor)
 from .metrics import AdmissionMetrics, SchedulerMetrics
 from .settings import ModelSettings
-from .tensors import call_controlnet, call_unet, to_torch, to_triton
+from .tensors import call_controlnet, call_network, call_unet, to_torch, to_triton
 
 
 
@@ -57,6 +59,7 @@ class LoopSettings:
     controlnets: dict | None = None  # the ControlNets served: {name: contract.controlnets.ServedControl}
     lora_widths: tuple[int, int] = (0, 0)  # the UNet's LoRA input widths: unet_control's zero LoRA
     canny_thresholds: tuple[int, int] = (100, 200)  # the canny preprocessor's (parameter canny_thresholds)
+    depth: DepthPreprocessor | None = None  # the depth preprocessor, where the repository has a depth_estimator
 
     @classmethod
     def load(cls, settings: ModelSettings) -> "LoopSettings":
@@ -97,23 +100,30 @@ class LoopSettings:
                                      "graph; export them together (python -m export onnx --controlnet NAME=PATH)")
             dims = settings.export[1]
             lora_widths = (dims.unet_lora_in, dims.unet_lora_out)
+        depth = DepthPreprocessor(settings.repository) if exported_interface(settings.repository, DEPTH_ESTIMATOR.name) else None
         return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras, refiner_text_dim,
-                   controlnets, lora_widths, canny_thresholds)
+                   controlnets, lora_widths, canny_thresholds, depth)
 
     def check(self, raw: dict):
         """The request's options (serving.endpoint.check_options) against the limits and the ControlNets served."""
         return check_options(raw, self.limits, controlnets=self.controlnets)
 
-    def request_controls(self, raw: dict, options) -> RequestControls | None:
+    def request_controls(self, raw: dict, options, run) -> RequestControls | None:
         """The request's ControlNets with their control maps on the loop's device (made by the ControlNet's
-        preprocessor where the request asks for it); None without any."""
+        preprocessor where the request asks for it: canny here, depth with the depth_estimator, BLS);
+        None without any."""
         if not options.controls:
             return None
         maps = []
         for spec in options.controls:
             image = np.asarray(raw["control_images"][spec.index])
             if spec.preprocess:
-                image = preprocess(self.controlnets[spec.name].preprocessor, image, self.canny_thresholds)
+                kind = self.controlnets[spec.name].preprocessor
+                if kind == DEPTH:
+                    image = self.depth(image, lambda pixel_values: call_network(
+                        DEPTH_ESTIMATOR, DEPTH_ESTIMATOR.name, {"pixel_values": pixel_values}, torch.device("cpu"), run))
+                else:
+                    image = preprocess(kind, image, self.canny_thresholds)
             maps.append(torch.from_numpy(np.array(image, dtype=np.uint8)[None]).to(self.device))  # a copy: the request's memory goes
         return RequestControls(options.controls, tuple(maps), self.lora_widths)
 
@@ -174,7 +184,7 @@ class TritonPythonModel:
         pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
         with torch.inference_mode():
             init = self.settings.init_image(raw, options, self.run)
-            denoiser = self.settings.denoiser(options, embeds, pooled, held, init, self.settings.request_controls(raw, options))
+            denoiser = self.settings.denoiser(options, embeds, pooled, held, init, self.settings.request_controls(raw, options, self.run))
             latents = denoise(self._unet, denoiser, cancelled=request.is_cancelled, refiner=self._refiner,
                               controlnet=self._controlnet)
         return to_triton("latents", latents)
