@@ -93,7 +93,7 @@ help:
 	@echo "make bench-outputs PNG/JPEG/WebP and the watermark per image, raw vs JPEG responses over gRPC and HTTP: $(BENCH_RESULTS)/outputs_cpu.md"
 	@echo "make bench-refiner the standard recipe and the refiner: served (tiny), each UNet's work, the full-size refiner, a GPU estimate: $(BENCH_RESULTS)/refiner_cpu.md"
 	@echo "make bench-quant  8-bit UNet (fp8, int8) and VAE (int8): error against float, CPU speed, sensitivity sweep, TensorRT-RTX: $(BENCH_RESULTS)/quantization_cpu.md"
-	@echo "make bench-controlnet ControlNets: images/s with 0, 1, 2 and a mixed load, a full-size ControlNet step vs the UNet's, FLOPs, a GPU estimate: $(BENCH_RESULTS)/controlnet_cpu.md"
+	@echo "make bench-controlnet ControlNets: images/s with 0, 1, 2, union modes, server-made depth and a mixed load, full-size steps and engines, FLOPs, a GPU estimate: $(BENCH_RESULTS)/controlnet_cpu.md"
 	@echo "make bench-lora   per-request LoRAs: unet_lora by rank vs unet, mixed vs single-LoRA traffic, library: $(BENCH_RESULTS)/lora_cpu.md"
 	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: $(BENCH_RESULTS)/scale_cpu.md"
 	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"

@@ -325,7 +325,16 @@ def export_controlnets(sources: Sources, preloaded, dims: ModelDims, dtype: str,
     from .sources import UNION_CLASS, _diffusers_errors_only, load_controlnet
 
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    traced: dict[str, tuple[Path, object]] = {}  # source -> (its graph's directory, its spec)
     for name, path, preprocessor in sources.controlnets:
+        if path in traced:  # one ControlNet served under two names (two preprocessors): its graph once
+            graph_dir, spec = traced[path]
+            if spec is networks.UNION_CONTROLNET and preprocessor:
+                raise ExportError(f"--controlnet-preprocessor {name}={preprocessor}: {name} is a ControlNet-Union; its modes "
+                                  "bring their own preprocessors (docs/controlnet.md)")
+            out_dir = layout.version_dir(staged, networks.controlnet_model(name, spec is networks.UNION_CONTROLNET))
+            _copy_graph(graph_dir, out_dir, name, preprocessor, path)
+            continue
         if preloaded is not None:
             model = preloaded.controlnets[name]
         else:
@@ -344,8 +353,22 @@ def export_controlnets(sources: Sources, preloaded, dims: ModelDims, dtype: str,
                      **({"control_types": model.config.num_control_type} if union else {})}
         (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps({**export_info(sources, spec, dims, dtype), "controlnet": described},
                                                                   indent=2) + "\n")
+        traced[path] = (out_dir, spec)
         del model, module
         gc.collect()
+
+
+def _copy_graph(graph_dir: Path, out_dir: Path, name: str, preprocessor: str | None, path: str) -> None:
+    """A ControlNet model of the same source as `graph_dir`'s: its graph copied, its own name and
+    preprocessor in its export.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for file in (layout.ONNX_FILE, layout.ONNX_DATA_FILE):
+        if (graph_dir / file).exists():
+            shutil.copy2(graph_dir / file, out_dir / file)
+    info = json.loads((graph_dir / layout.EXPORT_INFO_FILE).read_text())
+    info["controlnet"] = {**info["controlnet"], "name": name, "preprocessor": preprocessor}
+    (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    log(f"{out_dir.parent.name}: the graph of {graph_dir.parent.name} (the same source, {path}), copied")
 
 
 def export_depth_estimator(sources: Sources, preloaded, dims: ModelDims, dtype: str, device: str, staged: Path) -> None:

@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,8 @@ from .processes import clean_stale_regions, clean_stale_run_directories, remove_
 
 VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
 ENDPOINT_MODEL = "ensemble_sdxl"
+# Triton's log line for a model that did not load (model_lifecycle.cc): the model and the reason.
+FAILED_LOAD = re.compile(r"failed to load '([^']+)'(?: version \d+)?: (.*)")
 
 # prctl(2): PR_SET_PDEATHSIG asks the kernel to signal a process when the thread that forked it
 # exits. Resolved here, in the parent: the child between fork and exec must not load libraries.
@@ -249,6 +252,7 @@ class TritonServer:
 
     def wait_ready(self, timeout_s: float, stop_event=None) -> None:
         deadline = time.monotonic() + timeout_s
+        read = 0  # how far the log has been searched for a failed model load
         while time.monotonic() < deadline:
             if stop_event is not None and stop_event.is_set():
                 self.stop(kill=True)
@@ -258,9 +262,25 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}")
             if self.is_ready():
                 return
+            read, failed = self._failed_load(read)
+            if failed:  # Triton 2.51 exits on it only after unloading the rest (about 10 s): the start has failed now
+                self.stop(kill=True)
+                raise ServerError(f"model {failed[0]} failed to load: {failed[1]}{self._log_hint()}")
             time.sleep(0.1)  # a ready server is found within 0.1 s (a start takes seconds: benchmarks/results/start_cpu.md)
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
+
+    def _failed_load(self, offset: int) -> tuple[int, tuple[str, str] | None]:
+        """(where the log has been read to, (model, reason) of the first failed model load in it, or None);
+        without a log file, nothing to read."""
+        if not self.log_file or not Path(self.log_file).exists():
+            return offset, None
+        with open(self.log_file, "rb") as log:
+            log.seek(offset)
+            text = log.read()
+        complete = text.rfind(b"\n") + 1  # whole lines only: the rest is read again next time
+        match = FAILED_LOAD.search(text[:complete].decode("utf-8", "replace"))
+        return offset + complete, ((match.group(1), match.group(2).strip().rstrip('"')[:300]) if match else None)
 
     def _log_hint(self) -> str:
         if not self.log_file or not Path(self.log_file).exists():

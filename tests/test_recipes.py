@@ -22,7 +22,7 @@ from contract.recipes import PRESETS, SCHEDULERS, Recipe, custom_recipe, resolve
 from export.cli import main as export_main
 from export.onnx_export import export_pipeline
 from export.sources import ExportError, LoraSpec, Sources, hub_file, load_pipeline, load_unet
-from export.tiny import build_tiny_pipeline, write_tiny
+from export.tiny import build_tiny_pipeline
 from serving.server import TritonServer, free_ports
 
 # Served (ONNX Runtime, fp32) against diffusers (PyTorch, fp32): the serving tests' bounds.
@@ -211,9 +211,9 @@ def test_tiny_ssd_1b_exported_with_its_preset_and_served_matches_diffusers(tmp_p
 
 # --- a distilled UNet in place of the model's ----------------------------------------------------
 
-def test_unet_given_with_flag_is_the_one_served(tmp_path_factory):
+def test_unet_given_with_flag_is_the_one_served(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("unet_override")
-    write_tiny(root / "model", seed=0)
+    (root / "model").symlink_to(tiny_dir)  # the session's tiny model (seed 0), read only
     distilled = build_tiny_pipeline(seed=5).unet  # same architecture, other weights
     from safetensors.torch import save_file
 

@@ -140,7 +140,7 @@ def test_a_checker_that_cannot_load_fails_the_start(exported, tmp_path):
     shutil.copytree(exported("fp32"), repository)
     (repository / "safety_checker" / "1" / "model.onnx").write_bytes(b"not an ONNX graph")
     server = TritonServer(repository, "cpu", *free_ports(3), log_file=tmp_path / "log")
-    with pytest.raises(ServerError):
+    with pytest.raises(ServerError, match="model safety_checker failed to load: .*INVALID_PROTOBUF"):  # from the log, at once
         server.start(timeout_s=240)
     stop_quickly(server)
     assert "safety_checker" in (tmp_path / "log").read_text()
