@@ -325,35 +325,34 @@ def export_controlnets(sources: Sources, preloaded, dims: ModelDims, dtype: str,
     from .sources import UNION_CLASS, _diffusers_errors_only, load_controlnet
 
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
-    traced: dict[str, tuple[Path, object]] = {}  # source -> (its graph's directory, its spec)
+    traced: dict[str, tuple[Path, bool]] = {}  # source -> (its graph's directory, whether it is a union)
     for name, path, preprocessor in sources.controlnets:
+        model = None
         if path in traced:  # one ControlNet served under two names (two preprocessors): its graph once
-            graph_dir, spec = traced[path]
-            if spec is networks.UNION_CONTROLNET and preprocessor:
-                raise ExportError(f"--controlnet-preprocessor {name}={preprocessor}: {name} is a ControlNet-Union; its modes "
-                                  "bring their own preprocessors (docs/controlnet.md)")
-            out_dir = layout.version_dir(staged, networks.controlnet_model(name, spec is networks.UNION_CONTROLNET))
-            _copy_graph(graph_dir, out_dir, name, preprocessor, path)
-            continue
-        if preloaded is not None:
-            model = preloaded.controlnets[name]
+            graph_dir, union = traced[path]
         else:
-            with step(f"loading ControlNet {name} from {path}"):
-                model = load_controlnet(path, dims, f"--controlnet {name}")
-            with _diffusers_errors_only():  # its warning on casting is for running, not exporting
-                model.to(device=device, dtype=torch_dtype)
-        union = type(model).__name__ == UNION_CLASS
+            if preloaded is not None:
+                model = preloaded.controlnets[name]
+            else:
+                with step(f"loading ControlNet {name} from {path}"):
+                    model = load_controlnet(path, dims, f"--controlnet {name}")
+                with _diffusers_errors_only():  # its warning on casting is for running, not exporting
+                    model.to(device=device, dtype=torch_dtype)
+            union = type(model).__name__ == UNION_CLASS
         if union and preprocessor:
             raise ExportError(f"--controlnet-preprocessor {name}={preprocessor}: {name} is a ControlNet-Union; its modes "
                               "bring their own preprocessors (docs/controlnet.md)")
-        spec, module = (networks.UNION_CONTROLNET, UnionControlNet(model)) if union else (networks.CONTROLNET, ControlNet(model))
         out_dir = layout.version_dir(staged, networks.controlnet_model(name, union))
+        if model is None:
+            _copy_graph(graph_dir, out_dir, name, preprocessor, path)
+            continue
+        spec, module = (networks.UNION_CONTROLNET, UnionControlNet(model)) if union else (networks.CONTROLNET, ControlNet(model))
         export_network(module.eval(), spec, dims, dtype, out_dir, device=device, external_data_threshold=external_data_threshold)
         described = {"name": name, "source": path, "preprocessor": preprocessor,
                      **({"control_types": model.config.num_control_type} if union else {})}
         (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps({**export_info(sources, spec, dims, dtype), "controlnet": described},
                                                                   indent=2) + "\n")
-        traced[path] = (out_dir, spec)
+        traced[path] = (out_dir, union)
         del model, module
         gc.collect()
 

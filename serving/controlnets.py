@@ -120,15 +120,15 @@ def _names(array: np.ndarray, limits: Limits, served: Mapping[str, ServedControl
     if array.ndim != 1 or not 1 <= array.size <= limits.max_controlnets:
         raise InvalidInput("control_names", f"<{array.size} values, shape {list(array.shape)}>",
                            f"1 to {limits.max_controlnets} names (BYTES [K]; max_controlnets)")
-    accepted = listing(served)
     names = []
     for value in array:
         data = value if isinstance(value, (bytes, np.bytes_)) else str(value).encode("utf-8", "replace")
         if len(data) > MAX_NAME_BYTES:
-            raise InvalidInput("control_names", f"<{len(data)} bytes>", f"a name of at most {MAX_NAME_BYTES} bytes: one of {accepted}")
+            raise InvalidInput("control_names", f"<{len(data)} bytes>",
+                               f"a name of at most {MAX_NAME_BYTES} bytes: one of {listing(served)}")
         name = bytes(data).decode("utf-8", "replace")
         if name not in served:
-            raise InvalidInput("control_names", name, f"a ControlNet served here: {accepted}")
+            raise InvalidInput("control_names", name, f"a ControlNet served here: {listing(served)}")
         names.append(name)
     return names
 

@@ -59,7 +59,7 @@ class LoopSettings:
     controlnets: dict | None = None  # the ControlNets served: {name: contract.controlnets.ServedControl}
     lora_widths: tuple[int, int] = (0, 0)  # the UNet's LoRA input widths: unet_control's zero LoRA
     canny_thresholds: tuple[int, int] = (100, 200)  # the canny preprocessor's (parameter canny_thresholds)
-    depth: DepthPreprocessor | None = None  # the depth preprocessor, where the repository has a depth_estimator
+    depth: DepthPreprocessor | None = None  # the depth preprocessor, where a served ControlNet has it
 
     @classmethod
     def load(cls, settings: ModelSettings) -> "LoopSettings":
@@ -100,7 +100,9 @@ class LoopSettings:
                                      "graph; export them together (python -m export onnx --controlnet NAME=PATH)")
             dims = settings.export[1]
             lora_widths = (dims.unet_lora_in, dims.unet_lora_out)
-        depth = DepthPreprocessor(settings.repository) if exported_interface(settings.repository, DEPTH_ESTIMATOR.name) else None
+        # Where a served ControlNet (or union mode) has the depth preprocessor: served_controlnets says so only
+        # where the repository holds the depth estimator.
+        depth = DepthPreprocessor(settings.repository) if any(c.preprocessor == DEPTH for c in (controlnets or {}).values()) else None
         return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras, refiner_text_dim,
                    controlnets, lora_widths, canny_thresholds, depth)
 
