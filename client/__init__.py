@@ -233,6 +233,23 @@ def image_inputs(protocol: str, image=None, strength: float | None = None, mask=
     return tensors
 
 
+def ip_adapter_inputs(protocol: str, image, scale: float | None = None, layers: str | None = None) -> list:
+    """ip_adapter_image (UINT8 [H, W, 3], any size), ip_adapter_scale (FP32 [1]) and ip_adapter_layers
+    (BYTES [1]), those that are given."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    module = _module(protocol)
+    arrays = {"ip_adapter_image": np.ascontiguousarray(load_image(image, "RGB")),
+              "ip_adapter_scale": None if scale is None else np.array([scale], dtype=np.float32),
+              "ip_adapter_layers": None if layers is None else np.array([layers.encode("utf-8")], dtype=np.object_)}
+    tensors = []
+    for name, array in arrays.items():
+        if array is not None:
+            tensors.append(module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
+            tensors[-1].set_data_from_numpy(array)
+    return tensors
+
+
 def generate(
     prompt: str | bytes | None, *, url: str | None = None, protocol: str = "http", seed: int | None = None,
     num_inference_steps: int | None = None, guidance_scale: float | None = None, negative_prompt: str | None = None,
@@ -240,7 +257,8 @@ def generate(
     timeout_s: float = 600.0, queue_timeout_ms: int | None = None, stream: bool = False, preview_every: int | None = None,
     loras: Sequence[tuple[str, float]] | None = None, image=None, strength: float | None = None, mask=None,
     output_format: str | None = None, output_quality: int | None = None, apply_watermark: bool | None = None,
-    high_noise_frac: float | None = None, controls: Sequence[Control] | None = None,
+    high_noise_frac: float | None = None, controls: Sequence[Control] | None = None, ip_adapter_image=None,
+    ip_adapter_scale: float | None = None, ip_adapter_layers: str | None = None,
 ) -> GenerationResult | Iterator[StreamUpdate]:
     """One request to `ensemble_sdxl`; raises ClientError with the server's message on failure.
     queue_timeout_ms: the longest wait for a denoising slot the server may make this request wait
@@ -253,7 +271,9 @@ def generate(
     100 for JPEG and WebP (server default 90), apply_watermark: SDXL's invisible watermark (default:
     the server's setting). high_noise_frac: where a served refiner takes over, in (0, 1] (default: the
     recipe's, 0.8 for sdxl-base-refiner; 1.0: the base alone). controls: ControlNets (Control), each
-    with its control image at the output size, scale and window.
+    with its control image at the output size, scale and window. ip_adapter_image: an image prompt (a
+    path, a PIL image or uint8 [H, W, 3], any size) for a server that serves an IP-Adapter, its scale
+    (0 to 2, default 1.0) and its layers (all, style, layout or style_and_layout; default all).
 
     stream=True (gRPC only): the request goes to `sdxl_stream`, and an iterator of StreamUpdate is
     returned, one per denoising step (a preview image on every `preview_every`-th step; default 0:
@@ -272,6 +292,10 @@ def generate(
     inputs += image_inputs(protocol, image, strength, mask)
     if controls:
         inputs += control_inputs(protocol, controls)
+    if ip_adapter_image is not None:
+        inputs += ip_adapter_inputs(protocol, ip_adapter_image, ip_adapter_scale, ip_adapter_layers)
+    elif ip_adapter_scale is not None or ip_adapter_layers is not None:
+        raise ClientError("ip_adapter_scale and ip_adapter_layers go with an ip_adapter_image")
     parameters = None if queue_timeout_ms is None else {"queue_timeout_ms": queue_timeout_ms}
     if stream:
         if protocol != "grpc":

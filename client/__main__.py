@@ -8,6 +8,8 @@ python -m client "a prompt" --image in.png [--strength S] [--mask mask.png]: img
 python -m client "a prompt" --high-noise-frac F: where the served refiner (recipe sdxl-base-refiner) takes over.
 python -m client "a prompt" --control NAME=IMAGE[:SCALE[:START:END]] [--control-preprocess]: ControlNets the
 server serves, each with its control image (the output's size), scale and window; repeatable.
+python -m client "a prompt" --ip-image IMAGE [--ip-scale S] [--ip-layers style]: an image prompt (any size) for a
+server that serves an IP-Adapter, its strength (0 to 2, default 1) and the layers that take it.
 python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance, the
 refiner and its hand-off), its ControlNets and its LoRA library (name, rank, targets, size: what --lora may
 name). Model configs and the repository index are Triton admin APIs: --info sends the admin key
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from contract.ip_adapters import LAYER_SETTINGS
 
 from . import DEFAULT_URLS, FORMATS_BY_SUFFIX, ClientError, Control, StreamUpdate, controlnets, generate, info, loras
 
@@ -75,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-preprocess", action="store_true",
                         help="with --control: the server's preprocessor makes each control map from its image (ControlNets "
                              "that declare one); default: the images are the maps")
+    parser.add_argument("--ip-image", type=Path, dest="ip_adapter_image", help="an image prompt (any format PIL reads, any "
+                        "size) for a server that serves an IP-Adapter (docs/ip-adapter.md)")
+    parser.add_argument("--ip-scale", type=float, dest="ip_adapter_scale", help="with --ip-image: its strength, 0 to 2 (default 1)")
+    parser.add_argument("--ip-layers", dest="ip_adapter_layers", choices=tuple(LAYER_SETTINGS),
+                        help="with --ip-image: the layers that take it (default all; style and layout: InstantStyle's)")
     return parser
 
 
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         args["controls"] = [Control(name, image, scale, start, end, preprocess) for name, image, scale, start, end in args["controls"]]
     elif preprocess:
         parser.error("--control-preprocess needs --control")
+    if args["ip_adapter_image"] is None and (args["ip_adapter_scale"] is not None or args["ip_adapter_layers"] is not None):
+        parser.error("--ip-scale and --ip-layers need --ip-image")
     stream = args.pop("stream")
     if stream:
         if args["protocol"] == "http":

@@ -44,6 +44,8 @@ SCHEDULER_CONFIG_FILE = "scheduler_config.json"
 SAFETY_THRESHOLDS_FILE = "thresholds.json"  # beside the safety checker's graph: its concepts' thresholds
 SAFETY_PREPROCESSOR_FILE = "preprocessor_config.json"  # and its CLIP image processor's config
 DEPTH_PREPROCESSOR_FILE = SAFETY_PREPROCESSOR_FILE  # beside the depth estimator's graph: its image processor's config
+IP_PREPROCESSOR_FILE = SAFETY_PREPROCESSOR_FILE  # beside the image encoder's graph: its CLIP image processor's config
+IP_ADAPTER_FILE = "ip_adapter.json"  # and the IP-Adapter's kind, layers and layer settings (contract/ip_adapters.py)
 RECIPE_FILE = "recipe.json"  # the recipe the export followed (contract/recipes.py), beside the scheduler config
 
 

@@ -101,16 +101,28 @@ class ModelDims:
     text_lora_out: int = 452_864
     # control_residuals' width per 4 x 4 latent patch (control_width() of SDXL's residual layout).
     control_width: int = 26_240
+    # The IP-Adapter's (contract/ip_adapters.py): image tokens per image (4: the plain adapter's
+    # ImageProjection; 16: Plus's Resampler queries) and the cross-attention layers that take them (SDXL: 70).
+    ip_tokens: int = 4
+    ip_layers: int = 70
 
     @classmethod
     def from_pipeline(cls, pipe) -> "ModelDims":
+        """A pipeline's; with its IP-Adapter (`pipe.ip_adapter`, tests attach one), the adapter's tokens."""
+        from .ip_adapters import ip_layer_names
+
+        ip_dims = {"ip_layers": len(ip_layer_names(pipe.unet.attn_processors))}
+        if getattr(pipe, "ip_adapter", None) is not None:
+            ip_dims["ip_tokens"] = pipe.ip_adapter.tokens
         return cls.from_configs(pipe.tokenizer.model_max_length, pipe.text_encoder.config, pipe.text_encoder_2.config,
-                                pipe.unet.config, pipe.vae.config, lora_widths=lora_widths(pipe))
+                                pipe.unet.config, pipe.vae.config, lora_widths=lora_widths(pipe), ip_dims=ip_dims)
 
     @classmethod
-    def from_configs(cls, seq_len: int, text_encoder, text_encoder_2, unet, vae, lora_widths: dict | None = None) -> "ModelDims":
+    def from_configs(cls, seq_len: int, text_encoder, text_encoder_2, unet, vae, lora_widths: dict | None = None,
+                     ip_dims: dict | None = None) -> "ModelDims":
         """From the components' configs alone (objects or mappings), without loading any weights;
-        `lora_widths` (see lora_widths()) from the modules, SDXL's when not given."""
+        `lora_widths` (see lora_widths()) from the modules, SDXL's when not given; `ip_dims` (ip_tokens,
+        ip_layers) from the IP-Adapter, SDXL's plain adapter's when not given."""
 
         def get(config, key):
             return config[key] if isinstance(config, dict) else getattr(config, key)
@@ -123,7 +135,7 @@ class ModelDims:
             latent_channels=get(unet, "in_channels"),
             vae_scale_factor=2 ** (len(get(vae, "block_out_channels")) - 1),
             control_width=unet_control_width(get(unet, "block_out_channels"), get(unet, "layers_per_block")),
-            **(lora_widths or {}),
+            **(lora_widths or {}), **(ip_dims or {}),
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -361,16 +373,43 @@ UNION_CONTROLNET = NetworkSpec(
 # before, paying nothing for the capability.
 UNET_CONTROL = NetworkSpec(name=UNET_CONTROL_NAME, inputs=(*UNET_LORA.inputs, CONTROL_RESIDUALS), outputs=UNET.outputs)
 CONTROL_NETWORKS = {n.name: n for n in (CONTROLNET, UNION_CONTROLNET, UNET_CONTROL)}
+
+# IP-Adapter image prompts (contract/ip_adapters.py; `export onnx --ip-adapter FILE --image-encoder DIR`).
+# The image encoder: CLIPVisionModelWithProjection on the loop's CLIPImageProcessor output (224 x 224,
+# computed on the CPU as the safety checker's is), then the adapter's image projection (ImageProjection
+# of its image_embeds, or Plus's Resampler of its penultimate hidden states), in the graph: the UNet
+# takes tokens, once per request. `ip_negative_tokens`: what diffusers' CFG uses for the negative rows
+# (the projection of zeros for the plain adapter, of a zero image's encoding for Plus), a constant of the
+# export computed by the same module when it is traced, sent per row as Triton's batching wants.
+IP_IMAGE_SIZE = 224  # CLIP ViT-H/14's and bigG/14's image_size: the processor's crop, diffusers' load_ip_adapter's
+IP_TOKENS = TensorSpec("ip_tokens", COMPUTE, ("batch", "ip_tokens", "text_dim"))
+IMAGE_ENCODER = NetworkSpec(
+    name="image_encoder",
+    inputs=(TensorSpec("pixel_values", "FP32", ("batch", 3, IP_IMAGE_SIZE, IP_IMAGE_SIZE)),),
+    outputs=(IP_TOKENS, TensorSpec("ip_negative_tokens", COMPUTE, ("batch", "ip_tokens", "text_dim"))),
+)
+# The UNet with every per-request addition: LoRA weights, ControlNet residuals and, per row, image tokens
+# and the adapter's scale per cross-attention layer (0 where a layer setting leaves a layer out; rows
+# without an image prompt send zero tokens and scales, which add exactly nothing). The batches in which a
+# request sends an image prompt run it; the others run unet, unet_lora or unet_control as before, paying
+# nothing for the capability (docs/ip-adapter.md: why a fourth graph rather than more inputs on unet_control).
+UNET_IP_NAME = "unet_ip"
+UNET_IP = NetworkSpec(name=UNET_IP_NAME, inputs=(*UNET_CONTROL.inputs, IP_TOKENS,
+                                                 TensorSpec("ip_layer_scales", "FP32", ("batch", "ip_layers"))),
+                      outputs=UNET.outputs)
+IP_ADAPTER_NETWORKS = (IMAGE_ENCODER.name, UNET_IP_NAME)
 # The graphs traced from the base UNet: one set of weights, one precision.
-UNET_GRAPHS = (UNET_NAME, UNET_LORA_NAME, UNET_CONTROL_NAME)
+UNET_GRAPHS = (UNET_NAME, UNET_LORA_NAME, UNET_CONTROL_NAME, UNET_IP_NAME)
 
 NETWORKS = {n.name: n for n in (TEXT_ENCODER, UNET, UNET_LORA, VAE_DECODER, PREVIEW_DECODER, VAE_ENCODER, SAFETY_CHECKER,
-                                 REFINER_UNET, CONTROLNET, UNION_CONTROLNET, UNET_CONTROL, DEPTH_ESTIMATOR)}
+                                 REFINER_UNET, CONTROLNET, UNION_CONTROLNET, UNET_CONTROL, DEPTH_ESTIMATOR, IMAGE_ENCODER,
+                                 UNET_IP)}
 # Networks a repository holds only when its export asks for them: an export without a refiner
 # writes no refiner_unet model, one without ControlNets no unet_control (a model without its graph
 # would fail the server's start). `controlnet` and `union_controlnet` are templates only: each ControlNet
 # is its own model, controlnet_NAME or union_controlnet_NAME.
-OPTIONAL_NETWORKS = (REFINER_UNET_NAME, CONTROLNET_NAME, UNION_CONTROLNET_NAME, UNET_CONTROL_NAME, DEPTH_ESTIMATOR.name)
+OPTIONAL_NETWORKS = (REFINER_UNET_NAME, CONTROLNET_NAME, UNION_CONTROLNET_NAME, UNET_CONTROL_NAME, DEPTH_ESTIMATOR.name,
+                     *IP_ADAPTER_NETWORKS)
 CONTROLNET_MODEL_PREFIX = "controlnet_"
 UNION_CONTROLNET_MODEL_PREFIX = "union_controlnet_"
 CONTROLNET_MODEL_PREFIXES = {CONTROLNET_NAME: CONTROLNET_MODEL_PREFIX, UNION_CONTROLNET_NAME: UNION_CONTROLNET_MODEL_PREFIX}
@@ -397,12 +436,14 @@ def network_of(model: str) -> NetworkSpec:
     return NETWORKS[model]
 
 
-def served_networks(has_refiner: bool, has_controlnets: bool = False, has_depth_estimator: bool = False) -> tuple[str, ...]:
+def served_networks(has_refiner: bool, has_controlnets: bool = False, has_depth_estimator: bool = False,
+                    has_ip_adapter: bool = False) -> tuple[str, ...]:
     """The networks an export writes: every one, less the refiner's when its recipe has none, unet_control
-    when it has no ControlNet (the ControlNet networks' graphs go to their own models), and the depth
-    estimator when it has none."""
+    when it has no ControlNet (the ControlNet networks' graphs go to their own models), the depth
+    estimator when it has none, and the image encoder and unet_ip without an IP-Adapter."""
     optional = {REFINER_UNET_NAME: has_refiner, CONTROLNET_NAME: has_controlnets, UNION_CONTROLNET_NAME: has_controlnets,
-                UNET_CONTROL_NAME: has_controlnets, DEPTH_ESTIMATOR.name: has_depth_estimator}
+                UNET_CONTROL_NAME: has_controlnets, DEPTH_ESTIMATOR.name: has_depth_estimator,
+                **{name: has_ip_adapter for name in IP_ADAPTER_NETWORKS}}
     return tuple(name for name in NETWORKS if optional.get(name, True))
 
 # The scheduler model's tensors that are graph tensors: it receives the text encoder's outputs and

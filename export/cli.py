@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--depth-estimator", metavar="ID_OR_DIR", help="the depth model that makes depth control maps on the "
                       "server (a transformers depth-estimation model: depth-anything/Depth-Anything-V2-Small-hf), exported "
                       "as depth_estimator; serves the depth preprocessor and ControlNet-Union's depth mode (docs/controlnet.md)")
+    onnx.add_argument("--ip-adapter", metavar="FILE", help="an IP-Adapter for image prompts (h94's SDXL layout: a .safetensors "
+                      "or .bin file, or HUB_ID/PATH/FILE such as h94/IP-Adapter/sdxl_models/ip-adapter_sdxl_vit-h.safetensors; "
+                      "the plain adapter or Plus), exported into unet_ip with --image-encoder (docs/ip-adapter.md)")
+    onnx.add_argument("--image-encoder", metavar="ID_OR_DIR", help="the IP-Adapter's CLIP image encoder "
+                      "(CLIPVisionModelWithProjection: a directory, hub id or HUB_ID/SUBFOLDER such as "
+                      "h94/IP-Adapter/models/image_encoder for the vit-h adapters), exported as image_encoder")
     onnx.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="the denoising loop's scheduler (trailing timestep "
                       "spacing for all but lcm; model: the model's own, class and config as its scheduler_config.json "
                       "has them); default: the preset's, else lcm")
@@ -290,7 +296,11 @@ def run_onnx(args) -> None:
         controlnets = controlnet_sources(args.controlnet, args.controlnet_preprocessor, args.depth_estimator is not None)
     except ControlNetError as error:
         raise ExportError(str(error)) from None
-    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker, controlnets, args.depth_estimator),
+    if (args.ip_adapter is None) != (args.image_encoder is None):
+        given, missing = ("--ip-adapter", "--image-encoder") if args.ip_adapter else ("--image-encoder", "--ip-adapter")
+        raise ExportError(f"{given} needs {missing}: the adapter's tokens come from its own image encoder (docs/ip-adapter.md)")
+    paths = export_pipeline(Sources.from_recipe(recipe, args.preview_vae, args.safety_checker, controlnets, args.depth_estimator,
+                                                args.ip_adapter, args.image_encoder),
                             args.out, args.dtype,
                             device=args.device, recipe=recipe, precisions=precisions)
     for name, path in paths.items():

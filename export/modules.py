@@ -49,26 +49,127 @@ class TextEncoders(nn.Module):
 class UNet(nn.Module):
     """The UNet with SDXL's added conditioning as plain inputs and one timestep per sample."""
 
-    def __init__(self, unet, lora: bool = True):
-        """`lora`: read the UNet's LoRA sites (the refiner's UNet takes no LoRA inputs)."""
+    def __init__(self, unet, lora: bool = True, ip_adapter=None):
+        """`lora`: read the UNet's LoRA sites (the refiner's UNet takes no LoRA inputs). `ip_adapter`
+        (export/ip_adapter.py IPAdapter): its layers take the image tokens (unet_ip)."""
         super().__init__()
         self.unet = unet
         self.lora_sites = sites_of(networks.UNET.name, {"unet": unet}) if lora else None
+        self.ip_adapter = ip_adapter
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, lora_down=None, lora_up=None,
-                control_residuals=None):
+                control_residuals=None, ip_tokens=None, ip_layer_scales=None):
         """Without LoRA tensors: the UNet alone. `control_residuals`: ControlNets' residuals, flattened
-        (networks.CONTROL_RESIDUALS), added as StableDiffusionXLControlNetPipeline adds them."""
+        (networks.CONTROL_RESIDUALS), added as StableDiffusionXLControlNetPipeline adds them. `ip_tokens`,
+        `ip_layer_scales`: each row's image tokens and per-layer scales for the IP-Adapter's layers."""
         kwargs = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}, "return_dict": False}
         if control_residuals is not None:
             config = self.unet.config
             layout = networks.control_residual_layout(config.block_out_channels, config.layers_per_block)
             *down, mid = split_residuals(control_residuals, layout, sample.shape[2], sample.shape[3])
             kwargs.update(down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
-        if lora_down is None:
-            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)[0]
-        with lora_branches({"unet": self.unet}, self.lora_sites, lora_down, lora_up):
-            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)[0]
+        with ip_attention(self.unet, self.ip_adapter, ip_tokens, ip_layer_scales):
+            if lora_down is None:
+                return self.unet(sample, timestep, encoder_hidden_states, **kwargs)[0]
+            with lora_branches({"unet": self.unet}, self.lora_sites, lora_down, lora_up):
+                return self.unet(sample, timestep, encoder_hidden_states, **kwargs)[0]
+
+
+class RowScaledIPAttention:
+    """diffusers' IPAdapterAttnProcessor2_0 (one adapter, no masks) with its scale per row: the text
+    attention, plus `scales[row]` x the attention over the row's image tokens through the layer's to_k_ip
+    and to_v_ip, before to_out. diffusers multiplies by a Python float, which PyTorch applies in fp32 to a
+    half tensor: here the fp32 scale times the fp32 upcast, rounded back, the same operation. A row of
+    zero tokens adds exactly 0 (to_k_ip and to_v_ip have no bias). Not an nn.Module: set as a processor, it
+    must not register its weights inside the UNet."""
+
+    def __init__(self, to_k_ip: nn.Linear, to_v_ip: nn.Linear, tokens: torch.Tensor, scales: torch.Tensor):
+        self.to_k_ip, self.to_v_ip, self.tokens, self.scales = to_k_ip, to_v_ip, tokens, scales
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        F = nn.functional
+        residual, input_ndim = hidden_states, hidden_states.ndim
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(tensor):
+            return tensor.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        def merged(tensor):
+            return tensor.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+
+        query = heads(query)
+        hidden_states = merged(F.scaled_dot_product_attention(query, heads(key), heads(value), attn_mask=None, dropout_p=0.0,
+                                                              is_causal=False))
+        image = merged(F.scaled_dot_product_attention(query, heads(self.to_k_ip(self.tokens)), heads(self.to_v_ip(self.tokens)),
+                                                      attn_mask=None, dropout_p=0.0, is_causal=False))
+        hidden_states = hidden_states + (self.scales.view(-1, 1, 1) * image.float()).to(image.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def ip_attention(unet, adapter, tokens, scales):
+    """While inside: the adapter's layers of `unet` attend to each row's image `tokens` too, times the
+    row's `scales` for that layer ([batch, ip_layers], in the adapter's layer order); the UNet's own
+    processors are back on exit. Nothing happens without tokens."""
+    if tokens is None:
+        yield
+        return
+    tokens = tokens.to(unet.dtype)
+    kept = {}
+    try:
+        for index, name in enumerate(adapter.names):
+            attention = unet.get_submodule(name.removesuffix(".processor"))
+            kept[attention] = attention.processor
+            # Set as an attribute, not by set_processor: a processor that is not an nn.Module stays one.
+            attention.processor = RowScaledIPAttention(adapter.to_k[index], adapter.to_v[index], tokens, scales[:, index])
+        yield
+    finally:
+        for attention, processor in kept.items():
+            attention.processor = processor
+
+
+class ImageEncoder(nn.Module):
+    """networks.IMAGE_ENCODER: the adapter's image encoder (CLIPVisionModelWithProjection) on the
+    processor's pixel values, then its image projection, as StableDiffusionXLPipeline's encode_image and
+    the UNet's encoder_hid_proj compute them: the plain adapter projects image_embeds; Plus projects the
+    penultimate hidden states (output_hidden_states). The negative tokens of CFG, diffusers': the projection
+    of zeros (plain) or of the encoding of a zero image (Plus), computed once here, a constant of the graph."""
+
+    def __init__(self, encoder, adapter):
+        super().__init__()
+        self.encoder, self.adapter = encoder, adapter
+        self.plus = adapter.kind == "plus"
+        with torch.no_grad():
+            size = encoder.config.image_size
+            zeros = torch.zeros(1, 3, size, size, dtype=encoder.dtype, device=encoder.device)
+            negative = self.adapter.projection(self._embeds(zeros) if self.plus else torch.zeros_like(self._embeds(zeros)))
+        self.register_buffer("negative", negative.to(encoder.dtype), persistent=False)
+
+    def _embeds(self, pixel_values):
+        if self.plus:
+            return self.encoder(pixel_values, output_hidden_states=True).hidden_states[-2]
+        return self.encoder(pixel_values).image_embeds
+
+    def forward(self, pixel_values):
+        tokens = self.adapter.projection(self._embeds(pixel_values.to(self.encoder.dtype)))  # [batch, tokens, dim]
+        return tokens, self.negative.reshape(1, *tokens.shape[1:]).expand(tokens.shape[0], -1, -1)
 
 
 def flatten_residuals(residuals) -> torch.Tensor:
@@ -366,6 +467,10 @@ def build_module(name: str, pipe, dtype: torch.dtype | None = None) -> nn.Module
         module = TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
     elif name in (networks.UNET.name, networks.UNET_LORA.name, networks.UNET_CONTROL_NAME):
         module = UNet(pipe.unet)  # traced without, or with, the LoRA (and ControlNet) inputs
+    elif name == networks.UNET_IP_NAME:  # with every per-request input: LoRAs, ControlNets, image tokens
+        module = UNet(pipe.unet, ip_adapter=pipe.ip_adapter)
+    elif name == networks.IMAGE_ENCODER.name:
+        module = ImageEncoder(pipe.image_encoder, pipe.ip_adapter)
     elif name == networks.CONTROLNET_NAME:  # the stage's ControlNet
         module = ControlNet(pipe.controlnet)
     elif name == networks.UNION_CONTROLNET_NAME:  # the stage's ControlNet-Union

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,7 +63,8 @@ def example_inputs(
     **depth_sizes: int,
 ) -> dict[str, torch.Tensor]:
     """Random inputs of the right names, dtypes and shapes (token ids from CLIP's 256 byte tokens;
-    LoRA weights of rank `lora_rank`, zero for the last sample: one without LoRAs; a union ControlNet's
+    LoRA weights of rank `lora_rank` and image tokens and scales, zero for the last sample: one without LoRAs
+    or image prompt; a union ControlNet's
     `control_modes` slots, with several rows the last row's last one empty, its rows one request; the
     depth estimator's depth_height and depth_width, by default the image's rounded up to 14)."""
     generator = torch.Generator().manual_seed(seed)
@@ -79,8 +81,9 @@ def example_inputs(
             value = torch.zeros(shape, dtype=torch.int64)
         elif tensor.name == "control_mode_scales":
             value = 0.5 + torch.rand(shape, generator=generator)
-        elif tensor.name in ("lora_down", "lora_up"):
-            value = torch.randn(shape, generator=generator) * _LORA_INPUT_STD
+        elif tensor.name in ("lora_down", "lora_up", "ip_tokens", "ip_layer_scales"):  # the last row: one without
+            value = torch.rand(shape, generator=generator) if tensor.name == "ip_layer_scales" else torch.randn(shape, generator=generator)
+            value = value * _LORA_INPUT_STD if tensor.name.startswith("lora") else value
             if batch > 1:
                 value[-1] = 0
         elif dtype in ("INT32", "UINT8"):  # token ids; pixels
@@ -305,6 +308,8 @@ STAGES = {
     networks.UNET.name: ("unet",),
     networks.UNET_LORA.name: ("unet",),  # the same UNet, loaded once for its three graphs
     networks.UNET_CONTROL.name: ("unet",),
+    networks.UNET_IP_NAME: ("unet",),  # with the IP-Adapter loaded against it (and kept for the image encoder)
+    networks.IMAGE_ENCODER.name: ("unet",),
     networks.TEXT_ENCODER.name: ("text_encoder", "text_encoder_2"),
     networks.VAE_DECODER.name: ("vae",),
     networks.VAE_ENCODER.name: ("vae",),  # the same VAE, loaded once for both graphs
@@ -390,6 +395,36 @@ def export_depth_estimator(sources: Sources, preloaded, dims: ModelDims, dtype: 
     (out_dir / layout.EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def with_ip_adapter(pipe, sources: Sources, dtype: str, device: str):
+    """`pipe` with the IP-Adapter of `sources` (`ip_adapter`, fitted to its UNet) and its image encoder
+    (`image_encoder`), in the export's dtype; a pipeline that has them (tests attach them) as it is."""
+    from .ip_adapter import load_image_encoder, load_ip_adapter
+
+    if getattr(pipe, "ip_adapter", None) is None:
+        with step(f"loading IP-Adapter {sources.ip_adapter} and image encoder {sources.image_encoder}"):
+            adapter = load_ip_adapter(sources.ip_adapter, pipe.unet)
+            encoder = load_image_encoder(sources.image_encoder, adapter)
+        torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+        pipe.ip_adapter, pipe.image_encoder = adapter.to(device=device, dtype=torch_dtype), encoder.to(device=device, dtype=torch_dtype)
+    return pipe
+
+
+def write_ip_adapter_files(pipe, sources: Sources, out_dir: Path) -> None:
+    """Beside the image encoder's graph, what the loops read (serving/ip_adapters.py): the adapter's kind,
+    layers and layer settings (contract/ip_adapters.py), and the CLIP image processor diffusers' load_ip_adapter
+    uses with it."""
+    from contract.ip_adapters import layer_masks
+
+    from .ip_adapter import image_processor_config
+
+    adapter = pipe.ip_adapter
+    described = {"source": sources.ip_adapter, "image_encoder": sources.image_encoder, "kind": adapter.kind,
+                 "tokens": adapter.tokens, "layers": adapter.names, "layer_settings": layer_masks(adapter.names)}
+    (out_dir / layout.IP_ADAPTER_FILE).write_text(json.dumps(described, indent=2) + "\n")
+    (out_dir / layout.IP_PREPROCESSOR_FILE).write_text(
+        json.dumps(image_processor_config(pipe.image_encoder.config.image_size), indent=2) + "\n")
+
+
 def write_safety_checker_files(pipe, out_dir: Path) -> None:
     """Beside the checker's graph, what its scoring and preprocessing read (serving/safety.py): the
     concepts' thresholds as diffusers reads them (`.item()` of the fp32 weights: Python floats) and
@@ -435,7 +470,7 @@ class Calibrating:
         if name not in self.UNETS:
             self._unet = None  # the UNet stage is over: its network goes with the stage
         if name in self.UNETS and (self.precisions.quantizes_unet or self.precisions.quantizes_vae):
-            return SimpleNamespace(unet=self._unet_stage(pipe))
+            return SimpleNamespace(unet=self._unet_stage(pipe), ip_adapter=getattr(pipe, "ip_adapter", None))
         if name == networks.VAE_DECODER.name and self.precisions.quantizes_vae:
             return SimpleNamespace(vae=self._vae_stage(pipe))
         return pipe
@@ -523,9 +558,15 @@ def export_pipeline(
     if recipe.refiner != sources.refiner:
         raise ValueError(f"recipe {recipe.name} has refiner {recipe.refiner!r}, the sources {sources.refiner!r}")
     if names is None:
-        names = networks.served_networks(recipe.refiner is not None, bool(sources.controlnets), sources.depth_estimator is not None)
+        names = networks.served_networks(recipe.refiner is not None, bool(sources.controlnets), sources.depth_estimator is not None,
+                                         sources.ip_adapter is not None)
     preloaded = source.pipe if isinstance(source, LoadedPipeline) else None
     dims = ModelDims.from_pipeline(preloaded) if preloaded is not None else model_dims(sources)
+    if sources.ip_adapter is not None and preloaded is None:  # its tokens, read (and its file checked) before any work
+        from .ip_adapter import read_state_dict
+
+        projection = read_state_dict(sources.ip_adapter)["image_proj"]
+        dims = replace(dims, ip_tokens=4 if "proj.weight" in projection else int(projection["latents"].shape[1]))
     ordered = [name for name in STAGES if name in names]
     precisions = precisions or Precisions(dtype, dtype)
     calibrating = Calibrating(precisions, recipe, sources, dtype, device, preloaded) if precisions.quantizes_any else None
@@ -548,6 +589,8 @@ def export_pipeline(
                 stage = None
                 gc.collect()  # the previous stage's networks go before this one loads its own
                 stage, loaded_for = load_pipeline(sources, dtype, device, components=STAGES[name]), STAGES[name]
+            if name in networks.IP_ADAPTER_NETWORKS:
+                with_ip_adapter(stage.pipe, sources, dtype, device)
             components = calibrating.components(name, stage.pipe) if calibrating else stage.pipe
             module = build_module(name, components, getattr(torch, {"fp16": "float16", "fp32": "float32"}[dtype]))
             out_dir = layout.version_dir(staged, name)
@@ -560,6 +603,8 @@ def export_pipeline(
                 (out_dir / SITES_FILE).write_text(module.lora_sites.to_json())
             if name == networks.SAFETY_CHECKER.name:
                 write_safety_checker_files(stage.pipe, out_dir)
+            if name == networks.IMAGE_ENCODER.name:
+                write_ip_adapter_files(stage.pipe, sources, out_dir)
             del module
             gc.collect()
         stage = None
@@ -582,7 +627,9 @@ def export_pipeline(
         unserved += [networks.UNET_CONTROL.name, *layout.controlnet_models(repository)]
     if sources.depth_estimator is None and networks.UNET.name in names:
         unserved.append(networks.DEPTH_ESTIMATOR.name)
-    unserved += [name for name in (networks.UNET_CONTROL.name, networks.DEPTH_ESTIMATOR.name)
+    if sources.ip_adapter is None and networks.UNET.name in names:
+        unserved += list(networks.IP_ADAPTER_NETWORKS)
+    unserved += [name for name in (networks.UNET_CONTROL.name, networks.DEPTH_ESTIMATOR.name, *networks.IP_ADAPTER_NETWORKS)
                  if not layout.onnx_path(repository, name).exists()]
     for model in unserved:
         shutil.rmtree(repository / model, ignore_errors=True)

@@ -83,12 +83,15 @@ class Sources:
     refiner: str | None = None  # the SDXL refiner (a pipeline directory or hub id: its unet/; or a UNet directory); None: none
     controlnets: tuple = ()  # contract.controlnets.ControlNetSource: each served as controlnet_NAME
     depth_estimator: str | None = None  # the depth preprocessor's model (export/depth.py); None: none
+    ip_adapter: str | None = None  # an IP-Adapter file (export/ip_adapter.py), served with image_encoder; None: none
+    image_encoder: str | None = None  # its CLIP image encoder
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, preview_vae: str | None = None, safety_checker: str | None = None,
-                    controlnets: tuple = (), depth_estimator: str | None = None) -> "Sources":
+                    controlnets: tuple = (), depth_estimator: str | None = None, ip_adapter: str | None = None,
+                    image_encoder: str | None = None) -> "Sources":
         return cls(recipe.model, tuple(LoraSpec.parse(lora) for lora in recipe.loras), recipe.vae, recipe.unet, preview_vae,
-                   safety_checker, recipe.refiner, tuple(controlnets), depth_estimator)
+                   safety_checker, recipe.refiner, tuple(controlnets), depth_estimator, ip_adapter, image_encoder)
 
     def _own_or(self, given: str | None, subfolder: str, default: str) -> str:
         """The flag's value, else the model directory's `subfolder` (random pipelines have one), else `default`."""
@@ -111,7 +114,8 @@ class Sources:
         return {"model": self.model, "loras": [str(lora) for lora in self.loras], "vae": self.vae, "unet": self.unet,
                 "preview_vae": self.resolved_preview_vae, "safety_checker": self.resolved_safety_checker, "refiner": self.refiner,
                 **({"controlnets": {c.name: c.path for c in self.controlnets}} if self.controlnets else {}),
-                **({"depth_estimator": self.depth_estimator} if self.depth_estimator else {})}
+                **({"depth_estimator": self.depth_estimator} if self.depth_estimator else {}),
+                **({"ip_adapter": self.ip_adapter, "image_encoder": self.image_encoder} if self.ip_adapter else {})}
 
 
 @dataclass
@@ -541,8 +545,12 @@ def model_dims(sources: Sources, pipe=None):
             raise _load_error("--vae", sources.vae, error) from error
     else:
         vae = AutoencoderKL.load_config(model, subfolder="vae")
+    from contract.ip_adapters import ip_layer_names
+
+    components = meta_components(text_encoder, text_encoder_2, unet)
     return ModelDims.from_configs(tokenizer.model_max_length, text_encoder, text_encoder_2, unet, vae,
-                                  lora_widths=lora_widths(meta_components(text_encoder, text_encoder_2, unet)))
+                                  lora_widths=lora_widths(components),
+                                  ip_dims={"ip_layers": len(ip_layer_names(components.unet.attn_processors))})
 
 
 def meta_components(text_encoder_config, text_encoder_2_config, unet_config):

@@ -348,10 +348,12 @@ def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     """Write the tiny pipeline, its LoRA (`lora/`), a second VAE (`alt_vae/`), a preview VAE
     (`preview_vae/`, an AutoencoderTiny), a safety checker calibrated on the pipeline's images
     (`safety_checker/`, export/safety_checker.py), a refiner UNet (`refiner/`) and a ControlNet
-    (`controlnet/`), a ControlNet-Union (`controlnet_union/`) and a depth estimator (`depth_estimator/`)
+    (`controlnet/`), a ControlNet-Union (`controlnet_union/`), a depth estimator (`depth_estimator/`) and
+    two IP-Adapters (`ip_adapter/`: the plain one and Plus) with their image encoder (`image_encoder/`)
     under `out_dir`."""
     from .safety_checker import build_safety_checker, calibrate, image_processor, pipeline_images, write_safety_checker
     from .depth import DEPTH_SUBFOLDER, write_tiny_depth_estimator
+    from .ip_adapter import write_tiny_ip_adapters
     from .sources import CONTROLNET_SUBFOLDER, REFINER_SUBFOLDER, SAFETY_CHECKER_SUBFOLDER
 
     out_dir = Path(out_dir)
@@ -378,6 +380,7 @@ def write_tiny(out_dir: Path, seed: int = 0, arch: str = "tiny") -> None:
     tiny_union_controlnet(pipe.unet, seed + 7).save_pretrained(out_dir / UNION_SUBFOLDER, safe_serialization=True)
     log(f"ControlNet-Union (ControlNetUnionModel, six control types) written to {out_dir / UNION_SUBFOLDER}")
     write_tiny_depth_estimator(out_dir / DEPTH_SUBFOLDER, seed + 8)
+    write_tiny_ip_adapters(out_dir, pipe.unet, seed + 9)
 
 
 # Published SDXL ControlNets (diffusers/controlnet-canny-sdxl-1.0 and the others) have this conditioning

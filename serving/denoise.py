@@ -43,6 +43,10 @@ Stages, as in `StableDiffusionXLPipeline.__call__`:
    zero residuals add nothing). ControlNets apply to the base's steps (the refiner takes none). A
    ControlNet-Union's modes in a request take one pass per step, as StableDiffusionXLControlNetUnionPipeline
    with control_mode=[...] (serving/controlnets.py: how their scales and windows act).
+8. An image prompt (`ImagePrompt`; serving/ip_adapters.py), as the pipeline after load_ip_adapter: its
+   image tokens (negative ones first with CFG) and its scale per IP layer go with every base step's rows
+   to `unet_ip`, which also takes the LoRA and ControlNet inputs (zeros where the request has none). The
+   refiner's steps take none (an SDXL IP-Adapter adapts the base).
 The VAE encode and decode are the `vae_encoder` and `vae_decoder` graphs' job (pixel conversion and
 scaling included).
 """
@@ -57,7 +61,7 @@ from typing import Callable
 
 import torch
 
-from contract.networks import REFINER_TIME_IDS_DIM, REFINER_UNET, TIME_IDS_DIM, UNET
+from contract.networks import CONTROL_LEVELS, REFINER_TIME_IDS_DIM, REFINER_UNET, TIME_IDS_DIM, UNET
 from .endpoint import Cancelled, GenerationOptions, denoising_steps
 
 UNetFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs named as networks.UNET -> noise_pred
@@ -219,12 +223,13 @@ class Denoiser:
         self, request: GenerationOptions, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
         scheduler, *, latent_channels: int = 4, vae_scale_factor: int = 8, cfg_end_fraction: float = 1.0,
         eta: float | None = None, lora: dict[str, torch.Tensor] | None = None, init: InitImage | None = None,
-        refiner: Refiner | None = None, controls: RequestControls | None = None,
+        refiner: Refiner | None = None, controls: RequestControls | None = None, image_prompt=None,
     ):
         """`lora`: the request's UNet LoRA weights for one sample (lora_down [1, rank, width], lora_up
         [1, width, rank]; serving/loras.py), sent with the base's rows; None: no LoRA (the plain `unet`).
         `init`: img2img or inpainting (the request's strength is init.strength). `refiner`: the
-        refiner finishes the schedule from the hand-off step on. `controls`: the request's ControlNets."""
+        refiner finishes the schedule from the hand-off step on. `controls`: the request's ControlNets.
+        `image_prompt`: its IP-Adapter image prompt (serving.ip_adapters.ImagePrompt)."""
         device, dtype = prompt_embeds.device, prompt_embeds.dtype
         self.cfg = request.do_classifier_free_guidance
         self.guidance_scale = request.guidance_scale
@@ -256,6 +261,7 @@ class Denoiser:
         self.step_kwargs = step_kwargs(scheduler, self.generators, eta)
         self.lora = lora or {}
         self.controls = controls
+        self.image_prompt = image_prompt
         self.control_group = next(_CONTROL_GROUPS) if controls is not None else None
         self.step_index = self.start_index
         self._follow_hand_off()  # an init image may start the request past the hand-off
@@ -388,17 +394,24 @@ class Denoiser:
 
     def unet_inputs(self, control_residuals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The inputs of this step's network (`network`), named as its spec's; with `control_residuals`
-        (the step's ControlNets' residuals, scaled and summed: controlled_unet_inputs), unet_control's."""
+        (the step's ControlNets' residuals, scaled and summed: controlled_unet_inputs), unet_control's; with
+        an image prompt, unet_ip's (zero residuals on a step without ControlNets)."""
         inputs = self._network_inputs()
-        if not self.refining:
-            inputs.update({name: value.expand(self.unet_batch, -1, -1) for name, value in self.lora.items()})
+        if self.refining:
+            return inputs
+        inputs.update({name: value.expand(self.unet_batch, -1, -1) for name, value in self.lora.items()})
+        dtype, device = inputs["sample"].dtype, self.latents.device
+        if self.image_prompt is not None:
+            inputs.update(self.image_prompt.rows(self.latents.shape[0], self.guided))
+            if control_residuals is None:  # unet_ip takes residuals: zeros add nothing
+                patches = (self.latents.shape[2] >> CONTROL_LEVELS) * (self.latents.shape[3] >> CONTROL_LEVELS)
+                control_residuals = torch.zeros(self.unet_batch, self.image_prompt.widths[2] * patches, dtype=dtype, device=device)
         if control_residuals is not None:
             inputs["control_residuals"] = control_residuals
-            if "lora_down" not in inputs:  # unet_control takes LoRA inputs: a zero rank adds nothing
-                width_in, width_out = self.controls.lora_widths
-                dtype = inputs["sample"].dtype
-                inputs["lora_down"] = torch.zeros(self.unet_batch, 1, width_in, dtype=dtype, device=self.latents.device)
-                inputs["lora_up"] = torch.zeros(self.unet_batch, width_out, 1, dtype=dtype, device=self.latents.device)
+            if "lora_down" not in inputs:  # unet_control and unet_ip take LoRA inputs: a zero rank adds nothing
+                width_in, width_out = self.controls.lora_widths if self.controls is not None else self.image_prompt.widths[:2]
+                inputs["lora_down"] = torch.zeros(self.unet_batch, 1, width_in, dtype=dtype, device=device)
+                inputs["lora_up"] = torch.zeros(self.unet_batch, width_out, 1, dtype=dtype, device=device)
         return inputs
 
     def step(self, noise_pred: torch.Tensor) -> None:
@@ -417,7 +430,16 @@ def concat_unet_inputs(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch
     """Several requests' UNet inputs as one batch: rows concatenated. When any request has LoRAs,
     the batch carries LoRA weights (for `unet_lora`): each request's rank axis padded with zeros
     to the largest, and zeros for the requests without (a zero rank adds nothing). When any has
-    ControlNet residuals, the batch carries them (for `unet_control`): zeros for the requests without."""
+    ControlNet residuals, the batch carries them (for `unet_control`): zeros for the requests without. When
+    any has an image prompt, the batch carries image tokens and scales (for `unet_ip`): zeros for the rows
+    without (they add exactly nothing), and so residuals and LoRA weights too (a request with an image
+    prompt carries both)."""
+    with_ip = [i for i in inputs if "ip_tokens" in i]
+    if with_ip:
+        tokens, scales = with_ip[0]["ip_tokens"], with_ip[0]["ip_layer_scales"]
+        inputs = [i if "ip_tokens" in i else {**i, "ip_tokens": tokens.new_zeros(i["sample"].shape[0], *tokens.shape[1:]),
+                                               "ip_layer_scales": scales.new_zeros(i["sample"].shape[0], scales.shape[1])}
+                  for i in inputs]
     with_control = [i for i in inputs if "control_residuals" in i]
     if with_control:
         width, sample = with_control[0]["control_residuals"].shape[1], with_control[0]["control_residuals"]

@@ -78,14 +78,25 @@ CONTROL_INPUTS = (
                   "(default false: the image is the map)", (-1,)),
 )
 CONTROL_INPUT_NAMES = tuple(i.name for i in CONTROL_INPUTS)
-ENDPOINT_INPUTS = (*INPUTS, *LORA_INPUTS, *IMAGE_INPUTS, *OUTPUT_INPUTS, *REFINER_INPUTS, *CONTROL_INPUTS)  # ensemble_sdxl's, in its config's order
+# An IP-Adapter image prompt (serving/ip_adapters.py; docs/ip-adapter.md), where the deployment serves one.
+IP_ADAPTER_INPUTS = (
+    EndpointInput("ip_adapter_image", "UINT8", None, "the image prompt, RGB [H, W, 3], any size up to the deployment's "
+                  "largest output side (CLIP's preprocessing runs on the server)", (-1, -1, 3)),
+    EndpointInput("ip_adapter_scale", "FP32", 1.0, "the image prompt's strength, 0 to 2 (0: none; default 1.0)"),
+    EndpointInput("ip_adapter_layers", "STRING", "all", "all (default), style, layout or style_and_layout: the layers "
+                  "that take it (InstantStyle's settings)"),
+)
+IP_ADAPTER_INPUT_NAMES = tuple(i.name for i in IP_ADAPTER_INPUTS)
+ENDPOINT_INPUTS = (*INPUTS, *LORA_INPUTS, *IMAGE_INPUTS, *OUTPUT_INPUTS, *REFINER_INPUTS, *CONTROL_INPUTS,
+                   *IP_ADAPTER_INPUTS)  # ensemble_sdxl's, in its config's order
 INPUT_NAMES = tuple(i.name for i in INPUTS)
 # The non-text inputs: what check_options reads and the loops (scheduler, denoiser) take.
 OPTION_INPUTS = tuple(i.name for i in INPUTS if i.dtype != "STRING")
 # What check_options reads: the options, the image inputs (the image gives the size), the output's,
 # the refiner's hand-off, and whether a negative prompt came (the base and the refiner treat an empty
 # one differently: serving/denoise.py).
-CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES, *OUTPUT_INPUT_NAMES, "high_noise_frac", "negative_prompt", *CONTROL_INPUT_NAMES)
+CHECKED_INPUTS = (*OPTION_INPUTS, *IMAGE_INPUT_NAMES, *OUTPUT_INPUT_NAMES, "high_noise_frac", "negative_prompt", *CONTROL_INPUT_NAMES,
+                  *IP_ADAPTER_INPUT_NAMES)
 DEFAULTS = {i.name: i.default for i in (*INPUTS, *OUTPUT_INPUTS)}
 OUTPUTS = {"images": ("UINT8", (-1, -1, -1, 3)), "seeds": ("INT64", (-1,)), "encoded_images": ("STRING", (-1,)),
            "nsfw_detected": ("BOOL", (-1,))}
@@ -137,6 +148,8 @@ class GenerationOptions:
     has_negative_prompt: bool = False  # a non-empty negative_prompt came
     # The request's ControlNets (serving.controlnets.ControlSpec), checked; their images stay in the request.
     controls: tuple = ()
+    # The request's image prompt (serving.ip_adapters.ImagePromptSpec), checked; its image stays in the request.
+    image_prompt: object = None
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -343,10 +356,12 @@ def check_prompts(raw: Mapping[str, np.ndarray | None], limits: Limits = Limits(
 
 
 def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_seed=secrets.randbelow,
-                  controlnets: Mapping | None = None) -> GenerationOptions:
+                  controlnets: Mapping | None = None, ip_adapter=None) -> GenerationOptions:
     """Validate one request's non-text inputs (arrays as Triton delivers them; None or absent: omitted).
-    `controlnets`: the ControlNets served ({name: contract.controlnets.ServedControl}, serving.controlnets.served_controlnets)."""
+    `controlnets`: the ControlNets served ({name: contract.controlnets.ServedControl}, serving.controlnets.served_controlnets);
+    `ip_adapter`: the IP-Adapter served (serving.ip_adapters.ServedIPAdapter), None where none is."""
     from .controlnets import check_controls
+    from .ip_adapters import check_image_prompt
 
     get = raw.get
     num_images = _integer("num_images_per_prompt", get("num_images_per_prompt"), 1, limits.max_images)
@@ -375,4 +390,5 @@ def check_options(raw: Mapping[str, np.ndarray | None], limits: Limits, draw_see
         high_noise_frac=check_high_noise_frac(get("high_noise_frac"), limits),
         has_negative_prompt=bool(check_text("negative_prompt", get("negative_prompt"), limits.max_prompt_bytes)),
         controls=check_controls(raw, limits, controlnets or {}, (height, width)),
+        image_prompt=check_image_prompt(raw, limits, ip_adapter),
     )

@@ -61,10 +61,11 @@ TINY_CONTROLNET, CANNY_CONTROLNET, UNION_CONTROLNET = "tiny", "canny", "union"
 @pytest.fixture(scope="session")
 def exported(loaded, tiny_dir, tmp_path_factory):
     """`exported(dtype)`: a model repository holding the tiny pipeline's graphs and its ControlNets' (as
-    `make export-tiny` exports them: tiny, canny with the canny preprocessor, union; and the depth estimator),
-    cached per dtype. The pipeline of `loaded(dtype)` gets the ControlNet as `pipe.controlnet`, the union as
-    `pipe.union_controlnet` (both in `pipe.controlnets`), the depth estimator as `pipe.depth_estimator` and
-    `pipe.depth_processor`."""
+    `make export-tiny` exports them: tiny, canny with the canny preprocessor, union; the depth estimator; and
+    the plain IP-Adapter), cached per dtype. The pipeline of `loaded(dtype)` gets the ControlNet as
+    `pipe.controlnet`, the union as `pipe.union_controlnet` (both in `pipe.controlnets`), the depth estimator as
+    `pipe.depth_estimator` and `pipe.depth_processor`, the IP-Adapter as `pipe.ip_adapter` and its encoder as
+    `pipe.image_encoder`."""
     from dataclasses import replace
 
     import torch
@@ -72,6 +73,7 @@ def exported(loaded, tiny_dir, tmp_path_factory):
     from contract.controlnets import ControlNetSource
     from contract.networks import ModelDims
     from export.depth import DEPTH_SUBFOLDER, load_depth_estimator
+    from export.ip_adapter import IMAGE_ENCODER_SUBFOLDER, IP_ADAPTER_SUBFOLDER, PLAIN_FILE, load_image_encoder, load_ip_adapter
     from export.sources import load_controlnet
     from export.tiny import UNION_SUBFOLDER
 
@@ -90,9 +92,14 @@ def exported(loaded, tiny_dir, tmp_path_factory):
                                          UNION_CONTROLNET: base.pipe.union_controlnet}
                 depth_estimator, base.pipe.depth_processor = load_depth_estimator(str(tiny_dir / DEPTH_SUBFOLDER))
                 base.pipe.depth_estimator = depth_estimator.to(torch_dtype)
+                adapter = load_ip_adapter(str(tiny_dir / IP_ADAPTER_SUBFOLDER / PLAIN_FILE), base.pipe.unet)
+                base.pipe.image_encoder = load_image_encoder(str(tiny_dir / IMAGE_ENCODER_SUBFOLDER), adapter).to(torch_dtype)
+                base.pipe.ip_adapter = adapter.to(torch_dtype)
             controlnets = (ControlNetSource(TINY_CONTROLNET, path), ControlNetSource(CANNY_CONTROLNET, path, "canny"),
                            ControlNetSource(UNION_CONTROLNET, union_path))
-            sources = replace(base.sources, controlnets=controlnets, depth_estimator=str(tiny_dir / DEPTH_SUBFOLDER))
+            sources = replace(base.sources, controlnets=controlnets, depth_estimator=str(tiny_dir / DEPTH_SUBFOLDER),
+                              ip_adapter=str(tiny_dir / IP_ADAPTER_SUBFOLDER / PLAIN_FILE),
+                              image_encoder=str(tiny_dir / IMAGE_ENCODER_SUBFOLDER))
             stage = LoadedPipeline(base.pipe, sources, base.adapters)
             repository = tmp_path_factory.mktemp(f"repo_{dtype}")
             export_pipeline(stage, repository, dtype)

@@ -86,7 +86,7 @@ def test_scheduler_speaks_the_graphs_tensors(variant):
     assert all(t.optional for t in options)
     assert [t.name for t in options] == [i.name for i in endpoint.INPUTS if i.dtype != "STRING"] + \
         [i.name for i in (*endpoint.LORA_INPUTS, *endpoint.IMAGE_INPUTS, *endpoint.OUTPUT_INPUTS, *endpoint.REFINER_INPUTS,
-                          *endpoint.CONTROL_INPUTS)] + \
+                          *endpoint.CONTROL_INPUTS, *endpoint.IP_ADAPTER_INPUTS)] + \
         ["negative_prompt"]  # the loop tells an empty one (the refiner encodes it) from a given one
 
 

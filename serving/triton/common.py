@@ -10,7 +10,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.admission import Refused
-from serving.endpoint import CONTROL_INPUT_NAMES, IMAGE_INPUT_NAMES, INPUTS, OPTION_INPUTS, Cancelled, InvalidInput
+from serving.endpoint import (CONTROL_INPUT_NAMES, IMAGE_INPUT_NAMES, INPUTS, IP_ADAPTER_INPUT_NAMES, OPTION_INPUTS, Cancelled,
+                              InvalidInput)
 from serving.endpoint import LORA_INPUTS as endpoint_lora_inputs
 from contract.loras import LoraError
 
@@ -122,6 +123,11 @@ def image_tensors(request) -> list:
 def control_tensors(request) -> list:
     """The request's ControlNet inputs as they came, to pass on to a BLS callee (the denoiser)."""
     return passed_on(request, CONTROL_INPUT_NAMES)
+
+
+def ip_adapter_tensors(request) -> list:
+    """The request's image prompt inputs as they came, to pass on to a BLS callee (the denoiser)."""
+    return passed_on(request, IP_ADAPTER_INPUT_NAMES)
 
 
 def passed_on(request, names) -> list:

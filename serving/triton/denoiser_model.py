@@ -92,7 +92,8 @@ class TritonPythonModel:
             embeds = to_torch(pb_utils.get_input_tensor_by_name(request, "prompt_embeds"), device, copy=True)
             pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), device, copy=True)
             init = self.settings.init_image(raw, options, self.run)  # the image encoded before the request joins
-            denoiser = self.settings.denoiser(options, embeds, pooled, held, init, self.settings.request_controls(raw, options, self.run))
+            denoiser = self.settings.denoiser(options, embeds, pooled, held, init, self.settings.request_controls(raw, options, self.run),
+                                              self.settings.request_image_prompt(raw, options, self.run))
         seeds = np.asarray(options.seeds, dtype=np.int64)
         ticket = admission_ticket(request)  # a BLS caller's (sdxl_stream): it marks the ticket when its client cancels
 

@@ -25,18 +25,20 @@ from contract import layout
 from contract.configs import exported_interface
 from contract.controlnets import DEPTH
 from contract.limits import Limits
-from contract.networks import DENOISER, DEPTH_ESTIMATOR, REFINER_UNET, SCHEDULER, UNET, UNET_CONTROL, VAE_ENCODER
+from contract.networks import (DENOISER, DEPTH_ESTIMATOR, IMAGE_ENCODER, REFINER_UNET, SCHEDULER, UNET, UNET_CONTROL, UNET_IP,
+                               VAE_ENCODER)
 from contract.recipes import scheduler_kind
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.denoise import Denoiser, InitImage, Refiner, RequestControls, cfg_end_fraction_from_parameters, denoise
 from serving.controlnets import parse_canny_thresholds, preprocess
 from serving.depth import DepthPreprocessor
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options
+from serving.ip_adapters import ServedIPAdapter, image_prompt
 from serving.loras import ServingLoras, check_request
 from serving.schedulers import load_scheduler
 
 from .common import (LORA_INPUTS, ComponentError, control_tensors, error_response, image_tensors, infer, input_arrays,
-                     lora_tensors, option_tensors, respond, ticket_tensor)
+                     ip_adapter_tensors, lora_tensors, option_tensors, respond, ticket_tensor)
 from .metrics import AdmissionMetrics, SchedulerMetrics
 from .settings import ModelSettings
 from .tensors import call_controlnet, call_network, call_unet, to_torch, to_triton
@@ -60,6 +62,8 @@ class LoopSettings:
     lora_widths: tuple[int, int] = (0, 0)  # the UNet's LoRA input widths: unet_control's zero LoRA
     canny_thresholds: tuple[int, int] = (100, 200)  # the canny preprocessor's (parameter canny_thresholds)
     depth: DepthPreprocessor | None = None  # the depth preprocessor, where a served ControlNet has it
+    ip_adapter: ServedIPAdapter | None = None  # the IP-Adapter served; None: image prompts are refused
+    ip_widths: tuple[int, int, int] = (0, 0, 0)  # unet_ip's zero LoRA and residual widths (lora_in, lora_out, control_width)
 
     @classmethod
     def load(cls, settings: ModelSettings) -> "LoopSettings":
@@ -103,12 +107,30 @@ class LoopSettings:
         # Where a served ControlNet (or union mode) has the depth preprocessor: served_controlnets says so only
         # where the repository holds the depth estimator.
         depth = DepthPreprocessor(settings.repository) if any(c.preprocessor == DEPTH for c in (controlnets or {}).values()) else None
+        ip_adapter, ip_widths = settings.ip_adapter, (0, 0, 0)
+        if ip_adapter is not None:
+            if not exported_interface(settings.repository, UNET_IP.name):
+                raise settings.error(f"the repository serves an IP-Adapter ({IMAGE_ENCODER.name}) but no {UNET_IP.name} graph; "
+                                     "export them together (python -m export onnx --ip-adapter FILE --image-encoder DIR)")
+            dims = settings.export[1]
+            ip_widths = (dims.unet_lora_in, dims.unet_lora_out, dims.control_width)
         return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras, refiner_text_dim,
-                   controlnets, lora_widths, canny_thresholds, depth)
+                   controlnets, lora_widths, canny_thresholds, depth, ip_adapter, ip_widths)
 
     def check(self, raw: dict):
-        """The request's options (serving.endpoint.check_options) against the limits and the ControlNets served."""
-        return check_options(raw, self.limits, controlnets=self.controlnets)
+        """The request's options (serving.endpoint.check_options) against the limits, the ControlNets and the
+        IP-Adapter served."""
+        return check_options(raw, self.limits, controlnets=self.controlnets, ip_adapter=self.ip_adapter)
+
+    def request_image_prompt(self, raw: dict, options, run):
+        """The request's image prompt (serving.ip_adapters.ImagePrompt), its image encoded by `image_encoder`
+        (BLS, once per request); None without one or at scale 0."""
+        def encode(pixel_values):
+            response = infer(IMAGE_ENCODER.name, [pb_utils.Tensor("pixel_values", pixel_values)], IMAGE_ENCODER.output_names, run)
+            return tuple(to_torch(pb_utils.get_output_tensor_by_name(response, name), self.device, copy=True)
+                         for name in IMAGE_ENCODER.output_names)
+
+        return image_prompt(options.image_prompt, raw.get("ip_adapter_image"), self.ip_adapter, encode, self.device, self.ip_widths)
 
     def request_controls(self, raw: dict, options, run) -> RequestControls | None:
         """The request's ControlNets with their control maps on the loop's device (made by the ControlNet's
@@ -150,7 +172,8 @@ class LoopSettings:
         return InitImage(mean, std, options.strength, mask)
 
     def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor, held: list, init: InitImage | None = None,
-                 controls: RequestControls | None = None) -> Denoiser:
+                 controls: RequestControls | None = None, prompt=None) -> Denoiser:
+        """`prompt`: the request's image prompt (request_image_prompt)."""
         lora = {name: torch.from_numpy(value).to(self.device)  # none: the plain unet, which pays nothing for LoRAs
                 for name, value in self.loras.tensors(UNET.name, held, 1).items()} if held else None
         refiner = None
@@ -158,7 +181,7 @@ class LoopSettings:
             refiner = Refiner(self.scheduler_class.from_config(self.scheduler_config), options.high_noise_frac, self.refiner_text_dim)
         return Denoiser(options, embeds, pooled, self.scheduler_class.from_config(self.scheduler_config),
                         cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora, init=init, refiner=refiner,
-                        controls=controls)
+                        controls=controls, image_prompt=prompt)
 
 
 class TritonPythonModel:
@@ -186,14 +209,16 @@ class TritonPythonModel:
         pooled = to_torch(pb_utils.get_input_tensor_by_name(request, "pooled_prompt_embeds"), self.device)
         with torch.inference_mode():
             init = self.settings.init_image(raw, options, self.run)
-            denoiser = self.settings.denoiser(options, embeds, pooled, held, init, self.settings.request_controls(raw, options, self.run))
+            denoiser = self.settings.denoiser(options, embeds, pooled, held, init, self.settings.request_controls(raw, options, self.run),
+                                              self.settings.request_image_prompt(raw, options, self.run))
             latents = denoise(self._unet, denoiser, cancelled=request.is_cancelled, refiner=self._refiner,
                               controlnet=self._controlnet)
         return to_triton("latents", latents)
 
     def _engine_latents(self, request, raw, options):
         embeddings = [pb_utils.get_input_tensor_by_name(request, name) for name in ("prompt_embeds", "pooled_prompt_embeds")]
-        return engine_latents(self.engine, embeddings + lora_tensors(request) + image_tensors(request) + control_tensors(request),
+        return engine_latents(self.engine, embeddings + lora_tensors(request) + image_tensors(request) + control_tensors(request)
+                              + ip_adapter_tensors(request),
                               options, request, self.run, admission_ticket(request))
 
     def _unet(self, inputs: dict[str, torch.Tensor], network: str = UNET.name) -> torch.Tensor:

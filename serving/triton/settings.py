@@ -113,6 +113,13 @@ class ModelSettings:
 
         return served_controlnets(self.repository)
 
+    @cached_property
+    def ip_adapter(self):
+        """The IP-Adapter the repository serves (serving.ip_adapters.ServedIPAdapter); None without one."""
+        from serving.ip_adapters import ServedIPAdapter
+
+        return self._read(lambda: ServedIPAdapter.load(self.repository))
+
     def check_graph_interface(self, graph: dict[str, tuple[str, list[int], str]], model: str | None = None) -> None:
         """Fail the load, with one message naming the model, both sides and the fix, when the config
         declares other types or dims than the graph it serves or passes tensors to (`graph`: tensor ->

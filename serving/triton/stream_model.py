@@ -30,7 +30,7 @@ from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
 
 from .common import (ComponentError, control_tensors, endpoint_finisher, error_response, image_tensors, infer, input_arrays,
-                     lora_tensors, option_tensors, ticket_tensor)
+                     ip_adapter_tensors, lora_tensors, option_tensors, ticket_tensor)
 from .metrics import AdmissionMetrics, StreamMetrics
 from .settings import ModelSettings
 
@@ -41,7 +41,7 @@ TEXT_INPUTS = ("prompt", "negative_prompt")
 class TritonPythonModel:
     def initialize(self, args):
         settings = ModelSettings.from_args(args, "sdxl_stream")
-        self.limits, self.controlnets = settings.limits, settings.controlnets
+        self.limits, self.controlnets, self.ip_adapter = settings.limits, settings.controlnets, settings.ip_adapter
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         try:  # its errors name the model already
             self.finisher = endpoint_finisher(settings, self.run)
@@ -73,7 +73,7 @@ class TritonPythonModel:
     # 1. check the options before any work
     def _check(self, request):
         raw = input_arrays(request, (*CHECKED_INPUTS, "preview_every"))
-        return (check_options(raw, self.limits, controlnets=self.controlnets),
+        return (check_options(raw, self.limits, controlnets=self.controlnets, ip_adapter=self.ip_adapter),
                 check_preview_every(raw["preview_every"], self.limits))
 
     # 2. tokenize and admit (the tokenizer checks the texts and applies the admission policy)
@@ -105,7 +105,7 @@ class TritonPythonModel:
                 if sender.is_cancelled():
                     raise Cancelled("cancelled by the client before denoising")
                 self._denoise(sender, embeddings + tensors + lora_tensors(request) + image_tensors(request)
-                              + control_tensors(request), options, every,
+                              + control_tensors(request) + ip_adapter_tensors(request), options, every,
                               ticket, start, set(request.requested_output_names()))
             finally:
                 self.metrics.in_flight.increment(-1)

@@ -22,14 +22,16 @@ def to_triton(name: str, value: torch.Tensor):
 
 
 def call_unet(inputs: dict[str, torch.Tensor], device: torch.device, run=None, network: str = "unet") -> torch.Tensor:
-    """One BLS call of the UNet with inputs named as contract.networks.UNET's: `unet_control` when they
-    carry ControlNet residuals, `unet_lora` when they carry LoRA weights, else `unet`; or, `network`
+    """One BLS call of the UNet with inputs named as contract.networks.UNET's: `unet_ip` when they carry
+    image tokens, `unet_control` when they carry ControlNet residuals, `unet_lora` when they carry LoRA weights, else `unet`; or, `network`
     refiner_unet, of the refiner. Its noise_pred on `device`. `run`: the RunState to report a
     not-healthy callee to."""
-    from contract.networks import REFINER_UNET, UNET, UNET_CONTROL, UNET_LORA
+    from contract.networks import REFINER_UNET, UNET, UNET_CONTROL, UNET_IP, UNET_LORA
 
     if network == REFINER_UNET.name:
         spec = REFINER_UNET
+    elif "ip_tokens" in inputs:
+        spec = UNET_IP
     else:
         spec = UNET_CONTROL if "control_residuals" in inputs else UNET_LORA if "lora_down" in inputs else UNET
     return call_network(spec, spec.name, inputs, device, run)
