@@ -102,8 +102,9 @@ def load_ip_adapter(source: str, unet, flag: str = "--ip-adapter") -> IPAdapter:
     try:
         projection = unet._convert_ip_adapter_image_proj_to_diffusers(projection_keys, low_cpu_mem_usage=False)
         processors = unet._convert_ip_adapter_attn_to_diffusers([state], low_cpu_mem_usage=False)
-    except Exception as error:  # shapes that do not fit the UNet: one clear message
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:  # shapes that do not fit the UNet: one clear message, the first mismatch named
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if "size mismatch" in line), lines[0])
         raise ExportError(f"{flag} {source!r}: does not fit the UNet ({reason})") from error
     if projection is None:
         raise ExportError(f"{flag} {source!r}: no image projection diffusers recognizes")

@@ -558,6 +558,22 @@ def test_build_preprocessors_and_the_depth_estimator_reach_the_export():
     assert refused.returncode != 0 and "preprocessor" in refused.stderr
 
 
+def test_build_ip_adapter_reaches_the_export_and_renames_the_job():
+    """modelRepository.build.ipAdapter: --ip-adapter FILE --image-encoder DIR of the Job's export (another
+    repository: another Job name); a file without its encoder is refused at render, naming the value."""
+    plain = one(render(), "Job", "engine-build")
+    values = ("--set", "modelRepository.build.ipAdapter.file=h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+              "--set", "modelRepository.build.ipAdapter.imageEncoder=h94/IP-Adapter/models/image_encoder")
+    job = one(render(*values), "Job", "engine-build")
+    command = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert ('--ip-adapter "h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors" '
+            '--image-encoder "h94/IP-Adapter/models/image_encoder"') in command
+    assert "--ip-adapter" not in plain["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert job["metadata"]["name"] != plain["metadata"]["name"]
+    refused = run_render(*values[:2])
+    assert refused.returncode != 0 and "ipAdapter.imageEncoder" in refused.stderr
+
+
 def test_adapter_rules_name_no_namespace():
     text = ADAPTER_VALUES.read_text()
     assert "namespace=" not in text.replace('namespace!=""', "")

@@ -92,7 +92,7 @@ app.kubernetes.io/part-of: sdxl-triton
 
 {{/* The engine-build Job's name changes with what it builds: a Job's template cannot be changed. */}}
 {{- define "sdxl-triton.buildJobName" -}}
-{{- $key := list (include "sdxl-triton.image" .) .Values.gpu.product .Values.gpu.resourceName (include "sdxl-triton.repositorySubPath" .) .Values.modelRepository.build.preset .Values.modelRepository.build.unetPrecision .Values.modelRepository.build.vaePrecision .Values.modelRepository.build.controlnets .Values.modelRepository.build.depthEstimator .Values.modelRepository.build.exportArgs .Values.modelRepository.build.engineArgs | toJson | sha256sum | trunc 8 }}
+{{- $key := list (include "sdxl-triton.image" .) .Values.gpu.product .Values.gpu.resourceName (include "sdxl-triton.repositorySubPath" .) .Values.modelRepository.build.preset .Values.modelRepository.build.unetPrecision .Values.modelRepository.build.vaePrecision .Values.modelRepository.build.controlnets .Values.modelRepository.build.depthEstimator .Values.modelRepository.build.ipAdapter .Values.modelRepository.build.exportArgs .Values.modelRepository.build.engineArgs | toJson | sha256sum | trunc 8 }}
 {{- printf "%s-engines-%s" (include "sdxl-triton.fullname" . | trunc 46 | trimSuffix "-") $key }}
 {{- end }}
 
