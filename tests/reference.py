@@ -247,29 +247,33 @@ def example_depth_map(depth_estimator, processor, image: np.ndarray) -> np.ndarr
 def diffusers_ip_adapter_images(
     pipe, adapter_file, prompt: str, *, ip_image: np.ndarray, seed: int, steps: int = 4, scale=1.0, guidance: float = 1.0,
     negative: str = "", height: int = 128, width: int = 128, num_images: int = 1, image_encoder=None,
+    image: np.ndarray | None = None, strength: float | None = None,
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] from diffusers' StableDiffusionXLPipeline after `load_ip_adapter(adapter_file)` and
     `set_ip_adapter_scale(scale)` (a number, or a per-block dict as InstantStyle's), the image prompt given as
     a PIL image, as an application would. The pipeline's UNet is copied (the loader replaces its attention
-    processors); `image_encoder`: the adapter's (default: `pipe.image_encoder`, as conftest.exported sets it)."""
+    processors); `image_encoder`: the adapter's (default: `pipe.image_encoder`, as conftest.exported sets it);
+    `image`: an init image, StableDiffusionXLImg2ImgPipeline's (with `strength`)."""
     import copy
     from pathlib import Path
 
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from PIL import Image
 
     adapter_file = Path(adapter_file)
     components = {**pipe.components, "unet": copy.deepcopy(pipe.unet), "scheduler": recipe_scheduler(pipe),
                   "image_encoder": image_encoder if image_encoder is not None else pipe.image_encoder,
                   "feature_extractor": None}  # the loader registers CLIPImageProcessor(224) as with h94's encoders
-    reference = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    cls = StableDiffusionXLPipeline if image is None else StableDiffusionXLImg2ImgPipeline
+    reference = cls(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
     reference.set_progress_bar_config(disable=True)
+    extra = {"height": height, "width": width} if image is None else {"image": Image.fromarray(image, mode="RGB"), "strength": strength}
     reference.load_ip_adapter(str(adapter_file.parent), subfolder="", weight_name=adapter_file.name, image_encoder_folder=None)
     reference.set_ip_adapter_scale(scale)
     with torch.no_grad():
         images = reference(
             prompt, ip_adapter_image=Image.fromarray(ip_image, mode="RGB"), negative_prompt=negative or None,
-            num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, num_images_per_prompt=num_images,
+            num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=num_images, **extra,
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)], output_type="np",
         ).images
     return (images * 255).round().astype(np.uint8)

@@ -127,6 +127,16 @@ def test_an_image_prompt_with_a_lora_matches_diffusers(triton, loaded, exported,
     assert_close(result.images, expected)
 
 
+def test_an_image_prompt_on_img2img_matches_diffusers(triton, pipe, adapter_file):
+    """An init image and an image prompt: diffusers' StableDiffusionXLImg2ImgPipeline after load_ip_adapter."""
+    image = sample_image(128, 192, seed=2)
+    result = ask(triton, seed=37, num_inference_steps=4, image=image, strength=0.75, ip_adapter_image=REFERENCE_PHOTO,
+                 ip_adapter_scale=0.8, height=None, width=None)
+    expected = diffusers_ip_adapter_images(pipe, adapter_file, PROMPT, ip_image=REFERENCE_PHOTO, seed=37, steps=4, scale=0.8,
+                                           image=image, strength=0.75)
+    assert_close(result.images, expected)
+
+
 def test_an_image_prompt_with_a_controlnet_runs_unet_ip(triton):
     """A ControlNet beside the image prompt: one unet_ip call per step carries both (unet_control is not called)."""
     controls = [Control("tiny", sample_image(128, 128, seed=5), scale=0.8)]
