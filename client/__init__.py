@@ -13,6 +13,8 @@
     generate("a cat", output_format="jpeg").encoded_images                # [bytes]: one JPEG file per image
     generate("a cat").nsfw_detected    # [bool] per image where the server runs the safety checker, else None
     generate("a house", controls=[Control("canny", "edges.png", scale=0.8)])  # ControlNets (docs/controlnet.md)
+    for frame in generate_session(({"image": f} for f in frames), prompt="a watercolor", strength=0.5):
+        frame.index, frame.skipped, frame.images                          # a real-time session: latest wins
 
 Only the inputs you set are sent; the server applies the endpoint's defaults to the others (the
 step count and guidance default to the served recipe's: `info()` tells which recipe that is).
@@ -25,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -250,6 +252,23 @@ def ip_adapter_inputs(protocol: str, image, scale: float | None = None, layers: 
     return tensors
 
 
+def request_inputs(protocol: str, prompt, *, loras=None, image=None, strength=None, mask=None, controls=None,
+                   ip_adapter_image=None, ip_adapter_scale=None, ip_adapter_layers=None, **options) -> list:
+    """The InferInputs of one request: the prompt, the scalar options (build_inputs) and the LoRA, image,
+    ControlNet and image-prompt inputs that are given."""
+    inputs = build_inputs(protocol, prompt, **options)
+    if loras:
+        inputs += lora_inputs(protocol, loras)
+    inputs += image_inputs(protocol, image, strength, mask)
+    if controls:
+        inputs += control_inputs(protocol, controls)
+    if ip_adapter_image is not None:
+        inputs += ip_adapter_inputs(protocol, ip_adapter_image, ip_adapter_scale, ip_adapter_layers)
+    elif ip_adapter_scale is not None or ip_adapter_layers is not None:
+        raise ClientError("ip_adapter_scale and ip_adapter_layers go with an ip_adapter_image")
+    return inputs
+
+
 def generate(
     prompt: str | bytes | None, *, url: str | None = None, protocol: str = "http", seed: int | None = None,
     num_inference_steps: int | None = None, guidance_scale: float | None = None, negative_prompt: str | None = None,
@@ -280,22 +299,14 @@ def generate(
     none), the last with the final images. Closing the iterator early (break) cancels the request:
     the server stops its work at the next step."""
     url = url or DEFAULT_URLS[protocol]
-    inputs = build_inputs(
+    inputs = request_inputs(
         protocol, prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
         output_format=output_format, output_quality=output_quality, apply_watermark=apply_watermark,
-        high_noise_frac=high_noise_frac,
+        high_noise_frac=high_noise_frac, loras=loras, image=image, strength=strength, mask=mask, controls=controls,
+        ip_adapter_image=ip_adapter_image, ip_adapter_scale=ip_adapter_scale, ip_adapter_layers=ip_adapter_layers,
     )
     encoded = output_format is not None and output_format != "raw"
-    if loras:
-        inputs += lora_inputs(protocol, loras)
-    inputs += image_inputs(protocol, image, strength, mask)
-    if controls:
-        inputs += control_inputs(protocol, controls)
-    if ip_adapter_image is not None:
-        inputs += ip_adapter_inputs(protocol, ip_adapter_image, ip_adapter_scale, ip_adapter_layers)
-    elif ip_adapter_scale is not None or ip_adapter_layers is not None:
-        raise ClientError("ip_adapter_scale and ip_adapter_layers go with an ip_adapter_image")
     parameters = None if queue_timeout_ms is None else {"queue_timeout_ms": queue_timeout_ms}
     if stream:
         if protocol != "grpc":
@@ -355,6 +366,78 @@ def _stream(url: str, inputs: list, parameters: dict | None, timeout_s: float) -
             # the server. Not after its end: a cancel that races the final response kept the model
             # from unloading (tritonserver 2.51's shutdown then waited out its exit timeout).
             client.stop_stream(cancel_requests=not finished)
+
+
+@dataclass(frozen=True)
+class SessionFrame:
+    """A session's answer to one frame: `index` (the order it was sent in), its final images, or `skipped`
+    (a newer frame of the session arrived before it started: no image), and the seconds from its sending."""
+
+    index: int
+    images: np.ndarray | None
+    seeds: list[int]
+    skipped: bool
+    seconds: float
+
+
+def generate_session(frames: Iterable[dict], *, url: str | None = None, session_id: str | None = None,
+                     timeout_s: float = 600.0, **common) -> Iterator[SessionFrame]:
+    """A real-time session on one `sdxl_stream` gRPC stream (docs/batching-and-streaming.md, "Sessions"):
+    each element of `frames` is one request's options (generate()'s: prompt, image, strength, seed...),
+    over `common`, sent as the iterator yields it (pace it there: an iterator that waits sends at its
+    rate). The server runs at most one frame of the session at a time and answers a frame that has not
+    started when a newer one arrives as skipped. Yields each frame's answer as it arrives; a frame's error
+    raises ClientError. Leaving early cancels what is in flight."""
+    import threading
+    import uuid
+
+    url = url or DEFAULT_URLS["grpc"]
+    session = np.array([(session_id or uuid.uuid4().hex).encode("utf-8")], dtype=np.object_)
+    arrivals: queue.Queue = queue.Queue()
+    sent, answered, done_sending = {}, 0, threading.Event()
+    with _connected(url, "grpc", timeout_s) as (client, _):
+        module = _module("grpc")
+        client.start_stream(callback=lambda result, error: arrivals.put((result, error)), stream_timeout=timeout_s)
+
+        def send_all() -> None:
+            try:
+                for index, frame in enumerate(frames):
+                    options = {**common, **frame}
+                    inputs = request_inputs("grpc", options.pop("prompt", None), **options)
+                    tensor = module.InferInput("session_id", [1], "BYTES")
+                    tensor.set_data_from_numpy(session)
+                    sent[str(index)] = time.perf_counter()
+                    client.async_stream_infer(STREAM_MODEL, [*inputs, tensor], request_id=str(index))
+            except Exception as error:  # noqa: BLE001 - reported to the reading side
+                arrivals.put((None, error))
+            finally:
+                done_sending.set()
+                arrivals.put((None, None))
+
+        sender = threading.Thread(target=send_all, name="session-sender", daemon=True)
+        sender.start()
+        try:
+            while not (done_sending.is_set() and answered == len(sent)):
+                try:
+                    result, error = arrivals.get(timeout=timeout_s)
+                except queue.Empty:
+                    raise ClientError(f"{url} (grpc): no response from {STREAM_MODEL} in {timeout_s:g} s") from None
+                if error is not None:
+                    message = error.message() if hasattr(error, "message") else str(error)
+                    raise ClientError(f"{url} (grpc): {message}", error.status() if hasattr(error, "status") else None)
+                if result is None:
+                    continue
+                skipped = result.as_numpy("skipped")
+                step, steps = result.as_numpy("step"), result.as_numpy("num_inference_steps")
+                if skipped is None and int(step[0]) != int(steps[0]):
+                    continue  # progress of a running frame
+                request_id = result.get_response().id
+                answered += 1
+                yield SessionFrame(int(request_id), None if skipped is not None and skipped[0] else result.as_numpy("images"),
+                                   [int(s) for s in result.as_numpy("seeds")], bool(skipped is not None and skipped[0]),
+                                   time.perf_counter() - sent[request_id])
+        finally:
+            client.stop_stream(cancel_requests=not (done_sending.is_set() and answered == len(sent)))
 
 
 def _admin_call(url: str | None, protocol: str, timeout_s: float, admin_key: str | None, admin_key_file, api: str, request):

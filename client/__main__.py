@@ -10,6 +10,9 @@ python -m client "a prompt" --control NAME=IMAGE[:SCALE[:START:END]] [--control-
 server serves, each with its control image (the output's size), scale and window; repeatable.
 python -m client "a prompt" --ip-image IMAGE [--ip-scale S] [--ip-layers style]: an image prompt (any size) for a
 server that serves an IP-Adapter, its strength (0 to 2, default 1) and the layers that take it.
+python -m client "a prompt" --session FRAMES [--fps F] [--prompt-file F] [--strength S] -o OUT_DIR: a real-time
+painting session on sdxl_stream (frames from a directory of images or a video), latest frame wins; fps,
+latency and skipped frames printed.
 python -m client --info: the recipe the server serves (model, LoRAs, UNet, scheduler, steps, guidance, the
 refiner and its hand-off), its ControlNets and its LoRA library (name, rank, targets, size: what --lora may
 name). Model configs and the repository index are Triton admin APIs: --info sends the admin key
@@ -84,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ip-scale", type=float, dest="ip_adapter_scale", help="with --ip-image: its strength, 0 to 2 (default 1)")
     parser.add_argument("--ip-layers", dest="ip_adapter_layers", choices=tuple(LAYER_SETTINGS),
                         help="with --ip-image: the layers that take it (default all; style and layout: InstantStyle's)")
+    parser.add_argument("--session", type=Path, metavar="FRAMES", help="a real-time session on sdxl_stream (gRPC): the frames of "
+                        "a directory of images or a video file, each an img2img request at --strength (default 0.5), sent at "
+                        "--fps; -o names the directory the answers go to (default session/)")
+    parser.add_argument("--fps", type=float, default=8.0, help="with --session: frames sent per second (default 8; 0: as read)")
+    parser.add_argument("--prompt-file", type=Path, help="with --session: the prompt, re-read whenever the file changes")
     return parser
 
 
@@ -123,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     key_file = args.pop("admin_key_file")
     if args.pop("info"):
         return print_info(args["url"], args["protocol"] or "http", key_file)
+    session, fps, prompt_file = args.pop("session"), args.pop("fps"), args.pop("prompt_file")
+    if session is not None:
+        return session_main(parser, args, session, fps, prompt_file)
+    if prompt_file is not None:
+        parser.error("--prompt-file needs --session")
     if args["prompt"] is None:
         parser.error("the prompt is required (or --info)")
     prompt, output, timeout = args.pop("prompt"), args.pop("output"), args.pop("timeout")
@@ -157,6 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     write_files(output, result.encoded_images, result.seeds, result.nsfw_detected)
     print(f"{len(result.encoded_images)} image(s) in {result.seconds:.2f} s")
     return 0
+
+
+def session_main(parser, args: dict, source: Path, fps: float, prompt_file: Path | None) -> int:
+    from .session import run_session
+
+    if args["prompt"] is None and prompt_file is None:
+        parser.error("--session needs a prompt or --prompt-file")
+    if args["protocol"] == "http":
+        parser.error("--session works over gRPC only (sdxl_stream is decoupled); drop --protocol http")
+    output = args["output"] if args["output"] != Path("out.png") else Path("session")
+    options = {key: args[key] for key in ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "loras")
+               if args.get(key) is not None}
+    return run_session(source, output, args["prompt"], prompt_file, fps, 0.5 if args["strength"] is None else args["strength"],
+                       url=args["url"], timeout_s=args["timeout"], **options)
 
 
 def write_files(output: Path, files: list[bytes], seeds, nsfw_detected: list[bool] | None = None) -> list[Path]:

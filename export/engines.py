@@ -118,6 +118,8 @@ class BuildSettings:
             networks.UNET_LORA.name: 2 * self.max_images,
             networks.REFINER_UNET.name: 2 * self.max_images,  # the UNet's rows, for the steps after the hand-off
             networks.UNET_CONTROL.name: 2 * self.max_images,
+            networks.UNET_IP_NAME: 2 * self.max_images,
+            networks.IMAGE_ENCODER.name: self.max_images,  # one image prompt per request, batched across requests
             networks.CONTROLNET.name: 2 * self.max_images,  # a ControlNet runs on the UNet's rows (both CFG halves)
             networks.UNION_CONTROLNET.name: 2 * self.max_images,
             networks.DEPTH_ESTIMATOR.name: self.max_images,  # one control image per call, batched across requests

@@ -37,6 +37,9 @@ from .processes import clean_stale_regions, clean_stale_run_directories, remove_
 
 VARIANTS = ("cpu", "production")  # production: each model's config.pbtxt; cpu: configs/cpu.pbtxt
 ENDPOINT_MODEL = "ensemble_sdxl"
+# The prompt cache's default size (MiB): one CFG prompt's text encoder outputs are 2 x (77 x 2048 + 1280)
+# fp16 values, 636 KiB at SDXL's widths, so about 100 prompts.
+PROMPT_CACHE_MB = 64
 # Triton's log line for a model that did not load (model_lifecycle.cc): the model and the reason.
 FAILED_LOAD = re.compile(r"failed to load '([^']+)'(?: version \d+)?: (.*)")
 
@@ -168,6 +171,9 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     check_configs: bool = True  # refuse to start on configs that disagree with the graphs (check_repository)
     exit_timeout_s: int = 30  # Triton's --exit-timeout-secs: how long its own shutdown may wait for requests
+    # The prompt cache: bytes of Triton's local response cache, which the text_encoder's config enables
+    # (its outputs per distinct token ids and text LoRAs); 0: none (docs/serving.md, "The prompt cache").
+    prompt_cache_bytes: int = PROMPT_CACHE_MB << 20
     process: subprocess.Popen | None = None
     removed_stale: list[str] = field(default_factory=list)  # what the last start() cleaned up
     _log: object = None
@@ -195,10 +201,14 @@ class TritonServer:
             # each model's modules twice (4.9 s of a 14 s start: benchmarks/results/start_cpu.md).
             "--disable-auto-complete-config",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            *([f"--cache-config=local,size={self.prompt_cache_bytes}"] if self.prompt_cache_bytes > 0 else []),
             *self.extra_args,
         ]
         if install.backends is not None:
             args.append(f"--backend-directory={install.backends}")
+            caches = install.backends.parent / "caches"  # the bundled server's; NGC images: /opt/tritonserver/caches
+            if self.prompt_cache_bytes > 0 and caches.is_dir():
+                args.append(f"--cache-directory={caches}")
         if self.variant == "cpu":
             args += ["--model-config-name=cpu"]
         if self.max_input_size is not None and install.supports("--http-max-input-size"):
@@ -416,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                              "key generated per start and written to --generated-admin-key-file)")
     parser.add_argument("--generated-admin-key-file", type=Path, default=security.GENERATED_KEY_FILE,
                         help="where a generated key is written, mode 600 (default %(default)s)")
+    parser.add_argument("--prompt-cache-mb", type=int, default=_number("PROMPT_CACHE_MB", PROMPT_CACHE_MB),
+                        help="MiB of the prompt cache (the text encoder's outputs per distinct prompt, negative prompt and "
+                             "text LoRAs; default %(default)s: about 100 CFG prompts at SDXL's widths in fp16); 0: none")
     parser.add_argument("--http-max-input-size", type=int, default=Limits().max_request_bytes,
                         help="bytes of one HTTP request at most, where the tritonserver has the option (25.06 and "
                              "later; default %(default)s: the largest legal request with a quarter of margin)")
@@ -429,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-restarts", type=int, default=_number("MAX_RESTARTS", defaults.max_restarts),
                         help=f"restarts within {defaults.restart_window_s:.0f} s before the supervisor gives up and exits 1")
     args = parser.parse_args(argv)
+    if args.prompt_cache_mb < 0:
+        parser.error(f"--prompt-cache-mb {args.prompt_cache_mb}: expected a number of MiB, 0 (no cache) or more")
     if args.http_max_input_size < 1:
         parser.error(f"--http-max-input-size {args.http_max_input_size}: expected a number of bytes, at least 1")
 
@@ -448,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                     start_timeout_s=args.start_timeout_s, max_restarts=args.max_restarts)
     server = TritonServer(args.repository, variant, args.http_port, args.grpc_port, args.metrics_port,
                           exit_timeout_s=args.exit_timeout_s, host=args.host, admin_key=key,
-                          max_input_size=args.http_max_input_size)
+                          max_input_size=args.http_max_input_size, prompt_cache_bytes=args.prompt_cache_mb << 20)
     ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port, "health": args.health_port}
     if warning := exposure_warning(args.host, ports):
         log(warning)

@@ -401,6 +401,16 @@ def argument_values(container: dict, name: str) -> list[str]:
     return [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith(f"{name}=")]
 
 
+def test_the_prompt_cache_is_sized_by_the_values():
+    """server.promptCacheMiB reaches the supervisor's --prompt-cache-mb (its default, the supervisor's); 0 is none."""
+    from serving.server import PROMPT_CACHE_MB
+
+    assert argument_values(server_container(render()), "--prompt-cache-mb") == [str(PROMPT_CACHE_MB)]
+    assert argument_values(server_container(render("--set", "server.promptCacheMiB=0")), "--prompt-cache-mb") == ["0"]
+    refused = run_render("--set", "server.promptCacheMiB=-1")
+    assert refused.returncode != 0 and "promptCacheMiB" in refused.stderr
+
+
 @pytest.mark.parametrize("case", sorted(SOURCES))
 def test_servers_listen_for_the_service_with_the_admin_apis_behind_the_secret(case):
     """--host=0.0.0.0 (the Service and the probes reach the pod's address), the admin key from the

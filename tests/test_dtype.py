@@ -72,7 +72,7 @@ def test_only_the_dtype_and_widths_change(exported):
         text = "\n".join(line for line in text.splitlines()
                          if not any(f'key: "{key}"' in line for key in RECIPE_PARAMETERS))
         text = text.replace("TYPE_FP32", "TYPE_FP16").replace(", 80 ]", ", 2048 ]").replace("[ 80 ]", "[ 2048 ]") \
-            .replace(", 40 ]", ", 1280 ]").replace("[ 40 ]", "[ 1280 ]")
+            .replace(", 40 ]", ", 1280 ]").replace("[ 40 ]", "[ 1280 ]").replace(f"[ {tiny.ip_layers} ]", f"[ {SDXL_DIMS.ip_layers} ]")
         for ours, sdxl in lora_widths.items():  # the LoRA inputs' widths: the sums over the sites
             text = text.replace(f" {ours} ]", f" {sdxl} ]").replace(f"[ {ours},", f"[ {sdxl},").replace(f", {ours}, ", f", {sdxl}, ")
         return text

@@ -65,9 +65,9 @@ def built(exported, refined, tmp_path_factory):
     settings = BuildSettings.from_repository(REPO)
     repository = exported("fp16")
     models = {graph_model(network): network for network in (networks.CONTROLNET.name, networks.UNION_CONTROLNET.name)}
-    # Balanced by their build times here (unet_control and unet_lora about 24 s each, unet 7 s, the refiner's
-    # 9 s after the first group, the others 3 s or less): the first group ends about when the refiner must start.
-    first = (networks.UNET_CONTROL.name, graph_model(networks.UNION_CONTROLNET.name), networks.DEPTH_ESTIMATOR.name)
+    # Balanced by their build times here (unet_control, unet_ip and unet_lora about 24 s each, unet 7 s, the
+    # refiner's 9 s after the second group, the others 3 s or less).
+    first = (networks.UNET_CONTROL.name, networks.UNET_IP_NAME, graph_model(networks.UNION_CONTROLNET.name))
     same_graph = ("controlnet_canny",)  # conftest.CANNY_CONTROLNET: controlnet_tiny's graph again
     rest = tuple(name for name in layout.served_networks(repository) if name not in (*first, *same_graph))
     groups = [(repository, first), (repository, rest), (refined("fp16")[1], (networks.REFINER_UNET.name,))]

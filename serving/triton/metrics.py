@@ -105,9 +105,11 @@ class StreamMetrics:
             "total": family("sdxl_stream_request_seconds", "Time from a stream's arrival to its final images", family.HISTOGRAM),
             "cancel": family("sdxl_stream_cancellations_total", "Streams cancelled by their client while denoising", family.COUNTER),
             "free": family("sdxl_stream_cancel_to_free_seconds", "Time from seeing a stream's cancellation to the denoiser dropping it (its batch slot free)", family.HISTOGRAM),
+            "skipped": family("sdxl_stream_frames_skipped_total", "A session's frames answered as skipped: a newer frame arrived before they started", family.COUNTER),
         }
         self.in_flight = self._families["inflight"].Metric(labels=labels)
         self.first_preview = self._families["first"].Metric(labels=labels, buckets=LATENCY_BUCKETS)
         self.request_seconds = self._families["total"].Metric(labels=labels, buckets=LATENCY_BUCKETS)
         self.cancellations = self._families["cancel"].Metric(labels=labels)
         self.cancel_to_free = self._families["free"].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.skipped = self._families["skipped"].Metric(labels=labels)

@@ -28,6 +28,7 @@ import triton_python_backend_utils as pb_utils
 from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECODER
 from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
+from serving.sessions import Sessions, check_session_id
 
 from .common import (ComponentError, control_tensors, endpoint_finisher, error_response, image_tensors, infer, input_arrays,
                      ip_adapter_tensors, lora_tensors, option_tensors, ticket_tensor)
@@ -43,6 +44,7 @@ class TritonPythonModel:
         settings = ModelSettings.from_args(args, "sdxl_stream")
         self.limits, self.controlnets, self.ip_adapter = settings.limits, settings.controlnets, settings.ip_adapter
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
+        self.sessions = Sessions(self.run.directory)
         try:  # its errors name the model already
             self.finisher = endpoint_finisher(settings, self.run)
         except ValueError as error:
@@ -72,9 +74,9 @@ class TritonPythonModel:
 
     # 1. check the options before any work
     def _check(self, request):
-        raw = input_arrays(request, (*CHECKED_INPUTS, "preview_every"))
+        raw = input_arrays(request, (*CHECKED_INPUTS, "preview_every", "session_id"))
         return (check_options(raw, self.limits, controlnets=self.controlnets, ip_adapter=self.ip_adapter),
-                check_preview_every(raw["preview_every"], self.limits))
+                check_preview_every(raw["preview_every"], self.limits), check_session_id(raw["session_id"]))
 
     # 2. tokenize and admit (the tokenizer checks the texts and applies the admission policy)
     def _tokenize(self, request, options: list) -> tuple[list, str]:
@@ -94,7 +96,24 @@ class TritonPythonModel:
 
     def _stream(self, request, sender) -> None:
         start = time.monotonic()
-        options, every = self._check(request)
+        options, every, session = self._check(request)
+        if session is None:
+            return self._frame(request, sender, start, options, every)
+        # A session's frame: numbered on arrival, then it waits for the session's previous frame, unless a
+        # newer one arrives first (latest wins: it is answered as skipped and never reaches a network).
+        turn = self.sessions.wait_turn(session, self.sessions.arrive(session), sender.is_cancelled)
+        if turn is None:
+            self.metrics.skipped.increment(1)
+            seeds = np.asarray(options.seeds, dtype=np.int64)
+            self._send(sender, 0, options.num_inference_steps, seeds, [pb_utils.Tensor("skipped", np.asarray([True]))], FINAL)
+            return None
+        try:
+            return self._frame(request, sender, start, options, every, session=True)
+        finally:
+            turn.release()
+
+    def _frame(self, request, sender, start: float, options, every: int, session: bool = False) -> None:
+        """One request (a session's frame: `session`, its final response says skipped false)."""
         tensors = option_tensors(options, request)  # the checked values, for the tokenizer and the denoiser
         ids, ticket = self._tokenize(request, tensors)
         try:
@@ -106,7 +125,7 @@ class TritonPythonModel:
                     raise Cancelled("cancelled by the client before denoising")
                 self._denoise(sender, embeddings + tensors + lora_tensors(request) + image_tensors(request)
                               + control_tensors(request) + ip_adapter_tensors(request), options, every,
-                              ticket, start, set(request.requested_output_names()))
+                              ticket, start, set(request.requested_output_names()), session)
             finally:
                 self.metrics.in_flight.increment(-1)
         finally:
@@ -120,9 +139,10 @@ class TritonPythonModel:
             raise
 
     # 4. denoise in the engine, answering at every step; 5. decode previews and the final images
-    def _denoise(self, sender, inputs: list, options, every: int, ticket: str, start: float, wanted: set) -> None:
+    def _denoise(self, sender, inputs: list, options, every: int, ticket: str, start: float, wanted: set,
+                 session: bool = False) -> None:
         """`inputs`: the embeddings and the option tensors; `wanted`: the outputs the client asked for
-        (images: previews and final pixels; encoded_images: the final files)."""
+        (images: previews and final pixels; encoded_images: the final files); `session`: a session's frame."""
         steps = options.num_inference_steps
         seeds = np.asarray(options.seeds, dtype=np.int64)
         # A response after every step, previews or not: the stream's cancellation is checked on each.
@@ -147,7 +167,8 @@ class TritonPythonModel:
             if step == steps:
                 decoded = infer(VAE_DECODER.name, [latents], VAE_DECODER.output_names, self.run)
                 images = pb_utils.get_output_tensor_by_name(decoded, "images")
-                self._send(sender, step, steps, seeds, self._finish(images, options, wanted), FINAL)
+                skipped = [pb_utils.Tensor("skipped", np.asarray([False]))] if session else []
+                self._send(sender, step, steps, seeds, self._finish(images, options, wanted) + skipped, FINAL)
                 self.metrics.request_seconds.observe(time.monotonic() - start)
                 return
             preview = None
