@@ -29,6 +29,8 @@ HEALTH_PORT ?= 8003
 # Kubernetes: terminationGracePeriodSeconds >= DRAIN_TIMEOUT_S + EXIT_TIMEOUT_S + 5.
 DRAIN_TIMEOUT_S ?= 60
 EXIT_TIMEOUT_S ?= 15
+# MiB of the prompt cache (docs/serving.md, "The prompt cache"); 0: none.
+PROMPT_CACHE_MB ?= 64
 VARIANT ?= auto
 # The key of Triton's admin APIs (statistics, model configs, repository, shared memory, trace, logging):
 # $SDXL_ADMIN_KEY, else ADMIN_KEY_FILE; with neither, make serve generates one per start into
@@ -66,12 +68,12 @@ PERF_DATA ?= perf/ensemble_sdxl_cpu.json
 PERF_CONCURRENCY ?= 1 2 4 8
 
 .PHONY: help install install-gpu install-deploy lock lock-deploy k8s-render export-tiny demo serve test clean engines engines-rtx production perf bench bench-scale \
-  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img bench-outputs bench-refiner bench-quant bench-security bench-start bench-controlnet perf-data
+  bench-gpu gpu-wheels perf-analyzer-check bench-faults bench-soak bench-fuzz bench-engine bench-stream bench-lora bench-painting bench-img2img bench-outputs bench-refiner bench-quant bench-security bench-start bench-controlnet bench-ipadapter perf-data
 
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
 	@echo "make serve        supervised tritonserver in the foreground on $(REPOSITORY)/ (HOST (127.0.0.1), HTTP_PORT, GRPC_PORT,"
-	@echo "                  METRICS_PORT, HEALTH_PORT, ADMIN_KEY_FILE, DRAIN_TIMEOUT_S, EXIT_TIMEOUT_S, VARIANT); SIGTERM or Ctrl-C drains"
+	@echo "                  METRICS_PORT, HEALTH_PORT, ADMIN_KEY_FILE, DRAIN_TIMEOUT_S, EXIT_TIMEOUT_S, PROMPT_CACHE_MB, VARIANT); SIGTERM or Ctrl-C drains"
 	@echo "make install      venv in $(VENV) with the pinned CPU stack and the bundled tritonserver (idempotent)"
 	@echo "make export-tiny  tiny random-weight SDXL -> $(TINY_DIR), its ONNX graphs -> $(REPOSITORY)/"
 	@echo "make test         the test suite"
@@ -94,6 +96,7 @@ help:
 	@echo "make bench-refiner the standard recipe and the refiner: served (tiny), each UNet's work, the full-size refiner, a GPU estimate: $(BENCH_RESULTS)/refiner_cpu.md"
 	@echo "make bench-quant  8-bit UNet (fp8, int8) and VAE (int8): error against float, CPU speed, sensitivity sweep, TensorRT-RTX: $(BENCH_RESULTS)/quantization_cpu.md"
 	@echo "make bench-controlnet ControlNets: images/s with 0, 1, 2, union modes, server-made depth and a mixed load, full-size steps and engines, FLOPs, a GPU estimate: $(BENCH_RESULTS)/controlnet_cpu.md"
+	@echo "make bench-ipadapter IP-Adapter image prompts: images/s with and without one, the image encoder per request, full-size exports, FLOPs, a GPU estimate: $(BENCH_RESULTS)/ipadapter_cpu.md"
 	@echo "make bench-lora   per-request LoRAs: unet_lora by rank vs unet, mixed vs single-LoRA traffic, library: $(BENCH_RESULTS)/lora_cpu.md"
 	@echo "make bench-scale  full-size SDXL (random weights) exported, built and served here: $(BENCH_RESULTS)/scale_cpu.md"
 	@echo "make bench-gpu    GPU benchmark: SDXL 1024², 4 steps, diffusers vs the project's loop vs TensorRT (GPU_BENCH_ARGS)"
@@ -158,7 +161,7 @@ demo: export-tiny
 serve: install
 	$(PY) -m serving.server --repository $(REPOSITORY) --variant $(VARIANT) --host $(HOST) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT) \
-	  --drain-timeout-s $(DRAIN_TIMEOUT_S) --exit-timeout-s $(EXIT_TIMEOUT_S)
+	  --drain-timeout-s $(DRAIN_TIMEOUT_S) --exit-timeout-s $(EXIT_TIMEOUT_S) --prompt-cache-mb $(PROMPT_CACHE_MB)
 
 engines-rtx: install
 	POLYGRAPHY_USE_TENSORRT_RTX=1 $(PY) -m export engines --onnx $(REPOSITORY)
@@ -233,6 +236,11 @@ bench-start: install
 # ControlNets: served (tiny, 0, 1, 2 and mixed), a full-size ControlNet step, FLOPs (about 6 minutes, 15 GiB).
 bench-controlnet: install
 	$(PY) -m benchmarks.controlnet
+
+# IP-Adapter image prompts: FLOPs, the full-size image encoder and unet_ip exported, served (tiny, with and
+# without an image prompt, and a server without IP-Adapter) (about 11 minutes, 9 GiB).
+bench-ipadapter: install
+	$(PY) -m benchmarks.ipadapter
 
 # Per-request LoRAs: the UNet step by LoRA rank against the graph without LoRA inputs, and the library
 # (tiny, a few minutes); LORA_BENCH_ARGS="--arch sdxl" for SDXL's size (about 20 GB of memory).

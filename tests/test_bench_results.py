@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import (controlnet, engine, faults, fuzz, gpu, img2img, lora, measure, outputs, painting, quantization, refiner,
+from benchmarks import (controlnet, engine, faults, fuzz, gpu, img2img, ipadapter, lora, measure, outputs, painting, quantization, refiner,
                         scale, security, soak, streaming, throughput)
 from contract.layout import REPO_ROOT
 
 # Each benchmark's parser builder and its default results prefix, under RESULTS_DIR (file names as before).
-PARSERS = {controlnet: "controlnet_cpu", engine: "engine_cpu", faults: "faults_cpu", fuzz: "fuzz", img2img: "img2img_cpu", lora: "lora_cpu", outputs: "outputs_cpu",
+PARSERS = {controlnet: "controlnet_cpu", ipadapter: "ipadapter_cpu", engine: "engine_cpu", faults: "faults_cpu", fuzz: "fuzz", img2img: "img2img_cpu", lora: "lora_cpu", outputs: "outputs_cpu",
            painting: "painting_cpu", quantization: "quantization_cpu", refiner: "refiner_cpu", scale: "scale_cpu", security: "security_cpu", soak: "soak", streaming: "stream_cpu", throughput: "throughput_cpu"}
 
 
