@@ -28,7 +28,13 @@ BLS calls to unet and vae_encoder spent in those models), the ensemble's request
 client's frame is "outside". Also `client.generate()` over `--generate-frames` further frames (it
 opens a gRPC channel per call). And an H100/H200 estimate from published TensorRT figures scaled to
 the size, plus the measured time outside the networks (an estimate, with its basis, in OUT.md).
-About 2.5 minutes on 2 cores with the defaults (the export included).
+
+Sessions (serving/sessions.py; `--session-frames`, 0: none): for each img2img configuration, the frames of
+one session on one gRPC stream (`client.generate_session`), sent open-loop at half, equal and twice the
+frame rate the closed loop above measured (the server's rate), with the prompt unchanged (prompt cache
+hits) and changing every frame (misses): frames per second answered with an image, latency median and p95
+of those (from each frame's sending), skipped frames, the prompt cache's hits and misses, and p95 over
+the frame time (1 / the server's rate). About 6 minutes on 2 cores with the defaults (the export included).
 """
 
 from __future__ import annotations
@@ -253,11 +259,62 @@ def measure_config(client, admin: dict[str, str], url: str, name: str, steps: in
     return row
 
 
-def measure(repository: Path, size: int, frames: int, warmup: int, generate_count: int, work: Path) -> list[dict]:
+SESSION_RATES = (0.5, 1.0, 2.0)  # the session's sending rate over the server's closed-loop frame rate
+
+
+def cache_counts(server) -> tuple[float, float]:
+    """(hits, misses) of the prompt cache (Triton's response cache on text_encoder), from the metrics port."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{server.connect_host}:{server.metrics_port}/metrics") as response:
+        text = response.read().decode()
+    found = dict.fromkeys(("nv_cache_num_hits_per_model", "nv_cache_num_misses_per_model"), 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in found and 'model="text_encoder"' in line:
+            found[name] += float(line.rsplit(" ", 1)[1])
+    return found["nv_cache_num_hits_per_model"], found["nv_cache_num_misses_per_model"]
+
+
+def session_run(server, name: str, steps: int, server_fps: float, rate: float, changing: bool, frames: int, size: int) -> dict:
+    """One session sent open-loop at `rate` x the server's frame rate."""
+    from client import generate_session
+
+    canvas, send_fps = Canvas(size, seed=7), server_fps * rate
+
+    def paced():
+        start = time.perf_counter()
+        for index in range(frames):
+            time.sleep(max(0.0, start + index / send_fps - time.perf_counter()))
+            canvas.stroke()
+            # A changing prompt is new to the server in every run: the run, then the frame.
+            yield {"prompt": f"{PROMPT}, {name}, {rate:g}x, take {index}" if changing else PROMPT, "image": canvas.pixels.copy()}
+
+    hits, misses = cache_counts(server)
+    start = time.perf_counter()
+    answers = list(generate_session(paced(), url=server.grpc_url, seed=SEED, num_inference_steps=steps, strength=STRENGTH,
+                                    guidance_scale=1.0))
+    wall = time.perf_counter() - start
+    after = cache_counts(server)
+    ran = [1000 * answer.seconds for answer in answers if not answer.skipped]
+    frame_ms = 1000 / server_fps
+    row = {"config": name, "num_inference_steps": steps, "prompt": "changing" if changing else "unchanged", "rate": rate,
+           "send_fps": send_fps, "frames": frames, "answered": len(ran), "skipped": frames - len(ran),
+           "fps": len(ran) / wall, "latency_median_ms": float(np.median(ran)), "latency_p95_ms": percentile(ran, 0.95),
+           "frame_ms": frame_ms, "p95_over_frame": percentile(ran, 0.95) / frame_ms,
+           "cache_hits": after[0] - hits, "cache_misses": after[1] - misses}
+    log(f"session {name}, prompt {row['prompt']}, sent at {rate:g}x ({send_fps:.2f}/s): {row['fps']:.2f} frames/s answered, "
+        f"{row['skipped']} of {frames} skipped, latency median {row['latency_median_ms']:.0f} ms, p95 {row['latency_p95_ms']:.0f} "
+        f"ms ({row['p95_over_frame']:.2f} frame times); prompt cache {row['cache_hits']:.0f} hits, {row['cache_misses']:.0f} misses")
+    return row
+
+
+def measure(repository: Path, size: int, frames: int, warmup: int, generate_count: int, work: Path,
+            session_frames: int = 0) -> tuple[list[dict], list[dict]]:
     import tritonclient.grpc as grpcclient
 
     log("starting tritonserver ...")
-    rows = []
+    rows, sessions = [], []
     with started_server(repository, work / "tritonserver.log") as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:
@@ -268,7 +325,14 @@ def measure(repository: Path, size: int, frames: int, warmup: int, generate_coun
                 sent += warmup + frames + generate_count
         finally:
             client.close()
-    return rows
+        for row in rows if session_frames else []:
+            if row["strength"] is None:
+                continue
+            for changing in (False, True):
+                for rate in SESSION_RATES:
+                    sessions.append(session_run(server, row["config"], row["num_inference_steps"], row["fps"], rate, changing,
+                                                session_frames, size))
+    return rows, sessions
 
 
 def estimate(rows: list[dict], size: int) -> dict:
@@ -412,6 +476,21 @@ def write_table(results: dict, path: Path) -> None:
         "the published figures, the browser's or app's side of a real painting tool (capture, upload over a real "
         "network, display).",
     ]
+    if results.get("sessions"):
+        lines += [
+            "", "## Sessions: latest wins (`sdxl_stream`, `session_id`)", "",
+            "One session on one gRPC stream (`client.generate_session`), its frames sent open-loop at half, equal and "
+            "twice the closed loop's frame rate above (the server's rate), the prompt unchanged (the prompt cache hits) "
+            "or changed on every frame (misses). Frames per second answered with an image; latency from each answered "
+            "frame's sending to its final response; a frame superseded before it started is answered as skipped.", "",
+            "| configuration | prompt | sent at | frames/s answered | skipped | latency median | p95 | p95 / frame time "
+            "| prompt cache hits / misses |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["sessions"]:
+            lines.append(f"| {r['config']} | {r['prompt']} | {r['rate']:g}x ({r['send_fps']:.2f}/s) | {r['fps']:.2f} "
+                         f"| {r['skipped']} of {r['frames']} | {r['latency_median_ms']:.0f} ms | {r['latency_p95_ms']:.0f} ms "
+                         f"| {r['p95_over_frame']:.2f} | {r['cache_hits']:.0f} / {r['cache_misses']:.0f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -420,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=60, help="measured frames per configuration (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up frames per configuration (default %(default)s)")
     parser.add_argument("--size", type=int, default=512, help="the canvas' side in pixels (default %(default)s)")
+    parser.add_argument("--session-frames", type=int, default=24,
+                        help="frames per session run (3 rates x 2 prompt modes x 2 configurations; 0: none; default %(default)s)")
     parser.add_argument("--generate-frames", type=int, default=10,
                         help="further frames per configuration through client.generate() (0: none; default %(default)s)")
     return parser
@@ -428,16 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.frames < 1 or args.warmup < 0 or args.generate_frames < 0:
-        parser.error("--frames must be at least 1, --warmup and --generate-frames at least 0")
+    if args.frames < 1 or args.warmup < 0 or args.generate_frames < 0 or args.session_frames < 0:
+        parser.error("--frames must be at least 1, --warmup, --generate-frames and --session-frames at least 0")
     started, load = time.time(), [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench-painting-") as tmp:
         work = Path(tmp)
         repository = prepare_repository(work, batching=True, schedulers=4, tiny=tiny_pipeline(work))
-        rows = measure(repository, args.size, args.frames, args.warmup, args.generate_frames, work)
+        rows, sessions = measure(repository, args.size, args.frames, args.warmup, args.generate_frames, work, args.session_frames)
     load.append(os.getloadavg()[0])
-    save_run("painting", argv, started, args, parser, {"load_average_1min": load, "rows": rows, "estimate": estimate(rows, args.size)},
-             write_table)
+    save_run("painting", argv, started, args, parser, {"load_average_1min": load, "rows": rows, "sessions": sessions,
+                                                       "estimate": estimate(rows, args.size)}, write_table)
     return 0
 
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import metric
 from reference import diffusers_ip_adapter_images, sample_image
 
 from client import ClientError, Control, generate
@@ -91,7 +92,8 @@ def test_scale_and_layer_settings_match_set_ip_adapter_scale(triton, pipe, adapt
 
 def test_scale_zero_and_plain_requests_run_the_graphs_they_ran_before(triton):
     """Scale 0 is the request without an image prompt, pixel for pixel, and neither calls the image encoder
-    or unet_ip: the plain UNet runs."""
+    or unet_ip: the plain UNet runs. The encoder runs once per request, and not at all for an image it has
+    encoded (the response cache)."""
     case = dict(seed=17, num_inference_steps=2)
     before = {model: executions(triton, model) for model in (IMAGE_ENCODER.name, UNET_IP_NAME, UNET_NAME)}
     zero = ask(triton, ip_adapter_image=REFERENCE_PHOTO, ip_adapter_scale=0.0, **case)
@@ -100,9 +102,14 @@ def test_scale_zero_and_plain_requests_run_the_graphs_they_ran_before(triton):
     assert np.array_equal(zero.images, plain.images)
     assert after[IMAGE_ENCODER.name] == before[IMAGE_ENCODER.name] and after[UNET_IP_NAME] == before[UNET_IP_NAME]
     assert after[UNET_NAME] > before[UNET_NAME]
-    ask(triton, ip_adapter_image=REFERENCE_PHOTO, **case)
+    fresh = sample_image(64, 96, seed=99)  # an image no other test sends: not in the encoder's response cache
+    ask(triton, ip_adapter_image=fresh, **case)
     assert executions(triton, IMAGE_ENCODER.name) == after[IMAGE_ENCODER.name] + 1  # once per request, not per step
     assert executions(triton, UNET_IP_NAME) == after[UNET_IP_NAME] + 2
+    hits = metric(triton, "nv_cache_num_hits_per_model")
+    ask(triton, ip_adapter_image=fresh, **case)  # the same image again: the cache answers, the encoder does not run
+    assert executions(triton, IMAGE_ENCODER.name) == after[IMAGE_ENCODER.name] + 1
+    assert metric(triton, "nv_cache_num_hits_per_model") > hits
 
 
 def test_an_image_prompt_with_a_lora_matches_diffusers(triton, loaded, exported, adapter_file, tmp_path_factory):
