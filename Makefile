@@ -90,7 +90,7 @@ help:
 	@echo "make bench-security admin APIs with and without the key, listening addresses, 2.51's crashing requests and the restarts, oversized requests: $(BENCH_RESULTS)/security_cpu.md"
 	@echo "make bench-engine continuous batching against the loop design (perf_analyzer, 256² and 512²): $(BENCH_RESULTS)/engine_cpu.md"
 	@echo "make bench-stream sdxl_stream: time to first preview, preview cost per step, cancel to slot free: $(BENCH_RESULTS)/stream_cpu.md"
-	@echo "make bench-painting real-time painting: 512² img2img frames in sequence over gRPC, fps, time outside the networks: $(BENCH_RESULTS)/painting_cpu.md"
+	@echo "make bench-painting real-time painting: 512² img2img frames over gRPC, fps, time outside the networks, sessions (skipped frames): $(BENCH_RESULTS)/painting_cpu.md"
 	@echo "make bench-img2img img2img memory: SDXL's VAE graphs at full size to 1536², the tiny server at 1536² x 4: $(BENCH_RESULTS)/img2img_cpu.md"
 	@echo "make bench-outputs PNG/JPEG/WebP and the watermark per image, raw vs JPEG responses over gRPC and HTTP: $(BENCH_RESULTS)/outputs_cpu.md"
 	@echo "make bench-refiner the standard recipe and the refiner: served (tiny), each UNet's work, the full-size refiner, a GPU estimate: $(BENCH_RESULTS)/refiner_cpu.md"

@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from .measure import bench_parser, save_run, started_server
+from .measure import bench_parser, counted_tflops, save_run, started_server
 from .scale import ort_step_lines
 from .throughput import log, tiny_pipeline
 
@@ -205,7 +205,6 @@ def flops() -> dict[str, float]:
     """TFLOP per step at 1024², one row: SDXL's UNet, its ControlNet and its ControlNet-Union with 1 and 2
     modes (meta device: no weights)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from contract.networks import SDXL_DIMS, TIME_IDS_DIM
     from export.modules import ControlNet, UNet, UnionControlNet
@@ -220,13 +219,9 @@ def flops() -> dict[str, float]:
         cases = (("unet", UNet(unet, lora=False), inputs), ("controlnet", ControlNet(controlnet), (*inputs, image)),
                  *((f"union, {modes} mode{'s' if modes > 1 else ''}", UnionControlNet(union), (*inputs, *union_inputs(modes, image)))
                    for modes in (1, 2)))
-    counted = {}
-    for name, module, args in cases:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            module(*args)
-        counted[name] = round(counter.get_total_flops() / 1e12, 3)
-        log(f"flops: {name} {counted[name]} TFLOP per step at 1024x1024")
+    counted = counted_tflops(cases)
+    for name, tflop in counted.items():
+        log(f"flops: {name} {tflop} TFLOP per step at 1024x1024")
     counted["parameters_b"] = {name: round(sum(p.numel() for p in module.parameters()) / 1e9, 3)
                                for name, module in (("controlnet", controlnet), ("union", union), ("unet", unet))}
     return counted

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 from .controlnet import H100_UNET_4_STEPS_S, sample_control
-from .measure import bench_parser, save_run, started_server
+from .measure import bench_parser, counted_tflops, save_run, started_server
 from .scale import gib, ort_step_lines
 from .throughput import log, tiny_pipeline
 
@@ -133,7 +133,6 @@ def flops(work: Path) -> dict:
     image encoder per image; parameters (meta device: the adapters are loaded on the CPU, then moved)."""
     import torch
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
-    from torch.utils.flop_counter import FlopCounterMode
 
     from contract.ip_adapters import PLAIN, PLUS
     from contract.networks import SDXL_DIMS, TIME_IDS_DIM
@@ -160,13 +159,9 @@ def flops(work: Path) -> dict:
                  ("image_encoder (ViT-H/14 + plain projection)", ImageEncoder(encoder, adapters[PLAIN]),
                   (torch.randn(1, 3, 224, 224),)),
                  ("plus resampler", resampler, (hidden,)))
-    counted = {}
-    for name, module, args in cases:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            module(*args)
-        counted[name] = round(counter.get_total_flops() / 1e12, 4)
-        log(f"flops: {name}: {counted[name]} TFLOP ({'per step at 1024x1024' if 'unet' in name else 'per image'})")
+    counted = counted_tflops(cases, digits=4)
+    for name, tflop in counted.items():
+        log(f"flops: {name}: {tflop} TFLOP ({'per step at 1024x1024' if 'unet' in name else 'per image'})")
     counted["parameters_m"] = {
         "unet": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
         **{f"ip layers, {kind}": round(sum(p.numel() for m in (*a.to_k, *a.to_v) for p in m.parameters()) / 1e6, 1)

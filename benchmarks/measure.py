@@ -218,6 +218,21 @@ def run(command: list[str], *, phase_pattern: str | None = None, env: dict | Non
     return Measured(command, process.returncode, end - start, usage.ru_maxrss * 1024, sampler.peak(), phases, text)
 
 
+def counted_tflops(cases, digits: int = 3) -> dict[str, float]:
+    """TFLOP of each (name, module, args) case, one forward pass without gradients, as PyTorch's
+    FlopCounterMode counts it (meta tensors do: shapes only)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counted = {}
+    for name, module, args in cases:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            module(*args)
+        counted[name] = round(counter.get_total_flops() / 1e12, digits)
+    return counted
+
+
 def directory_sizes(root: Path, pattern: str = "*") -> dict[str, int]:
     """Bytes of each file under `root` matching `pattern`, by relative path."""
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(Path(root).rglob(pattern)) if p.is_file()}
