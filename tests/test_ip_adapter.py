@@ -204,3 +204,21 @@ def test_the_export_refuses_adapters_that_do_not_fit(tmp_path, tiny_dir, loaded,
         load_ip_adapter(str(tmp_path / "lora.safetensors"), loaded("fp32").pipe.unet)
     assert export_main(["onnx", "--model", str(tiny_dir), "--ip-adapter", plain, "--out", str(tmp_path / "repo")]) == 2
     assert "--ip-adapter needs --image-encoder" in capsys.readouterr().err
+
+
+def test_the_encoders_architectures_are_h94s():
+    """export/ip_adapter.py's CLIP vision configs: ViT-H/14 (h94's models/image_encoder, 632 M parameters, the vit-h
+    adapters') and OpenCLIP bigG/14's vision tower (sdxl_models/image_encoder, 1.84 B, ip-adapter_sdxl's), counted on
+    the meta device; the full-size skeleton's image encoder is ViT-H/14 with the plain adapter's projection."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from export.ip_adapter import VIT_BIGG_14, VIT_H_14
+    from test_full_size_graphs import initializer_count
+
+    counts = {}
+    for name, config in (("vit-h", VIT_H_14), ("bigg", VIT_BIGG_14)):
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).parameters())
+    assert counts == {"vit-h": 632_076_800, "bigg": 1_844_907_264}
+    projection = 1024 * 4 * 2048 + 4 * 2048 + 2 * 2048  # ImageProjection: image_embeds Linear and LayerNorm
+    assert abs(initializer_count("image_encoder") - (counts["vit-h"] + projection)) / counts["vit-h"] < 0.01
