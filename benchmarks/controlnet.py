@@ -37,11 +37,10 @@ import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from .measure import bench_parser, counted_tflops, save_run, started_server
+from .measure import bench_parser, closed_loop_clients, counted_tflops, save_run, started_server
 from .scale import ort_step_lines
 from .throughput import log, tiny_pipeline
 
@@ -89,26 +88,14 @@ def closed_loop(server, size: int, concurrency: int, requests: int, controls_of)
     of every request. `controls_of(i)`: the i-th request's controls."""
     from client import generate
 
-    results, lock = [], threading.Lock()
+    def one(i: int) -> int:
+        controls = controls_of(i)
+        generate(f"a house {i}", url=server.grpc_url, protocol="grpc", seed=i, num_inference_steps=STEPS,
+                 height=size, width=size, controls=controls or None)
+        return len(controls)
 
-    def client(worker: int) -> None:
-        for k in range(requests):
-            i = worker * requests + k
-            controls = controls_of(i)
-            start = time.perf_counter()
-            generate(f"a house {i}", url=server.grpc_url, protocol="grpc", seed=i, num_inference_steps=STEPS,
-                     height=size, width=size, controls=controls or None)
-            with lock:
-                results.append((len(controls), time.perf_counter() - start))
-
-    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    results.append((-1, time.perf_counter() - start))  # the wall time, last
-    return results
+    results, wall = closed_loop_clients(concurrency, requests, one)
+    return results + [(-1, wall)]  # the wall time, last
 
 
 def graph_steps(repository: Path, size: int, repeats: int = 9) -> list[dict]:

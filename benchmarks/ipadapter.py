@@ -43,12 +43,11 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from .controlnet import H100_UNET_4_STEPS_S, sample_control
-from .measure import bench_parser, counted_tflops, save_run, started_server
+from .measure import bench_parser, closed_loop_clients, counted_tflops, save_run, started_server
 from .scale import gib, ort_step_lines
 from .throughput import log, tiny_pipeline
 
@@ -375,29 +374,12 @@ def closed_loop(server, size: int, concurrency: int, requests: int, image_of, of
     """`concurrency` clients, each sending `requests` requests one after another: (with an image prompt,
     seconds) of every request, and the wall time. `image_of(i)`: the i-th request's image prompt or None
     (i from `offset`: each client's requests are consecutive)."""
-    results, errors, lock = [], [], threading.Lock()
+    def one(i: int) -> bool:
+        image = image_of(i)
+        send(server, size, i, image)
+        return image is not None
 
-    def client(worker: int) -> None:
-        try:
-            for k in range(requests):
-                i = offset + worker * requests + k
-                image = image_of(i)
-                start = time.perf_counter()
-                send(server, size, i, image)
-                with lock:
-                    results.append((image is not None, time.perf_counter() - start))
-        except Exception as error:  # reported once all clients are done
-            errors.append(error)
-
-    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results, time.perf_counter() - start
+    return closed_loop_clients(concurrency, requests, one, offset)
 
 
 def model_seconds(before: dict, after: dict, model: str) -> tuple[float, int, int]:

@@ -218,6 +218,35 @@ def run(command: list[str], *, phase_pattern: str | None = None, env: dict | Non
     return Measured(command, process.returncode, end - start, usage.ru_maxrss * 1024, sampler.peak(), phases, text)
 
 
+def closed_loop_clients(concurrency: int, requests: int, send: Callable[[int], object], offset: int = 0) -> tuple[list, float]:
+    """`concurrency` clients on threads, each sending `requests` requests one after another (client w sends
+    requests offset + w x requests + k): `send(i)` sends the i-th and returns a tag. The (tag, seconds) of
+    every request and the wall time; a client's error is raised once every client is done."""
+    import threading
+
+    results, errors, lock = [], [], threading.Lock()
+
+    def client(worker: int) -> None:
+        try:
+            for k in range(requests):
+                start = time.perf_counter()
+                tag = send(offset + worker * requests + k)
+                with lock:
+                    results.append((tag, time.perf_counter() - start))
+        except Exception as error:  # noqa: BLE001 - reported once all clients are done
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results, time.perf_counter() - start
+
+
 def counted_tflops(cases, digits: int = 3) -> dict[str, float]:
     """TFLOP of each (name, module, args) case, one forward pass without gradients, as PyTorch's
     FlopCounterMode counts it (meta tensors do: shapes only)."""

@@ -125,16 +125,12 @@ class ImagePrompt:
     def rows(self, images: int, guided: bool) -> dict:
         """ip_tokens and ip_layer_scales for a step's rows: `images` per half, negative rows first when
         `guided` (without CFG, or after its truncation, the positive rows alone)."""
+        import torch  # here, not at the module's top: the stream model checks requests without PyTorch
+
         tokens = self.tokens.expand(images, -1, -1)
         if guided:
-            tokens = self._cat([self.negative_tokens.expand(images, -1, -1), tokens])
+            tokens = torch.cat([self.negative_tokens.expand(images, -1, -1), tokens])
         return {"ip_tokens": tokens, "ip_layer_scales": self.layer_scales[None].expand(tokens.shape[0], -1)}
-
-    @staticmethod
-    def _cat(parts):
-        import torch
-
-        return torch.cat(parts)
 
 
 def image_prompt(spec: ImagePromptSpec | None, image: np.ndarray | None, served: ServedIPAdapter, encode, device, widths) -> ImagePrompt | None:

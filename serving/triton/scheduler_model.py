@@ -59,11 +59,12 @@ class LoopSettings:
     loras: ServingLoras
     refiner_text_dim: int = 0  # the refiner's text conditioning width; 0: no refiner served
     controlnets: dict | None = None  # the ControlNets served: {name: contract.controlnets.ServedControl}
-    lora_widths: tuple[int, int] = (0, 0)  # the UNet's LoRA input widths: unet_control's zero LoRA
+    # The UNet's LoRA input widths and control_width (lora_in, lora_out, control_width: contract.networks.ModelDims),
+    # for the zeros unet_control and unet_ip take from a request without LoRAs or ControlNets; 0 where neither is served.
+    unet_widths: tuple[int, int, int] = (0, 0, 0)
     canny_thresholds: tuple[int, int] = (100, 200)  # the canny preprocessor's (parameter canny_thresholds)
     depth: DepthPreprocessor | None = None  # the depth preprocessor, where a served ControlNet has it
     ip_adapter: ServedIPAdapter | None = None  # the IP-Adapter served; None: image prompts are refused
-    ip_widths: tuple[int, int, int] = (0, 0, 0)  # unet_ip's zero LoRA and residual widths (lora_in, lora_out, control_width)
 
     @classmethod
     def load(cls, settings: ModelSettings) -> "LoopSettings":
@@ -93,7 +94,7 @@ class LoopSettings:
                     f"recipe {limits.recipe} has a refiner (parameter high_noise_frac={limits.default_high_noise_frac:g}), "
                     f"but the repository has no {REFINER_UNET.name} graph; export with --refiner (or --preset sdxl-base-refiner)")
             refiner_text_dim = settings.export[1].refiner_text_dim
-        controlnets, lora_widths = settings.controlnets, (0, 0)
+        controlnets = settings.controlnets
         try:
             canny_thresholds = parse_canny_thresholds(params.get("canny_thresholds", "100,200"))
         except ValueError as error:
@@ -102,20 +103,19 @@ class LoopSettings:
             if not exported_interface(settings.repository, UNET_CONTROL.name):
                 raise settings.error(f"the repository serves ControlNets ({', '.join(controlnets)}) but no {UNET_CONTROL.name} "
                                      "graph; export them together (python -m export onnx --controlnet NAME=PATH)")
-            dims = settings.export[1]
-            lora_widths = (dims.unet_lora_in, dims.unet_lora_out)
         # Where a served ControlNet (or union mode) has the depth preprocessor: served_controlnets says so only
         # where the repository holds the depth estimator.
         depth = DepthPreprocessor(settings.repository) if any(c.preprocessor == DEPTH for c in (controlnets or {}).values()) else None
-        ip_adapter, ip_widths = settings.ip_adapter, (0, 0, 0)
-        if ip_adapter is not None:
-            if not exported_interface(settings.repository, UNET_IP.name):
-                raise settings.error(f"the repository serves an IP-Adapter ({IMAGE_ENCODER.name}) but no {UNET_IP.name} graph; "
-                                     "export them together (python -m export onnx --ip-adapter FILE --image-encoder DIR)")
+        ip_adapter = settings.ip_adapter
+        if ip_adapter is not None and not exported_interface(settings.repository, UNET_IP.name):
+            raise settings.error(f"the repository serves an IP-Adapter ({IMAGE_ENCODER.name}) but no {UNET_IP.name} graph; "
+                                 "export them together (python -m export onnx --ip-adapter FILE --image-encoder DIR)")
+        unet_widths = (0, 0, 0)
+        if controlnets or ip_adapter is not None:
             dims = settings.export[1]
-            ip_widths = (dims.unet_lora_in, dims.unet_lora_out, dims.control_width)
+            unet_widths = (dims.unet_lora_in, dims.unet_lora_out, dims.control_width)
         return cls(limits, cfg_end_fraction, eta, torch.device(device), scheduler_class, config, loras, refiner_text_dim,
-                   controlnets, lora_widths, canny_thresholds, depth, ip_adapter, ip_widths)
+                   controlnets, unet_widths, canny_thresholds, depth, ip_adapter)
 
     def check(self, raw: dict):
         """The request's options (serving.endpoint.check_options) against the limits, the ControlNets and the
@@ -130,7 +130,7 @@ class LoopSettings:
             return tuple(to_torch(pb_utils.get_output_tensor_by_name(response, name), self.device, copy=True)
                          for name in IMAGE_ENCODER.output_names)
 
-        return image_prompt(options.image_prompt, raw.get("ip_adapter_image"), self.ip_adapter, encode, self.device, self.ip_widths)
+        return image_prompt(options.image_prompt, raw.get("ip_adapter_image"), self.ip_adapter, encode, self.device, self.unet_widths)
 
     def request_controls(self, raw: dict, options, run) -> RequestControls | None:
         """The request's ControlNets with their control maps on the loop's device (made by the ControlNet's
@@ -149,7 +149,7 @@ class LoopSettings:
                 else:
                     image = preprocess(kind, image, self.canny_thresholds)
             maps.append(torch.from_numpy(np.array(image, dtype=np.uint8)[None]).to(self.device))  # a copy: the request's memory goes
-        return RequestControls(options.controls, tuple(maps), self.lora_widths)
+        return RequestControls(options.controls, tuple(maps), self.unet_widths[:2])
 
     def held_loras(self, request) -> list:
         """The request's LoRAs (lora_names, lora_scales), checked and read: LoraError naming the input."""
