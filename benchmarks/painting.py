@@ -29,7 +29,9 @@ client's frame is "outside". Also `client.generate()` over `--generate-frames` f
 opens a gRPC channel per call). And an H100/H200 estimate from published TensorRT figures scaled to
 the size, plus the measured time outside the networks (an estimate, with its basis, in OUT.md).
 
-Sessions (serving/sessions.py; `--session-frames`, 0: none): for each img2img configuration, the frames of
+Sessions (serving/sessions.py; `--session-frames`, 0: none): for each img2img configuration, first `--frames`
+frames of one session on one `sdxl_stream` stream sent closed-loop (each when the previous one's answer came), with
+where a frame's time goes (the networks, and outside them); then the frames of
 one session on one gRPC stream (`client.generate_session`), sent open-loop at half, equal and twice the
 frame rate the closed loop above measured (the server's rate), with the prompt unchanged (prompt cache
 hits) and changing every frame (misses): frames per second answered with an image, latency median and p95
@@ -119,14 +121,15 @@ def snapshot(client, admin: dict[str, str]) -> dict[str, dict]:
     return {s["name"]: s for s in client.get_inference_statistics(model_name="", headers=admin, as_json=True)["model_stats"]}
 
 
-def settled_snapshot(client, admin: dict[str, str], expected: int, timeout_s: float = 10.0) -> dict[str, dict]:
-    """The statistics once the ensemble and the last model of its chain have counted `expected`
+def settled_snapshot(client, admin: dict[str, str], expected: int, timeout_s: float = 10.0,
+                     endpoint: str = "ensemble_sdxl") -> dict[str, dict]:
+    """The statistics once the endpoint and the last model of its chain have counted `expected`
     requests (every one sent so far): Triton records a request's statistics after its response is
     sent, so a snapshot taken at once can miss the last frame."""
     deadline = time.perf_counter() + timeout_s
     while True:
         stats = snapshot(client, admin)
-        done = min(count(stats, "ensemble_sdxl"), count(stats, "vae_decoder"))
+        done = min(count(stats, endpoint), count(stats, "vae_decoder"))
         if done == expected:
             return stats
         if done > expected:
@@ -259,6 +262,71 @@ def measure_config(client, admin: dict[str, str], url: str, name: str, steps: in
     return row
 
 
+def session_breakdown(client, admin: dict[str, str], url: str, name: str, steps: int, size: int, frames: int, warmup: int,
+                      sent: int) -> dict:
+    """One session's frames on one `sdxl_stream` stream, each sent when the previous one's final response
+    arrived (a closed loop, so no frame is skipped), and where a frame's time goes: the networks
+    (Triton's statistics, as for the ensemble) and everything outside them (the frame's latency less
+    the networks: the stream's and the denoiser's Python, BLS hand-offs, gRPC, the client's encode and
+    decode). `sent`: the frames the server's vae_decoder answered before."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from client import STREAM_MODEL, request_inputs
+
+    canvas, answers = Canvas(size, seed=11), queue.Queue()
+    session = np.array([f"bench-{name}".encode()], dtype=np.object_)
+    outputs = [grpcclient.InferRequestedOutput(n) for n in ("images", "seeds", "step", "num_inference_steps", "skipped")]
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+
+    def frame(index: int) -> float:
+        canvas.stroke()
+        start = time.perf_counter()
+        inputs = request_inputs("grpc", PROMPT, seed=SEED, num_inference_steps=steps, strength=STRENGTH, guidance_scale=1.0,
+                                image=canvas.pixels)
+        tensor = grpcclient.InferInput("session_id", [1], "BYTES")
+        tensor.set_data_from_numpy(session)
+        client.async_stream_infer(STREAM_MODEL, [*inputs, tensor], request_id=str(index), outputs=outputs)
+        while True:
+            result, error = answers.get(timeout=60)
+            if error is not None:
+                raise RuntimeError(f"session frame {index}: {error}")
+            if int(result.as_numpy("step")[0]) == int(result.as_numpy("num_inference_steps")[0]):
+                break
+        images = result.as_numpy("images")
+        if images is None or images.shape != (1, size, size, 3) or bool(result.as_numpy("skipped")[0]):
+            raise RuntimeError(f"session frame {index}: unexpected answer (skipped {result.as_numpy('skipped')})")
+        return time.perf_counter() - start
+
+    try:
+        for index in range(warmup):
+            frame(index)
+        before = settled_snapshot(client, admin, sent + warmup, endpoint="vae_decoder")
+        seconds = [frame(warmup + index) for index in range(frames)]
+        after = settled_snapshot(client, admin, sent + warmup + frames, endpoint="vae_decoder")
+    finally:
+        client.stop_stream()
+
+    def delta(model, *keys):
+        return (ns(after, model, *keys) - ns(before, model, *keys)) / 1e6 / frames
+
+    totals = [1000 * s for s in seconds]
+    row = {"config": name, "num_inference_steps": steps, "unet_steps": max(1, int(steps * STRENGTH)), "frames": frames,
+           "fps": frames / sum(seconds), "latency_median_ms": float(np.median(totals)), "latency_p95_ms": percentile(totals, 0.95),
+           "latency_mean_ms": sum(totals) / frames, **{f"{model}_ms": delta(model, *ON_PATH) for model in NETWORKS}}
+    row["networks_ms"] = sum(row[f"{model}_ms"] for model in NETWORKS)
+    row["outside_ms"] = row["latency_mean_ms"] - row["networks_ms"]
+    # The denoiser's execute: checking the request, encoding its image (vae_encoder, BLS) and building its loop.
+    row["denoiser_python_ms"] = delta("denoiser", *ON_PATH) - delta("vae_encoder", "queue", *ON_PATH)
+    row["tokenizer_calls_per_frame"] = (count(after, "tokenizer") - count(before, "tokenizer")) / frames
+    hits = [int(stats["text_encoder"].get("inference_stats", {}).get("cache_hit", {}).get("count", 0)) for stats in (before, after)]
+    row["text_encoder_cache_hits_per_frame"] = (hits[1] - hits[0]) / frames
+    log(f"session closed loop, {name}: {row['fps']:.2f} frames/s, latency median {row['latency_median_ms']:.0f} ms; networks "
+        f"{row['networks_ms']:.1f} ms, outside {row['outside_ms']:.1f} ms (denoiser's Python {row['denoiser_python_ms']:.1f} ms)")
+    return row
+
+
 SESSION_RATES = (0.5, 1.0, 2.0)  # the session's sending rate over the server's closed-loop frame rate
 
 
@@ -310,11 +378,12 @@ def session_run(server, name: str, steps: int, server_fps: float, rate: float, c
 
 
 def measure(repository: Path, size: int, frames: int, warmup: int, generate_count: int, work: Path,
-            session_frames: int = 0) -> tuple[list[dict], list[dict]]:
+            session_frames: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """(the ensemble's closed-loop rows, a session's closed-loop rows, the open-loop session runs)."""
     import tritonclient.grpc as grpcclient
 
     log("starting tritonserver ...")
-    rows, sessions = [], []
+    rows, closed, sessions = [], [], []
     with started_server(repository, work / "tritonserver.log") as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:
@@ -323,6 +392,11 @@ def measure(repository: Path, size: int, frames: int, warmup: int, generate_coun
                 rows.append(measure_config(client, server.admin_headers("grpc"), server.grpc_url, name, steps, strength, size, frames, warmup,
                                            generate_count, sent))
                 sent += warmup + frames + generate_count
+            for name, steps, strength in CONFIGS if session_frames else ():
+                if strength is not None:
+                    closed.append(session_breakdown(client, server.admin_headers("grpc"), server.grpc_url, name, steps, size,
+                                                    frames, warmup, sent))
+                    sent += warmup + frames
         finally:
             client.close()
         for row in rows if session_frames else []:
@@ -332,10 +406,10 @@ def measure(repository: Path, size: int, frames: int, warmup: int, generate_coun
                 for rate in SESSION_RATES:
                     sessions.append(session_run(server, row["config"], row["num_inference_steps"], row["fps"], rate, changing,
                                                 session_frames, size))
-    return rows, sessions
+    return rows, closed, sessions
 
 
-def estimate(rows: list[dict], size: int) -> dict:
+def estimate(rows: list[dict], size: int, closed: list[dict] = ()) -> dict:
     """An H100/H200 estimate per img2img configuration: the published 1024² TensorRT figures scaled to
     `size` by pixel count, plus this run's measured non-network time as an upper-bound guess. Every
     figure here is an estimate, not a measurement."""
@@ -360,6 +434,10 @@ def estimate(rows: list[dict], size: int) -> dict:
             "fps": (1000 / (networks[1] + overhead), 1000 / (networks[0] + overhead)),
             "fps_networks_only": (1000 / networks[1], 1000 / networks[0]),
         })
+        session = next((c["outside_ms"] for c in closed if c["config"] == row["config"]), None)  # a session's frame, measured here
+        if session is not None:
+            configs[-1].update(session_overhead_ms=session, session_latency_ms=(networks[0] + session, networks[1] + session),
+                               session_fps=(1000 / (networks[1] + session), 1000 / (networks[0] + session)))
     return {"size": size, "pixel_scale": scale, "text_encoders_ms": text, "unet_step_ms": unet,
             "vae_decoder_ms": vae_decoder, "vae_encoder_ms": vae_encoder, "configs": configs}
 
@@ -462,7 +540,8 @@ def write_table(results: dict, path: Path) -> None:
         "- Everything else: this run's measured Python + outside time per frame (tokenizer, scheduler loop, "
         "ensemble, gRPC transfer of the 512² image both ways, client encode and decode), carried over as it is: an "
         "upper-bound guess, since this 2-core machine also runs the networks on the same cores and a GPU host's CPU "
-        "is faster; on a GPU the scheduler's tensors live on the GPU and the image crosses PCIe (not counted).", "",
+        "is faster; on a GPU the scheduler's tensors live on the GPU and the image crosses PCIe (not counted). The rows of "
+        "a session's frame carry that frame's measured outside time instead (below: the stream, the denoiser, gRPC).", "",
         "| configuration | networks (estimate) | overhead (measured here, carried over) | latency per frame (estimate) "
         "| frames/s (estimate) | frames/s, networks only (ceiling) |",
         "|---|---|---|---|---|---|",
@@ -470,12 +549,33 @@ def write_table(results: dict, path: Path) -> None:
     for c in est["configs"]:
         lines.append(f"| {c['config']} | {fmt_range(c['networks_ms'])} ms | {c['overhead_ms']:.0f} ms "
                      f"| {fmt_range(c['latency_ms'])} ms | {fmt_range(c['fps'], 1)} | {fmt_range(c['fps_networks_only'], 1)} |")
+        if "session_overhead_ms" in c:
+            lines.append(f"| {c['config']}, a session's frame (`sdxl_stream`) | {fmt_range(c['networks_ms'])} ms "
+                         f"| {c['session_overhead_ms']:.0f} ms | {fmt_range(c['session_latency_ms'])} ms | {fmt_range(c['session_fps'], 1)} "
+                         f"| {fmt_range(c['fps_networks_only'], 1)} |")
     lines += [
         "", "An H200 runs these at about an H100's speed or a little faster (same compute, more memory bandwidth); "
         "the range covers both. Not counted: CFG (off here), a larger batch, TensorRT's own launch overheads beyond "
         "the published figures, the browser's or app's side of a real painting tool (capture, upload over a real "
         "network, display).",
     ]
+    if results.get("session_rows"):
+        lines += [
+            "", "## A session's frame, closed loop (`sdxl_stream`): where its time goes (mean per frame, ms)", "",
+            "The same canvas and request as above, each frame with a `session_id` on one gRPC stream and sent when the "
+            "previous one's final response arrived (so none is skipped). *outside* = the frame's latency (the client's, "
+            "from building the request to its final response) less the networks (Triton's statistics, as above): the "
+            "stream's and the denoiser's Python, the BLS hand-offs, gRPC, the client's encode and decode. The stream "
+            "tokenizes and admits in its own process (no tokenizer call) and the prompt cache answers the text encoder.", "",
+            "| configuration | frames/s | latency median | p95 | text_encoder | unet | vae_encoder | vae_decoder | **networks** "
+            "| denoiser's Python | **outside** | tokenizer calls / frame | text_encoder cache hits / frame |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["session_rows"]:
+            lines.append(f"| {r['config']} | {r['fps']:.2f} | {r['latency_median_ms']:.0f} ms | {r['latency_p95_ms']:.0f} ms | "
+                         + " | ".join(f"{r[model + '_ms']:.1f}" for model in NETWORKS)
+                         + f" | **{r['networks_ms']:.1f}** | {r['denoiser_python_ms']:.1f} | **{r['outside_ms']:.1f}** "
+                         f"| {r['tokenizer_calls_per_frame']:.2f} | {r['text_encoder_cache_hits_per_frame']:.2f} |")
     if results.get("sessions"):
         lines += [
             "", "## Sessions: latest wins (`sdxl_stream`, `session_id`)", "",
@@ -515,10 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-painting-") as tmp:
         work = Path(tmp)
         repository = prepare_repository(work, batching=True, schedulers=4, tiny=tiny_pipeline(work))
-        rows, sessions = measure(repository, args.size, args.frames, args.warmup, args.generate_frames, work, args.session_frames)
+        rows, closed, sessions = measure(repository, args.size, args.frames, args.warmup, args.generate_frames, work,
+                                         args.session_frames)
     load.append(os.getloadavg()[0])
-    save_run("painting", argv, started, args, parser, {"load_average_1min": load, "rows": rows, "sessions": sessions,
-                                                       "estimate": estimate(rows, args.size)}, write_table)
+    save_run("painting", argv, started, args, parser, {"load_average_1min": load, "rows": rows, "session_rows": closed,
+                                                       "sessions": sessions, "estimate": estimate(rows, args.size, closed)},
+             write_table)
     return 0
 
 

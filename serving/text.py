@@ -1,13 +1,23 @@
-"""Prompts to token ids for the `text_encoder` graph, with SDXL's two CLIP tokenizers."""
+"""Prompts to token ids for the `text_encoder` graph, with SDXL's two CLIP tokenizers, and one request's
+text encoder inputs (TextInputs): the `tokenizer` model's work, which `sdxl_stream` does in its own process."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
 from contract import layout
+from contract.limits import Limits
+from contract.networks import TEXT_ENCODER
+
+from .endpoint import check_guidance, check_prompts
+from .loras import check_request
+
+# A request's inputs that the text encoder's inputs depend on (TextInputs).
+TEXT_INPUTS = ("prompt", "negative_prompt", "guidance_scale", "lora_names", "lora_scales")
 
 
 def texts_to_encode(prompt: str, negative_prompt: str, do_classifier_free_guidance: bool, refiner: bool = False) -> list[str]:
@@ -56,3 +66,22 @@ def _clip_tokenizer(directory: Path):
     tokenizer.enable_truncation(length)
     tokenizer.enable_padding(length=length, pad_id=tokenizer.token_to_id(pad), pad_token=pad)
     return tokenizer
+
+
+class TextInputs:
+    """One request's `text_encoder` inputs from its raw inputs (TEXT_INPUTS): the texts checked against
+    `limits`, the negative prompt tokenized only when CFG uses it, and each text's LoRA weights for the
+    text encoder (`loras`, serving.loras.ServingLoras: the request's text-encoder LoRAs, or zeros). Bad
+    input raises InvalidInput or LoraError naming the input, before anything is tokenized."""
+
+    def __init__(self, tokenizer: PromptTokenizer, limits: Limits, loras):
+        self.tokenizer, self.limits, self.loras = tokenizer, limits, loras
+
+    def __call__(self, raw: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+        prompt, negative = check_prompts(raw, self.limits)
+        # An omitted guidance_scale is the recipe's default, as the loop will read it (sdxl-base: CFG 5.0).
+        do_cfg = check_guidance(raw.get("guidance_scale"), self.limits.default_guidance) > 1.0
+        named = check_request(raw.get("lora_names"), raw.get("lora_scales"), self.limits.max_loras, self.limits.max_lora_scale)
+        held = self.loras.load(named)
+        texts = texts_to_encode(prompt, negative, do_cfg, refiner=self.limits.has_refiner)
+        return {**self.tokenizer(texts), **self.loras.tensors(TEXT_ENCODER.name, held, len(texts))}

@@ -171,7 +171,27 @@ def test_stream_checks_requests_as_the_scheduler_does(variant):
 
 
 def test_request_parameters_reach_the_admission_as_the_ensembles_do(triton):
-    """queue_timeout_ms is passed on to the tokenizer, which admits the stream (or refuses a bad value)."""
+    """queue_timeout_ms reaches the stream's admission as the ensemble's reaches the tokenizer's (or a bad value is refused)."""
     assert [u.step for u in stream(triton, seed=1, num_inference_steps=2, queue_timeout_ms=5000)] == [1, 2]
     with pytest.raises(ClientError, match=r"queue_timeout_ms: -1 is not accepted; expected an integer request parameter"):
         stream(triton, seed=1, queue_timeout_ms=-1)
+
+
+def admitted(server, model: str) -> float:
+    """sdxl_admitted_requests_total of one model (the tokenizer, or the stream admitting its own)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("sdxl_admitted_requests_total{") and f'model="{model}"' in line)
+
+
+def test_the_stream_tokenizes_and_admits_in_its_own_process(triton):
+    """No hop to the tokenizer model: the stream does its work with its code and config (one config in
+    every variant, which the stream reads at load), and counts its admissions under its own name."""
+    assert [path.name for path in config_files(REPO, "tokenizer")] == ["config.pbtxt"]
+    before = admitted(triton, "tokenizer"), admitted(triton, "sdxl_stream")
+    assert [u.step for u in stream(triton, seed=3, num_inference_steps=2, negative_prompt="blurry", guidance_scale=2.0)] == [1, 2]
+    assert (admitted(triton, "tokenizer"), admitted(triton, "sdxl_stream")) == (before[0], before[1] + 1)
+    limit = int(parameters(read_config(REPO, "tokenizer"))["max_prompt_bytes"])
+    with pytest.raises(ClientError, match=rf"prompt: '<{limit + 1} bytes>' is not accepted; expected UTF-8 text of at most {limit} bytes"):
+        stream(triton, "x" * (limit + 1), seed=1)

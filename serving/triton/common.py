@@ -4,6 +4,7 @@ model process that imports it pays about 2 s of CPU and 200 MB at every (re)star
 
 from __future__ import annotations
 
+import json
 import traceback
 
 import numpy as np
@@ -46,6 +47,15 @@ def infer(model: str, inputs: list, outputs: list[str], run=None, parameters: di
             run.report_unhealthy(message)
         raise ComponentError(f"{model}: {message}", response.error())
     return response
+
+
+def request_parameters(request) -> dict:
+    """The request's parameters (Triton hands them over as JSON text); bad ones are the client's error."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except (UnicodeDecodeError, ValueError) as error:
+        raise InvalidInput("parameters", type(error).__name__, "request parameters in UTF-8") from None
+    return parameters if isinstance(parameters, dict) else {}
 
 
 def respond(request, tensors: dict):

@@ -13,9 +13,11 @@ waited past its queue timeout) and frees it at the end (serving/admission.py).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -171,6 +173,15 @@ class LoopSettings:
             mask = torch.from_numpy((raw["mask"] >= 128).astype(np.float32))[None, None].to(self.device)
         return InitImage(mean, std, options.strength, mask)
 
+    @cached_property
+    def _scheduler(self):
+        return self.scheduler_class.from_config(self.scheduler_config)
+
+    def fresh_scheduler(self):
+        """A new scheduler of the recipe's class and config, for one request (it keeps per-request state):
+        a copy of one made once, since from_config inspects the class's signature on every call."""
+        return copy.deepcopy(self._scheduler)
+
     def denoiser(self, options, embeds: torch.Tensor, pooled: torch.Tensor, held: list, init: InitImage | None = None,
                  controls: RequestControls | None = None, prompt=None) -> Denoiser:
         """`prompt`: the request's image prompt (request_image_prompt)."""
@@ -178,8 +189,8 @@ class LoopSettings:
                 for name, value in self.loras.tensors(UNET.name, held, 1).items()} if held else None
         refiner = None
         if options.high_noise_frac is not None:  # a fresh scheduler of the same class and config, as the refiner pipeline's
-            refiner = Refiner(self.scheduler_class.from_config(self.scheduler_config), options.high_noise_frac, self.refiner_text_dim)
-        return Denoiser(options, embeds, pooled, self.scheduler_class.from_config(self.scheduler_config),
+            refiner = Refiner(self.fresh_scheduler(), options.high_noise_frac, self.refiner_text_dim)
+        return Denoiser(options, embeds, pooled, self.fresh_scheduler(),
                         cfg_end_fraction=self.cfg_end_fraction, eta=self.eta, lora=lora, init=init, refiner=refiner,
                         controls=controls, image_prompt=prompt)
 

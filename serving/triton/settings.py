@@ -50,6 +50,21 @@ class ModelSettings:
                 return f"{self.model_dir.name}/configs/{path.name}"
         return f"{self.model_dir.name}/config.pbtxt"
 
+    def sibling(self, model: str) -> "ModelSettings":
+        """Another model's settings, as its config in the repository says: for a model that does that
+        one's work in its own process (sdxl_stream tokenizes and admits as the tokenizer would). The
+        model must have one config for every variant (config.pbtxt alone), which a test checks."""
+        from google.protobuf import json_format
+
+        from contract.configs import parameters, read_config
+
+        try:
+            config = read_config(self.repository, model)
+        except (OSError, ValueError) as error:  # text_format's ParseError is a ValueError
+            raise self.error(f"cannot read {model}'s config, whose work this model does: {error}") from None
+        return ModelSettings(model, self.repository / model, self.version,
+                             json_format.MessageToDict(config, preserving_proto_field_name=True), parameters(config), self.device_id)
+
     def error(self, message: str) -> Exception:
         """The exception that fails the load: `<model>: <message>`."""
         return pb_utils.TritonModelException(f"{self.model}: {message}")

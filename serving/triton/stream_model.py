@@ -4,39 +4,41 @@ plus `preview_every`; one response per denoising step (`step`, `num_inference_st
 images (checked, watermarked and encoded as `ensemble_sdxl`'s postprocess does, serving/outputs.py) with the
 FINAL flag, or one error response. Only the outputs the client asked for are sent.
 
-Each request runs here synchronously, through BLS: tokenizer (texts checked, admitted or refused,
-as the ensemble's) -> text_encoder -> denoiser (the continuous-batching engine, decoupled) ->
-preview_decoder for previews -> vae_decoder for the final images. One request per instance at a
+Each request runs here synchronously: its texts checked, tokenized and the request admitted or refused
+here, as the ensemble's `tokenizer` model does it (serving/text.py TextInputs, with the tokenizer's config:
+one hop less a frame), then through BLS: text_encoder -> denoiser (the continuous-batching engine,
+decoupled) -> preview_decoder for previews -> vae_decoder for the final images. One request per instance at a
 time: the instances are the streams in flight (worker threads doing BLS crashed tritonserver 2.51,
 docs/batching-and-streaming.md). A cancelled stream (`is_cancelled`) is seen at the next step; 2.51
 cannot cancel a BLS request, so the request's admission ticket is marked cancelled in the run
 directory, which the denoiser checks before every step.
 
 Config parameters: the endpoint's limits and the recipe (as the scheduler's; a test keeps them equal),
-apply_watermark and safety_checker (as postprocess's).
+apply_watermark and safety_checker (as postprocess's). The texts' limits and the admission policy are the
+tokenizer's config parameters (max_prompt_bytes, max_queue_size...), read from its config at load.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from contract.layout import TOKENIZER_MODEL
 from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECODER
-from serving.admission import TICKET_TENSOR, Refused, RunState, run_directory
+from serving.admission import Refused, RunState, queue_timeout_s, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
 from serving.sessions import Sessions, check_session_id
+from serving.text import TEXT_INPUTS, PromptTokenizer, TextInputs
 
 from .common import (ComponentError, control_tensors, endpoint_finisher, error_response, image_tensors, infer, input_arrays,
-                     ip_adapter_tensors, lora_tensors, option_tensors, ticket_tensor)
+                     ip_adapter_tensors, lora_tensors, option_tensors, request_parameters, ticket_tensor)
 from .metrics import AdmissionMetrics, StreamMetrics
 from .settings import ModelSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-TEXT_INPUTS = ("prompt", "negative_prompt")
 
 
 class TritonPythonModel:
@@ -45,6 +47,11 @@ class TritonPythonModel:
         self.limits, self.controlnets, self.ip_adapter = settings.limits, settings.controlnets, settings.ip_adapter
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.sessions = Sessions(self.run.directory)
+        tokenizer = settings.sibling(TOKENIZER_MODEL)  # its work is done here, by its config
+        if not (tokenizer.version_dir / "tokenizer").is_dir():
+            raise settings.error(f"no tokenizer files in {tokenizer.version_dir}; run `python -m export onnx` (or `make export-tiny`) first")
+        self.text_inputs = TextInputs(PromptTokenizer(tokenizer.version_dir), tokenizer.limits, tokenizer.loras)
+        self.policy = tokenizer.admission
         try:  # its errors name the model already
             self.finisher = endpoint_finisher(settings, self.run)
         except ValueError as error:
@@ -78,16 +85,19 @@ class TritonPythonModel:
         return (check_options(raw, self.limits, controlnets=self.controlnets, ip_adapter=self.ip_adapter),
                 check_preview_every(raw["preview_every"], self.limits), check_session_id(raw["session_id"]))
 
-    # 2. tokenize and admit (the tokenizer checks the texts and applies the admission policy)
-    def _tokenize(self, request, options: list) -> tuple[list, str]:
+    # 2. check the texts, tokenize and admit, as the tokenizer model does (in this process: no hop)
+    def _tokenize(self, request, options) -> tuple[list, str]:
         """The text encoder's inputs (token ids and the texts' LoRA weights) and the admission ticket."""
-        texts = [t for name in TEXT_INPUTS if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
-        guidance = [t for t in options if t.name() == "guidance_scale"]  # the checked one: CFG or not
-        response = infer("tokenizer", texts + guidance + lora_tensors(request),
-                         [*TEXT_ENCODER.input_names, TICKET_TENSOR], self.run, json.loads(request.parameters() or "{}"))
-        ticket = pb_utils.get_output_tensor_by_name(response, TICKET_TENSOR).as_numpy().reshape(-1)[0]
-        ids = [pb_utils.get_output_tensor_by_name(response, name) for name in TEXT_ENCODER.input_names]
-        return ids, bytes(ticket).decode("ascii")
+        raw = input_arrays(request, TEXT_INPUTS)
+        raw["guidance_scale"] = np.asarray([options.guidance_scale], dtype=np.float32)  # the checked one: CFG or not
+        tensors = self.text_inputs(raw)  # before admission: bad input costs no place
+        try:
+            ticket = self.run.admit(self.policy, queue_timeout_s(request_parameters(request), self.policy))
+        except Refused as refusal:
+            self.admission_metrics.refused(refusal.reason)
+            raise
+        self.admission_metrics.admitted.increment(1)
+        return [pb_utils.Tensor(name, tensors[name]) for name in TEXT_ENCODER.input_names], ticket
 
     # 3. encode the texts
     def _encode(self, ids: list) -> list:
@@ -108,14 +118,14 @@ class TritonPythonModel:
             self._send(sender, 0, options.num_inference_steps, seeds, [pb_utils.Tensor("skipped", np.asarray([True]))], FINAL)
             return None
         try:
-            return self._frame(request, sender, start, options, every, session=True)
+            return self._frame(request, sender, start, options, every, turn)
         finally:
-            turn.release()
+            turn.release()  # at the latest: once its final latents are out, the next frame may start (_denoise)
 
-    def _frame(self, request, sender, start: float, options, every: int, session: bool = False) -> None:
-        """One request (a session's frame: `session`, its final response says skipped false)."""
-        tensors = option_tensors(options, request)  # the checked values, for the tokenizer and the denoiser
-        ids, ticket = self._tokenize(request, tensors)
+    def _frame(self, request, sender, start: float, options, every: int, turn=None) -> None:
+        """One request (a session's frame holds its `turn`: its final response says skipped false)."""
+        tensors = option_tensors(options, request)  # the checked values, for the denoiser
+        ids, ticket = self._tokenize(request, options)
         try:
             self._start(ticket)
             self.metrics.in_flight.increment(1)
@@ -125,7 +135,7 @@ class TritonPythonModel:
                     raise Cancelled("cancelled by the client before denoising")
                 self._denoise(sender, embeddings + tensors + lora_tensors(request) + image_tensors(request)
                               + control_tensors(request) + ip_adapter_tensors(request), options, every,
-                              ticket, start, set(request.requested_output_names()), session)
+                              ticket, start, set(request.requested_output_names()), turn)
             finally:
                 self.metrics.in_flight.increment(-1)
         finally:
@@ -140,9 +150,11 @@ class TritonPythonModel:
 
     # 4. denoise in the engine, answering at every step; 5. decode previews and the final images
     def _denoise(self, sender, inputs: list, options, every: int, ticket: str, start: float, wanted: set,
-                 session: bool = False) -> None:
+                 turn=None) -> None:
         """`inputs`: the embeddings and the option tensors; `wanted`: the outputs the client asked for
-        (images: previews and final pixels; encoded_images: the final files); `session`: a session's frame."""
+        (images: previews and final pixels; encoded_images: the final files); `turn`: a session's frame's hold on
+        its session (serving.sessions.Turn), released as soon as the final latents are out: the session's next
+        frame denoises while this one is decoded."""
         steps = options.num_inference_steps
         seeds = np.asarray(options.seeds, dtype=np.int64)
         # A response after every step, previews or not: the stream's cancellation is checked on each.
@@ -165,9 +177,11 @@ class TritonPythonModel:
                 self.run.cancel(ticket)
                 continue
             if step == steps:
+                if turn is not None:
+                    turn.release()
                 decoded = infer(VAE_DECODER.name, [latents], VAE_DECODER.output_names, self.run)
                 images = pb_utils.get_output_tensor_by_name(decoded, "images")
-                skipped = [pb_utils.Tensor("skipped", np.asarray([False]))] if session else []
+                skipped = [pb_utils.Tensor("skipped", np.asarray([False]))] if turn is not None else []
                 self._send(sender, step, steps, seeds, self._finish(images, options, wanted) + skipped, FINAL)
                 self.metrics.request_seconds.observe(time.monotonic() - start)
                 return
