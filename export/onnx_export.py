@@ -534,6 +534,19 @@ def _publish_repository(staged: Path, repository: Path, names: tuple[str, ...]) 
     (layout.scheduler_config_path(staged).parent / layout.RECIPE_FILE).replace(target.parent / layout.RECIPE_FILE)
 
 
+@contextmanager
+def _collecting_only_new_objects():
+    """The export's gc.collect() calls (between networks and stages: cycles the tracer leaves must go before
+    the next network is traced) walk only the objects made since it began: what the caller held before is
+    frozen meanwhile (gc.freeze), so each call costs milliseconds, not a walk of every object in a process
+    that holds several pipelines (0.3 s a call on the tests' heap, about 10% of an export's time there)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def export_pipeline(
     source: Sources | LoadedPipeline, repository: Path, dtype: str, *, device: str = "cpu",
     names: tuple[str, ...] | None = None, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
@@ -571,7 +584,7 @@ def export_pipeline(
     precisions = precisions or Precisions(dtype, dtype)
     calibrating = Calibrating(precisions, recipe, sources, dtype, device, preloaded) if precisions.quantizes_any else None
     stage, loaded_for = None, None
-    with _staging_area(repository) as staged:
+    with _collecting_only_new_objects(), _staging_area(repository) as staged:
         for index, name in enumerate(ordered, 1):
             spec = networks.NETWORKS[name]
             log(f"stage {index}/{len(ordered) + 1}: {name} (from {', '.join(STAGES[name]) or 'its own source'})")
