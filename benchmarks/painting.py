@@ -33,10 +33,10 @@ Sessions (serving/sessions.py; `--session-frames`, 0: none): for each img2img co
 frames of one session on one `sdxl_stream` stream sent closed-loop (each when the previous one's answer came), with
 where a frame's time goes (the networks, and outside them); then the frames of
 one session on one gRPC stream (`client.generate_session`), sent open-loop at half, equal and twice the
-frame rate the closed loop above measured (the server's rate), with the prompt unchanged (prompt cache
-hits) and changing every frame (misses): frames per second answered with an image, latency median and p95
-of those (from each frame's sending), skipped frames, the prompt cache's hits and misses, and p95 over
-the frame time (1 / the server's rate). About 6 minutes on 2 cores with the defaults (the export included).
+frame rate the session's closed loop measured (the server's rate for a session's frames), with the prompt
+unchanged (prompt cache hits) and changing every frame (misses): frames per second answered with an image,
+latency median and p95 of those (from each frame's sending), skipped frames, the prompt cache's hits and
+misses, and p95 over the frame time (1 / the server's rate). About 6 minutes on 2 cores with the defaults (the export included).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Canvas:
     def __init__(self, size: int, seed: int = 0):
         self.size, self.rng = size, np.random.default_rng(seed)
         y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
-        sky, sea = y < 0.55, y >= 0.55
+        sky = y < 0.55
         image = np.zeros((size, size, 3), dtype=np.float32)
         image[..., 0] = np.where(sky, 250 - 120 * y, 30 + 40 * x)
         image[..., 1] = np.where(sky, 150 + 60 * y, 60 + 50 * y)
@@ -399,9 +399,7 @@ def measure(repository: Path, size: int, frames: int, warmup: int, generate_coun
                     sent += warmup + frames
         finally:
             client.close()
-        for row in rows if session_frames else []:
-            if row["strength"] is None:
-                continue
+        for row in closed:  # paced by the server's rate for a session's frames: its closed loop's
             for changing in (False, True):
                 for rate in SESSION_RATES:
                     sessions.append(session_run(server, row["config"], row["num_inference_steps"], row["fps"], rate, changing,
@@ -496,7 +494,8 @@ def write_table(results: dict, path: Path) -> None:
         "would count those ms twice. On this CPU variant each network is ONNX Runtime inside a Python-backend "
         "model, so these include the Python backend's tensor hand-off (shared memory) as well as the graph; in "
         "production they are TensorRT engines (whose compute_output, the output copy, is on the path). The text "
-        "encoder runs on every frame (the prompt's embeddings are not cached).",
+        "encoder runs for the first frame only: the prompt cache (Triton's response cache) answers the others, "
+        "which count nothing here.",
         "- *tokenizer*: its compute_input + compute_infer (Python model). *scheduler Python*: the scheduler's "
         "compute_input + compute_infer less the time its BLS calls spent in unet and vae_encoder (queue + "
         "compute_input + compute_infer there): the denoising loop's Python, the LCM step math, converting tensors, "
@@ -513,7 +512,7 @@ def write_table(results: dict, path: Path) -> None:
         "client decode: everything that is neither a network nor a Python model.",
         "- `generate()`: the client library's one-call function over `--generate-frames` further frames; it opens "
         "a gRPC channel per call, which the difference to the latency median shows.", "",
-        f"UNet calls per frame (Triton's count): "
+        "UNet calls per frame (Triton's count): "
         + ", ".join(f"{r['config']}: {r['unet_calls_per_frame']:.0f}" for r in rows)
         + "; VAE encoder calls per frame: " + ", ".join(f"{r['vae_encoder_calls_per_frame']:.0f}" for r in rows) + ".",
         "",
@@ -580,7 +579,8 @@ def write_table(results: dict, path: Path) -> None:
         lines += [
             "", "## Sessions: latest wins (`sdxl_stream`, `session_id`)", "",
             "One session on one gRPC stream (`client.generate_session`), its frames sent open-loop at half, equal and "
-            "twice the closed loop's frame rate above (the server's rate), the prompt unchanged (the prompt cache hits) "
+            "twice the session's closed-loop frame rate above (the server's rate for a session's frames), the prompt "
+            "unchanged (the prompt cache hits) "
             "or changed on every frame (misses). Frames per second answered with an image; latency from each answered "
             "frame's sending to its final response; a frame superseded before it started is answered as skipped.", "",
             "| configuration | prompt | sent at | frames/s answered | skipped | latency median | p95 | p95 / frame time "
