@@ -62,7 +62,8 @@ class ModelSettings:
             config = read_config(self.repository, model)
         except (OSError, ValueError) as error:  # text_format's ParseError is a ValueError
             raise self.error(f"cannot read {model}'s config, whose work this model does: {error}") from None
-        return ModelSettings(model, self.repository / model, self.version,
+        # Messages name this model, whose load a problem fails, as its own settings' do.
+        return ModelSettings(self.model, self.repository / model, self.version,
                              json_format.MessageToDict(config, preserving_proto_field_name=True), parameters(config), self.device_id)
 
     def error(self, message: str) -> Exception:

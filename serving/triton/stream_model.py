@@ -31,12 +31,13 @@ from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECOD
 from serving.admission import Refused, RunState, queue_timeout_s, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
 from serving.sessions import Sessions, check_session_id
-from serving.text import TEXT_INPUTS, PromptTokenizer, TextInputs
+from serving.text import TEXT_INPUTS
 
 from .common import (ComponentError, control_tensors, endpoint_finisher, error_response, image_tensors, infer, input_arrays,
                      ip_adapter_tensors, lora_tensors, option_tensors, request_parameters, ticket_tensor)
 from .metrics import AdmissionMetrics, StreamMetrics
 from .settings import ModelSettings
+from .tokenizer_model import text_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -48,10 +49,7 @@ class TritonPythonModel:
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.sessions = Sessions(self.run.directory)
         tokenizer = settings.sibling(TOKENIZER_MODEL)  # its work is done here, by its config
-        if not (tokenizer.version_dir / "tokenizer").is_dir():
-            raise settings.error(f"no tokenizer files in {tokenizer.version_dir}; run `python -m export onnx` (or `make export-tiny`) first")
-        self.text_inputs = TextInputs(PromptTokenizer(tokenizer.version_dir), tokenizer.limits, tokenizer.loras)
-        self.policy = tokenizer.admission
+        self.policy, self.text_inputs = tokenizer.admission, text_inputs(tokenizer)
         try:  # its errors name the model already
             self.finisher = endpoint_finisher(settings, self.run)
         except ValueError as error:

@@ -21,14 +21,19 @@ from .metrics import AdmissionMetrics
 from .settings import ModelSettings
 
 
+def text_inputs(settings: ModelSettings) -> TextInputs:
+    """The tokenizer's work as its settings configure it: this model's, or sdxl_stream's copy of them
+    (ModelSettings.sibling), which does the same work in its own process. Fails the load without the files."""
+    directory = settings.version_dir
+    if not (directory / "tokenizer").is_dir():
+        raise settings.error(f"no tokenizer files in {directory}; run `python -m export onnx` (or `make export-tiny`) first")
+    return TextInputs(PromptTokenizer(directory), settings.limits, settings.loras)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         settings = ModelSettings.from_args(args, "tokenizer")
-        directory = settings.version_dir
-        if not (directory / "tokenizer").is_dir():
-            raise settings.error(f"no tokenizer files in {directory}; run `python -m export onnx` (or `make export-tiny`) first")
-        self.policy = settings.admission
-        self.text_inputs = TextInputs(PromptTokenizer(directory), settings.limits, settings.loras)
+        self.policy, self.text_inputs = settings.admission, text_inputs(settings)
         self.run = RunState(run_directory(os.getppid())).create()  # the stub's parent is tritonserver
         self.metrics = AdmissionMetrics(args["model_name"])
 
