@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from .controlnet import H100_UNET_4_STEPS_S, sample_control
-from .measure import bench_parser, closed_loop_clients, counted_tflops, save_run, started_server
+from .measure import bench_parser, closed_loop_clients, counted_tflops, median_seconds, save_run, started_server
 from .scale import gib, ort_step_lines
 from .throughput import log, tiny_pipeline
 
@@ -259,13 +259,8 @@ def ort_graph(repository: Path, name: str, size: int, repeats: int) -> None:
     session = ort.InferenceSession(str(path), session_options(path), providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - start
     loaded = measure.status_kib(os.getpid(), "VmRSS") * 1024
-    session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"load_s": round(load_s, 1), "run_ms": round(statistics.median(times) * 1e3, 1), "repeats": repeats,
+    run_s = measure.median_seconds(lambda: session.run(None, feed), repeats)
+    print(json.dumps({"load_s": round(load_s, 1), "run_ms": round(run_s * 1e3, 1), "repeats": repeats,
                       "loaded_rss_gib": gib(loaded), "input": "pixel_values 224x224, batch 1" if name == "image_encoder"
                       else f"{size}x{size}, batch 1"}))
 
@@ -463,13 +458,7 @@ def preprocessing_ms(repository: Path, image, repeats: int = 20) -> float:
     from serving.ip_adapters import ServedIPAdapter
 
     served = ServedIPAdapter.load(repository)
-    served.pixel_values(image)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        served.pixel_values(image)
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1e3, 2)
+    return round(median_seconds(lambda: served.pixel_values(image), repeats) * 1e3, 2)
 
 
 def first_image_prompt(server, size: int, image, wait_s: float, retry_s: float) -> dict:

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .measure import bench_parser, results_path, run_record, save_results, started_server
+from .measure import bench_parser, median_seconds, results_path, run_record, save_results, started_server
 
 RANKS = (1, 8, 32, 64, 256)
 BATCHES = (1, 2)
@@ -45,16 +44,6 @@ BATCHES = (1, 2)
 
 def log(message: str) -> None:
     print(f"[bench-lora] {message}", flush=True)
-
-
-def median_seconds(call, repeats: int) -> float:
-    call()  # warm-up: ONNX Runtime plans its first run
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def export_unets(pipe, dims, out: Path) -> dict[str, Path]:

@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -216,6 +217,18 @@ def run(command: list[str], *, phase_pattern: str | None = None, env: dict | Non
     if log_path:
         log_path.write_text(text)
     return Measured(command, process.returncode, end - start, usage.ru_maxrss * 1024, sampler.peak(), phases, text)
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """The median of `repeats` timed calls of `call`, after one untimed warm-up call (ONNX Runtime plans
+    its first run)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def closed_loop_clients(concurrency: int, requests: int, send: Callable[[int], object], offset: int = 0) -> tuple[list, float]:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .measure import bench_parser, run, save_run
+from .measure import bench_parser, median_seconds, run, save_run
 from .throughput import log, tiny_pipeline
 
 HELD_OUT = 8
@@ -222,13 +222,8 @@ def speed_rows(repositories: dict[str, Path], size: int) -> list[dict]:
         for batch in (1, 2):
             feeds = {k: v.numpy() for k, v in example_inputs(networks.UNET, dims, "FP32", batch=batch, latent_height=size // 8,
                                                               latent_width=size // 8).items()}
-            unet.run(None, feeds)
-            times = []
-            for _ in range(SPEED_REPEATS):
-                start = time.perf_counter()
-                unet.run(None, feeds)
-                times.append(time.perf_counter() - start)
-            rows.append({"unet": info["precision"], "batch": batch, "size": size, "ms": round(statistics.median(times) * 1e3, 1)})
+            seconds = median_seconds(lambda: unet.run(None, feeds), SPEED_REPEATS)
+            rows.append({"unet": info["precision"], "batch": batch, "size": size, "ms": round(seconds * 1e3, 1)})
             log(f"speed: {rows[-1]}")
     return rows
 
