@@ -386,8 +386,9 @@ def generate_session(frames: Iterable[dict], *, url: str | None = None, session_
     each element of `frames` is one request's options (generate()'s: prompt, image, strength, seed...),
     over `common`, sent as the iterator yields it (pace it there: an iterator that waits sends at its
     rate). The server runs at most one frame of the session at a time and answers a frame that has not
-    started when a newer one arrives as skipped. Yields each frame's answer as it arrives; a frame's error
-    raises ClientError. Leaving early cancels what is in flight."""
+    started when a newer one arrives as skipped; a frame's request id is its index (0, 1, 2...), which
+    the server orders the frames by. Yields each frame's answer as it arrives; a frame's error raises
+    ClientError. Leaving early cancels what is in flight."""
     import threading
     import uuid
 

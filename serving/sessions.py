@@ -3,16 +3,25 @@ gRPC stream, each frame a request with the same `session_id`, and the latest fra
 most one frame denoising at a time; a frame that has not started when a newer frame of its session arrives
 is answered at once as skipped and never reaches the networks; a frame already running finishes.
 
+Which frame is newer is the client's order where the client gives it: a request id that is a whole number
+(`generate_session` sends 0, 1, 2...). The stream's instances take a stream's requests in order but check
+them in parallel, so the order in which they reach this file is not always the order they were sent in: a
+frame numbered by its arrival here could supersede a frame sent after it (the client's newest frame
+skipped). Frames without such an id are numbered 1, 2, 3... as they arrive here.
+
 The stream's instances are separate processes, so a session's state lives in the server's run directory
 (serving/admission.py), beside the admission queue, guarded by flock(2):
 
     <run>/sessions/<key>.latest    the number of the session's newest frame (one line)
+    <run>/sessions/<key>.present   shared-locked by every frame of the session still in the server
     <run>/sessions/<key>.running   locked by the instance denoising one of its frames
 
 `<key>` is a hash of the session id (any UTF-8 text: no path is made of it). A frame takes its number when
 it arrives (after its inputs are checked), then waits for the session's lock, asking every POLL_S whether
-a newer frame arrived. The files of a session that sent nothing for IDLE_S go; the run directory goes with
-the server.
+a newer frame arrived. A frame that arrives when none of its session is present starts the session's
+numbering again (a client reusing its session id on a new stream numbers from 0 again); a dead process's
+locks go with it. The files of a session that sent nothing for IDLE_S go; the run directory goes with the
+server.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import numpy as np
 from .endpoint import Cancelled, InvalidInput, _one
 
 SESSION_ID_MAX_BYTES = 128
+FRAME_ORDER_MAX_DIGITS = 18  # a request id of up to this many digits orders the frames (fits the file's 20)
 POLL_S = 0.002  # how often a waiting frame looks for a newer one: what "answered at once" costs
 IDLE_S = 600.0  # a session's files go after this long without a frame
 
@@ -48,6 +58,26 @@ def check_session_id(array: np.ndarray | None) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInput("session_id", data[:40], accepted) from None
+
+
+def frame_order(request_id: str) -> int | None:
+    """The client's order of a frame: its request id when that is a whole number, else None (arrival order)."""
+    if request_id.isascii() and request_id.isdigit() and len(request_id) <= FRAME_ORDER_MAX_DIGITS:
+        return int(request_id)
+    return None
+
+
+class Frame:
+    """A frame of a session in the server: its `number` (newer frames have greater ones) and its presence,
+    which keeps the session's numbering; leave() when it was answered (a dead process leaves by itself)."""
+
+    def __init__(self, number: int, descriptor: int):
+        self.number, self._descriptor = number, descriptor
+
+    def leave(self) -> None:
+        if self._descriptor >= 0:
+            os.close(self._descriptor)  # closing releases the shared lock
+            self._descriptor = -1
 
 
 class Turn:
@@ -74,15 +104,30 @@ class Sessions:
     def _path(self, session: str, suffix: str) -> Path:
         return self.directory / f"{hashlib.sha256(session.encode('utf-8')).hexdigest()[:32]}.{suffix}"
 
-    def arrive(self, session: str) -> int:
-        """Number a frame of `session` as its newest: 1, 2, 3... in the order frames arrive here."""
+    def arrive(self, session: str, order: int | None = None) -> Frame:
+        """A frame of `session` arrives: numbered by the client's `order` (frame_order) when it has one, else
+        as the session's newest (the last number + 1). A frame whose order is not newer than the session's
+        newest is stale from the start (wait_turn skips it), unless none of its session is present: then
+        its order starts the session again."""
         self._sweep()
         descriptor = os.open(self._path(session, "latest"), os.O_RDWR | os.O_CREAT, 0o600)
+        present = os.open(self._path(session, "present"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            frame = _read_number(descriptor) + 1
-            os.pwrite(descriptor, f"{frame:020d}\n".encode(), 0)
-            return frame
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # one arrival at a time: only arrivals lock `present` exclusively
+            try:
+                fcntl.flock(present, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:
+                alone = False
+            fcntl.flock(present, fcntl.LOCK_SH)  # present from now on (from exclusive: no one else can take it)
+            newest = _read_number(descriptor)
+            number = newest + 1 if order is None else order
+            if order is None or alone or order > newest:
+                os.pwrite(descriptor, f"{number:020d}\n".encode(), 0)
+            return Frame(number, present)
+        except BaseException:
+            os.close(present)
+            raise
         finally:
             os.close(descriptor)  # closing releases the lock
 
@@ -132,7 +177,8 @@ class Sessions:
             try:
                 if now - path.stat().st_mtime > IDLE_S:
                     path.unlink(missing_ok=True)
-                    path.with_suffix(".running").unlink(missing_ok=True)
+                    for suffix in (".running", ".present"):
+                        path.with_suffix(suffix).unlink(missing_ok=True)
             except OSError:
                 pass
 

@@ -16,7 +16,7 @@ from reference import sample_image
 from client import ClientError, generate, generate_session
 from client.__main__ import main as client_main
 from serving.endpoint import InvalidInput
-from serving.sessions import SESSION_ID_MAX_BYTES, Sessions, check_session_id
+from serving.sessions import SESSION_ID_MAX_BYTES, Sessions, check_session_id, frame_order
 
 PROMPT = "a watercolor of a harbour"
 FRAME = dict(num_inference_steps=2, strength=0.5, seed=9)
@@ -24,12 +24,12 @@ FRAME = dict(num_inference_steps=2, strength=0.5, seed=9)
 
 def test_frames_are_numbered_and_the_latest_wins(tmp_path):
     sessions = Sessions(tmp_path)
-    first, second = sessions.arrive("a"), sessions.arrive("a")
-    assert (first, second, sessions.arrive("b")) == (1, 2, 1)
+    first, second = sessions.arrive("a").number, sessions.arrive("a").number
+    assert (first, second, sessions.arrive("b").number) == (1, 2, 1)
     assert sessions.wait_turn("a", first) is None  # superseded before it started
     turn = sessions.wait_turn("a", second)
     assert turn is not None
-    third = sessions.arrive("a")
+    third = sessions.arrive("a").number
     waited = {}
 
     def wait() -> None:  # the third frame waits while the second runs
@@ -42,13 +42,35 @@ def test_frames_are_numbered_and_the_latest_wins(tmp_path):
     turn.release()
     thread.join(timeout=5)
     assert waited["turn"] is not None
-    fourth = sessions.arrive("a")
+    fourth = sessions.arrive("a").number
     waiting = threading.Thread(target=lambda: waited.update(fifth=sessions.wait_turn("a", fourth)))
     waiting.start()
     sessions.arrive("a")  # a newer frame: the waiting one is answered at once, not after the running one
     waiting.join(timeout=1)
     assert not waiting.is_alive() and waited["fifth"] is None
     waited["turn"].release()
+
+
+def test_the_clients_order_wins_over_the_order_frames_reach_the_sessions(tmp_path):
+    """The stream's instances check frames in parallel: the client's frame 7 can reach the session before its
+    frame 6. By the request ids, 7 is still the newest and 6 is stale from the start; once no frame of the
+    session is left, a client that reuses the id numbers from 0 again."""
+    sessions = Sessions(tmp_path)
+    assert [frame_order(text) for text in ("0", "7", "x7", "-1", "", "٣", "9" * 19)] == [0, 7, None, None, None, None, None]
+    seventh = sessions.arrive("a", 7)
+    sixth = sessions.arrive("a", 6)
+    assert sessions.wait_turn("a", sixth.number) is None
+    turn = sessions.wait_turn("a", seventh.number)
+    assert turn is not None and sessions.latest("a") == 7
+    without_order = sessions.arrive("a")  # a request id that is not a number: the newest, by arrival
+    assert without_order.number == 8
+    for frame in (sixth, seventh, without_order):
+        frame.leave()
+    turn.release()
+    again = sessions.arrive("a", 0)  # a new stream on the same id: none of the session is left
+    assert sessions.latest("a") == 0
+    sessions.wait_turn("a", again.number).release()
+    again.leave()
 
 
 @pytest.mark.parametrize("value", [b"", b"x" * (SESSION_ID_MAX_BYTES + 1), b"\xff\xfe"])

@@ -30,7 +30,7 @@ from contract.layout import TOKENIZER_MODEL
 from contract.networks import DENOISER, PREVIEW_DECODER, TEXT_ENCODER, VAE_DECODER
 from serving.admission import Refused, RunState, queue_timeout_s, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_preview_every
-from serving.sessions import Sessions, check_session_id
+from serving.sessions import Sessions, check_session_id, frame_order
 from serving.text import TEXT_INPUTS
 
 from .common import (ComponentError, control_tensors, endpoint_finisher, error_response, image_tensors, infer, input_arrays,
@@ -107,18 +107,23 @@ class TritonPythonModel:
         options, every, session = self._check(request)
         if session is None:
             return self._frame(request, sender, start, options, every)
-        # A session's frame: numbered on arrival, then it waits for the session's previous frame, unless a
-        # newer one arrives first (latest wins: it is answered as skipped and never reaches a network).
-        turn = self.sessions.wait_turn(session, self.sessions.arrive(session), sender.is_cancelled)
-        if turn is None:
-            self.metrics.skipped.increment(1)
-            seeds = np.asarray(options.seeds, dtype=np.int64)
-            self._send(sender, 0, options.num_inference_steps, seeds, [pb_utils.Tensor("skipped", np.asarray([True]))], FINAL)
-            return None
+        # A session's frame: numbered in the client's order (its request id) or on arrival, then it waits for
+        # the session's previous frame, unless a newer one arrives first (latest wins: it is answered as
+        # skipped and never reaches a network).
+        frame = self.sessions.arrive(session, frame_order(request.request_id()))
         try:
-            return self._frame(request, sender, start, options, every, turn)
+            turn = self.sessions.wait_turn(session, frame.number, sender.is_cancelled)
+            if turn is None:
+                self.metrics.skipped.increment(1)
+                seeds = np.asarray(options.seeds, dtype=np.int64)
+                self._send(sender, 0, options.num_inference_steps, seeds, [pb_utils.Tensor("skipped", np.asarray([True]))], FINAL)
+                return None
+            try:
+                return self._frame(request, sender, start, options, every, turn)
+            finally:
+                turn.release()
         finally:
-            turn.release()
+            frame.leave()
 
     def _frame(self, request, sender, start: float, options, every: int, turn=None) -> None:
         """One request (a session's frame holds its `turn`: its final response says skipped false)."""
