@@ -31,6 +31,8 @@ DRAIN_TIMEOUT_S ?= 60
 EXIT_TIMEOUT_S ?= 15
 # MiB of the prompt cache (docs/serving.md, "The prompt cache"); 0: none.
 PROMPT_CACHE_MB ?= 64
+TRACE_FILE ?=
+TRACE_RATE ?= 1000
 VARIANT ?= auto
 # The key of Triton's admin APIs (statistics, model configs, repository, shared memory, trace, logging):
 # $SDXL_ADMIN_KEY, else ADMIN_KEY_FILE; with neither, make serve generates one per start into
@@ -73,7 +75,7 @@ PERF_CONCURRENCY ?= 1 2 4 8
 help:
 	@echo "make demo         main job: set up, export the tiny SDXL, serve it on tritonserver, write build/demo.png"
 	@echo "make serve        supervised tritonserver in the foreground on $(REPOSITORY)/ (HOST (127.0.0.1), HTTP_PORT, GRPC_PORT,"
-	@echo "                  METRICS_PORT, HEALTH_PORT, ADMIN_KEY_FILE, DRAIN_TIMEOUT_S, EXIT_TIMEOUT_S, PROMPT_CACHE_MB, VARIANT); SIGTERM or Ctrl-C drains"
+	@echo "                  METRICS_PORT, HEALTH_PORT, ADMIN_KEY_FILE, DRAIN_TIMEOUT_S, EXIT_TIMEOUT_S, PROMPT_CACHE_MB, TRACE_FILE, TRACE_RATE, VARIANT); SIGTERM or Ctrl-C drains"
 	@echo "make install      venv in $(VENV) with the pinned CPU stack and the bundled tritonserver (idempotent)"
 	@echo "make export-tiny  tiny random-weight SDXL -> $(TINY_DIR), its ONNX graphs -> $(REPOSITORY)/"
 	@echo "make test         the test suite"
@@ -161,7 +163,8 @@ demo: export-tiny
 serve: install
 	$(PY) -m serving.server --repository $(REPOSITORY) --variant $(VARIANT) --host $(HOST) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT) \
-	  --drain-timeout-s $(DRAIN_TIMEOUT_S) --exit-timeout-s $(EXIT_TIMEOUT_S) --prompt-cache-mb $(PROMPT_CACHE_MB)
+	  --drain-timeout-s $(DRAIN_TIMEOUT_S) --exit-timeout-s $(EXIT_TIMEOUT_S) --prompt-cache-mb $(PROMPT_CACHE_MB) \
+	  $(if $(TRACE_FILE),--trace-file $(TRACE_FILE) --trace-rate $(TRACE_RATE))
 
 engines-rtx: install
 	POLYGRAPHY_USE_TENSORRT_RTX=1 $(PY) -m export engines --onnx $(REPOSITORY)

@@ -263,12 +263,13 @@ def measure_config(client, admin: dict[str, str], url: str, name: str, steps: in
 
 
 def session_breakdown(client, admin: dict[str, str], url: str, name: str, steps: int, size: int, frames: int, warmup: int,
-                      sent: int) -> dict:
+                      sent: int, first_id: int = 0) -> dict:
     """One session's frames on one `sdxl_stream` stream, each sent when the previous one's final response
     arrived (a closed loop, so no frame is skipped), and where a frame's time goes: the networks
     (Triton's statistics, as for the ensemble) and everything outside them (the frame's latency less
     the networks: the stream's and the denoiser's Python, BLS hand-offs, gRPC, the client's encode and
-    decode). `sent`: the frames the server's vae_decoder answered before."""
+    decode). `sent`: the frames the server's vae_decoder answered before; the frames' request ids count from
+    `first_id` (the warm-up's first); `frame_ms`: each measured frame's latency, in order."""
     import queue
 
     import tritonclient.grpc as grpcclient
@@ -301,9 +302,9 @@ def session_breakdown(client, admin: dict[str, str], url: str, name: str, steps:
 
     try:
         for index in range(warmup):
-            frame(index)
+            frame(first_id + index)
         before = settled_snapshot(client, admin, sent + warmup, endpoint="vae_decoder")
-        seconds = [frame(warmup + index) for index in range(frames)]
+        seconds = [frame(first_id + warmup + index) for index in range(frames)]
         after = settled_snapshot(client, admin, sent + warmup + frames, endpoint="vae_decoder")
     finally:
         client.stop_stream()
@@ -314,7 +315,8 @@ def session_breakdown(client, admin: dict[str, str], url: str, name: str, steps:
     totals = [1000 * s for s in seconds]
     row = {"config": name, "num_inference_steps": steps, "unet_steps": max(1, int(steps * STRENGTH)), "frames": frames,
            "fps": frames / sum(seconds), "latency_median_ms": float(np.median(totals)), "latency_p95_ms": percentile(totals, 0.95),
-           "latency_mean_ms": sum(totals) / frames, **{f"{model}_ms": delta(model, *ON_PATH) for model in NETWORKS}}
+           "latency_mean_ms": sum(totals) / frames, **{f"{model}_ms": delta(model, *ON_PATH) for model in NETWORKS},
+           "frame_ms": totals}
     row["networks_ms"] = sum(row[f"{model}_ms"] for model in NETWORKS)
     row["outside_ms"] = row["latency_mean_ms"] - row["networks_ms"]
     # The denoiser's execute: checking the request, encoding its image (vae_encoder, BLS) and building its loop.
@@ -325,6 +327,94 @@ def session_breakdown(client, admin: dict[str, str], url: str, name: str, steps:
     log(f"session closed loop, {name}: {row['fps']:.2f} frames/s, latency median {row['latency_median_ms']:.0f} ms; networks "
         f"{row['networks_ms']:.1f} ms, outside {row['outside_ms']:.1f} ms (denoiser's Python {row['denoiser_python_ms']:.1f} ms)")
     return row
+
+
+# Where a session's frame's time goes, from Triton's trace of each frame (sdxl_stream's request and its BLS
+# callees: text_encoder, denoiser and the denoiser's vae_encoder, vae_decoder) and the client's latency:
+# (name, what it covers). The UNet runs in the denoiser's engine thread, whose calls are not traced: the
+# engine's part is the time from the denoiser's execute returning to the stream's vae_decoder call, and
+# the UNet's compute in it comes from Triton's statistics.
+TRACE_SEGMENTS = (
+    ("client and gRPC in", "the client building and sending the request, the gRPC front end reading it, and "
+                           "the client reading the response: its latency less the server's time from reading the "
+                           "request to sending the response"),
+    ("to the stream", "Triton handing the request to a free sdxl_stream instance (its queue, the stub's receive)"),
+    ("stream: checks, session, tokens, admission", "sdxl_stream's Python up to its text_encoder call"),
+    ("text_encoder call (prompt cache hit)", "the BLS call the response cache answers"),
+    ("stream: to the denoiser", "sdxl_stream's Python from the embeddings to its denoiser call"),
+    ("to the denoiser", "Triton handing the BLS request to the denoiser (queue, the stub's receive)"),
+    ("denoiser: before the image", "the denoiser's Python checking the request, up to its vae_encoder call"),
+    ("vae_encoder: hand-off", "the vae_encoder BLS call less the network's compute"),
+    ("denoiser: building the loop", "the denoiser's Python after the image is encoded: the request's loop, its copies"),
+    ("engine, outside the UNet", "the engine thread picking the request up, the UNet BLS hand-offs, the scheduler's "
+                                 "step, the final latents sent to the stream"),
+    ("vae_decoder: hand-off", "the vae_decoder BLS call less the network's compute"),
+    ("stream: finish and send", "sdxl_stream from the decoded images to the gRPC front end starting to send its final "
+                                "response (the outputs checked, the response made and handed over)"),
+    ("gRPC out", "Triton's gRPC front end sending the final response"),
+)
+
+
+def frame_segments(stream, client_ms: float, unet_ms: float) -> dict[str, float]:
+    """One session frame's time (ms) by TRACE_SEGMENTS, and the networks' compute, from its trace
+    (benchmarks.traces.Traced of its sdxl_stream request), the client's latency and the UNet's mean compute."""
+    text, denoiser, decoder = (stream.child(model) for model in ("text_encoder", "denoiser", "vae_decoder"))
+    encoder = denoiser.child("vae_encoder")
+
+    def between(first, first_stamp: str, second, second_stamp: str) -> float:
+        return (second.ns[second_stamp] - first.ns[first_stamp]) / 1e6
+
+    server = stream.ms("GRPC_WAITREAD_END", "GRPC_SEND_END")
+    engine = between(denoiser, "COMPUTE_END", decoder, "REQUEST_START")
+    values = (client_ms - server, stream.ms("GRPC_WAITREAD_END", "COMPUTE_START"),
+              between(stream, "COMPUTE_START", text, "REQUEST_START"), text.span_ms,
+              between(text, "REQUEST_END", denoiser, "REQUEST_START"), denoiser.ms("REQUEST_START", "COMPUTE_START"),
+              between(denoiser, "COMPUTE_START", encoder, "REQUEST_START"), encoder.span_ms - encoder.compute_ms,
+              between(encoder, "REQUEST_END", denoiser, "COMPUTE_END"), engine - unet_ms,
+              decoder.span_ms - decoder.compute_ms, between(decoder, "REQUEST_END", stream, "GRPC_SEND_START"),
+              stream.ms("GRPC_SEND_START", "GRPC_SEND_END"))  # the final response's (Traced.ns: the last)
+    segments = dict(zip((name for name, _ in TRACE_SEGMENTS), values))
+    segments.update(networks=text.compute_ms + encoder.compute_ms + unet_ms + decoder.compute_ms, frame=client_ms)
+    return segments
+
+
+def traced_sessions(repository: Path, work: Path, size: int, frames: int, warmup: int) -> list[dict]:
+    """Each img2img configuration's session frames, closed loop, on a server that traces every request:
+    the mean of frame_segments over the measured frames. A server of its own, so that tracing (a file per
+    frame) touches no other figure here."""
+    import tritonclient.grpc as grpcclient
+
+    from .traces import read_traces
+
+    trace_file = work / "traces" / "trace.json"
+    log("starting a tritonserver that traces every request ...")
+    runs, first_id, sent = [], 0, 0
+    with started_server(repository, work / "tritonserver-traced.log", trace_file=trace_file, trace_rate=1,
+                        trace_log_frequency=1) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            for name, steps, strength in CONFIGS:
+                if strength is not None:
+                    row = session_breakdown(client, server.admin_headers("grpc"), server.grpc_url, f"traced-{name}", steps, size,
+                                            frames, warmup, sent, first_id)
+                    runs.append((row, [str(first_id + warmup + index) for index in range(frames)]))
+                    first_id, sent = first_id + warmup + frames, sent + warmup + frames
+        finally:
+            client.close()
+        time.sleep(1.0)  # the last frames' traces written
+    traced = {root.request_id: root for root in read_traces(trace_file) if root.model == "sdxl_stream"}
+    rows = []
+    for row, ids in runs:
+        missing = [i for i in ids if i not in traced]
+        if missing:
+            raise RuntimeError(f"traced sessions: no trace of frames {missing[:5]} (of {len(ids)})")
+        per_frame = [frame_segments(traced[i], ms, row["unet_ms"]) for i, ms in zip(ids, row["frame_ms"])]
+        mean = {key: sum(frame[key] for frame in per_frame) / len(per_frame) for key in per_frame[0]}
+        mean["outside"] = sum(mean[name] for name, _ in TRACE_SEGMENTS)
+        rows.append({"config": row["config"].removeprefix("traced-"), "frames": frames, "segments_ms": mean})
+        log(f"traced session, {rows[-1]['config']}: frame {mean['frame']:.1f} ms, networks {mean['networks']:.1f} ms, "
+            f"outside {mean['outside']:.1f} ms")
+    return rows
 
 
 SESSION_RATES = (0.5, 1.0, 2.0)  # the session's sending rate over the server's closed-loop frame rate
@@ -378,8 +468,9 @@ def session_run(server, name: str, steps: int, server_fps: float, rate: float, c
 
 
 def measure(repository: Path, size: int, frames: int, warmup: int, generate_count: int, work: Path,
-            session_frames: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
-    """(the ensemble's closed-loop rows, a session's closed-loop rows, the open-loop session runs)."""
+            session_frames: int = 0) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """(the ensemble's closed-loop rows, a session's closed-loop rows, the open-loop session runs, a session's
+    frames traced: where their time goes)."""
     import tritonclient.grpc as grpcclient
 
     log("starting tritonserver ...")
@@ -404,7 +495,8 @@ def measure(repository: Path, size: int, frames: int, warmup: int, generate_coun
                 for rate in SESSION_RATES:
                     sessions.append(session_run(server, row["config"], row["num_inference_steps"], row["fps"], rate, changing,
                                                 session_frames, size))
-    return rows, closed, sessions
+    traced = traced_sessions(repository, work, size, frames, warmup) if session_frames else []
+    return rows, closed, sessions, traced
 
 
 def estimate(rows: list[dict], size: int, closed: list[dict] = ()) -> dict:
@@ -575,6 +667,26 @@ def write_table(results: dict, path: Path) -> None:
                          + " | ".join(f"{r[model + '_ms']:.1f}" for model in NETWORKS)
                          + f" | **{r['networks_ms']:.1f}** | {r['denoiser_python_ms']:.1f} | **{r['outside_ms']:.1f}** "
                          f"| {r['tokenizer_calls_per_frame']:.2f} | {r['text_encoder_cache_hits_per_frame']:.2f} |")
+    if results.get("traced_sessions"):
+        traced = results["traced_sessions"]
+        lines += [
+            "", "## A session's frame, traced: where the time outside the networks goes (mean per frame, ms)", "",
+            f"The closed-loop session above again, {traced[0]['frames']} measured frames per configuration, on a second "
+            "tritonserver that traces every request (`TritonServer(trace_file=...)`: Triton's TIMESTAMPS traces, the BLS "
+            "calls under the request that made them; docs/serving.md, \"Tracing a request\"). Each row is an interval "
+            "between two of a frame's trace timestamps (benchmarks/painting.py TRACE_SEGMENTS); a network's *hand-off* is "
+            "its BLS call less its compute_input + compute_infer. The UNet's calls, made by the engine's thread for "
+            "whichever requests share a step, are not traced: its compute comes from Triton's statistics. Tracing costs "
+            "a little itself (a file written per frame).", "",
+            "| part of the frame | what it covers | " + " | ".join(r["config"] for r in traced) + " |",
+            "|---|---|" + "---|" * len(traced),
+        ]
+        for name, covers in TRACE_SEGMENTS:
+            lines.append(f"| {name} | {covers} | " + " | ".join(f"{r['segments_ms'][name]:.1f}" for r in traced) + " |")
+        lines += ["| **outside the networks** | the rows above | " + " | ".join(f"**{r['segments_ms']['outside']:.1f}**" for r in traced) + " |",
+                  "| networks | text_encoder (0: the cache answers), vae_encoder, unet, vae_decoder compute | "
+                  + " | ".join(f"{r['segments_ms']['networks']:.1f}" for r in traced) + " |",
+                  "| frame | the client's latency | " + " | ".join(f"{r['segments_ms']['frame']:.1f}" for r in traced) + " |"]
     if results.get("sessions"):
         lines += [
             "", "## Sessions: latest wins (`sdxl_stream`, `session_id`)", "",
@@ -615,11 +727,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-painting-") as tmp:
         work = Path(tmp)
         repository = prepare_repository(work, batching=True, schedulers=4, tiny=tiny_pipeline(work))
-        rows, closed, sessions = measure(repository, args.size, args.frames, args.warmup, args.generate_frames, work,
-                                         args.session_frames)
+        rows, closed, sessions, traced = measure(repository, args.size, args.frames, args.warmup, args.generate_frames, work,
+                                                 args.session_frames)
     load.append(os.getloadavg()[0])
     save_run("painting", argv, started, args, parser, {"load_average_1min": load, "rows": rows, "session_rows": closed,
-                                                       "sessions": sessions, "estimate": estimate(rows, args.size, closed)},
+                                                       "sessions": sessions, "traced_sessions": traced,
+                                                       "estimate": estimate(rows, args.size, closed)},
              write_table)
     return 0
 

@@ -40,6 +40,10 @@ ENDPOINT_MODEL = "ensemble_sdxl"
 # The prompt cache's default size (MiB): one CFG prompt's text encoder outputs are 2 x (77 x 2048 + 1280)
 # fp16 values, 636 KiB at SDXL's widths, so about 100 prompts.
 PROMPT_CACHE_MB = 64
+# Request traces (--trace-file): Triton's default rate, and how many traces go to each numbered file (it
+# writes a file when that many are done; the rest at shutdown).
+TRACE_RATE = 1000
+TRACE_LOG_FREQUENCY = 100
 # Triton's log line for a model that did not load (model_lifecycle.cc): the model and the reason.
 FAILED_LOAD = re.compile(r"failed to load '([^']+)'(?: version \d+)?: (.*)")
 
@@ -174,9 +178,22 @@ class TritonServer:
     # The prompt cache: bytes of Triton's local response cache, which the text_encoder's config enables
     # (its outputs per distinct token ids and text LoRAs); 0: none (docs/serving.md, "The prompt cache").
     prompt_cache_bytes: int = PROMPT_CACHE_MB << 20
+    # Triton's request traces (timestamps of each traced request and of its BLS callees, under it), to
+    # <trace_file>.0, .1 ... every trace_log_frequency traces; None: none (docs/serving.md, "Tracing a request").
+    # The file can only be named at start: the trace API (admin key) then changes the rate and level.
+    trace_file: Path | None = None
+    trace_rate: int = TRACE_RATE  # one request in this many is traced
+    trace_log_frequency: int = TRACE_LOG_FREQUENCY
     process: subprocess.Popen | None = None
     removed_stale: list[str] = field(default_factory=list)  # what the last start() cleaned up
     _log: object = None
+
+    def trace_args(self) -> list[str]:
+        if self.trace_file is None:
+            return []
+        settings = (f"triton,file={self.trace_file}", f"triton,log-frequency={self.trace_log_frequency}", "level=TIMESTAMPS",
+                    f"rate={self.trace_rate}")
+        return [argument for setting in settings for argument in ("--trace-config", setting)]
 
     def command(self, install: TritonInstall) -> list[str]:
         """tritonserver's command line. It holds the admin key (Triton takes it nowhere else): log
@@ -202,6 +219,7 @@ class TritonServer:
             "--disable-auto-complete-config",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             *([f"--cache-config=local,size={self.prompt_cache_bytes}"] if self.prompt_cache_bytes > 0 else []),
+            *self.trace_args(),
             *self.extra_args,
         ]
         if install.backends is not None:
@@ -244,6 +262,8 @@ class TritonServer:
             check_repository(self.repository, self.variant)
         # A killed server leaves its shared-memory regions (and admission state) behind.
         self.removed_stale = clean_stale_regions() + clean_stale_run_directories()
+        if self.trace_file is not None:  # Triton writes into it, but does not make it
+            self.trace_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
             self.command(install), env=install.environment(), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
@@ -432,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-max-input-size", type=int, default=Limits().max_request_bytes,
                         help="bytes of one HTTP request at most, where the tritonserver has the option (25.06 and "
                              "later; default %(default)s: the largest legal request with a quarter of margin)")
+    parser.add_argument("--trace-file", type=Path, default=os.environ.get("TRACE_FILE") or None,
+                        help="write Triton's request traces (timestamps, with each request's BLS callees under it) to "
+                             "FILE.0, FILE.1 ... (default: no tracing)")
+    parser.add_argument("--trace-rate", type=int, default=_number("TRACE_RATE", TRACE_RATE),
+                        help="with --trace-file: trace one request in this many (default %(default)s)")
     defaults = Timing()
     parser.add_argument("--drain-timeout-s", type=float, default=_number("DRAIN_TIMEOUT_S", defaults.drain_timeout_s),
                         help="on SIGTERM, how long admitted requests may take to finish (default %(default)s)")
@@ -444,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prompt_cache_mb < 0:
         parser.error(f"--prompt-cache-mb {args.prompt_cache_mb}: expected a number of MiB, 0 (no cache) or more")
+    if args.trace_rate < 1:
+        parser.error(f"--trace-rate {args.trace_rate}: expected a whole number, at least 1 (1: every request)")
     if args.http_max_input_size < 1:
         parser.error(f"--http-max-input-size {args.http_max_input_size}: expected a number of bytes, at least 1")
 
@@ -463,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                     start_timeout_s=args.start_timeout_s, max_restarts=args.max_restarts)
     server = TritonServer(args.repository, variant, args.http_port, args.grpc_port, args.metrics_port,
                           exit_timeout_s=args.exit_timeout_s, host=args.host, admin_key=key,
-                          max_input_size=args.http_max_input_size, prompt_cache_bytes=args.prompt_cache_mb << 20)
+                          max_input_size=args.http_max_input_size, prompt_cache_bytes=args.prompt_cache_mb << 20,
+                          trace_file=args.trace_file and args.trace_file.absolute(), trace_rate=args.trace_rate)
     ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port, "health": args.health_port}
     if warning := exposure_warning(args.host, ports):
         log(warning)

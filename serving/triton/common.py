@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import traceback
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -35,12 +37,36 @@ def input_arrays(request, names) -> dict[str, np.ndarray | None]:
     return arrays
 
 
+_REQUEST_TRACE: ContextVar = ContextVar("request_trace", default=None)
+
+
+@contextmanager
+def traced(request):
+    """While `request` is handled: the BLS calls made for it in this thread carry its Triton trace, so a
+    traced request (tritonserver's trace settings; docs/serving.md, "Tracing a request") shows its callees
+    under it. Calls from other threads (the denoiser's engine: one UNet call for several requests) are not
+    traced."""
+    token = _REQUEST_TRACE.set(request.trace())
+    try:
+        yield
+    finally:
+        _REQUEST_TRACE.reset(token)
+
+
+def bls_request(model: str, inputs: list, outputs: list[str], **options):
+    """A BLS request to `model`, carrying the trace of the request being handled (traced)."""
+    trace = _REQUEST_TRACE.get()
+    if trace is not None:
+        options["trace"] = trace
+    return pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs, **options)
+
+
 def infer(model: str, inputs: list, outputs: list[str], run=None, parameters: dict | None = None):
     """One BLS call, its error raised as ComponentError naming the model. A callee whose process
     Triton calls "not healthy" is reported to the supervisor through `run` (a RunState).
     `parameters`: request parameters to pass on (a client's queue_timeout_ms)."""
     extra = {"parameters": parameters} if parameters else {}
-    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs, **extra).exec()
+    response = bls_request(model, inputs, outputs, **extra).exec()
     if response.has_error():
         message = response.error().message()
         if run is not None:

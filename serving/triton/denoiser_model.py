@@ -28,7 +28,7 @@ from serving.admission import RunState, run_directory
 from serving.endpoint import CHECKED_INPUTS, Cancelled, check_preview_every
 from serving.engine import IterationStats, Job, StepEngine
 
-from .common import error_response, input_arrays
+from .common import error_response, input_arrays, traced
 from .metrics import EngineMetrics
 from .scheduler_model import LoopSettings, admission_ticket
 from .settings import ModelSettings
@@ -77,7 +77,9 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self.engine.submit(self._job(request, sender))
+                with traced(request):  # its image encoded (vae_encoder, controls...) under its trace
+                    job = self._job(request, sender)
+                self.engine.submit(job)
             except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
                 sender.send(error_response(error, "denoiser"), flags=FINAL)
         return None

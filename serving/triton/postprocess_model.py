@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from serving.endpoint import OUTPUT_INPUT_NAMES, check_output
 
-from .common import endpoint_finisher, error_response, input_arrays, respond
+from .common import endpoint_finisher, error_response, input_arrays, respond, traced
 from .settings import ModelSettings
 
 NOT_CHECKED = np.empty(0, dtype=bool)  # nsfw_detected where the deployment runs no safety checker
@@ -30,7 +30,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                responses.append(self._finish(request))
+                with traced(request):
+                    responses.append(self._finish(request))
             except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
                 responses.append(error_response(error, "postprocess"))
         return responses

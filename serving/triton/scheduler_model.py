@@ -39,8 +39,8 @@ from serving.ip_adapters import ServedIPAdapter, image_prompt
 from serving.loras import ServingLoras, check_request
 from serving.schedulers import load_scheduler
 
-from .common import (LORA_INPUTS, ComponentError, control_tensors, error_response, image_tensors, infer, input_arrays,
-                     ip_adapter_tensors, lora_tensors, option_tensors, respond, ticket_tensor)
+from .common import (LORA_INPUTS, ComponentError, bls_request, control_tensors, error_response, image_tensors, infer,
+                     input_arrays, ip_adapter_tensors, lora_tensors, option_tensors, respond, ticket_tensor, traced)
 from .metrics import AdmissionMetrics, SchedulerMetrics
 from .settings import ModelSettings
 from .tensors import call_controlnet, call_network, call_unet, to_torch, to_triton
@@ -212,7 +212,11 @@ class TritonPythonModel:
         self.admission_metrics = AdmissionMetrics(args["model_name"])
 
     def execute(self, requests):
-        return [self._respond(request) for request in requests]
+        responses = []
+        for request in requests:
+            with traced(request):
+                responses.append(self._respond(request))
+        return responses
 
     def _loop_latents(self, request, raw, options):
         held = self.settings.held_loras(request)  # read once; held to the end, even if removed meanwhile
@@ -308,8 +312,7 @@ def engine_latents(engine: str, embeddings: list, options, request, run, ticket:
     inputs = list(embeddings) + option_tensors(options, request)
     if ticket is not None:
         inputs.append(ticket_tensor(ticket))
-    responses = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["latents"]).exec(
-        decoupled=True)
+    responses = bls_request(engine, inputs, ["latents"]).exec(decoupled=True)
     latents = None
     for response in responses:
         if response.has_error():

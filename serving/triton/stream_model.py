@@ -33,8 +33,8 @@ from serving.endpoint import CHECKED_INPUTS, Cancelled, check_options, check_pre
 from serving.sessions import Sessions, check_session_id, frame_order
 from serving.text import TEXT_INPUTS
 
-from .common import (ComponentError, control_tensors, endpoint_finisher, error_response, image_tensors, infer, input_arrays,
-                     ip_adapter_tensors, lora_tensors, option_tensors, request_parameters, ticket_tensor)
+from .common import (ComponentError, bls_request, control_tensors, endpoint_finisher, error_response, image_tensors, infer,
+                     input_arrays, ip_adapter_tensors, lora_tensors, option_tensors, request_parameters, ticket_tensor, traced)
 from .metrics import AdmissionMetrics, StreamMetrics
 from .settings import ModelSettings
 from .tokenizer_model import text_inputs
@@ -61,7 +61,8 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self._stream(request, sender)
+                with traced(request):
+                    self._stream(request, sender)
             except Exception as error:  # noqa: BLE001 - one request's failure must not reach the others
                 self._send_final_error(sender, error)
         return None
@@ -156,14 +157,16 @@ class TritonPythonModel:
                  turn=None) -> None:
         """`inputs`: the embeddings and the option tensors; `wanted`: the outputs the client asked for
         (images: previews and final pixels; encoded_images: the final files); `turn`: a session's frame's hold on
-        its session (serving.sessions.Turn), held to the end: releasing it once the final latents were out, so
-        that the session's next frame denoised while this one was decoded, raised a session's latency p95 at
-        twice the server's rate from 1.5 to 3 frame times on 2 cores (the two frames shared them; docs/img2img.md)."""
+        its session (serving.sessions.Turn), held until its final images are ready, released before they are
+        sent (a client that sends its next frame on this one's answer finds the session free). Releasing it once
+        the final latents were out, so that the session's next frame denoised while this one was decoded, raised
+        a session's latency p95 at twice the server's rate from 1.5 to 3 frame times on 2 cores (the two frames
+        shared them; docs/img2img.md)."""
         steps = options.num_inference_steps
         seeds = np.asarray(options.seeds, dtype=np.int64)
         # A response after every step, previews or not: the stream's cancellation is checked on each.
         inputs = inputs + [pb_utils.Tensor("preview_every", np.asarray([1], dtype=np.int32)), ticket_tensor(ticket)]
-        engine = pb_utils.InferenceRequest(model_name=DENOISER, inputs=inputs, requested_output_names=["latents", "step"])
+        engine = bls_request(DENOISER, inputs, ["latents", "step"])
         cancelled_at = None
         for response in engine.exec(decoupled=True):
             if response.has_error():  # 2.51 drops them (below); kept for releases that deliver them
@@ -184,7 +187,10 @@ class TritonPythonModel:
                 decoded = infer(VAE_DECODER.name, [latents], VAE_DECODER.output_names, self.run)
                 images = pb_utils.get_output_tensor_by_name(decoded, "images")
                 skipped = [pb_utils.Tensor("skipped", np.asarray([False]))] if turn is not None else []
-                self._send(sender, step, steps, seeds, self._finish(images, options, wanted) + skipped, FINAL)
+                finished = self._finish(images, options, wanted) + skipped
+                if turn is not None:  # done: the session's next frame may start while this one is sent
+                    turn.release()
+                self._send(sender, step, steps, seeds, finished, FINAL)
                 self.metrics.request_seconds.observe(time.monotonic() - start)
                 return
             preview = None
