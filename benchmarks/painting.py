@@ -36,7 +36,10 @@ one session on one gRPC stream (`client.generate_session`), sent open-loop at ha
 frame rate the session's closed loop measured (the server's rate for a session's frames), with the prompt
 unchanged (prompt cache hits) and changing every frame (misses): frames per second answered with an image,
 latency median and p95 of those (from each frame's sending), skipped frames, the prompt cache's hits and
-misses, and p95 over the frame time (1 / the server's rate). About 6 minutes on 2 cores with the defaults (the export included).
+misses, and p95 over the frame time (1 / the server's rate). Last, on a second tritonserver that traces every
+request (`TritonServer(trace_file=...)`), a session's frames closed-loop again, each frame's time split by its trace
+(TRACE_SEGMENTS below: the stream's Python, the hand-offs, the denoiser's Python, the engine, gRPC). About 6 minutes on
+2 cores with the defaults (the export included).
 """
 
 from __future__ import annotations
