@@ -204,8 +204,9 @@ def serve(exported, tmp_path_factory):
         if dtype not in servers:
             log = tmp_path_factory.mktemp(f"triton_{dtype}") / "tritonserver.log"
             models = ["--model-control-mode=explicit", "--load-model=*"] if dtype == CPU_DTYPE else ENSEMBLE_ONLY
-            # The default dtype's traces requests (at Triton's default rate): test_tracing raises the rate for a while.
-            traces = {"trace_file": log.parent / "traces" / "trace.json"} if dtype == CPU_DTYPE else {}
+            # The default dtype's traces requests (at Triton's default rate, each trace written as it ends): test_tracing
+            # raises the rate for a while.
+            traces = {"trace_file": log.parent / "traces" / "trace.json", "trace_log_frequency": 1} if dtype == CPU_DTYPE else {}
             server = TritonServer(exported(dtype), "cpu", *free_ports(3), log_file=log, extra_args=models, **traces)
             servers[dtype] = server.start()
         return servers[dtype]

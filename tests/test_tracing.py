@@ -12,7 +12,7 @@ from reference import sample_image
 
 from benchmarks.traces import read_traces
 from client import generate, generate_session
-from serving.server import TRACE_LOG_FREQUENCY, TRACE_RATE, TritonServer
+from serving.server import TRACE_RATE, TritonServer
 from serving.server import main as server_main
 
 PROMPT = "a lighthouse in the fog"
@@ -28,20 +28,23 @@ def trace_setting(server, **settings) -> dict:
         return json.loads(response.read())
 
 
-def traced_roots(server, send) -> list:
-    """The requests `send()` made, traced: every request traced while it runs, written one trace per file."""
+def traced(server, model: str, send):
+    """The request to `model` that `send()` made, traced: every request traced while it runs (the shared
+    server writes each trace as it ends: none is held back from before)."""
+    assert trace_setting(server)["log_frequency"] == "1"
     trace_file = server.trace_file
     before = {root.id for root in read_traces(trace_file)}
-    trace_setting(server, trace_rate=1, log_frequency=1)
+    trace_setting(server, trace_rate=1)
     try:
-        sent = send()
+        send()
     finally:
-        trace_setting(server, trace_rate=TRACE_RATE, log_frequency=TRACE_LOG_FREQUENCY)
+        trace_setting(server, trace_rate=TRACE_RATE)
     deadline = time.monotonic() + 10
     while True:  # Triton writes a trace once its request and its callees are done
-        roots = [root for root in read_traces(trace_file) if root.id not in before]
-        if len(roots) >= sent or time.monotonic() > deadline:
-            return roots
+        found = [root for root in read_traces(trace_file) if root.id not in before and root.model == model]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, f"{len(found)} new traces of {model}"
+            return found[0]
         time.sleep(0.1)
 
 
@@ -50,10 +53,9 @@ def models(request) -> list[str]:
 
 
 def test_a_session_frame_is_traced_with_its_callees(triton):
-    roots = traced_roots(triton, lambda: len(list(generate_session(
+    stream = traced(triton, "sdxl_stream", lambda: list(generate_session(
         [{"image": sample_image(128, 128, seed=3)}], url=triton.grpc_url, prompt=PROMPT, num_inference_steps=2, strength=0.5,
-        seed=5))))
-    stream = next(root for root in roots if root.model == "sdxl_stream")
+        seed=5)))
     assert models(stream) == ["denoiser", "text_encoder", "vae_decoder"]
     assert models(stream.child("denoiser")) == ["vae_encoder"]  # the image encoded for it, under it
     encoder = stream.child("denoiser").child("vae_encoder")
@@ -62,9 +64,8 @@ def test_a_session_frame_is_traced_with_its_callees(triton):
 
 
 def test_an_ensemble_request_is_traced_down_to_the_loops_calls(triton):
-    roots = traced_roots(triton, lambda: generate(PROMPT, url=triton.http_url, num_inference_steps=2, seed=5, strength=0.5,
-                                                  image=sample_image(128, 128, seed=4)) and 1)
-    ensemble = next(root for root in roots if root.model == "ensemble_sdxl")
+    ensemble = traced(triton, "ensemble_sdxl", lambda: generate(PROMPT, url=triton.http_url, num_inference_steps=2, seed=5,
+                                                               strength=0.5, image=sample_image(128, 128, seed=4)))
     scheduler = ensemble.child("scheduler")
     assert {"tokenizer", "text_encoder", "scheduler"} <= set(models(ensemble))
     assert models(scheduler) == ["unet", "vae_encoder"]  # one UNet call per step (strength 0.5 of 2 steps: one)
