@@ -12,7 +12,7 @@ from reference import sample_image
 
 from benchmarks.traces import read_traces
 from client import generate, generate_session
-from serving.server import TRACE_RATE, TritonServer
+from serving.server import TritonServer
 from serving.server import main as server_main
 
 PROMPT = "a lighthouse in the fog"
@@ -20,7 +20,8 @@ PROMPT = "a lighthouse in the fog"
 
 def trace_setting(server, **settings) -> dict:
     """Triton's trace settings (an admin API: the key goes with the call), changed by `settings` if any."""
-    data = json.dumps({name: str(value) for name, value in settings.items()}).encode() if settings else None
+    data = json.dumps({name: value if isinstance(value, list) else str(value) for name, value in settings.items()}).encode() \
+        if settings else None
     request = urllib.request.Request(f"http://{server.connect_host}:{server.http_port}/v2/trace/setting", data=data,
                                      headers={**server.admin_headers("http"), "Content-Type": "application/json"},
                                      method="POST" if settings else "GET")
@@ -29,16 +30,18 @@ def trace_setting(server, **settings) -> dict:
 
 
 def traced(server, model: str, send):
-    """The request to `model` that `send()` made, traced: every request traced while it runs (the shared
-    server writes each trace as it ends: none is held back from before)."""
-    assert trace_setting(server)["log_frequency"] == "1"
+    """The request to `model` that `send()` made, traced: every request traced at level TIMESTAMPS while it
+    runs (test_security turns the shared server's tracing off through the API: the settings are put back as
+    they were), each trace written as it ends (the shared server's: none is held back from before)."""
+    previous = trace_setting(server)
+    assert previous["log_frequency"] == "1"
     trace_file = server.trace_file
     before = {root.id for root in read_traces(trace_file)}
-    trace_setting(server, trace_rate=1)
+    trace_setting(server, trace_level=["TIMESTAMPS"], trace_rate=1)
     try:
         send()
     finally:
-        trace_setting(server, trace_rate=TRACE_RATE)
+        trace_setting(server, trace_level=previous["trace_level"], trace_rate=previous["trace_rate"])
     deadline = time.monotonic() + 10
     while True:  # Triton writes a trace once its request and its callees are done
         found = [root for root in read_traces(trace_file) if root.id not in before and root.model == model]
