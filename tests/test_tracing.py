@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 
 import pytest
 from reference import sample_image
 
+from benchmarks.security import http_call
 from benchmarks.traces import read_traces
 from client import generate, generate_session
 from serving.server import TritonServer
@@ -20,13 +20,10 @@ PROMPT = "a lighthouse in the fog"
 
 def trace_setting(server, **settings) -> dict:
     """Triton's trace settings (an admin API: the key goes with the call), changed by `settings` if any."""
-    data = json.dumps({name: value if isinstance(value, list) else str(value) for name, value in settings.items()}).encode() \
-        if settings else None
-    request = urllib.request.Request(f"http://{server.connect_host}:{server.http_port}/v2/trace/setting", data=data,
-                                     headers={**server.admin_headers("http"), "Content-Type": "application/json"},
-                                     method="POST" if settings else "GET")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    status, text = http_call(server.http_url, "POST" if settings else "GET", "/v2/trace/setting", settings or None,
+                             key=server.admin_key)
+    assert status == 200, text
+    return json.loads(text)
 
 
 def traced(server, model: str, send):
@@ -37,7 +34,7 @@ def traced(server, model: str, send):
     assert previous["log_frequency"] == "1"
     trace_file = server.trace_file
     before = {root.id for root in read_traces(trace_file)}
-    trace_setting(server, trace_level=["TIMESTAMPS"], trace_rate=1)
+    trace_setting(server, trace_level=["TIMESTAMPS"], trace_rate="1")
     try:
         send()
     finally:
